@@ -1,0 +1,98 @@
+"""The ``denseclip`` command: ``denseclip predict`` labels image files with any vocabulary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from denseclip.config import ConfigError, add_labeler_arguments, labeler_config_from_args, resolve_vocabulary
+from denseclip.images import ImageDecodeError, decode_image, encode_png
+from denseclip.models import ModelLoadError
+from denseclip.text import VocabularyError, parse_class_list, read_classes_file
+from denseclip.visualize import default_palette, overlay
+
+USER_ERRORS = (ConfigError, ModelLoadError, VocabularyError, ImageDecodeError, FileNotFoundError)
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    """Output names: the file stem, suffixed with a counter when two inputs share a stem."""
+    seen: dict[str, int] = {}
+    stems = []
+    for p in paths:
+        n = seen.get(p.stem, 0)
+        seen[p.stem] = n + 1
+        stems.append(p.stem if n == 0 else f"{p.stem}-{n}")
+    return stems
+
+
+def predict(args: argparse.Namespace) -> int:
+    config = labeler_config_from_args(args)
+    if args.classes is not None:
+        classes = parse_class_list(args.classes)
+    elif args.classes_file is not None:
+        classes = read_classes_file(args.classes_file)
+    else:
+        classes = resolve_vocabulary(args.vocabulary)
+    if len(classes) + (config.background_threshold is not None) > 255:
+        raise ConfigError(f"vocabulary: {len(classes)} classes do not fit an 8-bit PNG label map (max 255)")
+    labeler = config.build(classes)
+    palette = default_palette(labeler.num_classes)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [Path(p) for p in args.images]
+    failures = 0
+    progress = tqdm(list(zip(paths, _unique_stems(paths))), unit="img", disable=len(paths) < 2, file=sys.stderr)
+    for path, stem in progress:
+        try:
+            image = decode_image(path.read_bytes(), key=str(path))
+        except (OSError, ImageDecodeError) as exc:
+            reason = exc.reason if isinstance(exc, ImageDecodeError) else (exc.strerror or str(exc))
+            tqdm.write(f"denseclip: error: {path}: {reason}", file=sys.stderr)
+            failures += 1
+            continue
+        labels, _ = labeler.label_images([image])[0]
+        (out / f"{stem}.png").write_bytes(encode_png(labels, palette))
+        overlay(image, labels, labeler.class_names, palette).convert("RGB").save(out / f"{stem}_overlay.jpg",
+                                                                             quality=90)
+        meta = {
+            "image": str(path), "height": int(image.shape[0]), "width": int(image.shape[1]),
+            "class_names": labeler.class_names, "classes": classes, "model": config.model,
+            "pretrained": labeler.clip.pretrained, "fingerprint": labeler.clip.fingerprint,
+            "templates": config.template_set, "mode": config.mode,
+            "present": [labeler.class_names[i] for i in np.unique(labels)],
+        }
+        (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="denseclip", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="label images with an open vocabulary")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    vocab = p.add_mutually_exclusive_group(required=True)
+    vocab.add_argument("--classes", help='comma-separated class names, e.g. "cat, dog, sofa"')
+    vocab.add_argument("--classes-file", help="one class per line, synonyms after commas")
+    vocab.add_argument("--vocabulary", help="a dataset name (voc, context, coco_stuff, synthetic)")
+    p.add_argument("--out", required=True, help="output folder")
+    add_labeler_arguments(p)
+    p.set_defaults(func=predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS + (ValueError,) as exc:
+        print(f"denseclip: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The dataset registry: class names, palettes, ignore index and the paper's zero-shot splits, looked up by name.
+
+Everything here is data (``data/datasets.json`` and the class files it names); this module only reads it.
+Train ids are contiguous: id ``i`` is ``classes[i]``; 255 is ignore.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from denseclip.visualize import default_palette
+
+DATA_DIR = Path(__file__).parent / "data"
+IGNORE_INDEX = 255
+BACKGROUND_NAME = "background"
+
+
+class DatasetError(ValueError):
+    """An unknown dataset or a class name that does not resolve; the message names it."""
+
+
+@functools.cache
+def _registry() -> dict[str, dict]:
+    return json.loads((DATA_DIR / "datasets.json").read_text(encoding="utf-8"))
+
+
+DATASET_NAMES: tuple[str, ...] = tuple(_registry())
+
+
+def normalize_class_name(name: str) -> str:
+    """The form names are matched in: lower case without spaces, ``_`` or ``-`` ("TV_monitor" -> "tvmonitor")."""
+    return re.sub(r"[\s_\-]+", "", name.lower())
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One dataset's label space.
+
+    Attributes:
+        name: registry name ("voc", "context", "coco_stuff", "synthetic").
+        classes: K prompt name lists in train-id order (synonyms after the first name).
+        class_names: K display names (the plain name; the background class is always "background").
+        synonyms: K name lists of the synonym-enriched vocabulary (for name resolution and optional prompting).
+        palette: uint8 (K, 3), the PASCAL VOC colour map.
+        unseen: class names (from ``class_names``) of the paper's zero-shot unseen split.
+        ignore_background_in_zero_shot: VOC drops background from the zero-shot evaluation.
+        background_index: train id of background, or None (COCO-Stuff has none).
+        raw_unused_ids: raw annotation ids that never occur (COCO-Stuff's 11 removed COCO things).
+        ignore_index: label of unannotated pixels (255).
+    """
+
+    name: str
+    classes: list[list[str]]
+    class_names: list[str]
+    synonyms: list[list[str]]
+    palette: np.ndarray
+    unseen: list[str]
+    ignore_background_in_zero_shot: bool
+    background_index: int | None
+    raw_unused_ids: tuple[int, ...] = ()
+    ignore_index: int = IGNORE_INDEX
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_index(self, name: str) -> int:
+        """Train id of ``name``, matched case/space-insensitively against ``class_names``, then the synonyms.
+
+        Raises DatasetError when no class, or more than one, carries the name.
+        """
+        return _resolve(name, self.name, self.class_names, self.synonyms)
+
+    @property
+    def unseen_ids(self) -> list[int]:
+        return [self.class_index(n) for n in self.unseen]
+
+    @property
+    def seen_ids(self) -> list[int]:
+        unseen = set(self.unseen_ids)
+        return [i for i in range(self.num_classes) if i not in unseen]
+
+
+def train_id_lut(name: str) -> np.ndarray:
+    """uint8 (256,): raw annotation value -> contiguous train id, 255 for ignore.
+
+    Raw ids count up from 0; the ``raw_unused_ids`` are skipped (they and every value past the last class
+    become 255). COCO-Stuff: raw 0-10 stay, raw 11 (COCO "street sign") is unused, raw 12 -> 11, ...,
+    raw 181 -> 170. Reads only the registry, so converters need not load the class files.
+    """
+    entry = _entry(name)
+    unused = set(entry["raw_unused_ids"])
+    used = [raw for raw in range(entry["num_classes"] + len(unused)) if raw not in unused]
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    lut[used] = np.arange(len(used))
+    return lut
+
+
+def _resolve(name: str, dataset: str, class_names: list[str], synonyms: list[list[str]]) -> int:
+    wanted = normalize_class_name(name)
+    for vocabulary in ([[n] for n in class_names], synonyms):
+        ids = sorted({i for i, names in enumerate(vocabulary) for n in names if normalize_class_name(n) == wanted})
+        if len(ids) > 1:
+            raise DatasetError(f"{dataset}: class name {name!r} is ambiguous (ids {ids})")
+        if ids:
+            return ids[0]
+    raise DatasetError(f"{dataset}: no class named {name!r} (classes: {', '.join(class_names[:10])}, ...)")
+
+
+def _entry(name: str) -> dict:
+    if name not in _registry():
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+    return _registry()[name]
+
+
+def _read_classes(relative: str) -> list[list[str]]:
+    from denseclip.text import read_classes_file  # imported here: text loads torch, the registry users need not
+
+    return read_classes_file(DATA_DIR / relative)
+
+
+@functools.cache
+def _dataset(name: str, synonyms: bool) -> DatasetInfo:
+    entry = _entry(name)
+    plain = _read_classes(entry["classes_file"])
+    if entry["prepend_background"]:
+        plain = [[BACKGROUND_NAME]] + plain
+    enriched = _read_classes(entry["synonyms_file"])
+    k = entry["num_classes"]
+    if len(plain) != k or len(enriched) != k:
+        raise DatasetError(f"{name}: registry says {k} classes, class files have {len(plain)} and {len(enriched)}")
+    class_names = [names[0] for names in plain]
+    if entry["background_index"] is not None:
+        class_names[entry["background_index"]] = BACKGROUND_NAME
+    return DatasetInfo(
+        name=name,
+        classes=enriched if synonyms else plain,
+        class_names=class_names,
+        synonyms=enriched,
+        palette=default_palette(k),
+        # The split is written in the paper's words; it is stored in this dataset's own names.
+        unseen=[class_names[_resolve(n, name, class_names, enriched)] for n in entry["unseen"]],
+        ignore_background_in_zero_shot=entry["ignore_background_in_zero_shot"],
+        background_index=entry["background_index"],
+        raw_unused_ids=tuple(entry["raw_unused_ids"]),
+    )
+
+
+def get_dataset(name: str, synonyms: bool = False) -> DatasetInfo:
+    """The registered dataset ``name`` (one of :data:`DATASET_NAMES`).
+
+    ``synonyms=False``: ``classes`` are the plain names of the reference implementation (MaskCLIP);
+    ``synonyms=True``: the synonym-enriched lists (SCLIP-style ``cls_*.txt``; VOC's background line is a list
+    of stuff words). ``class_names``, ids and palette are the same either way.
+    """
+    return _dataset(name, synonyms)

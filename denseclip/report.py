@@ -1,0 +1,206 @@
+"""Evaluation reports: report.json, Markdown tables in the paper's layout, a confusion heatmap, overlay grids
+and one self-contained HTML page that shows them all offline.
+
+``write_report`` is the one entry point; the evaluation pipeline, the training stage and the demo all call it
+with a ``summary`` from ``denseclip.metrics.summarize`` (optionally with extra keys: ``dataset`` and ``method``
+name the row in the paper tables, ``inputs`` is a dict shown as run information).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from denseclip.metrics import ConfusionMatrix
+from denseclip.shards import sanitize_key
+from denseclip.visualize import colorize, comparison_grid
+
+Sample = tuple[str, "np.ndarray | None", np.ndarray, np.ndarray]  # (key, image (H,W,3) | None, gt (H,W), pred (H,W))
+
+_HEADLINE = [("miou", "mIoU"), ("miou_seen", "mIoU(S)"), ("miou_unseen", "mIoU(U)"), ("hiou", "hIoU"),
+             ("pixel_accuracy", "pAcc"), ("pixel_accuracy_seen", "pAcc(S)"), ("pixel_accuracy_unseen", "pAcc(U)"),
+             ("mean_accuracy", "mAcc")]
+
+
+def write_report(out_dir: str | Path, summary: dict, conf: ConfusionMatrix, class_names: Sequence[str],
+                 palette: np.ndarray, samples: Iterable[Sample] = ()) -> dict[str, Path]:
+    """Write ``report.json``, ``tables.md``, ``confusion.png``, ``overlays/<key>.png`` and ``index.html``
+    under ``out_dir`` and return their paths by name (``overlays`` maps to the list of grid files).
+
+    ``summary``: from ``metrics.summarize`` (+ optional ``dataset``, ``method``, ``inputs``); ``conf``: the
+    matrix it was computed from; ``palette``: uint8 (K, 3); ``samples``: images to draw as
+    image | ground truth | prediction grids (keys are sanitised, so none escapes ``out_dir/overlays``).
+    """
+    out = Path(out_dir)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    paths: dict = {"report": out / "report.json", "tables": out / "tables.md",
+                   "confusion": out / "confusion.png", "html": out / "index.html", "overlays": []}
+    paths["report"].write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    results = {summary.get("method", "this run"): {summary.get("dataset", "custom"): summary}}
+    paths["tables"].write_text(
+        "## Zero-shot segmentation (paper Table 1 layout)\n\n" + table1_markdown(results)
+        + "\n## mIoU per dataset (paper Table 3 layout)\n\n" + table3_markdown(results)
+        + "\n## Summary\n\n" + headline_markdown(summary)
+        + "\n## Per class\n\n" + per_class_markdown(summary), encoding="utf-8")
+    plot_confusion(conf, class_names, paths["confusion"])
+    for key, image, gt, pred in samples:
+        path = out / "overlays" / (sanitize_key(key).replace("/", "__") + ".png")
+        comparison_grid(image, gt, pred, class_names, palette).save(path)
+        paths["overlays"].append(path)
+    paths["html"].write_text(_html_page(summary, class_names, palette, paths), encoding="utf-8")
+    return paths
+
+
+def table1_markdown(results: Mapping[str, Mapping[str, dict]]) -> str:
+    """Paper Table 1 layout: one row per method, S / U / mIoU / hIoU per dataset.
+    ``results[method][dataset]`` is a summary dict; a dataset a method lacks shows as ``-``."""
+    return _markdown_table(*_table1(results))
+
+
+def table3_markdown(results: Mapping[str, Mapping[str, dict]]) -> str:
+    """Paper Table 3 layout: one row per method, the mIoU of each dataset as a column."""
+    datasets = _datasets(results)
+    rows = [[method] + [_fmt(per.get(d, {}).get("miou")) for d in datasets] for method, per in results.items()]
+    return _markdown_table(["Method"] + [f"{d} mIoU" for d in datasets], rows)
+
+
+def headline_markdown(summary: dict) -> str:
+    """The headline numbers of one summary as a one-row table."""
+    return _markdown_table(*_headline(summary))
+
+
+def per_class_markdown(summary: dict) -> str:
+    """One row per evaluated class: split, IoU, accuracy and ground-truth pixel count."""
+    return _markdown_table(*_per_class(summary, lambda name: name))
+
+
+def plot_confusion(conf: ConfusionMatrix, class_names: Sequence[str], path: str | Path) -> Path:
+    """Heatmap of the row-normalised confusion matrix (rows: ground truth, columns: prediction; a last
+    "other" column appears when some predictions were outside [0, K)). Classes with no ground truth are blank."""
+    counts = conf.matrix.astype(np.float64)
+    cols = list(class_names)
+    if counts[:, -1].any():
+        cols.append("other")
+    else:
+        counts = counts[:, :-1]
+    totals = counts.sum(axis=1, keepdims=True)
+    rates = np.ma.masked_invalid(np.divide(counts, totals, out=np.full_like(counts, np.nan), where=totals > 0))
+    n = len(cols)
+    side = min(max(4.0, 2.5 + 0.3 * n), 30.0)
+    fontsize = min(10.0, max(3.0, 0.55 * 72 * side / (n + 8)))
+    fig = Figure(figsize=(side + 1.2, side), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(rates, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks(range(n), cols, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=fontsize)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    ax.set_title("Confusion matrix (rows normalised)")
+    if n <= 12:
+        for (g, p), rate in np.ndenumerate(rates.filled(np.nan)):
+            if not math.isnan(rate):
+                ax.text(p, g, f"{rate:.2f}", ha="center", va="center", fontsize=fontsize,
+                        color="black" if rate > 0.5 else "white")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+    fig.savefig(path)
+    return Path(path)
+
+
+def _datasets(results: Mapping[str, Mapping[str, dict]]) -> list[str]:
+    return list(dict.fromkeys(d for per in results.values() for d in per))
+
+
+def _table1(results: Mapping[str, Mapping[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    datasets = _datasets(results)
+    header = ["Method"] + [f"{d} {label}" for d in datasets for label in ("S", "U", "mIoU", "hIoU")]
+    rows = [[method] + [_fmt(per.get(d, {}).get(k)) for d in datasets
+                        for k in ("miou_seen", "miou_unseen", "miou", "hiou")]
+            for method, per in results.items()]
+    return header, rows
+
+
+def _headline(summary: dict) -> tuple[list[str], list[list[str]]]:
+    return [label for _, label in _HEADLINE], [[_fmt(summary.get(k)) for k, _ in _HEADLINE]]
+
+
+def _per_class(summary: dict, label: Callable[[str], str]) -> tuple[list[str], list[list[str]]]:
+    """Per-class rows; ``label`` renders the class cell (plain name in Markdown, swatch + name in HTML)."""
+    rows = [[label(name), _split(summary, name), _fmt(iou), _fmt(summary["per_class_accuracy"].get(name)),
+             str(summary.get("per_class_pixels", {}).get(name, "-"))]
+            for name, iou in summary["per_class_iou"].items()]
+    return ["Class", "Split", "IoU", "Acc", "GT pixels"], rows
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _split(summary: dict, name: str) -> str:
+    return "unseen" if name in summary.get("unseen_classes", ()) else "seen"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = [header, ["---"] * len(header)] + rows
+    return "".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |\n" for line in lines)
+
+
+def _png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _html_table(header: list[str], rows: list[list[str]], raw_first: bool = False) -> str:
+    """An HTML table; every cell is escaped except the first column when ``raw_first`` (already markup)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{c if raw_first and i == 0 else html.escape(c)}</td>" for i, c in enumerate(row))
+        + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html_page(summary: dict, class_names: Sequence[str], palette: np.ndarray, paths: dict) -> str:
+    colours = colorize(np.arange(len(class_names))[None], palette)[0]
+    swatches = {name: "rgb({},{},{})".format(*(int(v) for v in colours[i])) for i, name in enumerate(class_names)}
+
+    def swatch_label(name: str) -> str:
+        return f'<span class="sw" style="background:{swatches[name]}"></span>{html.escape(name)}'
+
+    dataset, method = summary.get("dataset", "custom"), summary.get("method", "this run")
+    info = [[str(k), v if isinstance(v, str) else json.dumps(v)] for k, v in summary.get("inputs", {}).items()]
+    info += [["images", str(summary.get("num_images"))], ["evaluated pixels", str(summary.get("num_pixels"))],
+             ["ignored classes", ", ".join(summary.get("ignored_classes", [])) or "none"]]
+    overlays = "".join(f'<figure><img src="{_png_data_uri(p)}" alt="{html.escape(p.stem)}">'
+                       f"<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in paths["overlays"])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Evaluation: {html.escape(str(dataset))}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+th, td {{ border: 1px solid #bbb; padding: 3px 8px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+.sw {{ display: inline-block; width: 12px; height: 12px; margin-right: 6px; border: 1px solid #333; }}
+img {{ max-width: 100%; }}
+figure {{ display: inline-block; margin: 0 1em 1em 0; }}
+</style></head><body>
+<h1>Evaluation: {html.escape(str(method))} on {html.escape(str(dataset))}</h1>
+<h2>Headline (percent)</h2>
+{_html_table(*_headline(summary))}
+<h2>Zero-shot segmentation (paper Table 1 layout)</h2>
+{_html_table(*_table1({method: {dataset: summary}}))}
+<h2>Per class</h2>
+{_html_table(*_per_class(summary, swatch_label), raw_first=True)}
+<h2>Confusion matrix</h2>
+<img src="{_png_data_uri(paths["confusion"])}" alt="confusion matrix">
+<h2>Samples (image | ground truth | prediction)</h2>
+{overlays or "<p>no samples</p>"}
+<h2>Run</h2>
+{_html_table(["", "value"], info)}
+</body></html>
+"""

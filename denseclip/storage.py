@@ -1,0 +1,65 @@
+"""Whole-object reads and atomic writes on local paths and fsspec URLs (``s3://...``), used by every writer."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+
+import fsspec
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and ``file://`` URLs."""
+    protocol = fsspec.utils.get_protocol(url)
+    return protocol in ("file", "local")
+
+
+def join(url: str, *parts: str) -> str:
+    """``join("s3://b/root", "masks", "part-1.parquet") -> "s3://b/root/masks/part-1.parquet"``."""
+    if is_local(url):
+        return os.path.join(url, *parts)
+    return posixpath.join(url.rstrip("/"), *parts)
+
+
+def write_bytes(url: str, data: bytes, **storage_options) -> None:
+    """Publish ``data`` at ``url`` atomically: readers see the old object, or the whole new one, never a part.
+
+    Local files are written under a temporary name in the same folder and renamed; object stores publish an
+    object only when its single upload completes.
+    """
+    if is_local(url):
+        path = fsspec.core.url_to_fs(url)[1]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        fs.pipe_file(path, data)
+
+
+def read_bytes(url: str, **storage_options) -> bytes:
+    """The whole object at ``url``; FileNotFoundError naming it when absent."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{url} does not exist") from exc
+
+
+def exists(url: str, **storage_options) -> bool:
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    return fs.exists(path)
+
+
+def list_names(url: str, **storage_options) -> list[str]:
+    """Sorted base names of the files directly inside the folder ``url`` (empty when it does not exist)."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "file")

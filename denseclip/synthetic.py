@@ -1,0 +1,162 @@
+"""A synthetic captioned world: coloured shapes on noisy backgrounds with exact label maps and captions.
+
+It stands in for the image-text data and the segmentation benchmarks that cannot be downloaded: the shipped
+tiny CLIP is trained on its captions, and DenseCLIP is evaluated on its label maps. Every scene is a pure
+function of ``(seed, index)``, so the same seed gives the same bytes on every machine.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from denseclip.shards import sanitize_key, write_shard
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (40, 170, 50),
+    "blue": (35, 70, 215),
+    "yellow": (230, 210, 40),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+BACKGROUND_NAMES: tuple[str, ...] = ("background", "plain background")
+# Label ids: 0 = background, then colour-major "{colour} {shape}" (1 = red circle ... 16 = yellow star).
+CLASS_NAMES: tuple[str, ...] = (BACKGROUND_NAMES[0],) + tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
+# How captions wrap the list of objects ("a red circle and a blue star"); the prompt templates in
+# data/templates/synthetic.txt are these frames around a single "a {}".
+CAPTION_FRAMES: tuple[str, ...] = ("{}.", "there is {}.", "a picture of {}.", "a photo of {}.", "a scene with {}.")
+
+EMPTY_FRACTION = 0.1
+MAX_OBJECTS = 3
+MIN_VISIBLE_FRACTION = 0.4  # an occluded object keeps at least this share of its own pixels
+_PLACEMENT_TRIES = 20
+
+
+@dataclass
+class Scene:
+    """One rendered scene.
+
+    Attributes:
+        image: ``(H, W, 3)`` uint8 RGB.
+        labels: ``(H, W)`` uint8 class ids into :data:`CLASS_NAMES` (0 = background).
+        caption: names exactly the visible objects, in random order.
+        objects: one dict per visible object (``class``, ``label``, ``colour``, ``shape``, ``center``,
+            ``radius``, ``angle``, ``pixels``), in drawing order.
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+    caption: str
+    objects: list[dict]
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """``(size, size, 3)`` float: blocky low-saturation noise, so no background pixel looks like an object colour."""
+    cells = int(rng.integers(3, 17))
+    grey = rng.uniform(50, 200, size=(cells, cells, 1))
+    tint = rng.uniform(-1, 1, size=3) * rng.uniform(0, 18)
+    blocks = grey + tint + rng.normal(0, 10, size=(cells, cells, 3))
+    image = np.kron(blocks, np.ones((size // cells + 1, size // cells + 1, 1)))[:size, :size]
+    return image + rng.normal(0, 8, size=image.shape)
+
+
+def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
+    corners = {"square": 4, "triangle": 3, "star": 10}[shape]
+    radii = np.full(corners, radius)
+    if shape == "star":
+        radii[1::2] = 0.42 * radius
+    theta = angle + 2 * np.pi * np.arange(corners) / corners
+    return list(zip(cx + radii * np.cos(theta), cy + radii * np.sin(theta)))
+
+
+def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    if shape == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=1)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, radius, angle), fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _caption(rng: np.random.Generator, names: list[str]) -> str:
+    phrases = [f"a {name}" for name in names] if names else [f"a {rng.choice(BACKGROUND_NAMES)}"]
+    phrases = [phrases[i] for i in rng.permutation(len(phrases))]
+    listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return str(rng.choice(CAPTION_FRAMES)).format(listed)
+
+
+def render_scene(seed: int, index: int, size: int = 128) -> Scene:
+    """Render scene ``index`` of the world with ``seed``: 0 to 3 distinct shape-colour objects, possibly occluded."""
+    if size < 32:
+        raise ValueError(f"scene size {size} is too small: use at least 32 pixels")
+    rng = np.random.default_rng([seed, index])
+    image = _background(rng, size)
+    labels = np.zeros((size, size), dtype=np.uint8)
+    count = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, MAX_OBJECTS + 1))
+    classes = rng.choice(len(CLASS_NAMES) - 1, size=count, replace=False) + 1
+    placed: list[tuple[dict, np.ndarray]] = []
+    for label in classes:
+        colour, shape = CLASS_NAMES[label].split(" ")
+        for _ in range(_PLACEMENT_TRIES):
+            radius = rng.uniform(0.1, 0.25) * size
+            cx, cy = rng.uniform(0.5 * radius, size - 0.5 * radius, size=2)
+            angle = rng.uniform(0, 2 * np.pi)
+            mask = _shape_mask(shape, size, cx, cy, radius, angle)
+            area = int(mask.sum())
+            # Drawing this object on top must leave every earlier object visible enough.
+            if area and all((own & ~mask).sum() >= MIN_VISIBLE_FRACTION * obj["pixels"] for obj, own in placed):
+                break
+        else:
+            continue
+        placed = [(obj, own & ~mask) for obj, own in placed]
+        obj = {"class": CLASS_NAMES[label], "label": int(label), "colour": colour, "shape": shape,
+               "center": [round(float(cx), 2), round(float(cy), 2)], "radius": round(float(radius), 2),
+               "angle": round(float(angle), 4), "pixels": area}
+        placed.append((obj, mask))
+        fill = np.asarray(COLOURS[colour], dtype=float) + rng.uniform(-25, 25, size=3)
+        image[mask] = fill + rng.normal(0, 6, size=(area, 3))
+        labels[mask] = label
+    objects = []
+    for obj, own in placed:
+        obj["pixels"] = int(own.sum())
+        objects.append(obj)
+    caption = _caption(rng, [obj["class"] for obj in objects])
+    return Scene(np.clip(image, 0, 255).round().astype(np.uint8), labels, caption, objects)
+
+
+def render_dataset(seed: int, n: int, size: int = 128) -> Iterator[Scene]:
+    """Scenes ``0 .. n-1`` of the world with ``seed``."""
+    for index in range(n):
+        yield render_scene(seed, index, size)
+
+
+def scene_sample(scene: Scene, key: str, seed: int, index: int) -> dict:
+    """One WebDataset sample (``jpg``, ``seg.png``, ``txt``, ``json``) for :func:`denseclip.shards.write_shard`."""
+    jpg, png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(scene.image).save(jpg, format="JPEG", quality=95, subsampling=0)
+    Image.fromarray(scene.labels, mode="L").save(png, format="PNG")
+    meta = {"seed": seed, "index": index, "size": scene.labels.shape[0], "caption": scene.caption,
+            "objects": scene.objects}
+    return {"__key__": sanitize_key(key), "jpg": jpg.getvalue(), "seg.png": png.getvalue(),
+            "txt": scene.caption, "json": json.dumps(meta, sort_keys=True)}
+
+
+def write_shards(seed: int, n: int, out: str, shard_size: int = 1000, size: int = 128) -> list[str]:
+    """Render ``n`` scenes into ``out/shard-000000.tar ...`` (local path or fsspec URL); returns the shard URLs."""
+    if n < 1 or shard_size < 1:
+        raise ValueError(f"need n >= 1 and shard_size >= 1, got n={n}, shard_size={shard_size}")
+    urls = []
+    for start in range(0, n, shard_size):
+        url = posixpath.join(out.rstrip("/"), f"shard-{start // shard_size:06d}.tar")
+        samples = (scene_sample(render_scene(seed, i, size), f"synthetic/s{seed}/{i:06d}", seed, i)
+                   for i in range(start, min(n, start + shard_size)))
+        write_shard(url, samples)
+        urls.append(url)
+    return urls

@@ -1,0 +1,141 @@
+"""The synthetic world: determinism, label maps that match the pixels, captions that match the objects, shards."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from denseclip.shards import expand_shards, read_shard
+from denseclip.synthetic import (
+    BACKGROUND_NAMES,
+    CAPTION_FRAMES,
+    CLASS_NAMES,
+    COLOURS,
+    SHAPES,
+    render_dataset,
+    render_scene,
+    write_shards,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENES = list(render_dataset(seed=11, n=60, size=64))
+
+
+def _load_pipeline(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vocabulary_is_background_then_colour_major_shapes():
+    assert len(CLASS_NAMES) == 1 + len(COLOURS) * len(SHAPES) == 17
+    assert CLASS_NAMES[0] == "background"
+    assert CLASS_NAMES[1] == "red circle" and CLASS_NAMES[4] == "red star" and CLASS_NAMES[16] == "yellow star"
+
+
+def test_same_seed_same_bytes_and_different_seeds_differ():
+    for index in (0, 5, 17):
+        a, b = render_scene(3, index, 64), render_scene(3, index, 64)
+        assert a.image.tobytes() == b.image.tobytes()
+        assert a.labels.tobytes() == b.labels.tobytes()
+        assert a.caption == b.caption and a.objects == b.objects
+    other = [render_scene(4, i, 64) for i in range(5)]
+    assert all(o.image.tobytes() != render_scene(3, i, 64).image.tobytes() for i, o in enumerate(other))
+
+
+def test_object_pixels_have_the_object_colour():
+    prototypes = np.array(list(COLOURS.values()), dtype=float)
+    for scene in SCENES:
+        assert scene.image.shape == (64, 64, 3) and scene.image.dtype == np.uint8
+        assert scene.labels.shape == (64, 64) and scene.labels.dtype == np.uint8
+        for obj in scene.objects:
+            pixels = scene.image[scene.labels == obj["label"]].astype(float)
+            nearest = np.linalg.norm(pixels[:, None] - prototypes[None], axis=2).argmin(axis=1)
+            assert np.mean(nearest == list(COLOURS).index(obj["colour"])) > 0.95
+        background = scene.image[scene.labels == 0].astype(float)
+        saturation = background.max(axis=1) - background.min(axis=1)
+        assert np.median(saturation) < 60, "background pixels should look grey, not like an object colour"
+
+
+def test_label_map_matches_objects_and_captions_name_exactly_them():
+    for scene in SCENES:
+        present = set(np.unique(scene.labels).tolist()) - {0}
+        assert present == {obj["label"] for obj in scene.objects}
+        for obj in scene.objects:
+            assert CLASS_NAMES[obj["label"]] == f"{obj['colour']} {obj['shape']}" == obj["class"]
+            assert obj["pixels"] == int((scene.labels == obj["label"]).sum()) > 0
+        named = {name for name in CLASS_NAMES[1:] if f"a {name}" in scene.caption}
+        assert named == {obj["class"] for obj in scene.objects}, scene.caption
+
+
+def test_empty_scenes_exist_and_are_captioned_as_background():
+    empty = [s for s in SCENES if not s.objects]
+    assert empty, "about 10% of scenes should be empty"
+    for scene in empty:
+        assert not scene.labels.any()
+        assert any(f"a {name}" in scene.caption for name in BACKGROUND_NAMES)
+
+
+def test_scenes_hold_up_to_three_objects_with_occlusion():
+    counts = {len(s.objects) for s in SCENES}
+    assert counts == {0, 1, 2, 3}
+    occluded = [obj for s in SCENES for obj in s.objects if obj["pixels"] < 0.99 * _unoccluded_area(obj, 64)]
+    assert occluded, "some objects should be partly hidden by later ones"
+
+
+def _unoccluded_area(obj: dict, size: int) -> int:
+    from denseclip.synthetic import _shape_mask
+
+    return int(_shape_mask(obj["shape"], size, *obj["center"], obj["radius"], obj["angle"]).sum())
+
+
+def test_prompt_files_match_the_world():
+    lines = (ROOT / "denseclip/data/classnames/cls_synthetic.txt").read_text().splitlines()
+    assert lines[0].split(", ") == list(BACKGROUND_NAMES)
+    assert lines[1:] == list(CLASS_NAMES[1:])
+    templates = (ROOT / "denseclip/data/templates/synthetic.txt").read_text().splitlines()
+    assert templates
+    for template in templates:
+        # A prompt for one class reads exactly like a caption of a scene holding only that object.
+        assert template.replace("a {}", "{}") in CAPTION_FRAMES
+
+
+def test_shards_round_trip(tmp_path):
+    urls = write_shards(seed=5, n=5, out=str(tmp_path / "world"), shard_size=2, size=64)
+    assert len(urls) == 3 and expand_shards(str(tmp_path / "world")) == sorted(urls)
+    samples = [sample for url in urls for sample in read_shard(url)]
+    assert [s["__key__"] for s in samples] == [f"synthetic/s5/{i:06d}" for i in range(5)]
+    for index, sample in enumerate(samples):
+        scene = render_scene(5, index, 64)
+        image = np.asarray(Image.open(io.BytesIO(sample["jpg"])))
+        assert image.shape == (64, 64, 3)
+        assert np.abs(image.astype(int) - scene.image).mean() < 8  # JPEG smooths the pixel noise
+        seg = Image.open(io.BytesIO(sample["seg.png"]))
+        assert seg.mode == "L" and np.array_equal(np.asarray(seg), scene.labels)
+        assert sample["txt"].decode() == scene.caption
+        meta = json.loads(sample["json"])
+        assert meta["seed"] == 5 and meta["index"] == index and meta["objects"] == scene.objects
+    again = write_shards(seed=5, n=5, out=str(tmp_path / "again"), shard_size=2, size=64)
+    assert [Path(u).read_bytes() for u in again] == [Path(u).read_bytes() for u in urls]
+
+
+def test_render_world_cli(tmp_path):
+    render_world = _load_pipeline("render_world")
+    urls = render_world.main(["--seed", "2", "--num-images", "3", "--out", str(tmp_path), "--size", "48"])
+    assert len(urls) == 1 and len(list(read_shard(urls[0]))) == 3
+    with pytest.raises(SystemExit):
+        render_world.main(["--seed", "2", "--num-images", "0", "--out", str(tmp_path)])
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="size"):
+        render_scene(0, 0, size=16)
+    with pytest.raises(ValueError, match="n=0"):
+        write_shards(0, 0, "unused")
