@@ -7,9 +7,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from denseclip.models import PRECISIONS, TINY_MODEL, load_clip
-from denseclip.predictor import DenseCLIP
-from denseclip.text import parse_class_list, read_classes_file
+from denseclip.vocabulary import parse_class_list, read_classes_file
+
+# Kept free of torch imports so a bad configuration fails in well under a second.
+TINY_MODEL = "denseclip-tiny-shapes"
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 MODES = ("whole", "slide")
 
@@ -100,8 +102,11 @@ class LabelerConfig:
             return self.templates
         return "synthetic" if self.model == TINY_MODEL else "denseclip85"
 
-    def build(self, classes: list[list[str]], clip=None) -> DenseCLIP:
-        """Load the model (unless ``clip`` is given) and return the DenseCLIP labeler for ``classes``."""
+    def build(self, classes: list[list[str]], clip=None):
+        """Load the model (unless ``clip`` is given) and return the ``DenseCLIP`` labeler for ``classes``."""
+        from denseclip.models import load_clip
+        from denseclip.predictor import DenseCLIP
+
         clip = clip or load_clip(self.model, self.pretrained, device=self.device, precision=self.precision)
         return DenseCLIP(
             clip, classes, self.template_set, mode=self.mode, crop_size=self.crop_size,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from denseclip.visualize import default_palette
+from denseclip.vocabulary import read_classes_file
 
 DATA_DIR = Path(__file__).parent / "data"
 IGNORE_INDEX = 255
@@ -38,7 +39,7 @@ def normalize_class_name(name: str) -> str:
     return re.sub(r"[\s_\-]+", "", name.lower())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DatasetInfo:
     """One dataset's label space.
 
@@ -119,19 +120,13 @@ def _entry(name: str) -> dict:
     return _registry()[name]
 
 
-def _read_classes(relative: str) -> list[list[str]]:
-    from denseclip.text import read_classes_file  # imported here: text loads torch, the registry users need not
-
-    return read_classes_file(DATA_DIR / relative)
-
-
 @functools.cache
 def _dataset(name: str, synonyms: bool) -> DatasetInfo:
     entry = _entry(name)
-    plain = _read_classes(entry["classes_file"])
+    plain = read_classes_file(DATA_DIR / entry["classes_file"])
     if entry["prepend_background"]:
         plain = [[BACKGROUND_NAME]] + plain
-    enriched = _read_classes(entry["synonyms_file"])
+    enriched = read_classes_file(DATA_DIR / entry["synonyms_file"])
     k = entry["num_classes"]
     if len(plain) != k or len(enriched) != k:
         raise DatasetError(f"{name}: registry says {k} classes, class files have {len(plain)} and {len(enriched)}")

@@ -121,8 +121,8 @@ def _vit_dense(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.T
     # Value path of the last block: each token attends only to itself, so attention reduces to out_proj(v_proj(.)).
     attn = last.attn
     width = x.shape[-1]
-    w_q, w_k, w_v = attn.in_proj_weight.split(width)
-    b_q, b_k, b_v = attn.in_proj_bias.split(width) if attn.in_proj_bias is not None else (None,) * 3
+    _, w_k, w_v = attn.in_proj_weight.split(width)
+    _, b_k, b_v = attn.in_proj_bias.split(width) if attn.in_proj_bias is not None else (None,) * 3
     h = last.ln_1(x)
     value = F.linear(h, w_v, b_v)
     keys = F.linear(h, w_k, b_k)

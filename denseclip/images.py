@@ -12,11 +12,13 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-# Larger images are refused before their pixels are decoded (decompression bombs); 2.4x a 8K x 4K photo.
+# Larger images are refused before their pixels are decoded (decompression bombs): 2.4x an 8K x 4K photo.
+# Pillow refuses anything over 2 x Image.MAX_IMAGE_PIXELS itself, so a higher limit has no effect.
 MAX_PIXELS = 80_000_000
 JPEG_FORMATS = ("JPEG", "MPO")
+SAMPLE_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 _ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as image viewers do
 
 
@@ -57,7 +59,9 @@ def _open(data: bytes, key: str, max_pixels: int) -> Image.Image:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(key, f"decompression bomb: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - Pillow signals bad data with many exception types
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(key, f"not an image in a known format ({len(data)} bytes)") from exc
+    except Exception as exc:  # Pillow signals bad data with many exception types
         raise ImageDecodeError(key, f"unreadable image ({len(data)} bytes): {type(exc).__name__}: {exc}") from exc
     return image
 
@@ -84,7 +88,7 @@ def read_image(data: bytes, key: str = "", max_pixels: int = MAX_PIXELS) -> Deco
     image = _open(data, key, max_pixels)
     try:
         pixels = _to_rgb(image)
-    except Exception as exc:  # noqa: BLE001 - an exotic mode Pillow cannot convert
+    except Exception as exc:  # an exotic mode Pillow cannot convert
         raise ImageDecodeError(key, f"cannot convert pixel mode {image.mode} to RGB: {exc}") from exc
     return DecodedImage(np.ascontiguousarray(pixels, dtype=np.uint8), image.format or "", image.mode)
 
@@ -120,3 +124,12 @@ def encode_rgb(pixels: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(out, format="PNG")
     return out.getvalue()
+
+
+def decode_sample_image(sample: dict, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The image of a WebDataset sample (its ``jpg``, ``jpeg``, ``png`` or ``webp`` member) -> uint8 (H, W, 3)."""
+    key = sample.get("__key__", "")
+    for ext in SAMPLE_IMAGE_MEMBERS:
+        if ext in sample:
+            return decode_image(sample[ext], key, max_pixels)
+    raise ImageDecodeError(key, f"sample has no image member (looked for {', '.join(SAMPLE_IMAGE_MEMBERS)})")

@@ -15,10 +15,11 @@ Conventions (as mmsegmentation's ``intersect_and_union``, which bins with ``hist
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from denseclip.datasets import normalize_class_name
 
 
 class EvaluationInputError(ValueError):
@@ -153,17 +154,13 @@ def hiou(miou_seen: float, miou_unseen: float) -> float:
 
 def resolve_class_ids(names: Iterable[str], class_names: Sequence[str]) -> list[int]:
     """Class ids of ``names``, matched case-, space- and underscore-insensitively ("tvmonitor" = "tv monitor")."""
-    index = {_normalise(n): i for i, n in enumerate(class_names)}
+    index = {normalize_class_name(n): i for i, n in enumerate(class_names)}
     ids = []
     for name in names:
-        if _normalise(name) not in index:
+        if normalize_class_name(name) not in index:
             raise ValueError(f"class {name!r} is not in the vocabulary ({', '.join(class_names[:8])}, ...)")
-        ids.append(index[_normalise(name)])
+        ids.append(index[normalize_class_name(name)])
     return ids
-
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[\s_\-]+", "", name.lower())
 
 
 def _size(arr: np.ndarray) -> str:

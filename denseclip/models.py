@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
-TINY_MODEL = "denseclip-tiny-shapes"
+from denseclip.config import TINY_MODEL
+
 TINY_ASSETS = Path(__file__).parent / "assets" / "tiny_clip"
 DEFAULT_MODEL = TINY_MODEL
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,7 +98,7 @@ def read_state_dict(url: str) -> tuple[dict[str, torch.Tensor], str]:
             import io
 
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is the same user error
+    except Exception as exc:
         raise ModelLoadError(f"checkpoint {url!r} is not a safetensors or weights-only torch file: {exc}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -119,8 +120,8 @@ def load_clip(
     Args:
         model: an open_clip model name (``RN50``, ``RN50x16``, ``ViT-B-16`` ...) or ``denseclip-tiny-shapes``.
         pretrained: an open_clip pretrained tag (``openai``; downloads through open_clip's cache), a local
-            checkpoint path or an fsspec URL (``s3://...``); ``None`` loads the shipped weights for the tiny
-            model and leaves any other model randomly initialised (for tests).
+            checkpoint path or an fsspec URL (``s3://...``), or ``"random"``; ``None`` loads the shipped weights
+            for the tiny model and leaves any other model randomly initialised (for tests and baselines).
         precision: ``fp32``, ``bf16`` or ``fp16``.
     """
     _register_tiny()
@@ -131,7 +132,8 @@ def load_clip(
     if pretrained is None and model == TINY_MODEL:
         pretrained = str(TINY_ASSETS / "model.safetensors")
 
-    if pretrained is None:
+    if pretrained in (None, "random"):
+        pretrained = None
         clip = open_clip.create_model(model, pretrained=None)
         fingerprint = f"{model}/random-init"
     elif _is_checkpoint_reference(pretrained):
@@ -153,7 +155,7 @@ def load_clip(
             )
         try:
             clip = open_clip.create_model(model, pretrained=pretrained)
-        except Exception as exc:  # noqa: BLE001 - network/cache failures surface as one clear error
+        except Exception as exc:
             raise ModelLoadError(f"could not fetch weights {model}/{pretrained}: {exc}") from exc
         fingerprint = f"{model}/{pretrained}"
 

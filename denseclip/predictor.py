@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from denseclip.dense import dense_features_and_keys, output_stride
 from denseclip.models import LoadedCLIP
-from denseclip.text import class_embeddings, load_templates
+from denseclip.text import class_embeddings
+from denseclip.vocabulary import load_templates
 
 _MASKED = -1e4  # logit of a class removed by prompt denoising (finite, so interpolation stays finite)
 

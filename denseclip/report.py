@@ -40,6 +40,8 @@ def write_report(out_dir: str | Path, summary: dict, conf: ConfusionMatrix, clas
     """
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "overlays").glob("*.png"):  # grids of an earlier run into the same folder
+        stale.unlink()
     paths: dict = {"report": out / "report.json", "tables": out / "tables.md",
                    "confusion": out / "confusion.png", "html": out / "index.html", "overlays": []}
     paths["report"].write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")

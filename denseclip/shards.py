@@ -8,30 +8,30 @@ Paths may be local or any fsspec URL (``s3://bucket/prefix/shard-000000.tar``).
 from __future__ import annotations
 
 import io
-import os
 import posixpath
 import re
 import tarfile
-import uuid
 from collections.abc import Iterable, Iterator
 
 import fsspec
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*$")
+from denseclip.storage import write_bytes
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 
 
 def sanitize_key(raw: str) -> str:
     """Turn an arbitrary relative name into a safe sample key.
 
-    Keeps letters, digits, ``_ - .`` and ``/`` between path parts; drops ``..`` and empty parts,
-    so a key can never address anything outside the folder it is written under.
-    Raises ValueError when nothing usable is left.
+    Keeps ASCII letters, digits, ``_`` and ``-`` within path parts (anything else, dots included, becomes ``_``:
+    a member's extension starts at its first dot) and drops ``.``, ``..`` and empty parts, so a key can never
+    address anything outside the folder it is written under. Raises ValueError when nothing usable is left.
     """
     parts = []
     for part in re.split(r"[\\/]+", raw):
-        part = re.sub(r"[^A-Za-z0-9_.\-]", "_", part).strip(".")
-        if part and part != "..":
-            parts.append(part)
+        if part in ("", ".", ".."):
+            continue
+        parts.append(re.sub(r"[^A-Za-z0-9_\-]", "_", part))
     key = "/".join(parts)
     if not key:
         raise ValueError(f"sample key {raw!r} has no usable characters")
@@ -98,7 +98,7 @@ def _tar_bytes(samples: Iterable[dict]) -> bytes:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
             key = sample["__key__"]
-            if not _KEY_RE.match(key) or ".." in key.split("/"):
+            if not _KEY_RE.match(key):
                 raise ValueError(f"unsafe sample key {key!r}: use sanitize_key()")
             for ext, data in sample.items():
                 if ext.startswith("__"):
@@ -120,14 +120,5 @@ def write_shard(url: str, samples: Iterable[dict], **storage_options) -> int:
     object stores publish an object only when its upload completes.
     """
     data = _tar_bytes(samples)
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    write_bytes(url, data, **storage_options)
     return len(data)

@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 # Pixels whose label is outside the palette (the ignore index 255, "unsure" predictions) get VOC's void colour.
 IGNORE_COLOR = (224, 224, 192)
+MIN_PANEL_HEIGHT = 256
 _FONT_SIZE = 14
 _PAD = 4
 
@@ -52,12 +53,16 @@ def overlay(image: np.ndarray | Image.Image, labels: np.ndarray, class_names: Se
 def comparison_grid(image: np.ndarray | None, gt: np.ndarray, pred: np.ndarray, class_names: Sequence[str],
                     palette: np.ndarray) -> Image.Image:
     """Panels ``image | ground truth | prediction`` (the image panel is left out when ``image`` is None) under
-    titles, with one legend of the classes in either map. Arrays as in ``overlay``."""
+    titles, with one legend of the classes in either map. Arrays as in ``overlay``; panels lower than
+    ``MIN_PANEL_HEIGHT`` are enlarged by a whole factor (nearest neighbour, so label pixels stay sharp)."""
     panels = [Image.fromarray(colorize(gt, palette)), Image.fromarray(colorize(pred, palette))]
     titles = ["ground truth", "prediction"]
     if image is not None:
         panels.insert(0, Image.fromarray(np.asarray(image, dtype=np.uint8)))
         titles.insert(0, "image")
+    scale = -(-MIN_PANEL_HEIGHT // max(p.height for p in panels))  # ceil
+    if scale > 1:
+        panels = [p.resize((p.width * scale, p.height * scale), Image.Resampling.NEAREST) for p in panels]
     classes = sorted(set(_present(gt, len(palette))) | set(_present(pred, len(palette))))
     return _with_legend(panels, titles, classes, class_names, palette)
 

@@ -25,7 +25,9 @@ import fsspec
 import numpy as np
 from tqdm import tqdm
 
+from denseclip.datasets import get_dataset
 from denseclip.images import decode_image, decode_label_map
+from denseclip.mask_store import MASKS_DIR, MaskStore
 from denseclip.metrics import EvaluationInputError, accumulate, summarize
 from denseclip.report import write_report
 from denseclip.shards import expand_shards, read_shard
@@ -113,29 +115,25 @@ def load_vocabulary(args: argparse.Namespace) -> Vocabulary:
     """Class names, palette and zero-shot split from --dataset or --classes-file, with the CLI overrides."""
     unseen, ignore = _names(args.unseen), _names(args.ignore_classes)
     if args.dataset:
-        from denseclip.datasets import get_dataset
-
         info = get_dataset(args.dataset)
         unseen = list(info.unseen) if unseen is None else unseen
         if ignore is None:
             drop = info.ignore_background_in_zero_shot and unseen and info.background_index is not None
             ignore = [info.class_names[info.background_index]] if drop else []
         return Vocabulary(args.dataset, list(info.class_names), np.asarray(info.palette, np.uint8), unseen, ignore)
-    from denseclip.text import read_classes_file
+    from denseclip.vocabulary import read_classes_file
 
     class_names = [names[0] for names in read_classes_file(args.classes_file)]
     return Vocabulary(Path(args.classes_file).stem, class_names, default_palette(len(class_names)),
                       unseen or [], ignore or [])
 
 
-def open_predictions(url: str):
+def open_predictions(url: str) -> MaskStore | LabelMapFolder:
     """A MaskStore when ``url`` holds a ``masks/`` folder, else a LabelMapFolder."""
     fs, root = fsspec.core.url_to_fs(url)
     if not fs.isdir(root):
         raise FileNotFoundError(f"--pred {url}: no such folder")
-    if fs.isdir(posixpath.join(root, "masks")):
-        from denseclip.mask_store import MaskStore
-
+    if fs.isdir(posixpath.join(root, MASKS_DIR)):
         return MaskStore(url)
     return LabelMapFolder(url)
 

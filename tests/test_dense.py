@@ -38,7 +38,7 @@ def reference_resnet_head(model, images):
     visual = model.visual
     x = visual.stem(images)
     x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
-    b, c, h, w = x.shape
+    b, _, h, w = x.shape
     tokens = x.flatten(2).permute(0, 2, 1)  # (B, hw, C)
     pool = visual.attnpool
     v = tokens @ pool.v_proj.weight.T + pool.v_proj.bias

@@ -5,15 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from denseclip.models import load_clip
-from denseclip.text import (
-    VocabularyError,
-    class_embeddings,
-    encode_prompts,
-    load_templates,
-    name_embeddings,
-    parse_class_list,
-    read_classes_file,
-)
+from denseclip.text import class_embeddings, encode_prompts, name_embeddings
+from denseclip.vocabulary import VocabularyError, load_templates, parse_class_list, read_classes_file
 
 torch.set_num_threads(2)
 

@@ -10,7 +10,14 @@ import json
 
 import numpy as np
 
-from denseclip.images import JPEG_FORMATS, ImageDecodeError, decode_label_map, encode_png, encode_rgb, read_image
+from denseclip.images import (
+    JPEG_FORMATS,
+    ImageDecodeError,
+    decode_label_map,
+    encode_png,
+    encode_rgb,
+    read_image,
+)
 from denseclip.sources.layouts import SourceRecord
 
 

@@ -37,12 +37,12 @@ class SourceRecord:
 def make_key(relative_stem: str) -> str:
     """A sample key from a relative path without extension.
 
-    Dots become ``_`` (a member name's extension starts at its first dot); over-long keys keep a prefix plus a
-    hash of the whole name; names with no usable character become a hash.
+    ``shards.sanitize_key`` makes it safe; over-long keys keep a prefix plus a hash of the whole name; names with
+    no usable character become a hash.
     """
     digest = hashlib.sha1(relative_stem.encode("utf-8")).hexdigest()[:_HASH_LENGTH]
     try:
-        key = sanitize_key(relative_stem).replace(".", "_")
+        key = sanitize_key(relative_stem)
     except ValueError:
         return f"file-{digest}"
     if len(key) > MAX_KEY_LENGTH:

@@ -1,0 +1,300 @@
+"""The DenseCLIP+ target: a segmentation network whose classifier is fixed to the DenseCLIP text embeddings.
+
+A backbone (torchvision ResNet-50/101, dilated, or the CLIP image tower's own stem to layer 3) feeds a DeepLab
+head (v2 ASPP or v3+ ASPP with a decoder) that projects into CLIP's joint space; the features are
+L2-normalised and scored against the normalised class embeddings by a 1x1 convolution, times a temperature.
+The classifier weights are buffers (never trained), so the trained network stays open-vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
+from torch import nn
+from torchvision.models import resnet50, resnet101
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+from denseclip.models import LoadedCLIP, read_state_dict
+
+BACKBONES = ("clip", "resnet50", "resnet101")
+HEADS = ("deeplabv2", "deeplabv3plus")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_LOW_LEVEL_CHANNELS = 48  # DeepLabv3+'s reduction of the stride-4 features
+
+
+@dataclass
+class TargetConfig:
+    """Which target network to build (validated by ``denseclip.plus.training.TrainingConfig``).
+
+    Attributes:
+        backbone: ``clip`` (the CLIP image tower's stem to layer 3; needs a ResNet CLIP), ``resnet50``, ``resnet101``.
+        head: ``deeplabv2`` (sum of dilated 3x3 convolutions) or ``deeplabv3plus`` (ASPP + stride-4 decoder).
+        backbone_weights: ``None`` random init; ``"clip"`` copy the given CLIP's tower (backbone ``clip``);
+            otherwise a local path / URL of a state dict (safetensors or weights-only torch), e.g. ImageNet
+            ResNet weights; nothing is downloaded.
+        output_stride: 8 or 16, stride of the backbone's last features (dilation instead of striding).
+        aspp_rates: dilation rates of the ASPP branches (None: DeepLab's defaults for the head and stride).
+        head_channels: width of the v3+ ASPP and decoder.
+        temperature: logit scale on the cosine similarities.
+        learn_background: replace the background class's text embedding with a learnable one (initialised
+            from it); needs ``background_index``.
+        background_index: class id of background, or None.
+    """
+
+    backbone: str = "resnet101"
+    head: str = "deeplabv2"
+    backbone_weights: str | None = None
+    output_stride: int = 8
+    aspp_rates: tuple[int, ...] | None = None
+    head_channels: int = 256
+    temperature: float = 50.0
+    learn_background: bool = False
+    background_index: int | None = 0
+
+    def rates(self) -> tuple[int, ...]:
+        """The ASPP rates: given, or DeepLabv2's (6, 12, 18, 24) / v3+'s (6, 12, 18) at stride 16, doubled at 8."""
+        if self.aspp_rates is not None:
+            return tuple(self.aspp_rates)
+        if self.head == "deeplabv2":
+            return (6, 12, 18, 24)
+        return tuple(r * 16 // self.output_stride for r in (6, 12, 18))
+
+
+class TextClassifier(nn.Module):
+    """Fixed open-vocabulary classifier: ``(B, D, h, w)`` features -> ``(B, K, h, w)`` logits.
+
+    Scores are ``temperature * cos(feature, name embedding)``, max over each class's names.
+
+    Args:
+        embeddings: ``(N, D)`` text embeddings, one per name (normalised here).
+        class_of_name: ``(N,)`` int64 class id of each name (None: one name per class).
+        temperature: logit scale.
+        learn_background: the names of class ``background_index`` share one learnable embedding.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, class_of_name: torch.Tensor | None = None,
+                 temperature: float = 50.0, learn_background: bool = False,
+                 background_index: int | None = 0) -> None:
+        super().__init__()
+        embeddings = F.normalize(embeddings.detach().float(), dim=-1)
+        if class_of_name is None:
+            class_of_name = torch.arange(len(embeddings))
+        self.register_buffer("embeddings", embeddings.clone())
+        self.register_buffer("class_of_name", class_of_name.detach().long().clone())
+        self.num_classes = int(self.class_of_name.max()) + 1
+        self.temperature = temperature
+        self.background = None
+        if learn_background:
+            if background_index is None:
+                raise ValueError("learn_background needs a background_index")
+            is_background = self.class_of_name == background_index
+            self.register_buffer("is_background", is_background)
+            self.background = nn.Parameter(embeddings[is_background].mean(dim=0))
+
+    def weight(self) -> torch.Tensor:
+        """``(N, D)`` normalised name embeddings, the learnable background substituted."""
+        if self.background is None:
+            return self.embeddings
+        background = F.normalize(self.background, dim=-1).expand_as(self.embeddings)
+        return torch.where(self.is_background[:, None], background, self.embeddings)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        cosine = F.conv2d(F.normalize(features, dim=1), self.weight()[:, :, None, None])
+        if self.num_classes == len(self.class_of_name):
+            return self.temperature * cosine
+        b, _, h, w = cosine.shape
+        index = self.class_of_name.view(1, -1, 1, 1).expand_as(cosine)
+        per_class = cosine.new_full((b, self.num_classes, h, w), -2.0)
+        return self.temperature * per_class.scatter_reduce(1, index, cosine, reduce="amax")
+
+
+class ClipTrunk(nn.Module):
+    """The CLIP ResNet tower's stem, layer1 (stride 4) and layer2-3 (stride 16, or 8 without layer 3's pooling).
+
+    ``forward``: ``(B, 3, H, W)`` normalised -> ``{"low": (B, 4w, H/4, W/4), "high": (B, 16w, H/s, W/s)}``
+    where w is the tower's width.
+    """
+
+    def __init__(self, visual: ModifiedResNet, output_stride: int = 8) -> None:
+        super().__init__()
+        visual = copy.deepcopy(visual).float()
+        self.stem = nn.Sequential(visual.conv1, visual.bn1, visual.act1, visual.conv2, visual.bn2, visual.act2,
+                                  visual.conv3, visual.bn3, visual.act3, visual.avgpool)
+        self.layer1, self.layer2, self.layer3 = visual.layer1, visual.layer2, visual.layer3
+        if output_stride == 8:
+            # Layer 3 pools after its 3x3 convolution; without the pooling its features stay at stride 8
+            # (the convolutions see the same neighbourhoods, so pretrained weights still fit).
+            for block in self.layer3:
+                block.avgpool = nn.Identity()
+                if block.downsample is not None:
+                    setattr(block.downsample, "-1", nn.Identity())  # open_clip names the shortcut's pooling "-1"
+        self.low_channels = self.layer1[-1].conv3.out_channels
+        self.high_channels = self.layer3[-1].conv3.out_channels
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        low = self.layer1(self.stem(x))
+        return {"low": low, "high": self.layer3(self.layer2(low))}
+
+
+class ResNetTrunk(nn.Module):
+    """A torchvision ResNet-50/101, dilated to ``output_stride``: same output dict as :class:`ClipTrunk`."""
+
+    def __init__(self, name: str, output_stride: int = 8) -> None:
+        super().__init__()
+        dilation = [False, output_stride == 8, True]
+        net = {"resnet50": resnet50, "resnet101": resnet101}[name](weights=None,
+                                                                    replace_stride_with_dilation=dilation)
+        self.body = IntermediateLayerGetter(net, return_layers={"layer1": "low", "layer4": "high"})
+        self.low_channels, self.high_channels = 256, 2048
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(self.body(x))
+
+
+class DeepLabV2Head(nn.Module):
+    """DeepLabv2's ASPP: the sum of dilated 3x3 convolutions of the last features, here into CLIP's space.
+    ``{"high": (B, C, h, w)}`` -> ``(B, D, h, w)``."""
+
+    def __init__(self, in_channels: int, embed_dim: int, rates: tuple[int, ...]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Conv2d(in_channels, embed_dim, 3, padding=r, dilation=r) for r in rates)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        high = features["high"]
+        return sum(branch(high) for branch in self.branches)
+
+
+class DeepLabV3PlusHead(nn.Module):
+    """DeepLabv3+: ASPP on the last features, upsampled and fused with the reduced stride-4 features, then
+    projected into CLIP's space. ``{"low": (B, C_l, H/4, W/4), "high": (B, C_h, h, w)}`` -> ``(B, D, H/4, W/4)``."""
+
+    def __init__(self, low_channels: int, high_channels: int, embed_dim: int, rates: tuple[int, ...],
+                 channels: int = 256) -> None:
+        super().__init__()
+        self.aspp = ASPP(high_channels, list(rates), channels)
+        self.reduce = nn.Sequential(nn.Conv2d(low_channels, _LOW_LEVEL_CHANNELS, 1, bias=False),
+                                    nn.BatchNorm2d(_LOW_LEVEL_CHANNELS), nn.ReLU(inplace=True))
+        self.fuse = nn.Sequential(
+            nn.Conv2d(channels + _LOW_LEVEL_CHANNELS, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, embed_dim, 1))
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        low = self.reduce(features["low"])
+        high = F.interpolate(self.aspp(features["high"]), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([high, low], dim=1))
+
+
+class SegmentationTarget(nn.Module):
+    """Backbone + head + fixed text classifier.
+
+    ``forward(images)``: ``(B, 3, H, W)`` float RGB in [0, 1] (normalised inside with the backbone's mean/std)
+    -> ``(B, K, H, W)`` logits (softmax over K gives class probabilities).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, classifier: TextClassifier,
+                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.backbone, self.head, self.classifier = backbone, head, classifier
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.head(self.backbone((images - self.mean) / self.std))
+        logits = self.classifier(features)
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """``(backbone parameters, new parameters)``: DeepLab trains the new layers at a higher learning rate."""
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        new = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("backbone.")]
+        return backbone, new
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(labels (B, H, W) int64, confidence (B, H, W) float in [0, 1])`` for ``(B, 3, H, W)`` in [0, 1]."""
+        was_training = self.training
+        self.eval()
+        confidence, labels = self(images).softmax(dim=1).max(dim=1)
+        self.train(was_training)
+        return labels, confidence
+
+    def label_images(self, images: list[np.ndarray], batch_size: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(H, W, 3)`` uint8 RGB images -> ``(labels (H, W) uint8|int32, confidence (H, W) float32)`` each,
+        as ``DenseCLIP.label_images`` gives them."""
+        label_dtype = np.uint8 if self.num_classes <= 255 else np.int32
+        device = self.mean.device
+        results = []
+        for start in range(0, len(images), batch_size):
+            for image in images[start:start + batch_size]:
+                if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                    raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+            chunk = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float() / 255
+                     for im in images[start:start + batch_size]]
+            same_size = all(c.shape == chunk[0].shape for c in chunk)
+            groups = [torch.stack(chunk)] if same_size else [c[None] for c in chunk]
+            for group in groups:
+                labels, confidence = self.predict(group.to(device))
+                results += [(lab.cpu().numpy().astype(label_dtype), conf.cpu().numpy().astype(np.float32))
+                            for lab, conf in zip(labels, confidence)]
+        return results
+
+
+def _clip_visual(clip: LoadedCLIP | None) -> ModifiedResNet:
+    visual = getattr(clip.model, "visual", None) if clip is not None else None
+    if not isinstance(visual, ModifiedResNet):
+        raise TypeError("backbone 'clip' needs a loaded ResNet CLIP (e.g. RN50 or denseclip-tiny-shapes)")
+    return visual
+
+
+def _load_backbone_weights(backbone: nn.Module, url: str) -> None:
+    state, _ = read_state_dict(url)
+    target = backbone.body if isinstance(backbone, ResNetTrunk) else backbone
+    missing, _ = target.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(f"backbone_weights {url!r} lack {len(missing)} backbone tensors, e.g. {missing[:3]}")
+
+
+def build_target(config: TargetConfig, class_embeddings: torch.Tensor, class_of_name: torch.Tensor | None = None,
+                 clip: LoadedCLIP | None = None) -> SegmentationTarget:
+    """The target network for ``config`` with its classifier fixed to ``class_embeddings`` ``(N, D)``
+    (one row per name; ``class_of_name (N,)`` maps names to classes, None: one name per class).
+
+    ``clip`` supplies the trunk (backbone ``clip``) and its mean/std; unused otherwise.
+    """
+    if config.backbone == "clip":
+        visual = _clip_visual(clip)
+        backbone = ClipTrunk(visual, config.output_stride)
+        if config.backbone_weights is None:
+            for module in backbone.modules():
+                if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
+                    module.reset_parameters()
+        mean, std = clip.mean, clip.std
+    else:
+        backbone = ResNetTrunk(config.backbone, config.output_stride)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if config.backbone_weights not in (None, "clip"):
+        _load_backbone_weights(backbone, config.backbone_weights)
+    embed_dim = class_embeddings.shape[1]
+    if config.head == "deeplabv2":
+        head = DeepLabV2Head(backbone.high_channels, embed_dim, config.rates())
+    else:
+        head = DeepLabV3PlusHead(backbone.low_channels, backbone.high_channels, embed_dim, config.rates(),
+                                 config.head_channels)
+    classifier = TextClassifier(class_embeddings, class_of_name, config.temperature, config.learn_background,
+                                config.background_index)
+    return SegmentationTarget(backbone, head, classifier, mean, std)

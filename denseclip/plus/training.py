@@ -1,0 +1,325 @@
+"""DenseCLIP+ training (the paper's Algorithm 1) from small pieces a single process or a distributed worker loop
+can call: a validated ``TrainingConfig``, joint augmentation of images and label maps, ``make_targets`` (guided
+learning on DenseCLIP pseudo labels for the first N_g iterations, then optional self-training on the target's
+own predictions, with the zero-shot merge), a poly learning-rate schedule, and ``train_step``.
+
+A batch is a dict of tensors: ``image (B, 3, H, W)`` float RGB in [0, 1], ``valid (B, H, W)`` bool (False on
+padding), and as the setting needs ``label (B, H, W)`` int64 ground truth, ``pseudo_label (B, H, W)`` int64 and
+``pseudo_confidence (B, H, W)`` float (precomputed pseudo labels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from denseclip.config import ConfigError
+from denseclip.plus.losses import segmentation_loss
+from denseclip.plus.pseudo_labels import DenseCLIPTeacher, pseudo_labels, zero_shot_merge
+from denseclip.plus.target import BACKBONES, HEADS, SegmentationTarget, TargetConfig
+
+SETTINGS = ("annotation_free", "zero_shot")
+PSEUDO_LABEL_SOURCES = ("on_the_fly", "precomputed")
+IGNORE_INDEX = 255
+PAD_VALUE = 0.5  # image value of padding (mid grey); padded pixels are never supervised
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainingConfig:
+    """One DenseCLIP+ run: setting, pseudo labels, schedule and augmentation.
+
+    Attributes:
+        setting: ``annotation_free`` (pseudo labels only) or ``zero_shot`` (transductive: seen-class ground
+            truth + pseudo labels among the unseen classes elsewhere).
+        iterations: optimisation steps in total.
+        guided_iterations: N_g, steps of guided learning on DenseCLIP pseudo labels (None: iterations // 10).
+        self_training: after N_g, train on the target's own predictions (else keep the DenseCLIP guidance).
+        pseudo_labels: ``on_the_fly`` (a frozen DenseCLIP labels each augmented batch) or ``precomputed``
+            (the batch carries ``pseudo_label`` / ``pseudo_confidence``, augmented with the image).
+        confidence_threshold: pseudo-labelled pixels below this confidence are ignored (None: keep all).
+        batch_size, crop_size: images per step and the square training crop in pixels.
+        scale_range: random resize factor range; flip: random horizontal flip.
+        lr, head_lr_multiplier: base learning rate of the backbone and the factor for the new layers.
+        momentum, weight_decay, poly_power: SGD and the poly schedule ``lr * (1 - step / iterations) ** power``.
+        seed: seed of initialisation and augmentation.
+        target: the target network (see ``TargetConfig``).
+    """
+
+    setting: str = "annotation_free"
+    iterations: int = 2000
+    guided_iterations: int | None = None
+    self_training: bool = False
+    pseudo_labels: str = "on_the_fly"
+    confidence_threshold: float | None = None
+    batch_size: int = 16
+    crop_size: int = 512
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip: bool = True
+    lr: float = 0.01
+    head_lr_multiplier: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    seed: int = 0
+    target: TargetConfig = field(default_factory=TargetConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "training") -> TrainingConfig:
+        """Build and validate from plain data (a YAML job spec); ``target`` is a nested dict."""
+        values = dict(values)
+        target = values.pop("target", {})
+        _reject_unknown(cls, values, where, skip={"target"})
+        _reject_unknown(TargetConfig, target, f"{where}.target")
+        if "aspp_rates" in target and target["aspp_rates"] is not None:
+            target["aspp_rates"] = tuple(target["aspp_rates"])
+        if "scale_range" in values:
+            values["scale_range"] = tuple(values["scale_range"])
+        config = cls(**values, target=TargetConfig(**target))
+        config.validate(where)
+        return config
+
+    @property
+    def num_guided(self) -> int:
+        """N_g: the number of guided-learning steps."""
+        return self.iterations // 10 if self.guided_iterations is None else self.guided_iterations
+
+    def validate(self, where: str = "training") -> None:
+        """Raise ``ConfigError`` naming the first invalid field."""
+
+        def fail(name: str, problem: str, value=None) -> None:
+            shown = getattr(self, name) if value is None else value
+            raise ConfigError(f"{where}.{name}: {problem} (got {shown!r})")
+
+        def positive_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+        if self.setting not in SETTINGS:
+            fail("setting", f"must be one of {', '.join(SETTINGS)}")
+        if self.pseudo_labels not in PSEUDO_LABEL_SOURCES:
+            fail("pseudo_labels", f"must be one of {', '.join(PSEUDO_LABEL_SOURCES)}")
+        for name in ("iterations", "batch_size", "crop_size"):
+            if not positive_int(getattr(self, name)):
+                fail(name, "must be a positive integer")
+        if self.guided_iterations is not None and not (
+                isinstance(self.guided_iterations, int) and 0 <= self.guided_iterations <= self.iterations):
+            fail("guided_iterations", f"must be an integer in [0, iterations={self.iterations}] or null")
+        if self.confidence_threshold is not None and not 0 <= self.confidence_threshold < 1:
+            fail("confidence_threshold", "must be in [0, 1) or null")
+        low, high = self.scale_range if len(self.scale_range) == 2 else (0, -1)
+        if not 0 < low <= high:
+            fail("scale_range", "must be two numbers 0 < low <= high")
+        for name in ("lr", "head_lr_multiplier", "poly_power"):
+            if not getattr(self, name) > 0:
+                fail(name, "must be > 0")
+        for name in ("momentum", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                fail(name, "must be >= 0")
+        target = self.target
+        if target.backbone not in BACKBONES:
+            fail("target", f"backbone must be one of {', '.join(BACKBONES)}", target.backbone)
+        if target.head not in HEADS:
+            fail("target", f"head must be one of {', '.join(HEADS)}", target.head)
+        if target.output_stride not in (8, 16):
+            fail("target", "output_stride must be 8 or 16", target.output_stride)
+        if target.backbone_weights == "clip" and target.backbone != "clip":
+            fail("target", "backbone_weights 'clip' needs backbone 'clip'", target.backbone_weights)
+        if not target.temperature > 0:
+            fail("target", "temperature must be > 0", target.temperature)
+        if target.learn_background and target.background_index is None:
+            fail("target", "learn_background needs a background_index", target.learn_background)
+
+
+def _reject_unknown(cls, values: dict, where: str, skip: set[str] = frozenset()) -> None:
+    names = {f.name for f in dataclasses.fields(cls)} - skip
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
+
+
+# --------------------------------------------------------------------------------------------- augmentation
+def _pad_value(tensor: torch.Tensor) -> float | int | bool:
+    if tensor.dtype == torch.bool:
+        return False
+    return 0.0 if tensor.is_floating_point() else IGNORE_INDEX
+
+
+def augment(image: torch.Tensor, maps: dict[str, torch.Tensor], rng: np.random.Generator,
+            config: TrainingConfig) -> Batch:
+    """Random scale, crop and flip applied jointly to an image and its per-pixel maps.
+
+    Args:
+        image: ``(3, H, W)`` float in [0, 1].
+        maps: ``(H, W)`` label maps (integer: padded with 255), confidences (float: padded with 0) or masks.
+        rng: the source of randomness (seed it per sample for reproducible runs).
+    Returns:
+        ``image (3, c, c)``, ``valid (c, c)`` bool and every map cropped alike, c = ``config.crop_size``.
+    """
+    height, width = image.shape[-2:]
+    scale = rng.uniform(*config.scale_range)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    maps = {**maps, "valid": torch.ones((height, width), dtype=torch.bool)}
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1)[0]
+    maps = {k: F.interpolate(v[None, None].float(), size=size, mode="nearest")[0, 0].to(v.dtype)
+            for k, v in maps.items()}
+    crop = config.crop_size
+    pad_h, pad_w = max(crop - size[0], 0), max(crop - size[1], 0)
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h), value=PAD_VALUE)
+        maps = {k: F.pad(v, (0, pad_w, 0, pad_h), value=_pad_value(v)) for k, v in maps.items()}
+    top = int(rng.integers(0, image.shape[1] - crop + 1))
+    left = int(rng.integers(0, image.shape[2] - crop + 1))
+    out = {"image": image[:, top:top + crop, left:left + crop],
+           **{k: v[top:top + crop, left:left + crop] for k, v in maps.items()}}
+    if config.flip and rng.random() < 0.5:
+        out = {k: v.flip(-1) for k, v in out.items()}
+    return out
+
+
+def collate(samples: Sequence[Batch]) -> Batch:
+    """Stack per-sample dicts (same keys, same crop size) into a batch."""
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+class InMemoryBatches:
+    """Augmented batches drawn from images and label maps held in memory; ``batch(step)`` depends only on
+    ``(seed, step)``, so two runs (or two branches of one run) see the same data.
+
+    Args:
+        images: ``(N, H, W, 3)`` uint8 RGB.
+        maps: name -> ``(N, H, W)`` arrays (e.g. ``label`` uint8 ground truth, ``pseudo_label``).
+    """
+
+    def __init__(self, images: np.ndarray, maps: dict[str, np.ndarray], config: TrainingConfig) -> None:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"images must be (N, H, W, 3) uint8, got {images.shape} {images.dtype}")
+        for name, values in maps.items():
+            if values.shape != images.shape[:3]:
+                raise ValueError(f"map {name!r} has shape {values.shape}, images are {images.shape[:3]}")
+        self.images, self.maps, self.config = images, maps, config
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _map_tensor(self, values: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(values))
+        return tensor if tensor.is_floating_point() else tensor.long()
+
+    def batch(self, step: int) -> Batch:
+        rng = np.random.default_rng([self.config.seed, step])
+        indices = rng.choice(len(self.images), size=self.config.batch_size, replace=len(self) < self.config.batch_size)
+        samples = []
+        for i in indices:
+            image = torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 255
+            maps = {k: self._map_tensor(v[i]) for k, v in self.maps.items()}
+            samples.append(augment(image, maps, rng, self.config))
+        return collate(samples)
+
+
+# ------------------------------------------------------------------------------------------------- Algorithm 1
+def in_self_training(step: int, config: TrainingConfig) -> bool:
+    """Whether ``step`` (0-based) trains on the target's own predictions rather than DenseCLIP's."""
+    return config.self_training and step >= config.num_guided
+
+
+@torch.no_grad()
+def _own_scores(model: SegmentationTarget, images: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    logits = model(images)
+    model.train(was_training)
+    return logits
+
+
+def make_targets(batch: Batch, step: int, config: TrainingConfig, model: SegmentationTarget,
+                 teacher: DenseCLIPTeacher | None = None, unseen_ids: Sequence[int] = ()) -> torch.Tensor:
+    """The label map the loss sees at ``step``: ``(B, H, W)`` int64, 255 = ignored.
+
+    Pseudo labels come from ``teacher`` (on the fly) or the batch's ``pseudo_label`` (precomputed) during
+    guided learning, from ``model`` itself during self-training. Annotation-free: the pseudo labels (pixels under
+    the confidence threshold ignored). Zero-shot: seen-class ground truth, and pseudo labels restricted to
+    ``unseen_ids`` wherever the annotation has no seen class.
+    """
+    zero_shot = config.setting == "zero_shot"
+    class_ids = list(unseen_ids) if zero_shot else None
+    threshold = config.confidence_threshold
+    if in_self_training(step, config):
+        labels, _ = pseudo_labels(_own_scores(model, batch["image"]), class_ids, threshold)
+    elif config.pseudo_labels == "on_the_fly":
+        if teacher is None:
+            raise ValueError("on-the-fly pseudo labels need a DenseCLIP teacher")
+        labels, _ = pseudo_labels(teacher.log_probs(batch["image"]), class_ids, threshold)
+    else:
+        labels = batch["pseudo_label"]
+        if threshold is not None and "pseudo_confidence" in batch:
+            labels = labels.masked_fill(batch["pseudo_confidence"] < threshold, IGNORE_INDEX)
+    if zero_shot:
+        labels = zero_shot_merge(batch["label"], labels, unseen_ids, IGNORE_INDEX)
+    return labels.masked_fill(~batch["valid"], IGNORE_INDEX)
+
+
+# ----------------------------------------------------------------------------------------- optimisation
+def poly_lr(base_lr: float, step: int, iterations: int, power: float = 0.9) -> float:
+    """DeepLab's poly schedule: ``base_lr * (1 - step / iterations) ** power``."""
+    return base_lr * (1 - min(step, iterations) / iterations) ** power
+
+
+def build_optimizer(model: SegmentationTarget, config: TrainingConfig) -> torch.optim.SGD:
+    """SGD with momentum and weight decay; the new layers (head, learnable background) at
+    ``head_lr_multiplier`` times the backbone's rate."""
+    backbone, new = model.parameter_groups()
+    groups = [{"params": backbone, "lr_scale": 1.0}, {"params": new, "lr_scale": config.head_lr_multiplier}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, config: TrainingConfig) -> float:
+    """Apply the poly schedule for ``step`` to every parameter group; returns the backbone's rate."""
+    lr = poly_lr(config.lr, step, config.iterations, config.poly_power)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+def train_step(model: SegmentationTarget, optimizer: torch.optim.Optimizer, batch: Batch,
+               targets: torch.Tensor) -> float:
+    """One SGD step of cross-entropy between ``model(batch["image"])`` and ``targets (B, H, W)``; the loss."""
+    model.train()
+    loss = segmentation_loss(model(batch["image"]), targets, IGNORE_INDEX)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train(model: SegmentationTarget, optimizer: torch.optim.Optimizer, batch_at: Callable[[int], Batch],
+          config: TrainingConfig, steps: range, teacher: DenseCLIPTeacher | None = None,
+          unseen_ids: Sequence[int] = (), log_every: int = 50,
+          on_log: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run Algorithm 1 over ``steps`` (a sub-range lets a run stop at N_g and branch); ``batch_at(step)``
+    gives each step's batch. Returns the log records ``{step, phase, lr, loss}`` (mean loss since the last one)."""
+    device = next(model.parameters()).device
+    history, losses = [], []
+    for step in steps:
+        batch = _to_device(batch_at(step), device)
+        lr = set_learning_rate(optimizer, step, config)
+        targets = make_targets(batch, step, config, model, teacher, unseen_ids)
+        losses.append(train_step(model, optimizer, batch, targets))
+        if (step + 1) % log_every == 0 or step + 1 == steps.stop:
+            record = {"step": step + 1, "phase": "self_training" if in_self_training(step, config) else "guided",
+                      "lr": lr, "loss": float(np.mean(losses))}
+            history.append(record)
+            losses = []
+            if on_log is not None:
+                on_log(record)
+    return history

@@ -1,0 +1,439 @@
+"""DenseCLIP labeling on Ray Data: WebDataset shards in, a Parquet mask store out, resumable and exactly-once.
+
+The unit of work and of commit is the input shard: each shard becomes one mask-store part (its masks and its
+errors), published atomically once every one of its samples has come through the pipeline. A re-run skips the
+shards whose part is committed, so after ``kill -9`` at any moment every image ends up in the store exactly once.
+
+    read shards (tasks) -> decode (tasks) -> Labeler (actor pool) -> encode masks (tasks) -> commit parts (driver)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import tarfile
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import torch
+
+import ray
+from denseclip import storage
+from denseclip.config import LabelerConfig
+from denseclip.images import ImageDecodeError, decode_image
+from denseclip.mask_store import (
+    ERRORS_DIR,
+    MASK_SCHEMA,
+    MASKS_DIR,
+    MaskStore,
+    MaskStoreWriter,
+    encode_confidence,
+    encode_mask,
+)
+from denseclip.shards import expand_shards, read_shard, sanitize_key
+from denseclip.vocabulary import load_templates
+from ray.data import ActorPoolStrategy
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+SUMMARY_FILE = "summary.json"
+# Options that change the labels, hence part of the provenance (batch size and device do not).
+RESULT_OPTIONS = ("mode", "short_side", "temperature", "background_threshold", "key_smoothing",
+                  "prompt_denoising", "upsample_topk", "precision")
+SLIDE_OPTIONS = ("crop_size", "crop_stride")
+# A batch whose actor dies is retried on a restarted actor this often; a batch that kills every actor it
+# meets fails the job instead of looping forever. Actors themselves restart without limit (lost nodes).
+MAX_TASK_RETRIES = 3
+_NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
+_NO_MAP = np.zeros((0, 0), dtype=np.uint8)
+_SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error)
+
+
+class LabelingError(ValueError):
+    """A labeling job that cannot start (input, output or provenance problem); the message names it."""
+
+
+# ------------------------------------------------------------------------------------------- planning
+@dataclass
+class LabelingPlan:
+    """What a run will do: every input shard, the ones not yet committed (``todo``), and the provenance
+    (without the weights' fingerprint, which the actors report) every part of ``output`` must carry."""
+
+    shards: list[str]
+    todo: list[str]
+    output: str
+    provenance: dict
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """Resources of the labeling stage: ``num_actors`` DenseCLIP actors with ``cpus_per_actor`` /
+    ``gpus_per_actor`` each, ``torch_threads`` per actor, and ``task_cpus`` per read/decode/encode task."""
+
+    num_actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    task_cpus: float
+    torch_threads: int
+
+
+def part_id(shard: str) -> str:
+    """The mask-store part of an input shard: its file stem plus a hash of its full URL, so two folders that
+    both hold ``shard-000000.tar`` never share a part (``.../shard-000000.tar -> shard-000000-1a2b3c4d5e``)."""
+    stem = posixpath.basename(shard.rstrip("/")).removesuffix(".tar")
+    stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", stem).lstrip("._-") or "shard"
+    return f"{stem}-{hashlib.sha1(shard.encode()).hexdigest()[:10]}"
+
+
+def run_provenance(config: LabelerConfig, classes: list[list[str]]) -> dict:
+    """Everything that determines the labels, except the weights' fingerprint (added by the actors)."""
+    names = RESULT_OPTIONS + (SLIDE_OPTIONS if config.mode == "slide" else ())
+    return {"model": config.model, "pretrained": config.pretrained, "vocabulary": [list(c) for c in classes],
+            "templates": load_templates(config.template_set), "options": {n: getattr(config, n) for n in names}}
+
+
+def _differences(existing: dict, expected: dict) -> list[str]:
+    return sorted(k for k in (existing.keys() | expected.keys()) - {"fingerprint"}
+                  if existing.get(k) != expected.get(k))
+
+
+def _clear_store(output: str, storage_options: dict) -> None:
+    fs, root = fsspec.core.url_to_fs(output, **storage_options)
+    for name in (MASKS_DIR, ERRORS_DIR, SUMMARY_FILE):
+        path = posixpath.join(root.rstrip("/"), name)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    fs.invalidate_cache()
+
+
+def write_summary(output: str, summary: dict, storage_options: dict | None = None) -> None:
+    """Publish ``summary`` as ``summary.json`` next to the masks."""
+    data = json.dumps(summary, indent=2, sort_keys=True).encode()
+    storage.write_bytes(storage.join(output, SUMMARY_FILE), data, **(storage_options or {}))
+
+
+def prepare_labeling(
+    input: str | list[str],
+    output: str,
+    config: LabelerConfig,
+    classes: list[list[str]],
+    *,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+) -> LabelingPlan:
+    """Check the input and output before any cluster work and decide which shards remain.
+
+    Lists the shards (a missing shard or an unreadable bucket fails here), refuses an output holding masks of
+    another model / vocabulary / options unless ``overwrite`` (which first deletes that store), and marks the
+    output as running in ``summary.json`` (an unwritable output fails here). Raises LabelingError.
+    """
+    storage_options = dict(storage_options or {})
+    try:
+        shards = expand_shards(input, **storage_options)
+    except (OSError, ValueError) as exc:
+        raise LabelingError(f"input {input!r}: {exc}") from exc
+    provenance = run_provenance(config, classes)
+    try:
+        if overwrite:
+            _clear_store(output, storage_options)
+        store = MaskStore(output, **storage_options)
+        existing = store.provenance
+        if existing is not None and _differences(existing, provenance):
+            raise LabelingError(
+                f"output {output} holds masks of another run (differs in {', '.join(_differences(existing, provenance))}); "
+                "pass --overwrite to replace them or choose another --output")
+        committed = store.committed_parts()
+        write_summary(output, {"status": "running", "input": input, "shards": len(shards)}, storage_options)
+    except OSError as exc:
+        raise LabelingError(f"output {output}: {exc}") from exc
+    todo = [s for s in shards if part_id(s) not in committed]
+    return LabelingPlan(shards, todo, output, provenance, storage_options)
+
+
+def plan_actors(
+    cluster: dict[str, float], device: str, num_actors: int | None = None, cpus_per_actor: float | None = None
+) -> ActorPlan:
+    """Size the labeling stage from the cluster's resources (``ray.cluster_resources()``).
+
+    Defaults: one actor per GPU when ``device`` is cuda, else one per CPU; actors reserve at most half the CPUs
+    (fractional reservations are fine) so read, decode and encode tasks always find room: an actor pool that
+    reserves every CPU starves the tasks feeding it and Ray waits forever.
+    """
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    if device.startswith("cuda"):
+        if gpus < 1:
+            raise LabelingError(f"labeler.device: {device} asked for, but the Ray cluster has no GPU")
+        num_actors = num_actors or int(gpus)
+        gpus_per_actor = min(1.0, gpus / num_actors)
+    else:
+        num_actors = num_actors or max(1, int(cpus))
+        gpus_per_actor = 0.0
+    if cpus_per_actor is None:
+        cpus_per_actor = min(1.0, cpus / (2 * num_actors))
+    reserved = num_actors * cpus_per_actor
+    if cpus_per_actor <= 0 or reserved >= cpus:
+        raise LabelingError(
+            f"num_actors x cpus_per_actor = {num_actors} x {cpus_per_actor:g} CPUs leaves none of the cluster's "
+            f"{cpus:g} CPUs for reading and decoding (Ray would wait forever): use fewer or smaller actors")
+    task_cpus = min(1.0, (cpus - reserved) / 4)
+    return ActorPlan(num_actors, cpus_per_actor, gpus_per_actor, task_cpus, max(1, int(cpus_per_actor)))
+
+
+# --------------------------------------------------------------------------------------------- stages
+def _sample_row(sample: dict, seen: set[str]) -> dict:
+    """One tar sample -> ``{"key", "shard", "data", "error"}``; a sample that cannot be labelled keeps its
+    raw key and says why in ``error``."""
+    raw_key, shard = sample["__key__"], sample["__shard__"]
+    row = {"key": raw_key, "shard": shard, "data": b"", "error": ""}
+    try:
+        key = sanitize_key(raw_key)
+    except ValueError:
+        key = ""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if key != raw_key:
+        row["error"] = f"unsafe sample key (would address {key!r} outside its folder or with other characters)"
+    elif key in seen:
+        row["error"] = "duplicate key within the shard (the first sample was labelled)"
+    elif ext is None:
+        members = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "none"
+        row["error"] = f"no image member (members: {members})"
+    else:
+        seen.add(key)
+        row["data"] = sample[ext]
+    return row
+
+
+def read_shard_rows(item: dict, storage_options: dict | None = None) -> Iterator[dict]:
+    """The rows of the shard ``item["shard"]``: ``{"key", "shard", "data" (image bytes), "error" (str, ""
+    when usable), "shard_total"}``. The shard's last row carries ``shard_total`` = the shard's number of rows
+    (0 on the others), which tells the committer when a shard is complete, whatever order rows arrive in.
+
+    A shard whose tar is corrupt yields the samples before the damage plus one error row with an empty key.
+    """
+    shard = item["shard"]
+    seen: set[str] = set()
+    previous, count = None, 0
+    try:
+        for sample in read_shard(shard, **(storage_options or {})):
+            if previous is not None:
+                yield previous
+            previous, count = {**_sample_row(sample, seen), "shard_total": 0}, count + 1
+    except _SHARD_READ_ERRORS as exc:
+        if previous is not None:
+            yield previous
+        previous, count = {"key": "", "shard": shard, "data": b"", "shard_total": 0,
+                           "error": f"corrupt shard after {count} samples: {type(exc).__name__}: {exc}"}, count + 1
+    if previous is not None:
+        yield {**previous, "shard_total": count}
+
+
+def _objects(values: list) -> np.ndarray:
+    """A 1-D object array holding ``values`` as they are (np.array would stack equal-shaped arrays)."""
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
+
+
+def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Decode the image bytes of a batch to uint8 ``(H, W, 3)`` RGB; undecodable images become errors."""
+    images, errors = [], []
+    for key, data, error in zip(batch["key"], batch["data"], batch["error"]):
+        image = _NO_IMAGE
+        if not error:
+            try:
+                image = decode_image(data, key)
+            except ImageDecodeError as exc:
+                error = exc.reason
+        images.append(image)
+        errors.append(error)
+    return {"key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
+            "error": _objects(errors), "image": _objects(images)}
+
+
+class Labeler:
+    """The DenseCLIP stage, a Ray Data callable class: the model and the text embeddings are loaded once per
+    actor; each call labels a batch of images (rows whose ``error`` is set pass through unlabelled).
+
+    Adds ``labels`` uint8 ``(H, W)`` and ``confidence`` float32 ``(H, W)`` in [0, 1] (each image's own size)
+    and ``fingerprint`` (the weights' identity); drops ``image``.
+    """
+
+    def __init__(self, config: LabelerConfig, classes: list[list[str]], torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self.dense_clip = config.build(classes)
+        self.fingerprint = self.dense_clip.clip.fingerprint
+
+    def _label(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | str]:
+        """Label ``images`` in one call; if that fails, one by one so only the failing image is lost."""
+        try:
+            return self.dense_clip.label_images(images)
+        except Exception:  # whatever breaks one image (e.g. out of memory) must not stop the job
+            log.warning("labeling a batch of %d images failed; retrying them one by one", len(images), exc_info=True)
+        results: list[tuple[np.ndarray, np.ndarray] | str] = []
+        for image in images:
+            try:
+                results += self.dense_clip.label_images([image])
+            except Exception as exc:  # noqa: BLE001 - recorded in the errors table
+                results.append(f"labeling failed: {type(exc).__name__}: {exc}")
+        return results
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        errors = list(batch["error"])
+        todo = [i for i, error in enumerate(errors) if not error]
+        labels, confidence = [_NO_MAP] * len(errors), [_NO_MAP.astype(np.float32)] * len(errors)
+        for i, result in zip(todo, self._label([batch["image"][i] for i in todo])):
+            if isinstance(result, str):
+                errors[i] = result
+            else:
+                labels[i], confidence[i] = result
+        return {"key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
+                "error": _objects(errors), "labels": _objects(labels), "confidence": _objects(confidence),
+                "fingerprint": np.full(len(errors), self.fingerprint, dtype=object)}
+
+
+def encode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Label and confidence maps -> PNG bytes (``mask``, ``confidence``) with ``height``/``width``."""
+    masks, confidences, heights, widths = [], [], [], []
+    for labels, confidence, error in zip(batch["labels"], batch["confidence"], batch["error"]):
+        masks.append(b"" if error else encode_mask(labels))
+        confidences.append(b"" if error else encode_confidence(confidence))
+        heights.append(labels.shape[0])
+        widths.append(labels.shape[1])
+    return {"key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
+            "error": batch["error"], "fingerprint": batch["fingerprint"], "mask": _objects(masks),
+            "confidence": _objects(confidences), "height": np.array(heights, dtype=np.int32),
+            "width": np.array(widths, dtype=np.int32)}
+
+
+# ------------------------------------------------------------------------------------------- commits
+@dataclass
+class _PendingShard:
+    rows: list[dict] = field(default_factory=list)
+    total: int | None = None
+
+
+class ShardCommitter:
+    """Collects encoded rows by input shard and commits each shard as one mask-store part (masks + errors,
+    atomically) as soon as all of its rows have arrived. Rows may arrive in any order."""
+
+    def __init__(self, plan: LabelingPlan):
+        self.plan = plan
+        self._pending: dict[str, _PendingShard] = {}
+        self._writer: MaskStoreWriter | None = None
+        self.images = self.errors = self.parts = 0
+
+    def add(self, batch: pa.Table) -> None:
+        for row in batch.to_pylist():
+            pending = self._pending.setdefault(row["shard"], _PendingShard())
+            pending.rows.append(row)
+            if row["shard_total"]:
+                pending.total = row["shard_total"]
+            if len(pending.rows) == pending.total:
+                self._commit(row["shard"], self._pending.pop(row["shard"]).rows)
+
+    def _writer_for(self, fingerprint: str) -> MaskStoreWriter:
+        if self._writer is None:
+            provenance = {**self.plan.provenance, "fingerprint": fingerprint}
+            self._writer = MaskStoreWriter(self.plan.output, provenance, **self.plan.storage_options)
+        elif self._writer.provenance["fingerprint"] != fingerprint:
+            raise RuntimeError(f"actors loaded different weights ({self._writer.provenance['fingerprint']} and "
+                               f"{fingerprint}): was the checkpoint replaced during the run?")
+        return self._writer
+
+    def _commit(self, shard: str, rows: list[dict]) -> None:
+        good = [r for r in rows if not r["error"]]
+        errors = [{"key": r["key"], "shard": shard, "reason": r["error"]} for r in rows if r["error"]]
+        table = pa.Table.from_pylist([{name: r[name] for name in MASK_SCHEMA.names} for r in good], MASK_SCHEMA)
+        self._writer_for(rows[0]["fingerprint"]).write_part(part_id(shard), table, errors)
+        self.images += len(good)
+        self.errors += len(errors)
+        self.parts += 1
+        log.info("committed %s: %d masks, %d errors", shard, len(good), len(errors))
+
+    def finish(self) -> None:
+        """After the last batch: commit the shards that held no sample at all (once the fingerprint is known)."""
+        if self._pending:
+            raise RuntimeError(f"shards ended incomplete: {sorted(self._pending)[:3]}")
+        if self._writer is not None:
+            committed = MaskStore(self.plan.output, **self.plan.storage_options).committed_parts()
+            for shard in self.plan.todo:
+                if part_id(shard) not in committed:
+                    self._writer.write_part(part_id(shard), pa.Table.from_pylist([], MASK_SCHEMA))
+                    self.parts += 1
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[str]], actors: ActorPlan):
+    """The Ray Data pipeline over ``plan.todo``, lazily: encoded rows ready to commit."""
+    shards = ray.data.from_items([{"shard": s} for s in plan.todo], override_num_blocks=len(plan.todo))
+    samples = shards.flat_map(read_shard_rows, fn_kwargs={"storage_options": plan.storage_options},
+                              num_cpus=actors.task_cpus)
+    images = samples.map_batches(decode_batch, batch_size=config.batch_size, num_cpus=actors.task_cpus)
+    labelled = images.map_batches(
+        Labeler,
+        fn_constructor_kwargs={"config": config, "classes": classes, "torch_threads": actors.torch_threads},
+        batch_size=config.batch_size,
+        compute=ActorPoolStrategy(size=actors.num_actors),
+        num_cpus=actors.cpus_per_actor,
+        num_gpus=actors.gpus_per_actor,
+        max_restarts=-1,
+        max_task_retries=MAX_TASK_RETRIES,
+    )
+    return labelled.map_batches(encode_batch, batch_size=config.batch_size, num_cpus=actors.task_cpus)
+
+
+def label_shards(plan: LabelingPlan, config: LabelerConfig, classes: list[list[str]], actors: ActorPlan) -> dict:
+    """Run the pipeline on a connected Ray cluster, commit every remaining shard, and return the summary
+    (also written as ``summary.json``): images labelled, errors, images/s, wall time, shards."""
+    start = time.perf_counter()
+    committer = ShardCommitter(plan)
+    if plan.todo:
+        for batch in build_dataset(plan, config, classes, actors).iter_batches(batch_size=None,
+                                                                               batch_format="pyarrow"):
+            committer.add(batch)
+        committer.finish()
+    wall = time.perf_counter() - start
+    summary = {
+        "status": "succeeded", "output": plan.output, "images_labelled": committer.images,
+        "errors": committer.errors, "images_per_s": round(committer.images / wall, 2) if wall > 0 else None,
+        "wall_time_s": round(wall, 2), "shards": len(plan.shards),
+        "shards_already_committed": len(plan.shards) - len(plan.todo), "shards_committed": committer.parts,
+        "actors": {"num_actors": actors.num_actors, "cpus_per_actor": actors.cpus_per_actor,
+                   "gpus_per_actor": actors.gpus_per_actor},
+    }
+    write_summary(plan.output, summary, plan.storage_options)
+    return summary
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None = None) -> Iterator[None]:
+    """Connect to the Ray cluster at ``address`` (or ``$RAY_ADDRESS``, as under ``ray job submit``); with
+    neither, start a private local Ray on this machine's CPUs (no dashboard, quiet) and shut it down after.
+    An already connected driver is used as it is."""
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        # "local" always starts a new instance, never joins a cluster someone else started on this machine.
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+

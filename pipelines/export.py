@@ -1,0 +1,52 @@
+"""Export masks from a mask store to annotation-tool formats.
+
+    python pipelines/export.py --store runs/voc-val/masks --format png --out exported/png
+    python pipelines/export.py --store s3://bucket/run --format coco --out exported/coco --dataset voc
+
+``png``: ``<key>.png`` palette label maps (+ ``classes.json``); ``coco``: ``annotations.json`` with one RLE
+mask per class and image (FiftyOne, CVAT and Label Studio import it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from denseclip.datasets import DATASET_NAMES, get_dataset
+from denseclip.export import class_names_from_provenance, export_coco, export_png
+from denseclip.mask_store import MaskStore
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", required=True, help="mask store root (path or s3:// URL)")
+    parser.add_argument("--format", required=True, choices=("png", "coco"))
+    parser.add_argument("--out", required=True, help="output folder (path or URL)")
+    parser.add_argument("--dataset", choices=DATASET_NAMES,
+                        help="name classes from this dataset (default: the store's provenance vocabulary)")
+    parser.add_argument("--image-ext", default="jpg", help="extension of the images in COCO file_name")
+    parser.add_argument("--skip-background", action="store_true", help="coco: no annotations for background")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    store = MaskStore(args.store)
+    if not store.committed_parts():
+        print(f"export: no committed mask parts under {args.store}", file=sys.stderr)
+        return 2
+    names = get_dataset(args.dataset).class_names if args.dataset else class_names_from_provenance(store.provenance)
+    if args.format == "png":
+        count = export_png(store, args.out, names)
+        print(f"{count} label maps written to {args.out}")
+        return 0
+    if not names:
+        print("export: the store's provenance has no vocabulary; name the classes with --dataset", file=sys.stderr)
+        return 2
+    skip = [i for i, n in enumerate(names) if n.lower() == "background"] if args.skip_background else []
+    print(f"wrote {export_coco(store, args.out, names, args.image_ext, skip)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The Parquet mask store on a local folder and on a real S3 API (moto): round trips, commits, provenance."""
+
+import json
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from denseclip.mask_store import (
+    MASK_SCHEMA,
+    MaskStore,
+    MaskStoreWriter,
+    decode_confidence,
+    decode_mask,
+    encode_confidence,
+    encode_mask,
+    rows_to_table,
+)
+
+PROVENANCE = {"model": "RN50", "pretrained": "openai", "fingerprint": "abc123", "vocabulary": [["background"],
+              ["cat", "kitty"], ["dog"]], "templates": "denseclip85", "code_version": "0.1.0"}
+
+
+def make_rows(seed: int, n: int, prefix: str) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        h, w = rng.integers(5, 40, 2)
+        mask = rng.integers(0, 3, (h, w), dtype=np.uint8)
+        mask[0, 0] = 255
+        rows.append({"key": f"{prefix}/{i:04d}", "shard": f"{prefix}.tar", "mask": mask,
+                     "confidence": rng.random((h, w)) if i % 2 else None})
+    return rows
+
+
+def check_store(root: str):
+    parts = {"shard-0": make_rows(0, 70, "a"), "shard-1": make_rows(1, 5, "b")}
+    writer = MaskStoreWriter(root, PROVENANCE)
+    for part, rows in parts.items():
+        writer.write_part(part, rows[::-1], errors=[{"key": f"{part}-bad", "shard": part, "reason": "truncated"}])
+    store = MaskStore(root)
+    rows = {r["key"]: r for rs in parts.values() for r in rs}
+    assert store.committed_parts() == set(parts)
+    assert store.keys() == set(rows)
+    assert store.provenance == PROVENANCE
+    for key in ("a/0000", "a/0041", "b/0004"):
+        np.testing.assert_array_equal(store.get(key), rows[key]["mask"])
+    assert store.get_confidence("a/0000") is None
+    confidence = store.get_confidence("a/0041")
+    assert confidence.dtype == np.float32 and np.abs(confidence - rows["a/0041"]["confidence"]).max() <= 0.5 / 255
+    seen = dict(store.iter_masks())
+    assert list(seen) == sorted(rows)  # parts in order, keys sorted within a part
+    assert all(np.array_equal(seen[k], rows[k]["mask"]) for k in rows)
+    assert sorted(e["key"] for e in store.errors()) == ["shard-0-bad", "shard-1-bad"]
+    assert store.read_part("shard-1").num_rows == 5
+    with pytest.raises(KeyError, match="no mask for key 'missing'"):
+        store.get("missing")
+    return store
+
+
+def test_local_store_round_trip(tmp_path):
+    check_store(str(tmp_path / "store"))
+    part = pq.ParquetFile(tmp_path / "store" / "masks" / "part-shard-0.parquet")
+    assert part.metadata.num_rows == 70 and part.metadata.num_row_groups == 2  # small groups: cheap lookups
+    assert json.loads(part.schema_arrow.metadata[b"denseclip.provenance"]) == PROVENANCE
+
+
+def test_s3_store_round_trip(make_bucket):
+    root = make_bucket() + "/runs/voc"
+    check_store(root)
+    assert sorted(fsspec.filesystem("s3").ls(root)) == [root[5:] + "/errors", root[5:] + "/masks"]
+
+
+def test_uncommitted_files_are_invisible(tmp_path):
+    root = tmp_path / "store"
+    MaskStoreWriter(str(root), PROVENANCE).write_part("0", make_rows(0, 3, "a"))
+    # What a crash leaves behind: a temporary masks file and the errors file of a part never committed.
+    (root / "masks" / ".part-1.parquet.tmp-0123").write_bytes(b"PAR1 half")
+    pq.write_table(rows_to_table(make_rows(1, 2, "x")), root / "errors" / "part-1.parquet")
+    store = MaskStore(str(root))
+    assert store.committed_parts() == {"0"} and store.keys() == {"a/0000", "a/0001", "a/0002"}
+    assert store.errors() == []
+
+
+def test_rewriting_a_part_replaces_it(tmp_path):
+    writer = MaskStoreWriter(str(tmp_path), PROVENANCE)
+    writer.write_part("0", make_rows(0, 4, "a"), errors=[{"key": "z", "shard": "s", "reason": "r"}])
+    rows = make_rows(5, 2, "a")
+    writer.write_part("0", rows)
+    store = MaskStore(str(tmp_path))
+    assert store.keys() == {"a/0000", "a/0001"} and store.errors() == []
+    np.testing.assert_array_equal(store.get("a/0001"), rows[1]["mask"])
+
+
+def test_a_store_holds_one_run(tmp_path):
+    MaskStoreWriter(str(tmp_path), PROVENANCE).write_part("0", make_rows(0, 1, "a"))
+    MaskStoreWriter(str(tmp_path), dict(PROVENANCE)).write_part("1", make_rows(1, 1, "b"))  # same run resumes
+    with pytest.raises(ValueError, match="provenance differs in fingerprint"):
+        MaskStoreWriter(str(tmp_path), dict(PROVENANCE, fingerprint="other"))
+    assert MaskStore(str(tmp_path / "empty")).provenance is None
+
+
+def test_encoded_tables_are_accepted_and_bad_rows_refused(tmp_path):
+    writer = MaskStoreWriter(str(tmp_path), PROVENANCE)
+    rows = make_rows(2, 3, "t")
+    writer.write_part("0", rows_to_table(rows))
+    np.testing.assert_array_equal(MaskStore(str(tmp_path)).get("t/0002"), rows[2]["mask"])
+    with pytest.raises(ValueError, match="mask schema"):
+        writer.write_part("1", rows_to_table(rows).drop_columns(["mask"]))
+    with pytest.raises(ValueError, match=r"\(H, W\) label map"):
+        writer.write_part("1", [{"key": "k", "mask": np.zeros((2, 2, 3))}])
+    with pytest.raises(ValueError, match="values in 0..255"):
+        writer.write_part("1", [{"key": "k", "mask": np.full((2, 2), 300)}])
+    with pytest.raises(ValueError, match="duplicate keys"):
+        writer.write_part("1", rows + rows)
+    with pytest.raises(ValueError, match="part id '../x'"):
+        writer.write_part("../x", rows)
+    with pytest.raises(ValueError, match="JSON"):
+        MaskStoreWriter(str(tmp_path / "b"), {"model": object()})
+    assert MASK_SCHEMA.names == ["key", "shard", "height", "width", "mask", "confidence"]
+
+
+def test_mask_and_confidence_codecs():
+    mask = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    data = encode_mask(mask)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    np.testing.assert_array_equal(decode_mask(data), mask)
+    confidence = np.linspace(-0.5, 1.5, 64).reshape(8, 8)
+    restored = decode_confidence(encode_confidence(confidence))
+    np.testing.assert_allclose(restored, np.clip(confidence, 0, 1), atol=0.5 / 255 + 1e-7)
