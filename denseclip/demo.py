@@ -30,7 +30,6 @@ from denseclip.plus.training import InMemoryBatches, TrainingConfig, build_optim
 from denseclip.report import write_report
 from denseclip.synthetic import Scene, render_dataset
 
-
 DATASET = "synthetic"
 # Scenes the DenseCLIP+ targets train on; the tiny CLIP trained on captions of world 20220. The held-out
 # evaluation seed must be neither.
@@ -181,6 +180,7 @@ def run_demo(config: DemoConfig, out: str | Path, on_log: Callable[[str, dict], 
     lap("render")
     clip = load_clip(TINY_MODEL, config.clip_weights)
     predictor = LabelerConfig().build(info.classes, clip=clip)
+    torch.manual_seed(config.training.seed)  # the random-weights baseline is reproducible too
     random_predictor = LabelerConfig(pretrained="random").build(info.classes)
     lap("load")
 

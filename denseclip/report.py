@@ -1,5 +1,5 @@
 """Evaluation reports: report.json, Markdown tables in the paper's layout, a confusion heatmap, overlay grids
-and one self-contained HTML page that shows them all offline.
+and one self-contained HTML page that shows them all offline; the robustness sweep's tables and plot.
 
 ``write_report`` is the one entry point; the evaluation pipeline, the training stage and the demo all call it
 with a ``summary`` from ``denseclip.metrics.summarize`` (optionally with extra keys: ``dataset`` and ``method``
@@ -113,6 +113,62 @@ def plot_confusion(conf: ConfusionMatrix, class_names: Sequence[str], path: str 
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
     fig.savefig(path)
     return Path(path)
+
+
+def write_robustness_report(out_dir: str | Path, robustness: dict) -> dict[str, Path]:
+    """Write ``robustness.json``, ``robustness.md`` (the tables) and ``robustness.png`` (the plot) under
+    ``out_dir``; ``robustness`` comes from ``denseclip.robustness.robustness_summary`` (+ optional ``dataset``,
+    ``method``, ``inputs``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "robustness.json", "markdown": out / "robustness.md", "plot": out / "robustness.png"}
+    paths["json"].write_text(json.dumps(robustness, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    paths["markdown"].write_text(robustness_markdown(robustness), encoding="utf-8")
+    plot_robustness(robustness, paths["plot"])
+    return paths
+
+
+def robustness_markdown(robustness: dict) -> str:
+    """The sweep as Markdown: mIoU per corruption x severity (paper Table 5 layout), then one row per method
+    with the clean mIoU and each corruption's mean over severities (paper Table 4 layout)."""
+    severities = sorted({int(s) for values in robustness["miou"].values() for s in values})
+    per_severity = [[_corruption_label(c)] + [_fmt(values.get(str(s))) for s in severities]
+                    + [_fmt(robustness["mean"][c])] for c, values in robustness["miou"].items()]
+    corruptions = list(robustness["miou"])
+    means = [[robustness.get("method", "this run"), _fmt(robustness["clean"])]
+             + [_fmt(robustness["mean"][c]) for c in corruptions] + [_fmt(robustness["mean_corrupted"])]]
+    return (f"## Robustness: mIoU under ImageNet-C corruptions ({robustness.get('dataset', 'custom')}, "
+            f"{robustness['num_images']} images)\n\nClean mIoU: {_fmt(robustness['clean'])}\n\n"
+            + _markdown_table(["Corruption"] + [f"severity {s}" for s in severities] + ["mean"], per_severity)
+            + "\n## Mean over severities (paper Table 4 layout)\n\n"
+            + _markdown_table(["Method", "clean"] + [_corruption_label(c) for c in corruptions] + ["mean"], means))
+
+
+def plot_robustness(robustness: dict, path: str | Path) -> Path:
+    """Line plot of mIoU against severity, one line per corruption, the clean mIoU as a dashed line."""
+    fig = Figure(figsize=(7.5, 4.5), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    markers = "osD^v<>px"
+    for i, (corruption, values) in enumerate(robustness["miou"].items()):
+        points = sorted((int(s), v) for s, v in values.items() if v is not None)
+        ax.plot([s for s, _ in points], [v for _, v in points], marker=markers[i % len(markers)],
+                label=_corruption_label(corruption))
+    if robustness["clean"] is not None:
+        ax.axhline(robustness["clean"], color="black", linestyle="--", label="clean")
+    severities = sorted({int(s) for values in robustness["miou"].values() for s in values})
+    ax.set_xticks(severities)
+    ax.set_xlabel("severity")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(f"{robustness.get('method', 'this run')} on {robustness.get('dataset', 'custom')}: "
+                 "mIoU under corruptions")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    fig.savefig(path)
+    return Path(path)
+
+
+def _corruption_label(name: str) -> str:
+    return name.replace("_", " ")
 
 
 def _datasets(results: Mapping[str, Mapping[str, dict]]) -> list[str]:

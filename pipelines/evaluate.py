@@ -1,39 +1,60 @@
 """Score predicted label maps against ground truth and write the evaluation report.
 
-    python pipelines/evaluate.py --pred DIR_OR_STORE --gt DIR_OR_SHARDS \\
-        (--dataset voc|context|coco_stuff|synthetic | --classes-file FILE) [--unseen "name, name"] \\
-        [--ignore-index 255] --out DIR
+    python pipelines/evaluate.py (--pred DIR_OR_STORE | --model NAME [--pretrained TAG_OR_PATH] [labeler options]
+        | --checkpoint DENSECLIP_PLUS_DIR) \\
+        --gt DIR_OR_SHARDS (--dataset voc|context|coco_stuff|synthetic | --classes-file FILE) \\
+        [--unseen "name, name"] [--ignore-index 255] [--corruptions all [--severities 1,2,3,4,5]] [--ray] --out DIR
 
 --pred: a folder of ``<key>.png`` label maps (keys may hold '/') or a Parquet mask store (a folder with
-``masks/``). --gt: a folder of ``<key>.png`` label maps or WebDataset shards (``seg.png``, and ``jpg`` for the
-overlay pictures). Every ground-truth key must have a prediction of the same size, otherwise the run stops
-with exit code 2 and a one-line error naming the key: a silently skipped image would bias the numbers.
-Writes DIR/report.json (percent), tables.md, confusion.png, overlays/*.png and index.html.
+``masks/``). --model: label the ground truth's images on the fly with DenseCLIP (the model and inference options
+as for ``denseclip predict``; the vocabulary is the evaluation's). --checkpoint: label them with a trained
+DenseCLIP+ target network (a checkpoint folder of pipelines/train.py, trained on the same classes).
+--gt: a folder of ``<key>.png`` label maps (the images, for labelling or the overlays, from --images) or
+WebDataset shards (``seg.png`` and the image). Every ground-truth key must have a prediction of the same size,
+otherwise the run stops with exit code 2 and a one-line error naming the key: a silently skipped image would
+bias the numbers. Writes DIR/report.json (percent), tables.md, confusion.png, overlays/*.png and index.html.
+
+--corruptions (with --model or --checkpoint): the robustness sweep of the paper's Tables 4-5. Every image is
+also labelled after each ImageNet-C corruption (all 8, or a comma-separated list) at each --severities, seeded
+by --corruption-seed; DIR/report.json stays the clean evaluation, and DIR/robustness.json, robustness.md and
+robustness.png hold mIoU per corruption x severity next to the clean mIoU.
+
+--ray: score on Ray Data (for large validation sets; --gt must be shards): the cluster at --address or
+$RAY_ADDRESS, else a private local Ray on this machine, stopped afterwards. Same numbers as without --ray.
 """
 
 from __future__ import annotations
 
 import argparse
-import posixpath
-import random
+import dataclasses
+import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import numpy as np
 from tqdm import tqdm
 
-from denseclip.datasets import get_dataset
-from denseclip.images import decode_image, decode_label_map
-from denseclip.mask_store import MASKS_DIR, MaskStore
-from denseclip.metrics import EvaluationInputError, accumulate, summarize
-from denseclip.report import write_report
-from denseclip.shards import expand_shards, read_shard
+from denseclip.config import add_labeler_arguments, labeler_config_from_args
+from denseclip.corruptions import CORRUPTIONS
+from denseclip.datasets import get_dataset, normalize_class_name
+from denseclip.evaluation import (
+    Evaluation,
+    ImageLabeler,
+    build_dense_clip,
+    is_label_map_folder,
+    iter_ground_truth,
+    open_predictions,
+    score_labeler,
+    score_predictions,
+)
+from denseclip.metrics import EvaluationInputError, summarize
+from denseclip.report import write_report, write_robustness_report
+from denseclip.robustness import CLEAN, robustness_summary, sweep_conditions
+from denseclip.shards import expand_shards
 from denseclip.visualize import default_palette
-
-IMAGE_EXTS = ("jpg", "jpeg", "png")
+from denseclip.vocabulary import read_classes_file
 
 
 @dataclass
@@ -41,57 +62,17 @@ class Vocabulary:
     """What the label ids mean and how to score them."""
 
     name: str
+    classes: list[list[str]]  # names per class, for labelling on the fly (label id = index)
     class_names: list[str]
     palette: np.ndarray  # uint8 (K, 3)
     unseen: list[str]
     ignore_classes: list[str]
 
 
-@dataclass
-class GroundTruth:
-    key: str
-    labels: np.ndarray  # uint8 (H, W)
-    image: bytes | None  # encoded image for the overlay pictures, when the source has one
-
-
-class LabelMapFolder:
-    """``<key>.png`` label maps under a local folder or fsspec URL; the same ``keys``/``get`` as a MaskStore."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url)
-        root = root.rstrip("/")
-        self._paths = {posixpath.relpath(p, root)[: -len(".png")]: p
-                       for p in self.fs.find(root) if p.endswith(".png")}
-
-    def keys(self) -> set[str]:
-        return set(self._paths)
-
-    def get(self, key: str) -> np.ndarray:
-        return decode_label_map(self.fs.cat_file(self._paths[key]), key)
-
-
-class Reservoir:
-    """A uniform sample of at most ``size`` items from a stream of unknown length (seeded: same run, same
-    sample)."""
-
-    def __init__(self, size: int, seed: int = 0):
-        self.size, self.items, self.offered = size, [], 0
-        self._rng = random.Random(seed)
-
-    def offer(self, item) -> None:
-        self.offered += 1
-        if len(self.items) < self.size:
-            self.items.append(item)
-            return
-        slot = self._rng.randrange(self.offered)
-        if slot < self.size:
-            self.items[slot] = item
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pred", required=True, help="folder of <key>.png label maps, or a mask store root")
+    parser.add_argument("--pred", help="folder of <key>.png label maps, or a mask store root")
+    parser.add_argument("--checkpoint", help="DenseCLIP+ checkpoint folder: label the images with it on the fly")
     parser.add_argument("--gt", required=True, help="folder of <key>.png label maps, or shards (dir, glob, .tar)")
     vocab = parser.add_mutually_exclusive_group(required=True)
     vocab.add_argument("--dataset", help="registered dataset: voc, context, coco_stuff, synthetic")
@@ -100,11 +81,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ignore-classes", help='classes left out of scoring, "name, name" (overrides the '
                                                  "dataset convention, e.g. VOC zero-shot drops background)")
     parser.add_argument("--ignore-index", type=int, default=255, help="ground-truth label that is not scored")
-    parser.add_argument("--images", help="folder of <key>.jpg|png images for the overlays when --gt is a folder")
+    parser.add_argument("--images", help="folder of <key>.jpg|png images when --gt is a folder of label maps")
     parser.add_argument("--num-overlays", type=int, default=8, help="images drawn as image | gt | pred grids")
-    parser.add_argument("--method", help="row name in the paper tables (default: the --pred folder name)")
+    parser.add_argument("--method", help="row name in the paper tables (default: the --pred folder or --model)")
     parser.add_argument("--out", required=True, help="output folder")
-    return parser.parse_args(argv)
+    sweep = parser.add_argument_group("robustness sweep (with --model or --checkpoint)")
+    sweep.add_argument("--corruptions", help=f"'all' or a comma-separated list of {', '.join(CORRUPTIONS)}")
+    sweep.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities in 1-5")
+    sweep.add_argument("--corruption-seed", type=int, default=0, help="seed of the corruptions' randomness")
+    distributed = parser.add_argument_group("Ray")
+    distributed.add_argument("--ray", action="store_true", help="score on Ray Data (--gt must be shards)")
+    distributed.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    distributed.add_argument("--num-actors", type=int, help="scoring actors (default: one per GPU or CPU)")
+    add_labeler_arguments(parser)
+    parser.set_defaults(model=None)  # no default model: --pred, --model or --checkpoint says where labels come from
+    args = parser.parse_args(argv)
+    if sum(source is not None for source in (args.pred, args.model, args.checkpoint)) != 1:
+        parser.error("give exactly one of --pred (stored predictions), --model or --checkpoint (label on the fly)")
+    if args.corruptions and args.pred is not None:
+        parser.error("--corruptions needs --model or --checkpoint: corruptions are applied before labelling")
+    return args
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -120,99 +116,120 @@ def load_vocabulary(args: argparse.Namespace) -> Vocabulary:
         if ignore is None:
             drop = info.ignore_background_in_zero_shot and unseen and info.background_index is not None
             ignore = [info.class_names[info.background_index]] if drop else []
-        return Vocabulary(args.dataset, list(info.class_names), np.asarray(info.palette, np.uint8), unseen, ignore)
-    from denseclip.vocabulary import read_classes_file
-
-    class_names = [names[0] for names in read_classes_file(args.classes_file)]
-    return Vocabulary(Path(args.classes_file).stem, class_names, default_palette(len(class_names)),
-                      unseen or [], ignore or [])
-
-
-def open_predictions(url: str) -> MaskStore | LabelMapFolder:
-    """A MaskStore when ``url`` holds a ``masks/`` folder, else a LabelMapFolder."""
-    fs, root = fsspec.core.url_to_fs(url)
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"--pred {url}: no such folder")
-    if fs.isdir(posixpath.join(root, MASKS_DIR)):
-        return MaskStore(url)
-    return LabelMapFolder(url)
+        return Vocabulary(args.dataset, [list(c) for c in info.classes], list(info.class_names),
+                          np.asarray(info.palette, np.uint8), unseen, ignore)
+    classes = read_classes_file(args.classes_file)
+    return Vocabulary(Path(args.classes_file).stem, classes, [names[0] for names in classes],
+                      default_palette(len(classes)), unseen or [], ignore or [])
 
 
-def iter_ground_truth(url: str) -> Iterator[GroundTruth]:
-    """Ground truth in key order from a folder of ``<key>.png`` or from shards (with the images)."""
-    fs, root = fsspec.core.url_to_fs(url)
-    if fs.isdir(root) and not any(p.endswith(".tar") for p in fs.find(root)):
-        folder = LabelMapFolder(url)
-        if not folder.keys():
-            raise FileNotFoundError(f"--gt {url}: no .png label maps or .tar shards in this folder")
-        for key in sorted(folder.keys()):
-            yield GroundTruth(key, folder.get(key), None)
-        return
-    for shard in expand_shards(url):
-        for sample in read_shard(shard):
-            key = sample["__key__"]
-            if "seg.png" not in sample:
-                raise EvaluationInputError(f"{key}: shard {shard} has no seg.png ground truth for this sample")
-            image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
-            yield GroundTruth(key, decode_label_map(sample["seg.png"], key), image)
+def conditions_from_args(args: argparse.Namespace) -> list:
+    """[CLEAN], or the clean baseline and every --corruptions x --severities condition."""
+    if not args.corruptions:
+        return [CLEAN]
+    corruptions = CORRUPTIONS if args.corruptions.strip() == "all" else _names(args.corruptions)
+    try:
+        severities = [int(s) for s in _names(args.severities)]
+    except ValueError:
+        raise ValueError(f"--severities: expected comma-separated integers in 1-5, got {args.severities!r}") from None
+    return sweep_conditions(corruptions, severities)
 
 
-def matched_pairs(ground_truth: Iterator[GroundTruth], predictions, pred_url: str, overlays: Reservoir,
-                  seen_keys: set[str]) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """``(key, pred, gt)`` for every ground-truth key; a key without a prediction is an error naming it."""
-    pred_keys = predictions.keys()
-    for item in ground_truth:
-        if item.key not in pred_keys:
-            raise EvaluationInputError(f"{item.key}: no prediction for this ground-truth key in {pred_url}")
-        pred = predictions.get(item.key)
-        seen_keys.add(item.key)
-        overlays.offer((item.key, item.image, item.labels, pred))
-        yield item.key, pred, item.labels
+def labeler_source(args: argparse.Namespace, vocab: Vocabulary, inputs: dict
+                   ) -> tuple[Callable[[], ImageLabeler], str, str]:
+    """The on-the-fly prediction source of --model or --checkpoint: a picklable factory of the labeler, its
+    device and the method name; records what it is in ``inputs``."""
+    if args.checkpoint is None:
+        config = labeler_config_from_args(args)
+        inputs["labeler"] = {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"}
+        return functools.partial(build_dense_clip, config, vocab.classes), config.device, f"DenseCLIP {config.model}"
+    from denseclip.ray.train import load_target_checkpoint, read_checkpoint_meta
+
+    trained = read_checkpoint_meta(args.checkpoint).get("class_names", [])
+    if [normalize_class_name(n) for n in trained] != [normalize_class_name(n) for n in vocab.class_names]:
+        raise ValueError(f"--checkpoint {args.checkpoint}: trained on {len(trained)} classes ({', '.join(trained[:4])}"
+                         f", ...), not on the {len(vocab.class_names)} classes of {vocab.name}")
+    inputs["checkpoint"] = args.checkpoint
+    method = f"DenseCLIP+ {Path(args.checkpoint.rstrip('/')).name}"
+    return functools.partial(load_target_checkpoint, args.checkpoint, args.device), args.device, method
 
 
-def _overlay_image(key: str, encoded: bytes | None, images_url: str | None) -> np.ndarray | None:
-    if encoded is None and images_url:
-        fs, root = fsspec.core.url_to_fs(images_url)
-        path = next((p for ext in IMAGE_EXTS if fs.isfile(p := posixpath.join(root, f"{key}.{ext}"))), None)
-        encoded = fs.cat_file(path) if path else None
-    return None if encoded is None else decode_image(encoded, key)
+def run_on_ray(args: argparse.Namespace, evaluation: Evaluation, device: str = "cpu", **source) -> Evaluation:
+    """Score on Ray Data; ``source``: ``pred_url=`` or ``make_labeler=``, ``conditions=``, ``seed=``."""
+    import ray
+
+    from denseclip.ray.evaluation import evaluate_on_ray
+    from denseclip.ray.labeling import plan_actors, ray_cluster
+
+    if is_label_map_folder(args.gt):
+        raise ValueError(f"--gt {args.gt}: --ray reads ground truth from shards, not a folder of label maps")
+    shards = expand_shards(args.gt)
+    with ray_cluster(args.address):
+        actors = plan_actors(ray.cluster_resources(), device, args.num_actors)
+        return evaluate_on_ray(shards, evaluation, actors, **source)
 
 
-def evaluate(args: argparse.Namespace) -> dict:
+def evaluate(args: argparse.Namespace) -> tuple[dict, dict | None]:
+    """Run the evaluation and write its reports; returns (report summary, robustness summary or None)."""
     vocab = load_vocabulary(args)
-    predictions = open_predictions(args.pred)
-    overlays, seen_keys = Reservoir(args.num_overlays), set()
-    pairs = matched_pairs(iter_ground_truth(args.gt), predictions, args.pred, overlays, seen_keys)
-    conf = accumulate(tqdm(pairs, desc="evaluate", unit="img", disable=None), len(vocab.class_names),
-                      args.ignore_index)
-    if conf.num_images == 0:
+    conditions = conditions_from_args(args)
+    evaluation = Evaluation(len(vocab.class_names), args.ignore_index, args.num_overlays)
+    inputs: dict = {"gt": args.gt, "ignore_index": args.ignore_index}
+    progress = functools.partial(tqdm, desc="evaluate", unit="img", disable=None)
+    predictions = None
+    if args.pred is not None:
+        predictions = open_predictions(args.pred)
+        method = Path(args.pred.rstrip("/")).name
+        inputs.update(pred=args.pred, pred_provenance=getattr(predictions, "provenance", None))
+        if args.ray:
+            run_on_ray(args, evaluation, pred_url=args.pred)
+        else:
+            score_predictions(progress(iter_ground_truth(args.gt)), predictions, args.pred, evaluation, args.images)
+    else:
+        make_labeler, device, method = labeler_source(args, vocab, inputs)
+        if args.ray:
+            run_on_ray(args, evaluation, device, make_labeler=make_labeler, conditions=conditions,
+                       seed=args.corruption_seed)
+        else:
+            score_labeler(progress(iter_ground_truth(args.gt)), make_labeler(), evaluation, conditions,
+                          args.corruption_seed, args.batch_size, args.images)
+    if evaluation.num_images == 0:
         raise EvaluationInputError(f"--gt {args.gt}: no ground-truth samples")
-    summary = summarize(conf, vocab.class_names, unseen=vocab.unseen, ignore_classes=vocab.ignore_classes)
-    unmatched = len(predictions.keys() - seen_keys)
-    summary.update(
-        dataset=vocab.name, method=args.method or Path(args.pred.rstrip("/")).name,
-        inputs={"pred": args.pred, "gt": args.gt, "ignore_index": args.ignore_index,
-                "unmatched_predictions": unmatched,
-                "pred_provenance": getattr(predictions, "provenance", None)})
-    if unmatched:
-        print(f"warning: {unmatched} predictions have no ground truth and were not scored", file=sys.stderr)
-    samples = [(key, _overlay_image(key, image, args.images), gt, pred)
-               for key, image, gt, pred in sorted(overlays.items, key=lambda item: item[0])]
-    write_report(args.out, summary, conf, vocab.class_names, vocab.palette, samples)
-    return summary
+    clean = evaluation.matrix(CLEAN)
+    summary = summarize(clean, vocab.class_names, unseen=vocab.unseen, ignore_classes=vocab.ignore_classes)
+    labels = {"dataset": vocab.name, "method": args.method or method}
+    if predictions is not None:
+        unmatched = len(predictions.keys() - evaluation.keys)
+        inputs["unmatched_predictions"] = unmatched
+        if unmatched:
+            print(f"warning: {unmatched} predictions have no ground truth and were not scored", file=sys.stderr)
+    summary.update(labels, inputs=inputs)
+    write_report(args.out, summary, clean, vocab.class_names, vocab.palette, evaluation.overlays.items)
+    if len(conditions) == 1:
+        return summary, None
+    robustness = robustness_summary(evaluation.matrices, vocab.class_names, vocab.unseen, vocab.ignore_classes)
+    robustness.update(labels, inputs={**inputs, "corruption_seed": args.corruption_seed})
+    write_robustness_report(args.out, robustness)
+    return summary, robustness
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        summary = evaluate(args)
+        summary, robustness = evaluate(args)
     except (ValueError, OSError) as exc:  # bad input of any kind: one line naming it, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     headline = ("miou", "miou_seen", "miou_unseen", "hiou", "pixel_accuracy")
-    print(" | ".join(f"{k} {'-' if summary[k] is None else format(summary[k], '.2f')}" for k in headline)
-          + f" -> {Path(args.out) / 'report.json'}")
+    print(" | ".join(f"{k} {_fmt(summary[k])}" for k in headline) + f" -> {Path(args.out) / 'report.json'}")
+    if robustness is not None:
+        print(f"robustness: clean {_fmt(robustness['clean'])} | mean corrupted "
+              f"{_fmt(robustness['mean_corrupted'])} -> {Path(args.out) / 'robustness.json'}")
     return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from denseclip.images import encode_png
+from denseclip.evaluation import KeySample, iter_ground_truth
+from denseclip.images import decode_image, encode_png
 from denseclip.shards import write_shard
 from denseclip.visualize import default_palette
 
@@ -143,19 +144,24 @@ def test_shards_ground_truth_with_images_and_an_unmatched_prediction(tmp_path, i
     assert Image.open(grids[0]).width > 3 * 48  # image | gt | pred panels, then the legend
 
 
-def test_reservoir_sample_is_uniform_and_repeatable():
+def test_overlay_sample_is_uniform_and_independent_of_order_and_partitioning():
     counts = np.zeros(10)
-    for seed in range(2000):
-        reservoir = evaluate.Reservoir(3, seed=seed)
+    for trial in range(2000):
+        sample = KeySample(3)
         for i in range(10):
-            reservoir.offer(i)
-        counts[reservoir.items] += 1
+            sample.offer(f"{trial}/{i}", i)
+        counts[sample.items] += 1
     assert counts.sum() == 6000 and np.all(np.abs(counts / 2000 - 0.3) < 0.05)
-    again = [evaluate.Reservoir(3, seed=1) for _ in range(2)]
-    for r in again:
-        for i in range(10):
-            r.offer(i)
-    assert again[0].items == again[1].items
+    keys = [f"img-{i}" for i in range(50)]
+    whole = KeySample(5)
+    for key in keys:
+        whole.offer(key, key.upper())
+    parts = [KeySample(5) for _ in range(3)]
+    for i, key in enumerate(reversed(keys)):
+        parts[i % 3].offer(key, key.upper())
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert merged.items == whole.items and len(whole.items) == 5
+    assert whole.items == sorted(whole.items)  # by key
 
 
 def test_synthetic_dataset_against_a_mask_store(tmp_path):
@@ -214,3 +220,84 @@ def test_voc_zero_shot_ignores_background_on_a_real_pair(tmp_path, keep_backgrou
     assert report["miou_unseen"] is None and report["hiou"] is None  # no unseen class in this image
     grid = Image.open(out / "overlays" / "2007_000129.png")
     assert grid.width > 3 * gt.shape[1]  # the photo was found through --images
+
+
+def test_model_on_the_fly_scores_like_its_stored_predictions(tmp_path, capsys):
+    from denseclip.config import LabelerConfig
+    from denseclip.datasets import get_dataset
+    from denseclip.evaluation import build_dense_clip
+    from denseclip.synthetic import write_shards
+
+    shards = str(tmp_path / "shards")
+    write_shards(seed=2022, n=6, out=shards, shard_size=4, size=64)
+    truths = list(iter_ground_truth(shards))
+    images = [decode_image(t.image) for t in truths]
+    labeler = build_dense_clip(LabelerConfig(), get_dataset("synthetic").classes)
+    write_maps(tmp_path / "pred", {t.key: labels for t, (labels, _) in zip(truths, labeler.label_images(images))})
+    for t in truths:  # the same ground truth as a folder of label maps, the images beside it
+        write_maps(tmp_path / "gt", {t.key: t.labels})
+        (tmp_path / "images" / f"{t.key}.jpg").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "images" / f"{t.key}.jpg").write_bytes(t.image)
+    runs = {"stored": ["--pred", str(tmp_path / "pred"), "--gt", shards],
+            "model": ["--model", "denseclip-tiny-shapes", "--gt", shards],
+            "model_folder": ["--model", "denseclip-tiny-shapes", "--gt", str(tmp_path / "gt"),
+                             "--images", str(tmp_path / "images")]}
+    reports = {}
+    for name, args in runs.items():
+        assert evaluate.main([*args, "--dataset", "synthetic", "--out", str(tmp_path / name)]) == 0
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    scores = [{k: v for k, v in r.items() if k not in ("inputs", "method")} for r in reports.values()]
+    assert scores[0]["num_images"] == 6 and 0 < scores[0]["miou"] < 100
+    assert scores[1] == scores[0] and scores[2] == scores[0]
+    assert reports["model"]["method"] == "DenseCLIP denseclip-tiny-shapes"
+    assert reports["model"]["inputs"]["labeler"]["model"] == "denseclip-tiny-shapes"
+
+    code = evaluate.main(["--model", "denseclip-tiny-shapes", "--gt", str(tmp_path / "gt"), "--dataset",
+                          "synthetic", "--out", str(tmp_path / "no_images")])
+    assert code == 2 and "error: synthetic/s2022/000000: no image to label" in capsys.readouterr().err
+
+
+def test_exactly_one_prediction_source(inputs, capsys):
+    for args in (["--pred", str(inputs["pred"]), "--model", "RN50"], ["--model", "RN50", "--checkpoint", "x"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main([*args, "--gt", str(inputs["gt"]), "--classes-file", str(inputs["classes"]),
+                           "--out", str(inputs["out"])])
+        assert exit_info.value.code == 2
+        assert "give exactly one of --pred (stored predictions), --model or --checkpoint" in capsys.readouterr().err
+
+
+def test_denseclip_plus_checkpoint_on_the_fly(tmp_path, capsys):
+    from denseclip.models import load_clip
+    from denseclip.plus.target import build_target
+    from denseclip.plus.training import build_optimizer
+    from denseclip.ray.train import TrainJob, load_target_checkpoint, save_checkpoint
+    from denseclip.synthetic import write_shards
+    from denseclip.text import class_embeddings
+    from denseclip.vocabulary import load_templates
+
+    job = TrainJob.from_dict({"dataset": "synthetic", "data": {"train": "unused", "val": "unused"},
+                              "run": {"name": "eval"}, "training": {"target": {
+                                  "backbone": "clip", "backbone_weights": "clip", "head": "deeplabv3plus",
+                                  "output_stride": 16, "aspp_rates": [1, 2], "head_channels": 16}}})
+    clip = load_clip()
+    target = build_target(job.training.target, *class_embeddings(clip, job.info.classes, load_templates("synthetic")),
+                          clip=clip)
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    save_checkpoint(str(checkpoint), target, build_optimizer(target, job.training), 0, job, {})
+    shards = str(tmp_path / "shards")
+    write_shards(seed=2022, n=4, out=shards, shard_size=4, size=64)
+    truths = list(iter_ground_truth(shards))
+    labels = load_target_checkpoint(str(checkpoint)).label_images([decode_image(t.image) for t in truths])
+    write_maps(tmp_path / "pred", {t.key: pred for t, (pred, _) in zip(truths, labels)})
+    reports = {}
+    for name, source in (("stored", ["--pred", str(tmp_path / "pred")]), ("plus", ["--checkpoint", str(checkpoint)])):
+        assert evaluate.main([*source, "--gt", shards, "--dataset", "synthetic", "--out", str(tmp_path / name)]) == 0
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    assert reports["plus"]["per_class_iou"] == reports["stored"]["per_class_iou"]
+    assert reports["plus"]["pixel_accuracy"] == reports["stored"]["pixel_accuracy"]
+    assert reports["plus"]["method"] == "DenseCLIP+ checkpoint"
+
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--gt", shards, "--dataset", "voc",
+                          "--out", str(tmp_path / "voc")]) == 2
+    assert "trained on 17 classes (background, red circle" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 from denseclip.models import LoadedCLIP, read_state_dict
 
 BACKBONES = ("clip", "resnet50", "resnet101")
-HEADS = ("deeplabv2", "deeplabv3plus")
+HEADS = ("deeplabv2", "deeplabv3plus", "clip_dense")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _LOW_LEVEL_CHANNELS = 48  # DeepLabv3+'s reduction of the stride-4 features
@@ -35,13 +35,15 @@ class TargetConfig:
 
     Attributes:
         backbone: ``clip`` (the CLIP image tower's stem to layer 3; needs a ResNet CLIP), ``resnet50``, ``resnet101``.
-        head: ``deeplabv2`` (sum of dilated 3x3 convolutions) or ``deeplabv3plus`` (ASPP + stride-4 decoder).
+        head: ``deeplabv2`` (sum of dilated 3x3 convolutions), ``deeplabv3plus`` (ASPP + stride-4 decoder) or
+            ``clip_dense`` (CLIP's own dense head + a stride-4 refinement, so training starts from DenseCLIP's
+            predictions; needs backbone ``clip``).
         backbone_weights: ``None`` random init; ``"clip"`` copy the given CLIP's tower (backbone ``clip``);
             otherwise a local path / URL of a state dict (safetensors or weights-only torch), e.g. ImageNet
             ResNet weights; nothing is downloaded.
         output_stride: 8 or 16, stride of the backbone's last features (dilation instead of striding).
         aspp_rates: dilation rates of the ASPP branches (None: DeepLab's defaults for the head and stride).
-        head_channels: width of the v3+ ASPP and decoder.
+        head_channels: width of the v3+ ASPP and decoder, and of the ``clip_dense`` refinement.
         temperature: logit scale on the cosine similarities.
         learn_background: replace the background class's text embedding with a learnable one (initialised
             from it); needs ``background_index``.
@@ -116,33 +118,47 @@ class TextClassifier(nn.Module):
 
 
 class ClipTrunk(nn.Module):
-    """The CLIP ResNet tower's stem, layer1 (stride 4) and layer2-3 (stride 16, or 8 without layer 3's pooling).
+    """The CLIP ResNet tower (stem, layers 1-4) as a segmentation backbone, dilated to ``output_stride`` 8 or 16.
 
-    ``forward``: ``(B, 3, H, W)`` normalised -> ``{"low": (B, 4w, H/4, W/4), "high": (B, 16w, H/s, W/s)}``
-    where w is the tower's width.
+    open_clip's blocks convolve first and pool after, so dropping a block's pooling keeps its own receptive
+    field; every later 3x3 convolution is dilated by the resolution kept, and the pretrained weights still fit.
+    With ``dense``, the attention pool's value and output projections (DenseCLIP's dense head) follow as 1x1
+    convolutions initialised from them.
+    ``forward``: ``(B, 3, H, W)`` normalised -> ``{"low": (B, 4w, H/4, W/4), "high": (B, 32w, H/s, W/s)}``
+    (w = the tower's width) and, with ``dense``, ``"dense": (B, D, H/s, W/s)`` in CLIP's joint space.
     """
 
-    def __init__(self, visual: ModifiedResNet, output_stride: int = 8) -> None:
+    def __init__(self, visual: ModifiedResNet, output_stride: int = 8, dense: bool = False) -> None:
         super().__init__()
         visual = copy.deepcopy(visual).float()
+        self.dense = None
+        if dense:
+            pool = visual.attnpool
+            self.dense = nn.Sequential(_conv_from_linear(pool.v_proj), _conv_from_linear(pool.c_proj))
         self.stem = nn.Sequential(visual.conv1, visual.bn1, visual.act1, visual.conv2, visual.bn2, visual.act2,
                                   visual.conv3, visual.bn3, visual.act3, visual.avgpool)
-        self.layer1, self.layer2, self.layer3 = visual.layer1, visual.layer2, visual.layer3
-        if output_stride == 8:
-            # Layer 3 pools after its 3x3 convolution; without the pooling its features stay at stride 8
-            # (the convolutions see the same neighbourhoods, so pretrained weights still fit).
-            for block in self.layer3:
-                block.avgpool = nn.Identity()
-                if block.downsample is not None:
+        self.layer1, self.layer2 = visual.layer1, visual.layer2
+        self.layer3, self.layer4 = visual.layer3, visual.layer4
+        unpooled = {8: (self.layer3, self.layer4), 16: (self.layer4,)}[output_stride]
+        dilation = 1
+        for layer in (self.layer3, self.layer4):
+            for block in layer:
+                block.conv2.dilation, block.conv2.padding = (dilation, dilation), (dilation, dilation)
+                if block.stride > 1 and layer in unpooled:
+                    block.avgpool = nn.Identity()
                     setattr(block.downsample, "-1", nn.Identity())  # open_clip names the shortcut's pooling "-1"
+                    dilation *= block.stride
         self.low_channels = self.layer1[-1].conv3.out_channels
-        self.high_channels = self.layer3[-1].conv3.out_channels
+        self.high_channels = self.layer4[-1].conv3.out_channels
         for p in self.parameters():
             p.requires_grad_(True)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         low = self.layer1(self.stem(x))
-        return {"low": low, "high": self.layer3(self.layer2(low))}
+        features = {"low": low, "high": self.layer4(self.layer3(self.layer2(low)))}
+        if self.dense is not None:
+            features["dense"] = self.dense(features["high"])
+        return features
 
 
 class ResNetTrunk(nn.Module):
@@ -181,8 +197,7 @@ class DeepLabV3PlusHead(nn.Module):
                  channels: int = 256) -> None:
         super().__init__()
         self.aspp = ASPP(high_channels, list(rates), channels)
-        self.reduce = nn.Sequential(nn.Conv2d(low_channels, _LOW_LEVEL_CHANNELS, 1, bias=False),
-                                    nn.BatchNorm2d(_LOW_LEVEL_CHANNELS), nn.ReLU(inplace=True))
+        self.reduce = _low_level_reduction(low_channels)
         self.fuse = nn.Sequential(
             nn.Conv2d(channels + _LOW_LEVEL_CHANNELS, channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
@@ -193,6 +208,40 @@ class DeepLabV3PlusHead(nn.Module):
         low = self.reduce(features["low"])
         high = F.interpolate(self.aspp(features["high"]), size=low.shape[-2:], mode="bilinear", align_corners=False)
         return self.fuse(torch.cat([high, low], dim=1))
+
+
+def _low_level_reduction(channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(channels, _LOW_LEVEL_CHANNELS, 1, bias=False),
+                         nn.BatchNorm2d(_LOW_LEVEL_CHANNELS), nn.ReLU(inplace=True))
+
+
+class ClipDenseHead(nn.Module):
+    """DenseCLIP's dense features (from ``ClipTrunk(dense=True)``), upsampled and refined from the stride-4
+    features by layers whose last one starts at zero: the target starts out predicting what DenseCLIP predicts
+    and learns detail from there.
+    ``{"low": (B, C_l, H/4, W/4), "dense": (B, D, h, w)}`` -> ``(B, D, H/4, W/4)``."""
+
+    def __init__(self, low_channels: int, embed_dim: int, channels: int = 64) -> None:
+        super().__init__()
+        self.reduce = _low_level_reduction(low_channels)
+        self.refine = nn.Sequential(
+            nn.Conv2d(embed_dim + _LOW_LEVEL_CHANNELS, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, embed_dim, 1))
+        nn.init.zeros_(self.refine[-1].weight)
+        nn.init.zeros_(self.refine[-1].bias)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        low = self.reduce(features["low"])
+        dense = F.interpolate(features["dense"], size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return dense + self.refine(torch.cat([dense, low], dim=1))
+
+
+def _conv_from_linear(linear: nn.Linear) -> nn.Conv2d:
+    conv = nn.Conv2d(linear.in_features, linear.out_features, 1)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.float()[:, :, None, None])
+        conv.bias.copy_(linear.bias.float())
+    return conv
 
 
 class SegmentationTarget(nn.Module):
@@ -278,11 +327,12 @@ def build_target(config: TargetConfig, class_embeddings: torch.Tensor, class_of_
     """
     if config.backbone == "clip":
         visual = _clip_visual(clip)
-        backbone = ClipTrunk(visual, config.output_stride)
         if config.backbone_weights is None:
-            for module in backbone.modules():
-                if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
+            visual = copy.deepcopy(visual)
+            for module in visual.modules():
+                if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
                     module.reset_parameters()
+        backbone = ClipTrunk(visual, config.output_stride, dense=config.head == "clip_dense")
         mean, std = clip.mean, clip.std
     else:
         backbone = ResNetTrunk(config.backbone, config.output_stride)
@@ -290,7 +340,9 @@ def build_target(config: TargetConfig, class_embeddings: torch.Tensor, class_of_
     if config.backbone_weights not in (None, "clip"):
         _load_backbone_weights(backbone, config.backbone_weights)
     embed_dim = class_embeddings.shape[1]
-    if config.head == "deeplabv2":
+    if config.head == "clip_dense":
+        head = ClipDenseHead(backbone.low_channels, embed_dim, config.head_channels)
+    elif config.head == "deeplabv2":
         head = DeepLabV2Head(backbone.high_channels, embed_dim, config.rates())
     else:
         head = DeepLabV3PlusHead(backbone.low_channels, backbone.high_channels, embed_dim, config.rates(),

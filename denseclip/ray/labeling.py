@@ -10,6 +10,7 @@ shards whose part is committed, so after ``kill -9`` at any moment every image e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 import pyarrow as pa
-import torch
 
 import ray
 from denseclip import storage
@@ -55,6 +55,7 @@ SLIDE_OPTIONS = ("crop_size", "crop_stride")
 # A batch whose actor dies is retried on a restarted actor this often; a batch that kills every actor it
 # meets fails the job instead of looping forever. Actors themselves restart without limit (lost nodes).
 MAX_TASK_RETRIES = 3
+BLOCK_BYTES = 1 << 20
 _NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 _NO_MAP = np.zeros((0, 0), dtype=np.uint8)
 _SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error)
@@ -79,10 +80,12 @@ class LabelingPlan:
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """Resources of the labeling stage: ``num_actors`` DenseCLIP actors with ``cpus_per_actor`` /
-    ``gpus_per_actor`` each, ``torch_threads`` per actor, and ``task_cpus`` per read/decode/encode task."""
+    """Resources of the labeling stage: between ``min_actors`` and ``num_actors`` DenseCLIP actors with
+    ``cpus_per_actor`` / ``gpus_per_actor`` each and ``torch_threads`` per actor, and ``task_cpus`` per
+    read/decode/encode task."""
 
     num_actors: int
+    min_actors: int
     cpus_per_actor: float
     gpus_per_actor: float
     task_cpus: float
@@ -149,11 +152,10 @@ def prepare_labeling(
         if overwrite:
             _clear_store(output, storage_options)
         store = MaskStore(output, **storage_options)
-        existing = store.provenance
-        if existing is not None and _differences(existing, provenance):
-            raise LabelingError(
-                f"output {output} holds masks of another run (differs in {', '.join(_differences(existing, provenance))}); "
-                "pass --overwrite to replace them or choose another --output")
+        changed = _differences(store.provenance or provenance, provenance)
+        if changed:
+            raise LabelingError(f"output {output} holds masks of another run (differs in {', '.join(changed)}); "
+                                "pass --overwrite to replace them or choose another --output")
         committed = store.committed_parts()
         write_summary(output, {"status": "running", "input": input, "shards": len(shards)}, storage_options)
     except OSError as exc:
@@ -165,30 +167,34 @@ def prepare_labeling(
 def plan_actors(
     cluster: dict[str, float], device: str, num_actors: int | None = None, cpus_per_actor: float | None = None
 ) -> ActorPlan:
-    """Size the labeling stage from the cluster's resources (``ray.cluster_resources()``).
+    """Size the labeling stage from the cluster's resources now (``ray.cluster_resources()``).
 
     Defaults: one actor per GPU when ``device`` is cuda, else one per CPU; actors reserve at most half the CPUs
     (fractional reservations are fine) so read, decode and encode tasks always find room: an actor pool that
-    reserves every CPU starves the tasks feeding it and Ray waits forever.
+    reserves every CPU starves the tasks feeding it and Ray waits forever. A GPU pool larger than the GPUs
+    present starts small and grows as an autoscaling cluster adds GPU nodes.
     """
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     if device.startswith("cuda"):
-        if gpus < 1:
-            raise LabelingError(f"labeler.device: {device} asked for, but the Ray cluster has no GPU")
+        if not num_actors and gpus < 1:
+            raise LabelingError(f"labeler.device: {device} asked for, but the Ray cluster has no GPU now: "
+                                "give num_actors to let an autoscaling cluster add GPU nodes")
         num_actors = num_actors or int(gpus)
-        gpus_per_actor = min(1.0, gpus / num_actors)
+        min_actors = max(1, min(num_actors, int(gpus)))
+        gpus_per_actor = 1.0
     else:
         num_actors = num_actors or max(1, int(cpus))
+        min_actors = num_actors
         gpus_per_actor = 0.0
     if cpus_per_actor is None:
         cpus_per_actor = min(1.0, cpus / (2 * num_actors))
     reserved = num_actors * cpus_per_actor
-    if cpus_per_actor <= 0 or reserved >= cpus:
+    if gpus_per_actor == 0 and reserved >= cpus:
         raise LabelingError(
             f"num_actors x cpus_per_actor = {num_actors} x {cpus_per_actor:g} CPUs leaves none of the cluster's "
             f"{cpus:g} CPUs for reading and decoding (Ray would wait forever): use fewer or smaller actors")
-    task_cpus = min(1.0, (cpus - reserved) / 4)
-    return ActorPlan(num_actors, cpus_per_actor, gpus_per_actor, task_cpus, max(1, int(cpus_per_actor)))
+    task_cpus = min(1.0, max(cpus - reserved, cpus / 2) / 4)
+    return ActorPlan(num_actors, min_actors, cpus_per_actor, gpus_per_actor, task_cpus, max(1, int(cpus_per_actor)))
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -215,14 +221,13 @@ def _sample_row(sample: dict, seen: set[str]) -> dict:
     return row
 
 
-def read_shard_rows(item: dict, storage_options: dict | None = None) -> Iterator[dict]:
-    """The rows of the shard ``item["shard"]``: ``{"key", "shard", "data" (image bytes), "error" (str, ""
-    when usable), "shard_total"}``. The shard's last row carries ``shard_total`` = the shard's number of rows
-    (0 on the others), which tells the committer when a shard is complete, whatever order rows arrive in.
+def read_shard_rows(shard: str, storage_options: dict | None = None) -> Iterator[dict]:
+    """The rows of one shard: ``{"key", "shard", "data" (image bytes), "error" (str, "" when usable),
+    "shard_total"}``. The shard's last row carries ``shard_total`` = the shard's number of rows (0 on the
+    others), which tells the committer when a shard is complete, whatever order rows arrive in.
 
     A shard whose tar is corrupt yields the samples before the damage plus one error row with an empty key.
     """
-    shard = item["shard"]
     seen: set[str] = set()
     previous, count = None, 0
     try:
@@ -245,6 +250,26 @@ def _objects(values: list) -> np.ndarray:
     for i, value in enumerate(values):
         out[i] = value
     return out
+
+
+def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    return {name: np.array([r[name] for r in rows], dtype=np.int64) if name == "shard_total"
+            else _objects([r[name] for r in rows]) for name in rows[0]}
+
+
+def read_shards(batch: dict[str, np.ndarray], storage_options: dict | None = None,
+                batch_size: int = 32) -> Iterator[dict[str, np.ndarray]]:
+    """The read stage: the rows (:func:`read_shard_rows`) of each shard URL in ``batch["shard"]``, in
+    batches of ``batch_size`` rows."""
+    for shard in batch["shard"]:
+        rows = []
+        for row in read_shard_rows(shard, storage_options):
+            rows.append(row)
+            if len(rows) == batch_size:
+                yield _columns(rows)
+                rows = []
+        if rows:
+            yield _columns(rows)
 
 
 def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -272,6 +297,8 @@ class Labeler:
     """
 
     def __init__(self, config: LabelerConfig, classes: list[list[str]], torch_threads: int = 1):
+        import torch  # here, not at the top: the read/decode/encode task workers never need torch
+
         torch.set_num_threads(torch_threads)
         self.dense_clip = config.build(classes)
         self.fingerprint = self.dense_clip.clip.fingerprint
@@ -379,14 +406,19 @@ class ShardCommitter:
 def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[str]], actors: ActorPlan):
     """The Ray Data pipeline over ``plan.todo``, lazily: encoded rows ready to commit."""
     shards = ray.data.from_items([{"shard": s} for s in plan.todo], override_num_blocks=len(plan.todo))
-    samples = shards.flat_map(read_shard_rows, fn_kwargs={"storage_options": plan.storage_options},
-                              num_cpus=actors.task_cpus)
-    images = samples.map_batches(decode_batch, batch_size=config.batch_size, num_cpus=actors.task_cpus)
+    # Small blocks, which the actor pool bundles back into batches: an actor task takes whole blocks, so
+    # shard-sized blocks would leave actors idle while one works through a shard, above all at the end of a run.
+    shards.context.target_max_block_size = BLOCK_BYTES
+    # Reading is a map_batches (not a flat_map) so that Ray fuses reading and decoding into one task per shard;
+    # decode takes the read batches as they come (a batch_size here would bundle several shards into a task).
+    samples = shards.map_batches(read_shards, batch_size=1, num_cpus=actors.task_cpus,
+                                 fn_kwargs={"storage_options": plan.storage_options, "batch_size": config.batch_size})
+    images = samples.map_batches(decode_batch, batch_size=None, num_cpus=actors.task_cpus)
     labelled = images.map_batches(
         Labeler,
         fn_constructor_kwargs={"config": config, "classes": classes, "torch_threads": actors.torch_threads},
         batch_size=config.batch_size,
-        compute=ActorPoolStrategy(size=actors.num_actors),
+        compute=ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.num_actors),
         num_cpus=actors.cpus_per_actor,
         num_gpus=actors.gpus_per_actor,
         max_restarts=-1,
@@ -395,24 +427,35 @@ def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[
     return labelled.map_batches(encode_batch, batch_size=config.batch_size, num_cpus=actors.task_cpus)
 
 
-def label_shards(plan: LabelingPlan, config: LabelerConfig, classes: list[list[str]], actors: ActorPlan) -> dict:
-    """Run the pipeline on a connected Ray cluster, commit every remaining shard, and return the summary
-    (also written as ``summary.json``): images labelled, errors, images/s, wall time, shards."""
+def label_shards(
+    plan: LabelingPlan,
+    config: LabelerConfig,
+    classes: list[list[str]],
+    *,
+    address: str | None = None,
+    num_actors: int | None = None,
+    cpus_per_actor: float | None = None,
+) -> dict:
+    """Label and commit every remaining shard of ``plan`` on Ray (see :func:`ray_cluster` for ``address``;
+    :func:`plan_actors` for the pool) and return the summary, also written as ``summary.json``: images
+    labelled, errors, images/s and wall time of this run (Ray's start included), shards."""
     start = time.perf_counter()
     committer = ShardCommitter(plan)
+    actors = None
     if plan.todo:
-        for batch in build_dataset(plan, config, classes, actors).iter_batches(batch_size=None,
-                                                                               batch_format="pyarrow"):
-            committer.add(batch)
-        committer.finish()
+        with ray_cluster(address):
+            actors = plan_actors(ray.cluster_resources(), config.device, num_actors, cpus_per_actor)
+            dataset = build_dataset(plan, config, classes, actors)
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                committer.add(batch)
+            committer.finish()
     wall = time.perf_counter() - start
     summary = {
         "status": "succeeded", "output": plan.output, "images_labelled": committer.images,
-        "errors": committer.errors, "images_per_s": round(committer.images / wall, 2) if wall > 0 else None,
+        "errors": committer.errors, "images_per_s": round(committer.images / wall, 2),
         "wall_time_s": round(wall, 2), "shards": len(plan.shards),
         "shards_already_committed": len(plan.shards) - len(plan.todo), "shards_committed": committer.parts,
-        "actors": {"num_actors": actors.num_actors, "cpus_per_actor": actors.cpus_per_actor,
-                   "gpus_per_actor": actors.gpus_per_actor},
+        "actors": dataclasses.asdict(actors) if actors else None,
     }
     write_summary(plan.output, summary, plan.storage_options)
     return summary

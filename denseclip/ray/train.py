@@ -1,0 +1,632 @@
+"""DenseCLIP+ on Ray Train: the paper's Algorithm 1 (guided learning on DenseCLIP pseudo labels for N_g steps,
+then optional self-training) as a ``TorchTrainer`` job over WebDataset shards, with periodic checkpoints,
+recovery from worker failures, and an evaluation on validation shards written next to the final checkpoint.
+
+    shards -> read + decode (Ray Data tasks) -> get_dataset_shard -> augment -> make_targets -> DDP train_step
+    every N steps: report metrics (+ a checkpoint); at the end: evaluate -> report.json + the final checkpoint
+
+A run is one validated :class:`TrainJob` (the YAML specs in ``jobs/train_*.yaml``); the method's pieces
+(target network, pseudo labels, losses, schedule) come from ``denseclip.plus``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import ray
+import ray.train.torch
+from denseclip import storage
+from denseclip.config import ConfigError, LabelerConfig
+from denseclip.datasets import DATASET_NAMES, DatasetInfo, get_dataset
+from denseclip.mask_store import MaskStore
+from denseclip.metrics import ConfusionMatrix, summarize
+from denseclip.models import load_clip
+from denseclip.plus.pseudo_labels import DenseCLIPTeacher
+from denseclip.plus.target import SegmentationTarget, TargetConfig, build_target
+from denseclip.plus.training import (
+    Batch,
+    TrainingConfig,
+    augment,
+    build_optimizer,
+    collate,
+    in_self_training,
+    make_targets,
+    set_learning_rate,
+    train_step,
+)
+from denseclip.ray.train_data import read_samples
+from denseclip.report import write_report
+from denseclip.shards import expand_shards
+from ray.train.torch import TorchTrainer
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "training_state.pt"
+META_FILE = "checkpoint.json"
+REPORT_FILE = "report.json"
+EVAL_BATCH = 16
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+# ---------------------------------------------------------------------------------------------- job spec
+@dataclass
+class DataSpec:
+    """Where the images come from.
+
+    Attributes:
+        train, val: WebDataset shards (folder, glob, ``.tar`` or a list; local or fsspec URLs) with ``jpg``
+            (or ``png``) images and ``seg.png`` ground truth (needed for val and the zero-shot setting).
+        mask_store: the Parquet mask store of ``pipelines/label.py``, for
+            ``training.pseudo_labels: precomputed``.
+        materialize: decode both sets once into Ray's object store instead of on every pass (small sets only).
+        shuffle_buffer: rows in each worker's local shuffle buffer (0: no shuffling).
+    """
+
+    train: str | list[str] = ""
+    val: str | list[str] = ""
+    mask_store: str | None = None
+    materialize: bool = False
+    shuffle_buffer: int = 256
+
+
+@dataclass
+class WorkerSpec:
+    """The ``ScalingConfig``: ``num_workers`` training workers with ``cpus_per_worker`` each (fractional on
+    small machines, so Ray Data's read tasks of ``data_cpus`` CPUs still find room), one GPU each with
+    ``use_gpu``."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    data_cpus: float = 1.0
+
+
+@dataclass
+class RunSpec:
+    """The ``RunConfig``: run ``name`` under ``storage_path`` (local or ``s3://``; re-running the same name
+    resumes from its latest checkpoint), ``max_failures`` worker-group restarts, a checkpoint every
+    ``checkpoint_every`` steps (the newest ``keep_checkpoints`` kept), metrics every ``log_every`` steps, and
+    ``resume_from``: a checkpoint folder (of any run) to continue from when this run has none of its own."""
+
+    name: str = ""
+    storage_path: str = "runs/train"
+    max_failures: int = 2
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    resume_from: str | None = None
+
+
+@dataclass
+class EvaluationSpec:
+    """Validation: every ``every`` steps (0: only at the end; with self-training also at N_g, where the drift
+    starts), the DenseCLIP teacher scored on the same images when ``teacher``, ``num_overlays`` pictures."""
+
+    every: int = 0
+    teacher: bool = True
+    num_overlays: int = 6
+
+
+@dataclass
+class TrainJob:
+    """One DenseCLIP+ training job: dataset (vocabulary and zero-shot split), data, the DenseCLIP teacher
+    (``labeler``), the method and schedule (``training``), workers, run and evaluation."""
+
+    dataset: str
+    data: DataSpec
+    labeler: LabelerConfig
+    training: TrainingConfig
+    workers: WorkerSpec = field(default_factory=WorkerSpec)
+    run: RunSpec = field(default_factory=RunSpec)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> TrainJob:
+        """Build and validate from a parsed YAML spec; raises ``ConfigError`` naming the first bad field."""
+        if not isinstance(spec, dict):
+            raise ConfigError(f"job spec: must be a mapping of sections, got {type(spec).__name__}")
+        sections = {"dataset", "data", "labeler", "training", "workers", "run", "evaluation"}
+        unknown = sorted(set(spec) - sections)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(sorted(sections))})")
+        for name in sections - {"dataset"}:
+            if not isinstance(spec.get(name, {}), dict):
+                raise ConfigError(f"{name}: must be a mapping, got {spec[name]!r}")
+        job = cls(dataset=spec.get("dataset", ""),
+                  data=_section(DataSpec, spec.get("data", {}), "data"),
+                  labeler=LabelerConfig.from_dict(spec.get("labeler", {}), "labeler"),
+                  training=TrainingConfig.from_dict(spec.get("training", {}), "training"),
+                  workers=_section(WorkerSpec, spec.get("workers", {}), "workers"),
+                  run=_section(RunSpec, spec.get("run", {}), "run"),
+                  evaluation=_section(EvaluationSpec, spec.get("evaluation", {}), "evaluation"))
+        job.validate()
+        return job
+
+    def validate(self) -> None:
+        if self.dataset not in DATASET_NAMES:
+            raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} (got {self.dataset!r})")
+        data, workers, run, evaluation = self.data, self.workers, self.run, self.evaluation
+        for name in ("train", "val"):
+            value = getattr(data, name)
+            values = [value] if isinstance(value, str) else value
+            if not (values and isinstance(values, list) and all(isinstance(v, str) and v for v in values)):
+                _fail("data", name, value, "must be a shard path, glob or folder, or a list of them")
+        if self.training.pseudo_labels == "precomputed" and not data.mask_store:
+            _fail("data", "mask_store", data.mask_store, "is needed with training.pseudo_labels: precomputed")
+        _require(data.mask_store is None or isinstance(data.mask_store, str), "data", "mask_store",
+                 data.mask_store, "must be the mask store's folder or URL")
+        for section, name in (("data", "materialize"), ("workers", "use_gpu"), ("evaluation", "teacher")):
+            value = getattr(getattr(self, section), name)
+            _require(isinstance(value, bool), section, name, value, "must be true or false")
+        _require(_natural(data.shuffle_buffer, zero=True), "data", "shuffle_buffer", data.shuffle_buffer,
+                 "must be an integer >= 0")
+        _require(_natural(workers.num_workers), "workers", "num_workers", workers.num_workers,
+                 "must be a positive integer")
+        for name in ("cpus_per_worker", "data_cpus"):
+            value = getattr(workers, name)
+            _require(_number(value) and value > 0, "workers", name, value, "must be a number > 0")
+        if self.training.batch_size % workers.num_workers:
+            _fail("training", "batch_size", self.training.batch_size,
+                  f"must be a multiple of workers.num_workers={workers.num_workers} (images per worker)")
+        _require(isinstance(run.name, str) and bool(_RUN_NAME.match(run.name)), "run", "name", run.name,
+                 "must be letters, digits and _ . - (it names the run's folder)")
+        _require(isinstance(run.storage_path, str) and bool(run.storage_path), "run", "storage_path",
+                 run.storage_path, "must be a local folder or a URL like s3://bucket/prefix")
+        for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
+            value = getattr(run, name)
+            _require(_natural(value), "run", name, value, "must be a positive integer")
+        _require(isinstance(run.max_failures, int) and run.max_failures >= -1, "run", "max_failures",
+                 run.max_failures, "must be an integer >= -1 (-1: retry forever)")
+        _require(run.resume_from is None or (isinstance(run.resume_from, str) and bool(run.resume_from)),
+                 "run", "resume_from", run.resume_from, "must be a checkpoint folder or null")
+        for name in ("every", "num_overlays"):
+            value = getattr(evaluation, name)
+            _require(_natural(value, zero=True), "evaluation", name, value, "must be an integer >= 0")
+
+    def to_dict(self) -> dict:
+        """The spec as plain data (what ``from_dict`` reads back)."""
+        out = dataclasses.asdict(self)
+        out["labeler"].pop("extra")
+        return out
+
+    @property
+    def info(self) -> DatasetInfo:
+        return get_dataset(self.dataset)
+
+    def validation_steps(self) -> list[int]:
+        """Steps (counted from 1) after which the target is scored on the validation set; the last is the
+        end."""
+        total, every = self.training.iterations, self.evaluation.every
+        steps = set(range(every, total, every)) if every else set()
+        if self.training.self_training and 0 < self.training.num_guided < total:
+            steps.add(self.training.num_guided)
+        return sorted(steps | {total})
+
+
+def _section(cls, values: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
+    return cls(**values)
+
+
+def _fail(section: str, name: str, value, problem: str) -> None:
+    raise ConfigError(f"{section}.{name}: {problem} (got {value!r})")
+
+
+def _require(ok: bool, section: str, name: str, value, problem: str) -> None:
+    if not ok:
+        _fail(section, name, value, problem)
+
+
+def _natural(value, zero: bool = False) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if zero else value > 0)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_inputs(job: TrainJob) -> None:
+    """Check what the job reads before any cluster work: the shards exist, the mask store holds masks of this
+    dataset's vocabulary, ``run.resume_from`` is a checkpoint of the same target. Raises ``ConfigError``."""
+    for name in ("train", "val"):
+        try:
+            expand_shards(getattr(job.data, name))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"data.{name}: {exc}") from exc
+    if job.training.pseudo_labels == "precomputed":
+        provenance = MaskStore(job.data.mask_store).provenance
+        if provenance is None:
+            _fail("data", "mask_store", job.data.mask_store, "holds no committed masks")
+        vocabulary = provenance.get("vocabulary")
+        if vocabulary is not None and vocabulary != [list(c) for c in job.info.classes]:
+            _fail("data", "mask_store", job.data.mask_store, f"was labelled with another vocabulary than the "
+                  f"{job.dataset} classes (its label ids would mean other classes)")
+    if job.run.resume_from:
+        try:
+            meta = read_checkpoint_meta(job.run.resume_from)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"run.resume_from: not a DenseCLIP+ checkpoint ({exc})") from exc
+        ours = _target_dict(job.training.target)
+        changed = sorted(k for k in ours if k != "backbone_weights" and meta["target"].get(k) != ours[k])
+        if changed or meta["class_names"] != job.info.class_names:
+            _fail("run", "resume_from", job.run.resume_from, "holds another target network (differs in "
+                  f"{', '.join(changed) or 'classes'}) than training.target")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def build_datasets(job: TrainJob) -> dict[str, ray.data.Dataset]:
+    """The ``train`` and ``val`` Ray datasets of decoded rows (see ``train_data.decode_training_sample``)."""
+
+    def read(shards: str | list[str], with_label: bool, mask_store: str | None) -> ray.data.Dataset:
+        urls = expand_shards(shards)
+        items = ray.data.from_items([{"shard": url} for url in urls], override_num_blocks=len(urls))
+        return items.flat_map(read_samples, num_cpus=job.workers.data_cpus,
+                              fn_kwargs={"num_classes": job.info.num_classes, "with_label": with_label,
+                                         "mask_store": mask_store})
+
+    precomputed = job.training.pseudo_labels == "precomputed"
+    datasets = {"train": read(job.data.train, job.training.setting == "zero_shot",
+                              job.data.mask_store if precomputed else None),
+                "val": read(job.data.val, True, None)}
+    return {name: ds.materialize() for name, ds in datasets.items()} if job.data.materialize else datasets
+
+
+def training_batch(rows: dict[str, np.ndarray], rng: np.random.Generator, config: TrainingConfig) -> Batch:
+    """Rows of one worker's step -> the augmented batch ``denseclip.plus.training`` expects."""
+    samples = []
+    for i in range(len(rows["key"])):
+        image = torch.from_numpy(np.ascontiguousarray(rows["image"][i])).permute(2, 0, 1).float() / 255
+        maps = {}
+        for name in ("label", "pseudo_label", "pseudo_confidence"):
+            if name in rows:
+                tensor = torch.from_numpy(np.ascontiguousarray(rows[name][i]))
+                maps[name] = tensor if tensor.is_floating_point() else tensor.long()
+        samples.append(augment(image, maps, rng, config))
+    return collate(samples)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _target_dict(target: TargetConfig) -> dict:
+    out = dataclasses.asdict(target)
+    out["aspp_rates"] = None if target.aspp_rates is None else list(target.aspp_rates)
+    return out
+
+
+def save_checkpoint(directory: str, model: SegmentationTarget, optimizer: torch.optim.Optimizer, step: int,
+                    job: TrainJob, history: dict) -> None:
+    """Write a checkpoint folder: ``model.safetensors`` (the target's weights), ``training_state.pt``
+    (optimizer and step, read back with ``weights_only=True``) and ``checkpoint.json`` (what the network is,
+    the job, ``history`` = the training log and validation records so far)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(state, os.path.join(directory, MODEL_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(directory, STATE_FILE))
+    meta = {"step": step, "dataset": job.dataset, "class_names": list(job.info.class_names),
+            "clip_model": job.labeler.model, "target": _target_dict(job.training.target),
+            "job": job.to_dict(), **history}
+    with open(os.path.join(directory, META_FILE), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+
+
+def read_checkpoint_meta(path: str) -> dict:
+    """``checkpoint.json`` of the checkpoint folder ``path`` (local or fsspec URL)."""
+    return json.loads(storage.read_bytes(storage.join(path, META_FILE)))
+
+
+def load_target_checkpoint(path: str, device: str | torch.device = "cpu") -> SegmentationTarget:
+    """The trained target network of the checkpoint folder ``path`` (local or fsspec URL), in eval mode, ready
+    for ``predict`` / ``label_images``. Its architecture comes from ``checkpoint.json``; no CLIP weights are
+    read."""
+    meta = read_checkpoint_meta(path)
+    target = dict(meta["target"], backbone_weights=None)
+    target["aspp_rates"] = None if target["aspp_rates"] is None else tuple(target["aspp_rates"])
+    state = safetensors.torch.load(storage.read_bytes(storage.join(path, MODEL_FILE)))
+    config = TargetConfig(**target)
+    clip = load_clip(meta["clip_model"], "random") if config.backbone == "clip" else None
+    model = build_target(config, state["classifier.embeddings"], state["classifier.class_of_name"], clip=clip)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
+
+
+def restore_checkpoint(path: str, model: SegmentationTarget,
+                       optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Load weights and optimizer state from the checkpoint folder ``path`` (local or fsspec URL); returns
+    ``(step, history)``."""
+    device = model.mean.device
+    state = safetensors.torch.load(storage.read_bytes(storage.join(path, MODEL_FILE)))
+    model.load_state_dict(state, strict=True)
+    training = torch.load(io.BytesIO(storage.read_bytes(storage.join(path, STATE_FILE))), map_location=device,
+                          weights_only=True)
+    optimizer.load_state_dict(training["optimizer"])
+    meta = read_checkpoint_meta(path)
+    return training["step"], {"log": meta.get("log", []), "validation": meta.get("validation", [])}
+
+
+# ---------------------------------------------------------------------------------------------- worker
+@dataclass
+class StepContext:
+    """What a step callback sees on each worker, after the targets are made and before the optimizer step.
+
+    ``batch``: the augmented batch (``image (B, 3, c, c)`` ...); ``targets``: ``(B, c, c)`` int64,
+    255 = ignored, exactly what the loss is given; ``step`` counts from 0."""
+
+    step: int
+    rank: int
+    world_size: int
+    phase: str
+    batch: Batch
+    targets: torch.Tensor
+
+
+StepCallback = Callable[[StepContext], None]
+
+
+@dataclass
+class _Worker:
+    """Everything one training worker holds."""
+
+    job: TrainJob
+    rank: int
+    world_size: int
+    device: torch.device
+    teacher: DenseCLIPTeacher
+    model: SegmentationTarget  # the network itself (saved, used for pseudo labels and evaluation)
+    trained: nn.Module  # the same network under DistributedDataParallel when there are several workers
+    optimizer: torch.optim.Optimizer
+
+
+def _setup_worker(job: TrainJob) -> _Worker:
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, round(job.workers.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    predictor = dataclasses.replace(job.labeler, device=str(device)).build(job.info.classes)
+    torch.manual_seed(job.training.seed)
+    model = build_target(job.training.target, predictor.name_embeddings, predictor.class_of_name,
+                         clip=predictor.clip)
+    if job.workers.use_gpu and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    optimizer = build_optimizer(model, job.training)
+    return _Worker(job, rank, world_size, device, DenseCLIPTeacher(predictor), model, model, optimizer)
+
+
+def _batches(shard, batch_size: int, shuffle_buffer: int) -> Iterator[dict[str, np.ndarray]]:
+    """Endless ``batch_size``-row batches of a worker's split, epoch after epoch. Splits are equal and partial
+    batches dropped, so all workers start each epoch at the same step (Ray Data waits for all of them)."""
+    while True:
+        empty = True
+        for rows in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                       local_shuffle_buffer_size=shuffle_buffer or None):
+            empty = False
+            yield rows
+        if empty:
+            raise ValueError(f"a worker's share of data.train holds fewer than {batch_size} usable images "
+                             "(training.batch_size / workers.num_workers)")
+
+
+def _on_this_worker(key: str, worker: _Worker) -> bool:
+    return zlib.crc32(key.encode()) % worker.world_size == worker.rank
+
+
+def evaluate_split(label_fn: Callable[[list[np.ndarray]], list[np.ndarray]], worker: _Worker,
+                   num_overlays: int) -> tuple[ConfusionMatrix, list]:
+    """Score ``label_fn`` (uint8 (H, W, 3) images -> (H, W) label maps) on this worker's part of the
+    validation set (keys hashed over the workers, so every image is scored exactly once) and sum the confusion
+    matrices of all workers. Returns ``(matrix of the whole set, up to num_overlays (key, image, gt, pred) of
+    this worker)``."""
+    info = worker.job.info
+    conf = ConfusionMatrix(info.num_classes, info.ignore_index)
+    samples = []
+    for rows in ray.train.get_dataset_shard("val").iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"):
+        mine = [i for i, key in enumerate(rows["key"]) if _on_this_worker(str(key), worker)]
+        predictions = label_fn([np.array(rows["image"][i]) for i in mine]) if mine else []
+        for i, pred in zip(mine, predictions):
+            conf.update(pred, rows["label"][i], str(rows["key"][i]))
+            if len(samples) < num_overlays:
+                samples.append((str(rows["key"][i]), rows["image"][i], rows["label"][i], pred))
+    if worker.world_size > 1:
+        counts = torch.from_numpy(np.append(conf.matrix.ravel(), conf.num_images)).to(worker.device)
+        dist.all_reduce(counts)
+        counts = counts.cpu().numpy()
+        conf.matrix, conf.num_images = counts[:-1].reshape(conf.matrix.shape), int(counts[-1])
+    return conf, samples
+
+
+def _summary(conf: ConfusionMatrix, job: TrainJob) -> dict:
+    info = job.info
+    ignore = ([info.class_names[info.background_index]]
+              if job.training.setting == "zero_shot" and info.ignore_background_in_zero_shot else [])
+    return summarize(conf, info.class_names, unseen=info.unseen, ignore_classes=ignore)
+
+
+def _labels_of(labeler) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    return lambda images: [labels for labels, _ in labeler.label_images(images)]
+
+
+def _report(worker: _Worker, metrics: dict, step: int, history: dict, final: dict | None = None,
+            with_checkpoint: bool = True) -> None:
+    """``ray.train.report`` on every worker (it is a barrier); with a checkpoint, rank 0 attaches it, and with
+    ``final`` = ``{"summary", "conf", "samples"}`` the evaluation report next to it."""
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        if worker.rank == 0:
+            save_checkpoint(directory, worker.model, worker.optimizer, step, worker.job, history)
+            if final is not None:
+                info = worker.job.info
+                write_report(directory, final["summary"], final["conf"], info.class_names, info.palette,
+                             final["samples"])
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if worker.rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{step:06d}")
+
+
+def _resume(worker: _Worker) -> tuple[int, dict, bool]:
+    """Continue from this run's latest checkpoint (after a failure or a re-run), else from
+    ``run.resume_from``. Returns ``(first step, history, finished)``; ``finished``: this run's final
+    checkpoint already exists."""
+    own = ray.train.get_checkpoint()
+    if own is not None:
+        with own.as_directory() as directory:
+            step, history = restore_checkpoint(directory, worker.model, worker.optimizer)
+            finished = os.path.exists(os.path.join(directory, REPORT_FILE))
+    elif worker.job.run.resume_from:
+        step, history = restore_checkpoint(worker.job.run.resume_from, worker.model, worker.optimizer)
+        finished = False
+    else:
+        return 0, {"log": [], "validation": []}, False
+    log.info("rank %d resumes at step %d", worker.rank, step)
+    return step, history, finished
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The ``TorchTrainer`` loop: ``config = {"job": TrainJob, "callbacks": [StepCallback, ...]}``."""
+    job: TrainJob = config["job"]
+    callbacks: Sequence[StepCallback] = config.get("callbacks", ())
+    training, info = job.training, job.info
+    worker = _setup_worker(job)
+    start, history, finished = _resume(worker)
+    if finished:
+        return
+    if worker.world_size > 1:
+        worker.trained = ray.train.torch.prepare_model(worker.model, move_to_device=False)
+    batches = _batches(ray.train.get_dataset_shard("train"), training.batch_size // worker.world_size,
+                       job.data.shuffle_buffer)
+    validation_steps = job.validation_steps()
+    losses: list[float] = []
+    for step in range(start, training.iterations):
+        rng = np.random.default_rng([training.seed, worker.rank, step])
+        batch = {k: v.to(worker.device) for k, v in training_batch(next(batches), rng, training).items()}
+        lr = set_learning_rate(worker.optimizer, step, training)
+        targets = make_targets(batch, step, training, worker.model, worker.teacher, info.unseen_ids)
+        phase = "self_training" if in_self_training(step, training) else "guided"
+        for callback in callbacks:
+            callback(StepContext(step, worker.rank, worker.world_size, phase, batch, targets))
+        losses.append(train_step(worker.trained, worker.optimizer, batch, targets))
+        done = step + 1
+        metrics = {}
+        if done % job.run.log_every == 0 or done == training.iterations:
+            metrics = {"step": done, "phase": phase, "lr": lr, "loss": _mean_over_workers(losses, worker)}
+            history["log"].append(metrics)
+            losses = []
+        if done == training.iterations:
+            break
+        if done in validation_steps:
+            conf, _ = evaluate_split(_labels_of(worker.model), worker, 0)
+            record = {"step": done, "phase": phase, **_headline(_summary(conf, job))}
+            history["validation"].append(record)
+            metrics = {**metrics, "step": done, **{f"val_{k}": v for k, v in record.items() if k != "step"}}
+        with_checkpoint = done % job.run.checkpoint_every == 0
+        if metrics or with_checkpoint:
+            _report(worker, metrics or {"step": done}, done, history, with_checkpoint=with_checkpoint)
+    batches.close()
+    _finish(worker, history, max(start, training.iterations))
+
+
+def _mean_over_workers(losses: list[float], worker: _Worker) -> float:
+    value = torch.tensor(float(np.mean(losses)), dtype=torch.float64, device=worker.device)
+    if worker.world_size > 1:
+        dist.all_reduce(value)
+    return float(value) / worker.world_size
+
+
+def _headline(summary: dict) -> dict:
+    return {k: summary[k] for k in ("miou", "miou_seen", "miou_unseen", "hiou", "pixel_accuracy")}
+
+
+def _finish(worker: _Worker, history: dict, step: int) -> None:
+    """Evaluate the final target (and the teacher); report the final checkpoint, ``report.json`` beside it."""
+    job = worker.job
+    conf, samples = evaluate_split(_labels_of(worker.model), worker, job.evaluation.num_overlays)
+    summary = _summary(conf, job)
+    history["validation"].append({"step": step, "phase": "final", **_headline(summary)})
+    report = {**summary, "dataset": job.dataset, "method": _method_name(job.training), "inputs": _inputs(job),
+              "validation": history["validation"], "training_log": history["log"]}
+    if job.evaluation.teacher:
+        teacher_conf, _ = evaluate_split(_labels_of(worker.teacher.predictor), worker, 0)
+        report["denseclip"] = _summary(teacher_conf, job)
+    metrics = {"step": step, "phase": "final", **{f"val_{k}": v for k, v in _headline(summary).items()}}
+    _report(worker, metrics, step, history, final={"summary": report, "conf": conf, "samples": samples})
+
+
+def _method_name(training: TrainingConfig) -> str:
+    return f"denseclip_plus_{training.setting}" + ("_self_training" if training.self_training else "")
+
+
+def _inputs(job: TrainJob) -> dict:
+    return {"train": job.data.train, "val": job.data.val, "setting": job.training.setting,
+            "pseudo_labels": job.training.pseudo_labels, "self_training": job.training.self_training,
+            "iterations": job.training.iterations, "guided_iterations": job.training.num_guided,
+            "teacher": f"{job.labeler.model}/{job.labeler.pretrained or 'default'}",
+            "target": f"{job.training.target.head}-{job.training.target.backbone}",
+            "workers": job.workers.num_workers}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+@dataclass
+class TrainResult:
+    """A finished run: the final checkpoint folder (local path or URL), its ``report.json``, the last
+    metrics."""
+
+    checkpoint: str
+    report: dict
+    metrics: dict
+
+
+def build_trainer(job: TrainJob, callbacks: Sequence[StepCallback] = ()) -> TorchTrainer:
+    """The ``TorchTrainer`` of ``job`` on the connected Ray cluster (checking that the workers leave CPUs for
+    Ray Data)."""
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    reserved = job.workers.num_workers * job.workers.cpus_per_worker
+    if reserved + job.workers.data_cpus > cpus:
+        raise ConfigError(
+            f"workers: {job.workers.num_workers} x {job.workers.cpus_per_worker:g} CPUs for training plus "
+            f"{job.workers.data_cpus:g} for reading leave nothing of the cluster's {cpus:g} CPUs (Ray would "
+            "wait forever): lower workers.cpus_per_worker or workers.data_cpus")
+    storage_path = job.run.storage_path
+    if storage.is_local(storage_path):
+        storage_path = os.path.abspath(storage_path)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job, "callbacks": list(callbacks)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.workers.num_workers, use_gpu=job.workers.use_gpu,
+            resources_per_worker={"CPU": job.workers.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=job.run.name, storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints)),
+        datasets=build_datasets(job),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def run_training(job: TrainJob, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
+    """Train on the connected Ray cluster and return the final checkpoint and its report."""
+    result = build_trainer(job, callbacks).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {job.run.name} ended without a checkpoint")
+    path = result.checkpoint.path
+    if not storage.is_local(job.run.storage_path):
+        path = f"{job.run.storage_path.split('://')[0]}://{path}"
+    report = json.loads(storage.read_bytes(storage.join(path, REPORT_FILE)))
+    return TrainResult(path, report, dict(result.metrics or {}))

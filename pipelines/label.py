@@ -1,0 +1,160 @@
+"""Label WebDataset shards with DenseCLIP on Ray and write the Parquet mask store.
+
+    python pipelines/label.py --input 's3://bucket/shards/*.tar' --output s3://bucket/masks/ \\
+        --vocabulary coco_stuff --model RN50x16 --pretrained openai [--device cuda] [--config jobs/x.yaml]
+
+On a cluster: ``ray job submit --working-dir . -- python pipelines/label.py ...`` (every node needs this
+project's dependencies, e.g. the container image in infra/; object-store credentials and endpoints reach the
+workers as environment variables, e.g. ``--runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": "..."}}'``,
+or as node roles). Without ``--address`` or ``$RAY_ADDRESS`` a private local Ray is started and stopped.
+
+Flags override the job file (``jobs/*.yaml``: input, output, vocabulary, num_actors, cpus_per_actor and a
+``labeler:`` mapping of model and inference options). Re-running with the same output labels only the shards
+not yet committed; an output holding another model's or vocabulary's masks is refused unless ``--overwrite``.
+Prints a summary and writes it as ``summary.json`` next to the masks. Exit codes: 0 done (bad images are
+listed in the store's errors table), 1 the job failed while running, 2 a bad configuration, input or output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from denseclip.config import ConfigError, LabelerConfig, add_labeler_arguments, resolve_vocabulary
+from denseclip.datasets import DatasetError
+from denseclip.vocabulary import VocabularyError
+
+JOB_FIELDS = ("input", "output", "vocabulary", "num_actors", "cpus_per_actor", "labeler")
+LABELER_FIELDS = tuple(f.name for f in dataclasses.fields(LabelerConfig) if f.name != "extra")
+MAX_CLASSES = 255  # label maps are stored as 8-bit PNGs
+
+
+@dataclass
+class LabelJob:
+    """A validated job: where from, where to, which vocabulary (``classes``: names per class), how."""
+
+    input: str | list[str]
+    output: str
+    classes: list[list[str]]
+    labeler: LabelerConfig
+    num_actors: int | None
+    cpus_per_actor: float | None
+    overwrite: bool
+    address: str | None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="job file (YAML); flags override its values")
+    parser.add_argument("--input", help="shards: a path, glob, folder or URL (s3://bucket/shards/*.tar)")
+    parser.add_argument("--output", help="mask store root (a folder or URL)")
+    parser.add_argument("--vocabulary", help="dataset name (voc, context, coco_stuff, synthetic), classes file "
+                        "or comma-separated class names")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output written by another run")
+    parser.add_argument("--num-actors", type=int, help="labeler actors (default: one per GPU, else per CPU)")
+    parser.add_argument("--cpus-per-actor", type=float,
+                        help="CPUs each actor reserves, fractional allowed (default: half the CPUs shared out)")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    add_labeler_arguments(parser)
+    # Unset labeler flags stay None, so a job file's values are only overridden by flags actually given.
+    parser.set_defaults(**dict.fromkeys(LABELER_FIELDS))
+    return parser
+
+
+def _read_job_file(path: str) -> dict:
+    try:
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--config: cannot read job file {path!r}: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a job file must be a mapping of {', '.join(JOB_FIELDS)}")
+    unknown = sorted(set(spec) - set(JOB_FIELDS))
+    if unknown:
+        raise ConfigError(f"{path}: {unknown[0]}: unknown field (known: {', '.join(JOB_FIELDS)})")
+    if not isinstance(spec.get("labeler", {}), dict):
+        raise ConfigError(f"{path}: labeler: must be a mapping of {', '.join(LABELER_FIELDS)}")
+    return spec
+
+
+def load_job(args: argparse.Namespace) -> LabelJob:
+    """Merge the job file and the flags and validate everything; raises ConfigError naming the field."""
+    spec = _read_job_file(args.config) if args.config else {}
+    where = f"{args.config}: " if args.config else ""
+    file_labeler = spec.get("labeler") or {}
+    LabelerConfig.from_dict(file_labeler, where=f"{where}labeler")
+    flags = {name: getattr(args, name) for name in LABELER_FIELDS if getattr(args, name) is not None}
+    if flags.get("upsample_topk") == 0:
+        flags["upsample_topk"] = None  # --upsample-topk 0: upsample every class (exact)
+    labeler = LabelerConfig.from_dict({**file_labeler, **flags}, where="labeler")
+
+    values = {name: getattr(args, name) if getattr(args, name) is not None else spec.get(name)
+              for name in ("input", "output", "vocabulary", "num_actors", "cpus_per_actor")}
+    for name in ("input", "output", "vocabulary"):
+        if not values[name] or not isinstance(values[name], (str, list)):
+            raise ConfigError(f"{name}: required (--{name} or '{name}:' in the job file), got {values[name]!r}")
+    if not isinstance(values["output"], str):
+        raise ConfigError(f"output: must be one folder or URL, got {values['output']!r}")
+    for name, types in (("num_actors", int), ("cpus_per_actor", (int, float))):
+        value = values[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types) or value <= 0):
+            raise ConfigError(f"{name}: must be a positive {'integer' if types is int else 'number'}, got {value!r}")
+    try:
+        classes = resolve_vocabulary(values["vocabulary"])
+    except (VocabularyError, DatasetError, OSError) as exc:
+        raise ConfigError(f"vocabulary: {exc}") from exc
+    if len(classes) + (labeler.background_threshold is not None) > MAX_CLASSES:
+        raise ConfigError(f"vocabulary: {len(classes)} classes do not fit 8-bit label maps (at most {MAX_CLASSES})")
+    return LabelJob(values["input"], values["output"], classes, labeler, values["num_actors"],
+                    values["cpus_per_actor"], args.overwrite, args.address)
+
+
+def run(job: LabelJob) -> int:
+    # Ray is imported only once the configuration is known to be good: a bad value fails in well under a second.
+    from denseclip.ray.labeling import label_shards, prepare_labeling, write_summary
+
+    plan = prepare_labeling(job.input, job.output, job.labeler, job.classes, overwrite=job.overwrite)
+    print(f"label: {len(plan.shards)} shards, {len(plan.shards) - len(plan.todo)} already committed in "
+          f"{job.output}", flush=True)
+    try:
+        summary = label_shards(plan, job.labeler, job.classes, address=job.address, num_actors=job.num_actors,
+                               cpus_per_actor=job.cpus_per_actor)
+    except Exception as exc:
+        write_summary(job.output, {"status": "failed", "error": f"{type(exc).__name__}: {exc}"},
+                      plan.storage_options)
+        raise
+    print(f"label: {summary['images_labelled']} images labelled, {summary['errors']} errors, "
+          f"{summary['images_per_s']} images/s, {summary['wall_time_s']} s; "
+          f"{summary['shards_committed']} shards committed to {job.output}")
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        job = load_job(args)
+    except ConfigError as exc:
+        print(f"label: error: {exc}", file=sys.stderr)
+        return 2
+    from denseclip.ray.labeling import LabelingError
+
+    try:
+        return run(job)
+    except LabelingError as exc:
+        print(f"label: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - any failure of the job: its traceback, then one line and exit 1
+        traceback.print_exc()
+        print(f"label: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Labeling on Ray Data (denseclip/ray/labeling.py, pipelines/label.py): stages without Ray, then the real
+script on a local Ray with S3 (moto) input and output, a SIGKILL and a resume, and the fast config errors."""
+
+import collections
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from denseclip import storage
+from denseclip.config import ConfigError, LabelerConfig, resolve_vocabulary
+from denseclip.mask_store import MaskStore, MaskStoreWriter
+from denseclip.ray.labeling import (
+    Labeler,
+    LabelingError,
+    LabelingPlan,
+    ShardCommitter,
+    decode_batch,
+    encode_batch,
+    part_id,
+    plan_actors,
+    prepare_labeling,
+    read_shard_rows,
+    run_provenance,
+)
+from denseclip.shards import write_shard
+from denseclip.synthetic import CLASS_NAMES, render_scene, write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("pipelines_label", ROOT / "pipelines" / "label.py")
+label_cli = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(label_cli)
+
+CONFIG = LabelerConfig(pretrained="random", batch_size=4)
+CLASSES = resolve_vocabulary("synthetic")
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar written by hand: write_shard refuses unsafe names, which is exactly what these tests need."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def make_inputs(root: str) -> tuple[dict[str, tuple[int, int]], set[str]]:
+    """Four shards under ``root`` (folder or URL): two of synthetic scenes, one of unusual and broken
+    images, one hand-written tar whose first member escapes with ``../``. Returns (good key -> (H, W), bad keys)."""
+    write_shards(seed=5, n=6, out=root, shard_size=3, size=64)
+    good = {f"synthetic/s5/{i:06d}": (64, 64) for i in range(6)}
+    rgb = Image.fromarray(render_scene(5, 99, size=64).image)
+    jpeg = _encoded(rgb, "JPEG")
+    grey16 = Image.fromarray(np.arange(36 * 52, dtype=np.uint16).reshape(36, 52) * 37)
+    write_shard(storage.join(root, "shard-odd.tar"), [
+        {"__key__": "odd/cmyk", "jpg": _encoded(rgb.crop((0, 0, 40, 48)).convert("CMYK"), "JPEG")},
+        {"__key__": "odd/grey16", "png": _encoded(grey16, "PNG")},
+        {"__key__": "bad/truncated", "jpg": jpeg[: len(jpeg) // 2]},
+        {"__key__": "bad/empty", "jpg": b""},
+        {"__key__": "bad/caption-only", "txt": "a red circle."},
+    ])
+    good |= {"odd/cmyk": (48, 40), "odd/grey16": (36, 52)}
+    storage.write_bytes(storage.join(root, "shard-escape.tar"),
+                        _tar([("../escape/evil.jpg", jpeg), ("ok/after-evil.jpg", jpeg)]))
+    good["ok/after-evil"] = (64, 64)
+    return good, {"bad/truncated", "bad/empty", "bad/caption-only", "../escape/evil"}
+
+
+def all_keys(output: str) -> list[str]:
+    """Every key of every committed part, duplicates kept."""
+    store = MaskStore(output)
+    return [k for part in sorted(store.committed_parts()) for k in store.read_part(part).column("key").to_pylist()]
+
+
+def run_label(*args, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "pipelines" / "label.py"), *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, check=False, timeout=600, **kwargs)
+
+
+# ------------------------------------------------------------------------------------- without Ray
+def test_part_ids_are_safe_stable_and_distinct_per_shard():
+    a, b = "s3://bucket/a/shard-000000.tar", "s3://bucket/b/shard-000000.tar"
+    assert part_id(a) == part_id(a) and part_id(a) != part_id(b)
+    assert part_id(a).startswith("shard-000000-")
+    assert "/" not in part_id("/data/../x y/..odd.tar") and not part_id("/data/..odd.tar").startswith(".")
+
+
+def test_shard_rows_flag_unsafe_duplicate_imageless_samples_and_a_corrupt_tail(tmp_path):
+    jpeg = _encoded(Image.new("RGB", (8, 8)), "JPEG")
+    data = _tar([("../up.jpg", jpeg), ("a.jpg", jpeg), ("a.json", b"{}"), ("b.txt", b"x"), ("c.jpg", jpeg),
+                 ("a.jpg", jpeg)])
+    path = tmp_path / "s.tar"
+    path.write_bytes(data)
+    rows = list(read_shard_rows(str(path)))
+    assert [r["key"] for r in rows] == ["../up", "a", "b", "c", "a"]
+    assert [bool(r["error"]) for r in rows] == [True, False, True, False, True]
+    assert "unsafe" in rows[0]["error"] and "no image" in rows[2]["error"] and "duplicate" in rows[4]["error"]
+    assert rows[1]["data"] == jpeg
+    assert [r["shard_total"] for r in rows] == [0, 0, 0, 0, 5]  # only the last row says how many there are
+
+    path.write_bytes(data[:2148])  # cut inside the data of the second member
+    rows = list(read_shard_rows(str(path)))
+    assert rows[-1]["key"] == "" and "corrupt shard" in rows[-1]["error"]
+    assert rows[-1]["shard_total"] == len(rows) and all(r["shard_total"] == 0 for r in rows[:-1])
+
+
+def test_actor_plan_leaves_cpus_for_the_tasks_feeding_the_pool():
+    plan = plan_actors({"CPU": 2.0}, "cpu")
+    assert (plan.num_actors, plan.min_actors, plan.cpus_per_actor, plan.torch_threads) == (2, 2, 0.5, 1)
+    assert plan.num_actors * plan.cpus_per_actor + plan.task_cpus <= 2.0 and plan.gpus_per_actor == 0
+    with pytest.raises(LabelingError, match="wait forever"):
+        plan_actors({"CPU": 2.0}, "cpu", num_actors=2, cpus_per_actor=1.0)
+    gpu = plan_actors({"CPU": 32.0, "GPU": 4.0}, "cuda")
+    assert (gpu.num_actors, gpu.gpus_per_actor, gpu.cpus_per_actor) == (4, 1.0, 1.0)
+    with pytest.raises(LabelingError, match="no GPU"):
+        plan_actors({"CPU": 8.0}, "cuda")
+    growing = plan_actors({"CPU": 8.0}, "cuda", num_actors=16)  # an autoscaling cluster adds GPU nodes later
+    assert (growing.min_actors, growing.num_actors) == (1, 16)
+
+
+def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows -> a numpy batch as Ray Data hands it to map_batches (object columns hold arrays as they are)."""
+    batch = {name: np.empty(len(rows), dtype=object) for name in rows[0]}
+    for i, row in enumerate(rows):
+        for name, value in row.items():
+            batch[name][i] = value
+    return batch
+
+
+def test_stages_and_committer_commit_a_shard_only_when_all_its_rows_arrived(tmp_path):
+    shards = write_shards(seed=3, n=5, out=str(tmp_path / "in"), shard_size=3, size=64)
+    empty = str(tmp_path / "in" / "empty.tar")
+    Path(empty).write_bytes(_tar([]))
+    plan = LabelingPlan(shards + [empty], shards + [empty], str(tmp_path / "out"), run_provenance(CONFIG, CLASSES))
+    rows = [r for s in shards for r in read_shard_rows(s)]
+    rows[1]["data"] = b"not an image"
+    labeler = Labeler(CONFIG, CLASSES)
+    encoded = encode_batch(labeler(decode_batch(_batch(rows))))
+    table = pa.Table.from_pydict({k: list(v) for k, v in encoded.items()})
+    assert table.column("height").to_pylist() == [64, 0, 64, 64, 64]
+
+    committer = ShardCommitter(plan)
+    store = MaskStore(plan.output)
+    committer.add(table.take([4, 0]))  # the second shard's last row, the first shard's first row
+    assert store.committed_parts() == set()
+    committer.add(table.take([3]))
+    assert store.committed_parts() == {part_id(shards[1])}
+    committer.add(table.take([2, 1]))
+    assert store.committed_parts() == {part_id(shards[0]), part_id(shards[1])}
+    committer.finish()  # the empty shard becomes an empty part: a re-run will not read it again
+    assert store.committed_parts() == {part_id(s) for s in shards + [empty]}
+    assert sorted(store.keys()) == [f"synthetic/s3/{i:06d}" for i in (0, 2, 3, 4)]
+    assert [(e["key"], e["shard"]) for e in store.errors()] == [("synthetic/s3/000001", shards[0])]
+    assert store.provenance["fingerprint"] == "denseclip-tiny-shapes/random-init"
+    assert store.get("synthetic/s3/000003").max() < len(CLASS_NAMES)
+
+    unfinished = ShardCommitter(plan)
+    unfinished.add(table.take([0]))
+    with pytest.raises(RuntimeError, match="incomplete"):
+        unfinished.finish()
+
+
+def test_labeler_loses_only_the_image_that_fails():
+    good = render_scene(1, 0, size=64).image
+    batch = _batch([{"key": k, "shard": "s", "shard_total": 0, "error": "", "image": im}
+                    for k, im in (("a", good), ("b", good.astype(np.float32)), ("c", good))])
+    out = Labeler(CONFIG, CLASSES)(batch)
+    assert [bool(e) for e in out["error"]] == [False, True, False] and "labeling failed" in out["error"][1]
+    assert out["labels"][0].shape == (64, 64) and out["labels"][1].size == 0
+
+
+def test_prepare_refuses_another_run_unless_overwrite_and_finds_what_is_left(tmp_path):
+    shards = write_shards(seed=2, n=4, out=str(tmp_path / "in"), shard_size=2, size=32)
+    out = str(tmp_path / "out")
+    other = {**run_provenance(CONFIG, [["cat"], ["dog"]]), "fingerprint": "x"}
+    MaskStoreWriter(out, other).write_part(part_id(shards[0]), [{"key": "k", "mask": np.zeros((2, 2), np.uint8)}])
+    with pytest.raises(LabelingError, match="differs in vocabulary.*--overwrite"):
+        prepare_labeling(str(tmp_path / "in"), out, CONFIG, CLASSES)
+    plan = prepare_labeling(str(tmp_path / "in"), out, CONFIG, CLASSES, overwrite=True)
+    assert plan.todo == shards and MaskStore(out).committed_parts() == set()
+
+    same = {**run_provenance(CONFIG, CLASSES), "fingerprint": "y"}
+    MaskStoreWriter(out, same).write_part(part_id(shards[0]), [{"key": "k", "mask": np.zeros((2, 2), np.uint8)}])
+    assert prepare_labeling(str(tmp_path / "in"), out, CONFIG, CLASSES).todo == shards[1:]
+    with pytest.raises(LabelingError, match="no shards match"):
+        prepare_labeling(str(tmp_path / "nothing" / "*.tar"), out, CONFIG, CLASSES)
+
+
+def test_unreadable_bucket_fails_at_start(s3_endpoint, make_bucket, tmp_path):
+    with pytest.raises(LabelingError, match="input 's3://no-such-bucket-denseclip"):
+        prepare_labeling("s3://no-such-bucket-denseclip/shards/*.tar", str(tmp_path), CONFIG, CLASSES)
+    bucket = make_bucket("label-in")
+    write_shards(seed=2, n=1, out=f"{bucket}/shards", size=32)
+    with pytest.raises(LabelingError, match="output s3://no-such-bucket-denseclip"):
+        prepare_labeling(f"{bucket}/shards", "s3://no-such-bucket-denseclip/masks", CONFIG, CLASSES)
+
+
+def test_job_file_and_flags_merge_and_bad_values_name_their_field(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("input: a/*.tar\noutput: out\nvocabulary: synthetic\nnum_actors: 3\n"
+                   "labeler: {mode: slide, batch_size: 4}\n")
+    parse = label_cli.build_parser().parse_args
+    loaded = label_cli.load_job(parse(["--config", str(job), "--batch-size", "2", "--upsample-topk", "0"]))
+    assert (loaded.labeler.mode, loaded.labeler.batch_size, loaded.labeler.upsample_topk) == ("slide", 2, None)
+    assert (loaded.input, loaded.num_actors, loaded.classes) == ("a/*.tar", 3, CLASSES)
+    flags = ["--input", "x", "--output", "y"]
+    many = tmp_path / "many.txt"
+    many.write_text("".join(f"class {i}\n" for i in range(300)))
+    for argv, field in [(["--config", str(job), "--cpus-per-actor", "-1"], "cpus_per_actor"),
+                        ([*flags, "--vocabulary", str(many)], "vocabulary: 300 classes do not fit"),
+                        ([*flags, "--vocabulary", "synthetic", "--precision", "fp8"], "labeler.precision"),
+                        ([*flags], "vocabulary: required")]:
+        with pytest.raises(ConfigError, match=field):
+            label_cli.load_job(parse(argv))
+    job.write_text("input: a\noutput: b\nvocabulary: synthetic\nlabeler: {mode: sideways}\n")
+    with pytest.raises(ConfigError, match=f"{job}: labeler.mode"):
+        label_cli.load_job(parse(["--config", str(job)]))
+    job.write_text("inputs: a\n")
+    with pytest.raises(ConfigError, match="inputs: unknown field"):
+        label_cli.load_job(parse(["--config", str(job)]))
+
+
+def test_a_bad_value_fails_fast_before_torch_or_ray_are_imported(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("input: a\noutput: b\nvocabulary: synthetic\nlabeler: {batch_size: 0}\n")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "pipelines" / "label.py"),
+                           "--config", str(job)], capture_output=True, text=True, timeout=60, check=False)
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 2
+    assert f"{job}: labeler.batch_size: must be a positive integer" in done.stderr
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert imported and not imported & {"torch", "ray", "open_clip"}
+    assert elapsed < 10, elapsed  # < 1 s on an idle machine; this only guards against a model or Ray start
+
+
+# ------------------------------------------------------------------------------- on a local Ray
+def test_label_end_to_end_s3_in_s3_out(make_bucket):
+    bucket = make_bucket("label")
+    good, bad = make_inputs(f"{bucket}/shards")
+    out = f"{bucket}/masks/"
+    args = ["--input", f"{bucket}/shards/*.tar", "--output", out, "--pretrained", "random", "--batch-size", "4"]
+    done = run_label(*args, "--vocabulary", "synthetic")
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    assert collections.Counter(all_keys(out)) == collections.Counter(list(good))  # every good key exactly once
+    store = MaskStore(out)
+    for key, size in good.items():
+        assert store.get(key).shape == size and store.get_confidence(key).shape == size, key
+        assert store.get(key).max() < len(CLASS_NAMES)
+    errors = store.errors()
+    assert sorted(e["key"] for e in errors) == sorted(bad) and all(e["reason"] for e in errors)
+    assert {e["shard"] for e in errors if e["key"].startswith("bad/")} == {f"{bucket}/shards/shard-odd.tar"}
+    assert len(store.committed_parts()) == 4
+    provenance = store.provenance
+    assert provenance["vocabulary"] == CLASSES and provenance["fingerprint"] == "denseclip-tiny-shapes/random-init"
+    summary = json.loads(storage.read_bytes(f"{bucket}/masks/summary.json"))
+    assert summary["status"] == "succeeded"
+    assert (summary["images_labelled"], summary["errors"], summary["shards_committed"]) == (len(good), len(bad), 4)
+    assert f"{len(good)} images labelled, {len(bad)} errors" in done.stdout
+
+    fs, path = fsspec.core.url_to_fs(f"{bucket}/masks/masks")
+    before = {p: fs.info(p)["ETag"] for p in fs.ls(path, refresh=True)}
+    again = run_label(*args, "--vocabulary", "synthetic")  # nothing left: no Ray, nothing rewritten
+    assert again.returncode == 0 and "4 already committed" in again.stdout, again.stderr[-2000:]
+    assert {p: fs.info(p)["ETag"] for p in fs.ls(path, refresh=True)} == before
+
+    other = run_label(*args, "--vocabulary", "red circle, blue star")
+    assert other.returncode == 2 and "differs in vocabulary" in other.stderr and "--overwrite" in other.stderr
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            children.setdefault(int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(
+                int(entry))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def _wait_for_parts(out: str, job: subprocess.Popen, more_than: int) -> int:
+    deadline = time.monotonic() + 300
+    while len(MaskStore(out).committed_parts()) <= more_than and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return len(MaskStore(out).committed_parts())
+
+
+def test_sigkill_of_the_job_and_of_an_actor_then_every_image_exactly_once(tmp_path):
+    shards = write_shards(seed=4, n=240, out=str(tmp_path / "in"), shard_size=20, size=64)
+    out = str(tmp_path / "out")
+    args = [sys.executable, str(ROOT / "pipelines" / "label.py"), "--input", str(tmp_path / "in"), "--output", out,
+            "--vocabulary", "synthetic", "--pretrained", "random", "--batch-size", "2"]
+
+    def start(log: str) -> subprocess.Popen:
+        return subprocess.Popen(args, cwd=ROOT, stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    job = start("first.log")
+    try:
+        _wait_for_parts(out, job, 0)
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the local Ray the killed job had started
+            os.killpg(job.pid, signal.SIGKILL)
+    first = {p: storage.read_bytes(storage.join(out, "masks", f"part-{p}.parquet"))
+             for p in MaskStore(out).committed_parts()}
+    assert 0 < len(first) < len(shards), (tmp_path / "first.log").read_text()[-3000:]
+
+    job = start("second.log")
+    try:
+        # Once the re-run commits, its actors are mid-stream: kill one; Ray restarts it and retries its batch.
+        assert _wait_for_parts(out, job, len(first)) < len(shards), "the re-run ended before an actor could die"
+        actors = [pid for pid in _descendants(job.pid)
+                  if b"MapBatches(Labeler)" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert actors
+        os.kill(actors[0], signal.SIGKILL)
+        assert job.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-4000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert f"{len(first)} already committed" in (tmp_path / "second.log").read_text()
+    keys = all_keys(out)
+    assert len(keys) == len(set(keys)) == 240
+    assert set(keys) == {f"synthetic/s4/{i:06d}" for i in range(240)}
+    for part, data in first.items():  # what was committed before the kill is kept as it was
+        assert storage.read_bytes(storage.join(out, "masks", f"part-{part}.parquet")) == data

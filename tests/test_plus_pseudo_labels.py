@@ -1,0 +1,149 @@
+"""Pseudo labels and the transductive zero-shot merge, checked on what the loss actually receives."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from denseclip.config import LabelerConfig
+from denseclip.models import TINY_MODEL, load_clip
+from denseclip.plus import training
+from denseclip.plus.losses import segmentation_loss
+from denseclip.plus.pseudo_labels import DenseCLIPTeacher, hide_unseen, pseudo_labels, zero_shot_merge
+from denseclip.plus.target import TargetConfig, build_target
+from denseclip.plus.training import TrainingConfig, build_optimizer, make_targets, train
+
+torch.set_num_threads(1)
+IGNORE = 255
+CLASSES = [["background"], ["red circle"], ["red square"], ["blue circle"], ["blue square"]]
+UNSEEN = [2, 4]
+
+
+def test_pseudo_labels_argmax_among_allowed_classes_with_threshold():
+    probs = torch.tensor([0.5, 0.3, 0.2]).view(1, 3, 1, 1).expand(1, 3, 2, 2).clone()
+    probs[0, :, 1, 1] = torch.tensor([0.1, 0.45, 0.45])
+    scores = probs.log()
+    labels, conf = pseudo_labels(scores)
+    assert labels[0, 0, 0] == 0 and conf[0, 0, 0] == pytest.approx(0.5)
+    labels, conf = pseudo_labels(scores, class_ids=[1, 2])
+    assert labels[0, 0, 0] == 1 and conf[0, 0, 0] == pytest.approx(0.6)  # renormalised among {1, 2}
+    labels, _ = pseudo_labels(scores, threshold=0.48)
+    assert labels[0, 0, 0] == 0 and labels[0, 1, 1] == IGNORE
+
+
+def test_zero_shot_merge_keeps_seen_truth_and_fills_the_rest_with_unseen_pseudo_labels():
+    gt = torch.tensor([[[0, 1, 2], [4, 255, 3]]])
+    pseudo = torch.tensor([[[4, 4, 4], [2, 2, 1]]])  # 1 is seen: it may not fill a pixel
+    merged = zero_shot_merge(gt, pseudo, UNSEEN, IGNORE)
+    assert merged.tolist() == [[[0, 1, 4], [2, 2, 3]]]
+    assert hide_unseen(gt, UNSEEN, IGNORE).tolist() == [[[0, 1, 255], [255, 255, 3]]]
+    gt_no_void = torch.tensor([[[0, 1, 2], [4, 3, 3]]])
+    assert zero_shot_merge(gt_no_void, torch.tensor([[[0, 0, 1], [1, 1, 1]]]), UNSEEN).tolist() == \
+        [[[0, 1, 255], [255, 3, 3]]]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    clip = load_clip(TINY_MODEL, "random")
+    predictor = LabelerConfig(templates=None).build(CLASSES, clip=clip)
+    return DenseCLIPTeacher(predictor)
+
+
+def _batch(gt: torch.Tensor) -> dict:
+    torch.manual_seed(1)
+    b, h, w = gt.shape
+    return {"image": torch.rand(b, 3, h, w), "valid": torch.ones(b, h, w, dtype=torch.bool), "label": gt}
+
+
+def _ground_truth() -> torch.Tensor:
+    gt = torch.zeros(2, 64, 64, dtype=torch.long)
+    gt[:, 8:30, 8:30] = 1  # seen
+    gt[:, 34:60, 30:60] = 2  # unseen
+    gt[1, 0:6, 40:64] = 4  # unseen
+    gt[1, 60:, :10] = 3  # seen
+    return gt
+
+
+def _recorded_targets(monkeypatch, teacher, gt: torch.Tensor, config: TrainingConfig) -> list[torch.Tensor]:
+    """Run real training steps and return every target map the loss received."""
+    seen: list[torch.Tensor] = []
+
+    def spy(logits, targets, ignore_index=255):
+        seen.append(targets.clone())
+        return segmentation_loss(logits, targets, ignore_index)
+
+    monkeypatch.setattr(training, "segmentation_loss", spy)
+    torch.manual_seed(config.seed)
+    model = build_target(config.target, teacher.predictor.name_embeddings, teacher.predictor.class_of_name,
+                         clip=teacher.predictor.clip)
+    batch = _batch(gt)
+    train(model, build_optimizer(model, config), lambda step: batch, config, range(config.iterations), teacher,
+          UNSEEN)
+    return seen
+
+
+ZERO_SHOT = TrainingConfig(setting="zero_shot", iterations=4, guided_iterations=2, self_training=True,
+                           batch_size=2, crop_size=64, lr=0.05,
+                           target=TargetConfig(backbone="clip", head="deeplabv3plus", backbone_weights="clip",
+                                               output_stride=16, aspp_rates=(1,), head_channels=16))
+
+
+def test_unseen_ground_truth_never_reaches_the_loss(monkeypatch, teacher):
+    gt = _ground_truth()
+    # The same scenes annotated differently only in their unseen pixels: another unseen class, or void.
+    relabelled = gt.clone()
+    relabelled[gt == 2] = 4
+    relabelled[gt == 4] = IGNORE
+    first = _recorded_targets(monkeypatch, teacher, gt, ZERO_SHOT)
+    second = _recorded_targets(monkeypatch, teacher, relabelled, ZERO_SHOT)
+    assert len(first) == ZERO_SHOT.iterations
+    seen_pixels = (gt != 2) & (gt != 4)
+    unseen_pixels = ~seen_pixels
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)  # guided and self-training steps alike
+        torch.testing.assert_close(a[seen_pixels], gt[seen_pixels])
+        assert set(a[unseen_pixels].unique().tolist()) <= set(UNSEEN)  # filled by pseudo labels, never empty
+
+
+def test_annotation_free_targets_never_use_ground_truth(monkeypatch, teacher):
+    config = dataclasses.replace(ZERO_SHOT, setting="annotation_free", self_training=False)
+    gt = _ground_truth()
+    with_truth = _recorded_targets(monkeypatch, teacher, gt, config)
+    other_truth = _recorded_targets(monkeypatch, teacher, torch.full_like(gt, 3), config)
+    for a, b in zip(with_truth, other_truth):
+        torch.testing.assert_close(a, b)
+    # Guided learning throughout: the loss sees DenseCLIP's argmax at every step.
+    expected, _ = pseudo_labels(teacher.log_probs(_batch(gt)["image"]))
+    for targets in with_truth:
+        torch.testing.assert_close(targets, expected)
+
+
+def test_self_training_targets_are_the_models_own_predictions(teacher):
+    config = dataclasses.replace(ZERO_SHOT, setting="annotation_free")
+    model = build_target(config.target, teacher.predictor.name_embeddings, teacher.predictor.class_of_name,
+                         clip=teacher.predictor.clip)
+    batch = _batch(_ground_truth())
+    own, _ = model.predict(batch["image"])
+    guided, _ = pseudo_labels(teacher.log_probs(batch["image"]))
+    torch.testing.assert_close(make_targets(batch, 1, config, model, teacher), guided)
+    torch.testing.assert_close(make_targets(batch, 2, config, model, teacher), own)
+    off = dataclasses.replace(config, self_training=False)
+    torch.testing.assert_close(make_targets(batch, 3, off, model, teacher), guided)
+
+
+def test_precomputed_pseudo_labels_threshold_and_padding(teacher):
+    config = dataclasses.replace(ZERO_SHOT, setting="annotation_free", self_training=False,
+                                 pseudo_labels="precomputed", confidence_threshold=0.5)
+    batch = _batch(_ground_truth())
+    batch["pseudo_label"] = torch.full((2, 64, 64), 3)
+    batch["pseudo_confidence"] = torch.full((2, 64, 64), 0.9)
+    batch["pseudo_confidence"][:, :10] = 0.2
+    batch["valid"][:, :, -5:] = False
+    targets = make_targets(batch, 0, config, model=None)
+    assert (targets[:, :10] == IGNORE).all() and (targets[:, :, -5:] == IGNORE).all()
+    assert (targets[:, 10:, :-5] == 3).all()
+    with pytest.raises(ValueError, match="teacher"):
+        make_targets(batch, 0, dataclasses.replace(config, pseudo_labels="on_the_fly"), model=None)

@@ -1,0 +1,153 @@
+"""The DenseCLIP+ target: shapes, the fixed text classifier, the learnable background, trunk initialisation,
+DeepLab backbones and their weights-by-path loading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torchvision.models import resnet50
+
+from denseclip.models import TINY_MODEL, ModelLoadError, load_clip
+from denseclip.plus.target import ClipTrunk, TargetConfig, TextClassifier, build_target
+
+torch.set_num_threads(1)
+K, D = 5, 128
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return load_clip(TINY_MODEL, "random")
+
+
+@pytest.fixture(scope="module")
+def embeddings():
+    torch.manual_seed(1)
+    return F.normalize(torch.randn(K, D), dim=-1)
+
+
+def tiny(**kw) -> TargetConfig:
+    values = {"backbone": "clip", "head": "deeplabv3plus", "backbone_weights": "clip", "output_stride": 16,
+              "aspp_rates": (1, 2), "head_channels": 32}
+    return TargetConfig(**{**values, **kw})
+
+
+@pytest.mark.parametrize("head", ["deeplabv2", "deeplabv3plus"])
+@pytest.mark.parametrize("stride", [8, 16])
+def test_logits_cover_the_input_at_any_size(clip, embeddings, head, stride):
+    model = build_target(tiny(head=head, output_stride=stride), embeddings, clip=clip).eval()
+    for size in [(64, 64), (72, 100)]:
+        logits = model(torch.rand(2, 3, *size))
+        assert logits.shape == (2, K, *size) and torch.isfinite(logits).all()
+
+
+def test_clip_trunk_stride(clip):
+    x = torch.rand(1, 3, 64, 96)
+    for stride in (8, 16):
+        out = ClipTrunk(clip.model.visual, stride).eval()(x)
+        assert out["low"].shape[-2:] == (16, 24)
+        assert out["high"].shape[-2:] == (64 // stride, 96 // stride)
+        assert "dense" not in out
+
+
+def test_clip_dense_head_starts_from_denseclips_features(clip, embeddings):
+    model = build_target(tiny(head="clip_dense"), embeddings, clip=clip).eval()
+    pool = clip.model.visual.attnpool
+    torch.testing.assert_close(model.backbone.dense[0].weight[:, :, 0, 0], pool.v_proj.weight)
+    torch.testing.assert_close(model.backbone.dense[1].bias, pool.c_proj.bias)
+    features = model.backbone(torch.rand(2, 3, 64, 64))
+    assert features["dense"].shape == (2, D, 4, 4)
+    upsampled = F.interpolate(features["dense"], size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(model.head(features), upsampled)  # the refinement starts at zero
+    backbone, new = model.parameter_groups()
+    assert any(p is model.backbone.dense[0].weight for p in backbone)  # pretrained: the backbone's rate
+
+
+def test_classifier_is_temperature_times_cosine_max_over_names():
+    torch.manual_seed(2)
+    names = torch.randn(4, 8)
+    class_of_name = torch.tensor([0, 1, 1, 2])  # class 1 has two names
+    classifier = TextClassifier(names, class_of_name, temperature=30.0)
+    features = torch.randn(2, 8, 3, 5)
+    cosine = torch.einsum("bdhw,nd->bnhw", F.normalize(features, dim=1), F.normalize(names, dim=1))
+    expected = 30.0 * torch.stack([cosine[:, 0], cosine[:, 1:3].amax(dim=1), cosine[:, 3]], dim=1)
+    torch.testing.assert_close(classifier(features), expected)
+    assert classifier.num_classes == 3 and not list(classifier.parameters())
+
+
+def test_training_moves_the_network_but_never_the_text_classifier_or_the_clip(clip, embeddings):
+    model = build_target(tiny(), embeddings, clip=clip)
+    weight_before = model.classifier.weight().clone()
+    trunk_before = model.backbone.stem[0].weight.clone()
+    clip_before = clip.model.visual.conv1.weight.clone()
+    torch.testing.assert_close(trunk_before, clip_before)  # initialised from the CLIP tower
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = F.cross_entropy(model(torch.rand(2, 3, 64, 64)), torch.randint(0, K, (2, 64, 64)))
+    loss.backward()
+    optimizer.step()
+    torch.testing.assert_close(model.classifier.weight(), weight_before)
+    assert not torch.equal(model.backbone.stem[0].weight, trunk_before)
+    torch.testing.assert_close(clip.model.visual.conv1.weight, clip_before)
+
+
+def test_random_trunk_is_not_the_clip(clip, embeddings):
+    model = build_target(tiny(backbone_weights=None), embeddings, clip=clip)
+    assert not torch.allclose(model.backbone.stem[0].weight, clip.model.visual.conv1.weight)
+
+
+def test_learnable_background_trains_only_the_background_embedding(clip, embeddings):
+    model = build_target(tiny(learn_background=True, background_index=0), embeddings, clip=clip)
+    before = model.classifier.weight().clone()
+    torch.testing.assert_close(before, embeddings)  # initialised from the text embedding
+    optimizer = torch.optim.SGD([model.classifier.background], lr=1.0)
+    F.cross_entropy(model(torch.rand(2, 3, 64, 64)), torch.zeros(2, 64, 64, dtype=torch.long)).backward()
+    optimizer.step()
+    after = model.classifier.weight()
+    assert not torch.allclose(after[0], before[0])
+    torch.testing.assert_close(after[1:], before[1:])
+    backbone, new = model.parameter_groups()
+    assert any(p is model.classifier.background for p in new)
+    assert not any(p is model.classifier.background for p in backbone)
+
+
+def test_label_images_matches_predict(clip, embeddings):
+    model = build_target(tiny(), embeddings, clip=clip)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)]
+    results = model.label_images(images)
+    for image, (labels, conf) in zip(images, results):
+        assert labels.shape == image.shape[:2] and labels.dtype == np.uint8 and labels.max() < K
+        assert conf.dtype == np.float32 and (conf >= 1 / K - 1e-6).all() and (conf <= 1).all()
+        expected, _ = model.predict(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
+        np.testing.assert_array_equal(labels, expected[0].numpy())
+    with pytest.raises(ValueError, match="uint8"):
+        model.label_images([np.zeros((8, 8), dtype=np.uint8)])
+
+
+@pytest.mark.parametrize("head", ["deeplabv2", "deeplabv3plus"])
+def test_resnet_deeplab_loads_imagenet_weights_by_path(tmp_path, embeddings, head):
+    torch.manual_seed(3)
+    reference = resnet50()
+    path = tmp_path / "resnet50.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    config = TargetConfig(backbone="resnet50", head=head, backbone_weights=str(path), output_stride=8)
+    model = build_target(config, embeddings).eval()
+    torch.testing.assert_close(model.backbone.body.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
+    logits = model(torch.rand(1, 3, 64, 64))
+    assert logits.shape == (1, K, 64, 64)
+    features = model.backbone(torch.rand(1, 3, 64, 64))
+    assert features["high"].shape[-2:] == (8, 8)  # dilated: stride 8
+
+
+def test_backbone_weights_errors_name_the_file(tmp_path, embeddings, clip):
+    with pytest.raises(ModelLoadError, match="nothing.pt"):
+        build_target(TargetConfig(backbone="resnet50", backbone_weights=str(tmp_path / "nothing.pt")), embeddings)
+    partial = tmp_path / "partial.safetensors"
+    save_file({"conv1.weight": torch.zeros(64, 3, 7, 7)}, str(partial))
+    with pytest.raises(ValueError, match="partial.safetensors"):
+        build_target(TargetConfig(backbone="resnet50", backbone_weights=str(partial)), embeddings)
+    with pytest.raises(TypeError, match="ResNet CLIP"):
+        build_target(tiny(), embeddings, clip=None)

@@ -1,0 +1,142 @@
+"""DenseCLIP+ training pieces: config validation, poly schedule, joint augmentation, deterministic batches, the
+loss, and a short real training run that learns its targets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from denseclip.config import ConfigError
+from denseclip.models import TINY_MODEL, load_clip
+from denseclip.plus.losses import segmentation_loss
+from denseclip.plus.target import TargetConfig, build_target
+from denseclip.plus.training import (
+    PAD_VALUE,
+    InMemoryBatches,
+    TrainingConfig,
+    augment,
+    build_optimizer,
+    poly_lr,
+    set_learning_rate,
+    train,
+)
+
+torch.set_num_threads(1)
+TINY_TARGET = TargetConfig(backbone="clip", head="deeplabv3plus", backbone_weights="clip", output_stride=16,
+                           aspp_rates=(1,), head_channels=16)
+
+
+def test_config_from_dict_and_defaults():
+    config = TrainingConfig.from_dict({"setting": "zero_shot", "iterations": 200, "scale_range": [0.5, 1.5],
+                                       "target": {"backbone": "resnet50", "aspp_rates": [6, 12]}})
+    assert config.num_guided == 20  # 1/10 of the schedule
+    assert config.scale_range == (0.5, 1.5) and config.target.aspp_rates == (6, 12)
+    assert TrainingConfig(iterations=50, guided_iterations=7).num_guided == 7
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"setting": "fully_supervised"}, "training.setting"),
+    ({"iterations": 0}, "training.iterations"),
+    ({"guided_iterations": 5000}, "training.guided_iterations"),
+    ({"confidence_threshold": 1.5}, "training.confidence_threshold"),
+    ({"scale_range": [2.0, 1.0]}, "training.scale_range"),
+    ({"pseudo_labels": "from_somewhere"}, "training.pseudo_labels"),
+    ({"learning_rate": 0.1}, "training.learning_rate"),
+    ({"target": {"backbone": "vgg16"}}, "training.target"),
+    ({"target": {"depth": 3}}, "training.target.depth"),
+    ({"target": {"backbone": "resnet50", "backbone_weights": "clip"}}, "training.target"),
+    ({"target": {"output_stride": 32}}, "training.target"),
+])
+def test_config_errors_name_the_field(values, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        TrainingConfig.from_dict(values)
+
+
+def test_poly_schedule_and_head_multiplier():
+    assert poly_lr(0.01, 0, 100) == 0.01 and poly_lr(0.01, 100, 100) == 0.0
+    assert poly_lr(0.01, 50, 100, power=1.0) == pytest.approx(0.005)
+    values = [poly_lr(0.01, s, 100) for s in range(101)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+    clip = load_clip(TINY_MODEL, "random")
+    config = TrainingConfig(iterations=100, lr=0.02, head_lr_multiplier=10.0, target=TINY_TARGET)
+    model = build_target(config.target, torch.randn(3, 128), clip=clip)
+    optimizer = build_optimizer(model, config)
+    assert set_learning_rate(optimizer, 50, config) == pytest.approx(poly_lr(0.02, 50, 100))
+    backbone_lr, head_lr = (g["lr"] for g in optimizer.param_groups)
+    assert head_lr == pytest.approx(10 * backbone_lr)
+    assert optimizer.param_groups[0]["momentum"] == 0.9 and optimizer.param_groups[0]["weight_decay"] == 5e-4
+
+
+def test_augment_keeps_image_and_maps_aligned():
+    # Blocky labels, and an image whose red channel encodes the label, so alignment is checkable anywhere.
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(np.kron(rng.integers(0, 5, (8, 8)), np.ones((8, 8), dtype=np.int64)))
+    image = torch.stack([labels.float() / 4, torch.zeros(64, 64), torch.ones(64, 64)])
+    config = TrainingConfig(crop_size=48, scale_range=(0.5, 2.0))
+    for seed in range(12):
+        out = augment(image, {"label": labels, "score": labels.float()}, np.random.default_rng(seed), config)
+        assert out["image"].shape == (3, 48, 48) and out["label"].shape == (48, 48)
+        valid = out["valid"]
+        assert (out["label"][~valid] == 255).all() and (out["score"][~valid] == 0).all()
+        assert torch.allclose(out["image"][:, ~valid], torch.full((3, int((~valid).sum())), PAD_VALUE))
+        decoded = (out["image"][0] * 4).round().long()
+        # Away from block edges (bilinear image vs nearest labels may differ there) they must agree exactly.
+        lab = out["label"][None, None].float()
+        interior = (F.max_pool2d(lab, 5, 1, 2) == F.max_pool2d(-lab, 5, 1, 2).neg())[0, 0] & valid
+        interior[:2], interior[-2:], interior[:, :2], interior[:, -2:] = False, False, False, False  # crop edge
+        assert interior.sum() > 100
+        assert torch.equal(decoded[interior], out["label"][interior])
+        assert torch.equal(out["score"][valid].long(), out["label"][valid])
+
+
+def test_in_memory_batches_depend_only_on_seed_and_step():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, (6, 40, 40), dtype=np.uint8)
+    config = TrainingConfig(batch_size=4, crop_size=32, seed=3)
+    a, b = InMemoryBatches(images, {"label": labels}, config), InMemoryBatches(images, {"label": labels}, config)
+    first = a.batch(5)
+    assert first["image"].shape == (4, 3, 32, 32) and first["label"].dtype == torch.int64
+    for key in first:
+        assert torch.equal(first[key], b.batch(5)[key])
+    assert not torch.equal(first["image"], a.batch(6)["image"])
+    with pytest.raises(ValueError, match="label"):
+        InMemoryBatches(images, {"label": labels[:, :20]}, config)
+
+
+def test_loss_ignores_pixels_and_survives_an_all_ignored_batch():
+    logits = torch.randn(2, 4, 5, 5, requires_grad=True)
+    targets = torch.randint(0, 4, (2, 5, 5))
+    torch.testing.assert_close(segmentation_loss(logits, targets), F.cross_entropy(logits, targets))
+    masked = targets.clone()
+    masked[0] = 255
+    torch.testing.assert_close(segmentation_loss(logits, masked), F.cross_entropy(logits[1:], targets[1:]))
+    empty = segmentation_loss(logits, torch.full_like(targets, 255))
+    empty.backward()
+    assert empty.item() == 0 and torch.isfinite(logits.grad).all()
+
+
+def test_short_training_run_learns_its_pseudo_labels():
+    """Precomputed pseudo labels that follow the image colour: a few real SGD steps must fit them."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    colours = np.array([[128, 128, 128], [220, 30, 30], [30, 30, 220]], dtype=np.uint8)
+    pseudo = np.kron(rng.integers(0, 3, (16, 4, 4)), np.ones((1, 12, 12), dtype=np.int64)).astype(np.uint8)
+    images = colours[pseudo]
+    config = TrainingConfig(iterations=40, batch_size=4, crop_size=48, scale_range=(1.0, 1.0), lr=0.01,
+                            pseudo_labels="precomputed", target=TINY_TARGET, seed=0)
+    clip = load_clip(TINY_MODEL, "random")
+    model = build_target(config.target, F.normalize(torch.randn(3, 128), dim=-1), clip=clip)
+    batches = InMemoryBatches(images, {"pseudo_label": pseudo}, config).batch
+    history = train(model, build_optimizer(model, config), batches, config, range(config.iterations), log_every=10)
+    assert [r["step"] for r in history] == [10, 20, 30, 40]
+    assert {r["phase"] for r in history} == {"guided"}
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    predicted = np.stack([labels for labels, _ in model.label_images(list(images))])
+    assert (predicted == pseudo).mean() > 0.8
+    with pytest.raises(ConfigError):
+        dataclasses.replace(config, iterations=-1).validate()

@@ -1,0 +1,389 @@
+"""DenseCLIP+ on Ray Train: job specs, checkpoints, a 2-worker run killed mid-training, explicit resume into
+object storage, and (slow) the paper's comparisons on the synthetic world through pipelines/train.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import ray.cloudpickle
+import torch
+from PIL import Image
+
+from denseclip.config import ConfigError
+from denseclip.datasets import get_dataset
+from denseclip.mask_store import MaskStoreWriter
+from denseclip.models import load_clip
+from denseclip.plus.target import build_target
+from denseclip.plus.training import TrainingConfig, build_optimizer
+from denseclip.ray.train import (
+    TrainJob,
+    check_inputs,
+    load_target_checkpoint,
+    read_checkpoint_meta,
+    restore_checkpoint,
+    run_training,
+    save_checkpoint,
+)
+from denseclip.ray.train_data import read_samples
+from denseclip.shards import read_shard, write_shard
+from denseclip.synthetic import write_shards
+from denseclip.text import class_embeddings
+from denseclip.vocabulary import load_templates
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("pipelines_train", ROOT / "pipelines" / "train.py")
+train_cli = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_cli)
+
+# The step callbacks below run inside Ray's worker processes, which cannot import this test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+INFO = get_dataset("synthetic")
+REPORT_KEYS = ("miou", "miou_seen", "miou_unseen", "hiou", "pixel_accuracy", "mean_accuracy", "per_class_iou")
+CANARY = INFO.unseen_ids[0]  # every precomputed pseudo label is this unseen class
+THRESHOLD = 0.5
+
+
+def small_spec(root: Path, name: str, **sections) -> dict:
+    """A 2-worker zero-shot job on 64 px scenes that trains in seconds (precomputed pseudo labels)."""
+    spec = {
+        "dataset": "synthetic",
+        "data": {"train": str(root / "train"), "val": str(root / "val"), "mask_store": str(root / "masks"),
+                 "materialize": True, "shuffle_buffer": 4},
+        "labeler": {},
+        "training": {"setting": "zero_shot", "pseudo_labels": "precomputed",
+                     "confidence_threshold": THRESHOLD, "iterations": 6, "batch_size": 4, "crop_size": 48,
+                     "scale_range": [0.75, 1.25],
+                     "target": {"backbone": "clip", "backbone_weights": "clip", "head": "deeplabv3plus",
+                                "output_stride": 16, "aspp_rates": [1, 2], "head_channels": 16}},
+        "workers": {"num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.25},
+        "run": {"name": name, "storage_path": str(root / "runs"), "max_failures": 1, "checkpoint_every": 2,
+                "keep_checkpoints": 3, "log_every": 2},
+        "evaluation": {"num_overlays": 2},
+    }
+    for section, values in sections.items():
+        spec[section] = {**spec[section], **values} if isinstance(values, dict) else values
+    return spec
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Train shards (24 scenes in 2 shards), val shards (8 scenes), and a mask store whose pseudo labels are
+    the unseen class CANARY everywhere with random per-pixel confidences."""
+    root = tmp_path_factory.mktemp("world")
+    write_shards(3, 24, str(root / "train"), shard_size=12, size=64)
+    write_shards(4, 8, str(root / "val"), shard_size=8, size=64)
+    rng = np.random.default_rng(0)
+    rows = [{"key": s["__key__"], "mask": np.full((64, 64), CANARY, np.uint8),
+             "confidence": rng.uniform(0, 1, (64, 64)).astype(np.float32)}
+            for shard in sorted((root / "train").glob("*.tar")) for s in read_shard(str(shard))]
+    provenance = {"vocabulary": [list(c) for c in INFO.classes]}
+    MaskStoreWriter(str(root / "masks"), provenance).write_part("all", rows)
+    return root
+
+
+# ------------------------------------------------------------------------------------- spec and CLI (no Ray)
+def test_shipped_specs_validate_and_keep_the_paper_schedule():
+    jobs = {p.stem: TrainJob.from_dict(train_cli.load_spec(str(p), []))
+            for p in (ROOT / "jobs").glob("train_*.yaml")}
+    assert {"train_synthetic_zero_shot", "train_synthetic_annotation_free",
+            "train_synthetic_annotation_free_self_training", "train_voc_zero_shot",
+            "train_voc_annotation_free"} <= set(jobs)
+    voc = jobs["train_voc_zero_shot"]
+    assert (voc.training.iterations, voc.training.num_guided, voc.training.crop_size) == (20000, 2000, 512)
+    assert voc.training.batch_size // voc.workers.num_workers == 4 and voc.workers.use_gpu
+    assert (voc.training.target.backbone, voc.training.target.head) == ("resnet101", "deeplabv2")
+    free = jobs["train_voc_annotation_free"]
+    assert (free.training.iterations, free.training.self_training) == (2000, False)
+    for name, job in jobs.items():
+        assert job.run.name and name.startswith(f"train_{job.dataset}"), name
+
+
+@pytest.mark.parametrize("override, field", [
+    ("training.iterations=abc", "training.iterations"),
+    ("training.batch_size=5", "training.batch_size"),  # not a multiple of the 2 workers
+    ("workers.num_workers=0", "workers.num_workers"),
+    ("workers.cpus_per_worker=-1", "workers.cpus_per_worker"),
+    ("run.name=../elsewhere", "run.name"),
+    ("run.checkpoint_every=0", "run.checkpoint_every"),
+    ("data.bogus=1", "data.bogus"),
+    ("data.mask_store=null", "data.mask_store"),  # precomputed pseudo labels need the store
+    ("evaluation.every=-2", "evaluation.every"),
+    ("evaluation.teacher=maybe", "evaluation.teacher"),
+    ("dataset=imagenet", "dataset"),
+    ("training.target.head=unet", "training.target"),
+    ("storage=1", "storage"),
+])
+def test_bad_specs_are_refused_naming_the_field(world, override, field):
+    spec = small_spec(world, "bad")
+    train_cli.apply_override(spec, override)
+    with pytest.raises(ConfigError, match=f"^{field}"):
+        TrainJob.from_dict(spec)
+
+
+def test_set_overrides_nested_keys_with_yaml_values():
+    spec = {"training": {"target": {"head": "deeplabv2"}}}
+    for assignment in ("training.target.head=deeplabv3plus", "training.scale_range=[0.5, 2.0]",
+                       "run.resume_from=null", "workers.use_gpu=true"):
+        train_cli.apply_override(spec, assignment)
+    assert spec == {"training": {"target": {"head": "deeplabv3plus"}, "scale_range": [0.5, 2.0]},
+                    "run": {"resume_from": None}, "workers": {"use_gpu": True}}
+    for bad in ("training.iterations", "=3", "training..lr=1", "training.target.head.x=1"):
+        with pytest.raises(ConfigError, match="--set"):
+            train_cli.apply_override(spec, bad)
+
+
+def test_cli_refuses_bad_input_before_starting_ray(world, tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps(small_spec(world, "cli")))  # JSON is YAML
+    assert train_cli.main(["--config", str(config), "--set", f"data.val={tmp_path}/nothing-here"]) == 2
+    assert "data.val" in capsys.readouterr().err
+    assert train_cli.main(["--config", str(config), "--set", "training.lr=-1"]) == 2
+    assert "training.lr" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_inputs_are_checked_against_the_mask_store_and_the_resumed_checkpoint(world, tmp_path):
+    MaskStoreWriter(str(tmp_path / "other"), {"vocabulary": [["cat"], ["dog"]]}).write_part(
+        "p", [{"key": "a", "mask": np.zeros((4, 4), np.uint8)}])
+    with pytest.raises(ConfigError, match="data.mask_store.*another vocabulary"):
+        check_inputs(TrainJob.from_dict(small_spec(world, "x", data={"mask_store": str(tmp_path / "other")})))
+    job = TrainJob.from_dict(small_spec(world, "x"))
+    model, optimizer = _small_target(job.training)
+    save_checkpoint(str(tmp_path), model, optimizer, 3, job, {"log": [], "validation": []})
+    wider = small_spec(world, "x", run={"resume_from": str(tmp_path)})
+    wider["training"]["target"]["head_channels"] = 32
+    with pytest.raises(ConfigError, match="run.resume_from.*head_channels"):
+        check_inputs(TrainJob.from_dict(wider))
+    with pytest.raises(ConfigError, match="run.resume_from: not a DenseCLIP"):
+        check_inputs(TrainJob.from_dict(small_spec(world, "x", run={"resume_from": str(tmp_path / "none")})))
+
+
+def test_unusable_samples_are_skipped_not_fatal(tmp_path):
+    good = next(read_shard(write_shards(5, 1, str(tmp_path / "src"), size=64)[0]))
+    bad_label = np.full((64, 64), 40, np.uint8)  # no class 40 among 17
+    png = io.BytesIO()
+    Image.fromarray(bad_label).save(png, format="PNG")
+    shard = str(tmp_path / "mixed.tar")
+    write_shard(shard, [{**good, "__key__": "good"}, {**good, "__key__": "broken", "jpg": b"not a jpeg"},
+                        {**good, "__key__": "wrong", "seg.png": png.getvalue()},
+                        {"__key__": "nolabel", "jpg": good["jpg"]}])
+    rows = list(read_samples({"shard": shard}, INFO.num_classes, with_label=True, mask_store=None))
+    assert [r["key"] for r in rows] == ["good"]
+    assert rows[0]["image"].shape == (64, 64, 3) and rows[0]["label"].shape == (64, 64)
+    with open(shard, "r+b") as f:  # cut the tar inside its last member
+        f.truncate(os.path.getsize(shard) // 2)
+    assert len(list(read_samples({"shard": shard}, INFO.num_classes, True, None))) <= 1
+
+
+def _small_target(training: TrainingConfig):
+    clip = load_clip(pretrained="random")
+    embeddings, class_of_name = class_embeddings(clip, INFO.classes, load_templates("synthetic"))
+    torch.manual_seed(0)
+    model = build_target(training.target, embeddings, class_of_name, clip=clip)
+    return model, build_optimizer(model, training)
+
+
+def test_checkpoint_round_trip_restores_training_and_loads_for_inference(world, tmp_path):
+    job = TrainJob.from_dict(small_spec(world, "x"))
+    model, optimizer = _small_target(job.training)
+    images = torch.rand(2, 3, 48, 48)
+    loss = model(images).logsumexp(dim=1).mean()
+    loss.backward()
+    optimizer.step()
+    save_checkpoint(str(tmp_path), model, optimizer, 7, job, {"log": [{"step": 7}], "validation": []})
+    loaded = load_target_checkpoint(str(tmp_path))
+    model.eval()
+    assert torch.equal(loaded(images), model(images)) and not loaded.training
+    fresh, fresh_optimizer = _small_target(job.training)
+    step, history = restore_checkpoint(str(tmp_path), fresh, fresh_optimizer)
+    assert (step, history["log"]) == (7, [{"step": 7}])
+    momentum = [s["momentum_buffer"] for s in optimizer.state_dict()["state"].values()]
+    restored = [s["momentum_buffer"] for s in fresh_optimizer.state_dict()["state"].values()]
+    assert len(momentum) == len(restored) > 0 and all(torch.equal(a, b) for a, b in zip(momentum, restored))
+    assert read_checkpoint_meta(str(tmp_path))["target"]["head"] == "deeplabv3plus"
+
+
+# --------------------------------------------------------------------------------------------- Ray runs
+@dataclass
+class RecordTargets:
+    """Saves, per step and worker, what the loss is given and the batch it came from."""
+
+    folder: str
+
+    def __call__(self, ctx) -> None:
+        arrays = {k: v.cpu().numpy() for k, v in ctx.batch.items() if k != "image"}
+        np.savez(os.path.join(self.folder, f"{ctx.step:03d}-{ctx.rank}-{uuid.uuid4().hex[:8]}.npz"),
+                 targets=ctx.targets.cpu().numpy(), **arrays)
+
+
+@dataclass
+class KillOnce:
+    """Kills worker ``rank`` at ``step`` once (``marker`` remembers it), as soon as the run has registered the
+    checkpoint ``after`` (so the test does not race Ray's bookkeeping)."""
+
+    marker: str
+    step: int
+    rank: int
+    snapshot: str
+    after: str
+
+    def __call__(self, ctx) -> None:
+        if ctx.step != self.step or ctx.rank != self.rank or os.path.exists(self.marker):
+            return
+        deadline = time.time() + 120
+        while time.time() < deadline and not (os.path.exists(self.snapshot)
+                                              and self.after in Path(self.snapshot).read_text()):
+            time.sleep(0.2)
+        Path(self.marker).touch()
+        os._exit(1)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(moto_server):
+    """A private local Ray for this module, the fake S3 endpoint in its environment (workers inherit it)."""
+    from conftest import FAKE_CREDENTIALS
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", moto_server)
+        for name, value in FAKE_CREDENTIALS.items():
+            env.setenv(name, value)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def killed_run(world, ray_cluster, tmp_path_factory):
+    """A 6-step zero-shot run on 2 workers whose rank 1 is killed at step 3, after the step-2 checkpoint."""
+    records = tmp_path_factory.mktemp("records")
+    marker = records / "killed"
+    job = TrainJob.from_dict(small_spec(world, "killed"))
+    check_inputs(job)
+    snapshot = str(world / "runs" / "killed" / "checkpoint_manager_snapshot.json")
+    result = run_training(job, [RecordTargets(str(records)), KillOnce(str(marker), 3, 1, snapshot,
+                                                                       "checkpoint-000002")])
+    return result, records, marker
+
+
+def _records(folder: Path) -> list[tuple[int, int, dict]]:
+    out = []
+    for path in sorted(folder.glob("*.npz")):
+        step, rank, _ = path.stem.split("-")
+        out.append((int(step), int(rank), dict(np.load(path))))
+    return out
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(killed_run):
+    result, records, marker = killed_run
+    assert marker.exists()  # a worker really died
+    counts = Counter((step, rank) for step, rank, _ in _records(records))
+    assert {step for step, _ in counts} == set(range(6))
+    for rank in (0, 1):
+        assert counts[(0, rank)] == counts[(1, rank)] == 1  # resumed, not restarted from scratch
+        assert counts[(2, rank)] == 2  # ... from the checkpoint after step 2
+        assert counts[(5, rank)] == 1
+    meta = read_checkpoint_meta(result.checkpoint)
+    assert meta["step"] == 6 and [r["step"] for r in meta["log"]] == [2, 4, 6]
+    assert result.metrics["step"] == 6 and result.checkpoint.endswith("checkpoint-000006")
+
+
+def test_zero_shot_loss_never_sees_unseen_ground_truth(killed_run):
+    _, records, _ = killed_run
+    unseen, seen = INFO.unseen_ids, INFO.seen_ids
+    leaks_possible = 0
+    for _, _, r in _records(records):
+        label, pseudo, targets = r["label"], r["pseudo_label"], r["targets"]
+        fill = np.where(np.isin(pseudo, unseen) & (r["pseudo_confidence"] >= THRESHOLD), pseudo, 255)
+        expected = np.where(np.isin(label, seen), label, fill)
+        expected[~r["valid"]] = 255
+        np.testing.assert_array_equal(targets, expected)
+        # Unseen objects whose truth differs from the pseudo label: a leak would show there.
+        leaks_possible += int((np.isin(label, unseen) & (label != CANARY) & r["valid"]).sum())
+    assert leaks_possible > 100
+
+
+def test_final_checkpoint_holds_the_report_and_loads_for_inference(killed_run, world):
+    result, _, _ = killed_run
+    report = json.loads(Path(result.checkpoint, "report.json").read_text())
+    assert set(REPORT_KEYS) <= set(report) and report == result.report
+    assert report["num_images"] == 8  # every validation image scored once over the two workers
+    assert set(report["denseclip"]) >= set(REPORT_KEYS) and report["validation"][-1]["phase"] == "final"
+    assert Path(result.checkpoint, "index.html").exists()
+    assert len(list(Path(result.checkpoint).glob("overlays/*.png"))) == 2
+    model = load_target_checkpoint(result.checkpoint)
+    image = next(read_shard(str(world / "val" / "shard-000000.tar")))
+    pixels = np.asarray(Image.open(io.BytesIO(image["jpg"])).convert("RGB"))
+    labels, confidence = model.label_images([pixels])[0]
+    assert labels.shape == (64, 64) and labels.max() < INFO.num_classes and 0 <= confidence.min()
+
+
+def test_explicit_resume_from_a_checkpoint_into_object_storage(killed_run, world, make_bucket, tmp_path):
+    first, _, _ = killed_run
+    bucket = make_bucket("runs")
+    resume_from = str(Path(first.checkpoint).parent / "checkpoint-000004")
+    job = TrainJob.from_dict(small_spec(world, "resumed", training={"iterations": 8},
+                                        run={"storage_path": f"{bucket}/train", "resume_from": resume_from},
+                                        evaluation={"teacher": False, "num_overlays": 0}))
+    check_inputs(job)
+    result = run_training(job, [RecordTargets(str(tmp_path))])
+    assert result.checkpoint.startswith(f"{bucket}/train/resumed/")
+    assert sorted({step for step, _, _ in _records(tmp_path)}) == [4, 5, 6, 7]  # continued at step 4
+    meta = read_checkpoint_meta(result.checkpoint)
+    assert meta["log"][:2] == read_checkpoint_meta(resume_from)["log"] and meta["step"] == 8
+    assert "denseclip" not in result.report and result.report["num_images"] == 8
+    model = load_target_checkpoint(result.checkpoint)
+    assert model.num_classes == INFO.num_classes
+
+
+# ------------------------------------------------------------------------------------ the paper's claims
+@pytest.fixture(scope="module")
+def synthetic_runs(tmp_path_factory) -> dict[str, dict]:
+    """The three shipped synthetic specs, run as users run them (one local Ray each)."""
+    root = tmp_path_factory.mktemp("synthetic")
+    write_shards(7, 1000, str(root / "world-s7"), shard_size=100)
+    write_shards(1, 200, str(root / "world-s1"), shard_size=100)
+    reports = {}
+    for name in ("zero_shot", "annotation_free", "annotation_free_self_training"):
+        overrides = [f"data.train={root}/world-s7", f"data.val={root}/world-s1",
+                     f"run.storage_path={root}/runs"]
+        args = ["--config", str(ROOT / "jobs" / f"train_synthetic_{name}.yaml")]
+        assert train_cli.main(args + [a for o in overrides for a in ("--set", o)]) == 0
+        run = root / "runs" / TrainJob.from_dict(train_cli.load_spec(args[1], overrides)).run.name
+        final = max(run.glob("checkpoint-*"))
+        reports[name] = json.loads((final / "report.json").read_text())
+    return reports
+
+
+@pytest.mark.slow
+def test_zero_shot_denseclip_plus_beats_denseclip_on_unseen_classes_by_20_points(synthetic_runs):
+    report = synthetic_runs["zero_shot"]
+    assert report["miou_unseen"] >= report["denseclip"]["miou_unseen"] + 20
+
+
+@pytest.mark.slow
+def test_annotation_free_denseclip_plus_matches_or_beats_denseclip(synthetic_runs):
+    report = synthetic_runs["annotation_free"]
+    assert report["miou"] >= report["denseclip"]["miou"]
+
+
+@pytest.mark.slow
+def test_self_training_drift_shows_in_the_report(synthetic_runs):
+    guided, drifting = synthetic_runs["annotation_free"], synthetic_runs["annotation_free_self_training"]
+    at_ng, final = drifting["validation"][0], drifting["validation"][-1]
+    assert at_ng["phase"] == "guided" and final["phase"] == "final"
+    assert final["miou"] < at_ng["miou"]  # self-training made the guided target worse ...
+    assert drifting["miou"] < guided["miou"]  # ... and worse than guidance all the way
