@@ -13,8 +13,8 @@ from tqdm import tqdm
 from denseclip.config import ConfigError, add_labeler_arguments, labeler_config_from_args, resolve_vocabulary
 from denseclip.images import ImageDecodeError, decode_image, encode_png
 from denseclip.models import ModelLoadError
-from denseclip.vocabulary import VocabularyError, parse_class_list, read_classes_file
 from denseclip.visualize import default_palette, overlay
+from denseclip.vocabulary import VocabularyError, parse_class_list, read_classes_file
 
 USER_ERRORS = (ConfigError, ModelLoadError, VocabularyError, ImageDecodeError, FileNotFoundError)
 

@@ -31,7 +31,13 @@ def resolve_vocabulary(spec: str | list, synonyms: bool = False) -> list[list[st
         return parse_class_list(", ".join(str(s) for s in spec), source="vocabulary")
     if spec in DATASET_NAMES:
         return [list(c) for c in get_dataset(spec, synonyms=synonyms).classes]
-    if Path(spec).is_file():
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"vocabulary: expected a dataset name, a classes file or class names, got {spec!r}")
+    try:
+        is_file = Path(spec).is_file()
+    except OSError:  # a long comma-separated list is no file name
+        is_file = False
+    if is_file:
         return read_classes_file(spec)
     if "," not in spec and (spec.endswith(".txt") or "/" in spec):
         raise ConfigError(f"vocabulary: no such dataset or classes file {spec!r}")
@@ -73,6 +79,12 @@ class LabelerConfig:
         def fail(name: str, problem: str) -> None:
             raise ConfigError(f"{where}.{name}: {problem} (got {getattr(self, name)!r})")
 
+        for name in ("model", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                fail(name, "must be a non-empty string")
+        for name in ("pretrained", "templates"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                fail(name, "must be a string or null")
         if self.mode not in MODES:
             fail("mode", f"must be one of {', '.join(MODES)}")
         if self.precision not in PRECISIONS:

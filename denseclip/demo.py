@@ -24,7 +24,7 @@ from denseclip.config import ConfigError, LabelerConfig
 from denseclip.datasets import DatasetInfo, get_dataset
 from denseclip.metrics import ConfusionMatrix, summarize
 from denseclip.models import TINY_MODEL, LoadedCLIP, load_clip
-from denseclip.plus.pseudo_labels import DenseCLIPTeacher
+from denseclip.plus.pseudo_labels import DenseCLIPTeacher, label_training_set
 from denseclip.plus.target import SegmentationTarget, TargetConfig, build_target
 from denseclip.plus.training import InMemoryBatches, TrainingConfig, build_optimizer, train
 from denseclip.report import write_report
@@ -41,11 +41,14 @@ LabelFn = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
 def default_training() -> TrainingConfig:
-    """The demo's DenseCLIP+ schedule: the tiny CLIP's own trunk (stem to layer 3) and a small DeepLabv3+ head."""
+    """The demo's DenseCLIP+ schedule: the tiny CLIP's own tower, frozen and dilated to stride 8, with its dense
+    head plus a stride-4 refinement (so training starts from DenseCLIP's predictions), trained on precomputed
+    pseudo labels refined along image edges."""
     return TrainingConfig(
-        iterations=240, batch_size=16, crop_size=128, scale_range=(0.75, 1.5), lr=0.01,
-        target=TargetConfig(backbone="clip", head="deeplabv3plus", backbone_weights="clip", output_stride=16,
-                            aspp_rates=(1, 2, 3), head_channels=64, temperature=50.0))
+        iterations=300, batch_size=8, crop_size=128, scale_range=(0.75, 1.5), lr=0.01,
+        pseudo_labels="precomputed", pseudo_label_refinement=10,
+        target=TargetConfig(backbone="clip", head="clip_dense", backbone_weights="clip", output_stride=8,
+                            head_channels=64, temperature=10.0, freeze_backbone=True))
 
 
 @dataclass
@@ -57,6 +60,7 @@ class DemoConfig:
         num_images: held-out scenes; train_images: scenes of the DenseCLIP+ training set (world ``TRAIN_SEED``).
         training: the DenseCLIP+ schedule; the demo derives its three runs from it (setting, self-training).
         num_overlays: image | ground truth | prediction grids written per method.
+        monitor_images: held-out images scored at every training log record (0: none).
         clip_weights: tiny CLIP checkpoint (None: the shipped one).
     """
 
@@ -65,6 +69,7 @@ class DemoConfig:
     train_images: int = 1000
     training: TrainingConfig = field(default_factory=default_training)
     num_overlays: int = 6
+    monitor_images: int = 50
     clip_weights: str | None = None
 
     def validate(self) -> None:
@@ -73,8 +78,9 @@ class DemoConfig:
         for name in ("num_images", "train_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1 (got {getattr(self, name)})")
-        if self.num_overlays < 0:
-            raise ConfigError(f"--num-overlays: must be >= 0 (got {self.num_overlays})")
+        for name in ("num_overlays", "monitor_images"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0 (got {getattr(self, name)})")
         self.training.validate("training")
 
 
@@ -105,59 +111,76 @@ def _all_background(info: DatasetInfo) -> LabelFn:
 
 @dataclass
 class PlusRuns:
-    """The three trained DenseCLIP+ targets and their training logs."""
+    """The three trained DenseCLIP+ targets, their training logs and the quality of the precomputed
+    annotation-free pseudo labels on the training set (None when they are made on the fly)."""
 
     guided: SegmentationTarget
     self_training: SegmentationTarget
     zero_shot: SegmentationTarget
     history: dict[str, list[dict]]
+    pseudo_label_quality: dict | None
+
+
+Monitor = Callable[[str, SegmentationTarget, dict], None]
+
+
+def _training_maps(teacher: DenseCLIPTeacher, images: np.ndarray, labels: np.ndarray, info: DatasetInfo,
+                   base: TrainingConfig) -> tuple[dict, dict, dict | None]:
+    """Per-image maps the annotation-free and the zero-shot batches carry, and the pseudo labels' quality."""
+    free: dict[str, np.ndarray] = {}  # annotation-free batches carry no ground truth at all
+    zero_shot: dict[str, np.ndarray] = {"label": labels}
+    if base.pseudo_labels != "precomputed":
+        return free, zero_shot, None
+    free["pseudo_label"], free["pseudo_confidence"] = label_training_set(teacher, images)
+    zero_shot["pseudo_label"], zero_shot["pseudo_confidence"] = label_training_set(teacher, images, info.unseen_ids)
+    conf = ConfusionMatrix(info.num_classes, info.ignore_index)
+    for i, (pseudo, truth) in enumerate(zip(free["pseudo_label"], labels)):
+        conf.update(pseudo, truth, key=f"training scene {i}")
+    return free, zero_shot, summarize(conf, info.class_names, unseen=info.unseen)
 
 
 def train_plus(clip: LoadedCLIP, teacher: DenseCLIPTeacher, train_scenes: list[Scene], info: DatasetInfo,
-               base: TrainingConfig, on_log: Callable[[str, dict], None] | None = None) -> PlusRuns:
+               base: TrainingConfig, monitor: Monitor | None = None) -> PlusRuns:
     """Train DenseCLIP+ annotation-free (guided only, and with self-training) and transductive zero-shot.
 
     The two annotation-free runs share their first N_g guided steps (one run, branched), so the only difference
-    between them is what self-training changes.
+    between them is what self-training changes. ``monitor(run, model, record)`` sees every log record.
     """
     images, labels = _stack(train_scenes)
     predictor = teacher.predictor
     unseen = info.unseen_ids
+    free_maps, zero_shot_maps, quality = _training_maps(teacher, images, labels, info, base)
 
     def new_target(config: TrainingConfig) -> SegmentationTarget:
         torch.manual_seed(config.seed)
         return build_target(config.target, predictor.name_embeddings, predictor.class_of_name, clip=clip)
 
-    def logger(name: str):
-        return None if on_log is None else (lambda record: on_log(name, record))
+    def run(name: str, model: SegmentationTarget, optimizer, batches, config: TrainingConfig, steps: range):
+        on_log = None if monitor is None else (lambda record: monitor(name, model, record))
+        return train(model, optimizer, batches, config, steps, teacher, unseen, log_every=25, on_log=on_log)
 
     free = dataclasses.replace(base, setting="annotation_free", self_training=False)
     free_self = dataclasses.replace(free, self_training=True)
     zero_shot = dataclasses.replace(base, setting="zero_shot", self_training=True)
-    # Annotation-free batches carry no ground truth at all.
-    free_batches = InMemoryBatches(images, {}, free).batch
-    zero_shot_batches = InMemoryBatches(images, {"label": labels}, zero_shot).batch
+    free_batches = InMemoryBatches(images, free_maps, free).batch
 
-    history: dict[str, list[dict]] = {}
     guided = new_target(free)
     optimizer = build_optimizer(guided, free)
-    prefix = train(guided, optimizer, free_batches, free, range(free.num_guided), teacher, unseen,
-                   on_log=logger("denseclip_plus"))
+    prefix = run("denseclip_plus", guided, optimizer, free_batches, free, range(free.num_guided))
     branch = copy.deepcopy(guided)
     branch_optimizer = build_optimizer(branch, free_self)
     branch_optimizer.load_state_dict(optimizer.state_dict())
-    history["denseclip_plus"] = prefix + train(guided, optimizer, free_batches, free,
-                                               range(free.num_guided, free.iterations), teacher, unseen,
-                                               on_log=logger("denseclip_plus"))
-    history["denseclip_plus_self_training"] = prefix + train(
-        branch, branch_optimizer, free_batches, free_self, range(free.num_guided, free.iterations), teacher,
-        unseen, on_log=logger("denseclip_plus_self_training"))
-
+    rest = range(free.num_guided, free.iterations)
+    history = {
+        "denseclip_plus": prefix + run("denseclip_plus", guided, optimizer, free_batches, free, rest),
+        "denseclip_plus_self_training": prefix + run("denseclip_plus_self_training", branch, branch_optimizer,
+                                                     free_batches, free_self, rest),
+    }
     zs_target = new_target(zero_shot)
-    history["denseclip_plus_zero_shot"] = train(zs_target, build_optimizer(zs_target, zero_shot),
-                                                zero_shot_batches, zero_shot, range(zero_shot.iterations),
-                                                teacher, unseen, on_log=logger("denseclip_plus_zero_shot"))
-    return PlusRuns(guided, branch, zs_target, history)
+    history["denseclip_plus_zero_shot"] = run(
+        "denseclip_plus_zero_shot", zs_target, build_optimizer(zs_target, zero_shot),
+        InMemoryBatches(images, zero_shot_maps, zero_shot).batch, zero_shot, range(zero_shot.iterations))
+    return PlusRuns(guided, branch, zs_target, history, quality)
 
 
 def run_demo(config: DemoConfig, out: str | Path, on_log: Callable[[str, dict], None] | None = None) -> dict:
@@ -190,7 +213,18 @@ def run_demo(config: DemoConfig, out: str | Path, on_log: Callable[[str, dict], 
         results[name] = evaluate(label_fn, held_images, held_labels, info)
     lap("evaluate_baselines")
 
-    runs = train_plus(clip, DenseCLIPTeacher(predictor), train_scenes, info, config.training, on_log)
+    monitored = slice(0, min(config.monitor_images, config.num_images))
+
+    def monitor(run: str, model: SegmentationTarget, record: dict) -> None:
+        # The held-out mIoU along training (on a subset, for the log only) is what shows self-training's drift.
+        if config.monitor_images:
+            record["held_out_miou"] = evaluate(_labels_only(model), held_images[monitored],
+                                               held_labels[monitored], info)[0]["miou"]
+        if on_log is not None:
+            on_log(run, record)
+
+    teacher = DenseCLIPTeacher(predictor, config.training.pseudo_label_refinement)
+    runs = train_plus(clip, teacher, train_scenes, info, config.training, monitor)
     lap("train_denseclip_plus")
     for name, target in (("denseclip_plus", runs.guided), ("denseclip_plus_self_training", runs.self_training),
                          ("denseclip_plus_zero_shot", runs.zero_shot)):
@@ -207,7 +241,8 @@ def run_demo(config: DemoConfig, out: str | Path, on_log: Callable[[str, dict], 
         write_report(out / name, summary, conf, info.class_names, info.palette, samples)
         report[name] = summary
     lap("write")
-    report["training"] = {"config": dataclasses.asdict(config.training), "history": runs.history}
+    report["training"] = {"config": dataclasses.asdict(config.training), "history": runs.history,
+                          "pseudo_label_quality": runs.pseudo_label_quality}
     report["inputs"] = inputs
     report["timings_s"] = timings
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")

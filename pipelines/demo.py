@@ -12,6 +12,8 @@ import argparse
 import dataclasses
 import sys
 
+import torch
+
 from denseclip.config import ConfigError
 from denseclip.demo import RESERVED_SEEDS, DemoConfig, default_training, run_demo
 from denseclip.models import ModelLoadError
@@ -31,11 +33,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=training.iterations, help="DenseCLIP+ steps per run")
     parser.add_argument("--num-overlays", type=int, default=defaults.num_overlays, help="overlay grids per method")
     parser.add_argument("--clip-weights", default=None, help="tiny CLIP checkpoint (default: the shipped one)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared 2-core machine a second thread made each "
+                             "training step ~10x slower, not faster)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads < 1:
+        print(f"error: --threads must be >= 1 (got {args.threads})", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
     config = DemoConfig(seed=args.seed, num_images=args.num_images, train_images=args.train_images,
                         training=dataclasses.replace(default_training(), iterations=args.iterations),
                         num_overlays=args.num_overlays, clip_weights=args.clip_weights)

@@ -35,7 +35,7 @@ def _check_structure(report: dict, out: Path, num_overlays: int) -> None:
         assert set(summary["per_class_iou"]) == set(info.class_names)
         assert len(list((out / method / "overlays").glob("*.png"))) == num_overlays
         assert json.loads((out / method / "report.json").read_text())["miou"] == summary["miou"]
-    assert json.loads((out / "report.json").read_text()) == report
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
 
 
 def test_small_demo_report(tmp_path):
@@ -57,12 +57,13 @@ def test_small_demo_report(tmp_path):
 
 def test_cli_refuses_a_training_seed(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "demo.py"), "--seed", str(TRAIN_SEED),
-                             "--num-images", "2", "--out", str(tmp_path)], capture_output=True, text=True)
+                             "--num-images", "2", "--out", str(tmp_path)],
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 2 and "--seed" in result.stderr
     assert not (tmp_path / "report.json").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.bar
 def test_default_demo_meets_the_bar(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("pipelines_demo", ROOT / "pipelines" / "demo.py")
     cli = importlib.util.module_from_spec(spec)

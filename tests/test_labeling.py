@@ -319,8 +319,9 @@ def test_sigkill_of_the_job_and_of_an_actor_then_every_image_exactly_once(tmp_pa
             "--vocabulary", "synthetic", "--pretrained", "random", "--batch-size", "2"]
 
     def start(log: str) -> subprocess.Popen:
-        return subprocess.Popen(args, cwd=ROOT, stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        with open(tmp_path / log, "w") as out:
+            return subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
 
     job = start("first.log")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,14 @@ from denseclip.config import LabelerConfig
 from denseclip.models import TINY_MODEL, load_clip
 from denseclip.plus import training
 from denseclip.plus.losses import segmentation_loss
-from denseclip.plus.pseudo_labels import DenseCLIPTeacher, hide_unseen, pseudo_labels, zero_shot_merge
+from denseclip.plus.pseudo_labels import (
+    DenseCLIPTeacher,
+    hide_unseen,
+    label_training_set,
+    pseudo_labels,
+    refine_with_image,
+    zero_shot_merge,
+)
 from denseclip.plus.target import TargetConfig, build_target
 from denseclip.plus.training import TrainingConfig, build_optimizer, make_targets, train
 
@@ -147,3 +155,36 @@ def test_precomputed_pseudo_labels_threshold_and_padding(teacher):
     assert (targets[:, 10:, :-5] == 3).all()
     with pytest.raises(ValueError, match="teacher"):
         make_targets(batch, 0, dataclasses.replace(config, pseudo_labels="on_the_fly"), model=None)
+
+
+def test_refinement_snaps_blobby_labels_to_image_edges():
+    gen = torch.Generator().manual_seed(0)
+    image = torch.full((1, 3, 64, 64), 0.5) + 0.02 * torch.randn(1, 3, 64, 64, generator=gen)
+    image[0, :, :, :32] = torch.tensor([0.85, 0.15, 0.15]).view(3, 1, 1)  # a red object on the left half
+    probs = torch.zeros(1, 2, 64, 64)
+    probs[0, 1, :, :40] = 0.9  # the object's label spills 8 pixels into the grey background
+    probs[0, 0] = 1 - probs[0, 1]
+    refined = refine_with_image(probs, image, iterations=10, scale=1.0)
+    torch.testing.assert_close(refined.sum(dim=1), torch.ones(1, 64, 64))
+    labels = refined.argmax(dim=1)[0]
+    assert (labels[:, :30] == 1).all()
+    assert (labels[:, 34:] == 0).float().mean() > 0.95
+    before = (probs.argmax(dim=1)[0] == (torch.arange(64) < 32).long()).float().mean()
+    after = (labels == (torch.arange(64) < 32).long()).float().mean()
+    assert after > before + 0.1
+
+
+def test_teacher_refinement_and_precomputed_training_set(teacher):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 32, 48, 3), dtype=np.uint8)
+    labels, confidence = label_training_set(teacher, images, batch_size=2)
+    assert labels.shape == (3, 32, 48) and labels.dtype == np.uint8 and confidence.dtype == np.float32
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    expected, _ = pseudo_labels(teacher.log_probs(batch))
+    np.testing.assert_array_equal(labels, expected.numpy())
+    unseen_labels, _ = label_training_set(teacher, images, UNSEEN)
+    assert set(np.unique(unseen_labels)) <= set(UNSEEN)
+    refined = DenseCLIPTeacher(teacher.predictor, refine_iterations=5).log_probs(batch)
+    assert refined.shape == (3, len(CLASSES), 32, 48)
+    torch.testing.assert_close(refined.exp().sum(dim=1), torch.ones(3, 32, 48), atol=1e-4, rtol=0)
+    assert not torch.allclose(refined, teacher.log_probs(batch))

@@ -62,7 +62,7 @@ def test_clip_dense_head_starts_from_denseclips_features(clip, embeddings):
     assert features["dense"].shape == (2, D, 4, 4)
     upsampled = F.interpolate(features["dense"], size=(16, 16), mode="bilinear", align_corners=False)
     torch.testing.assert_close(model.head(features), upsampled)  # the refinement starts at zero
-    backbone, new = model.parameter_groups()
+    backbone, _ = model.parameter_groups()
     assert any(p is model.backbone.dense[0].weight for p in backbone)  # pretrained: the backbone's rate
 
 
@@ -151,3 +151,18 @@ def test_backbone_weights_errors_name_the_file(tmp_path, embeddings, clip):
         build_target(TargetConfig(backbone="resnet50", backbone_weights=str(partial)), embeddings)
     with pytest.raises(TypeError, match="ResNet CLIP"):
         build_target(tiny(), embeddings, clip=None)
+
+
+def test_frozen_backbone_keeps_weights_and_statistics(clip, embeddings):
+    model = build_target(tiny(head="clip_dense", freeze_backbone=True), embeddings, clip=clip).train()
+    assert not model.backbone.training and model.head.training
+    backbone_state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = model.head.refine[-1].weight.clone()
+    backbone, new = model.parameter_groups()
+    assert backbone == [] and new
+    optimizer = torch.optim.SGD(new, lr=0.1)
+    F.cross_entropy(model(torch.rand(2, 3, 64, 64)), torch.randint(0, K, (2, 64, 64))).backward()
+    optimizer.step()
+    for key, value in model.backbone.state_dict().items():
+        torch.testing.assert_close(value, backbone_state[key])  # weights and batch-norm running statistics
+    assert not torch.equal(model.head.refine[-1].weight, head_before)

@@ -4,6 +4,7 @@ loss, and a short real training run that learns its targets."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def test_poly_schedule_and_head_multiplier():
     assert poly_lr(0.01, 0, 100) == 0.01 and poly_lr(0.01, 100, 100) == 0.0
     assert poly_lr(0.01, 50, 100, power=1.0) == pytest.approx(0.005)
     values = [poly_lr(0.01, s, 100) for s in range(101)]
-    assert all(a > b for a, b in zip(values, values[1:]))
+    assert all(a > b for a, b in itertools.pairwise(values))
     clip = load_clip(TINY_MODEL, "random")
     config = TrainingConfig(iterations=100, lr=0.02, head_lr_multiplier=10.0, target=TINY_TARGET)
     model = build_target(config.target, torch.randn(3, 128), clip=clip)

@@ -9,27 +9,80 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from denseclip.predictor import DenseCLIP
 
+# Pixel-adaptive mask refinement runs at half resolution (a quarter of the cost; labels stay within 2 pixels of
+# the edges) with neighbours at these dilations of that resolution.
+REFINE_SCALE = 0.5
+REFINE_DILATIONS = (1, 2, 4, 6, 12)
+
 
 class DenseCLIPTeacher:
-    """A frozen DenseCLIP giving pseudo-label scores for training batches, computed on the fly so they stay
-    aligned with whatever augmentation the batch went through.
+    """A frozen DenseCLIP giving pseudo-label scores for training batches (on the fly, so they stay aligned with
+    whatever augmentation the batch went through, or once for a whole training set).
 
-    ``log_probs(images)``: ``(B, 3, H, W)`` float RGB in [0, 1] -> ``(B, K, H, W)`` log-probabilities.
+    ``log_probs(images)``: ``(B, 3, H, W)`` float RGB in [0, 1] -> ``(B, K, H, W)`` log-probabilities,
+    refined along image edges by :func:`refine_with_image` when ``refine_iterations`` > 0.
     """
 
-    def __init__(self, predictor: DenseCLIP) -> None:
+    def __init__(self, predictor: DenseCLIP, refine_iterations: int = 0) -> None:
         self.predictor = predictor
         self.num_classes = predictor.num_classes
+        self.refine_iterations = refine_iterations
 
     @torch.no_grad()
     def log_probs(self, images: torch.Tensor) -> torch.Tensor:
         p = self.predictor
-        normalised = (images.to(p.mean.device) - p.mean) / p.std
-        return p.logits(normalised).to(images.device)
+        images = images.to(p.mean.device)
+        log_probs = p.logits((images - p.mean) / p.std)
+        if self.refine_iterations:
+            probs = refine_with_image(log_probs.exp(), images, self.refine_iterations)
+            log_probs = probs.clamp_min(1e-8).log()
+        return log_probs.to(images.device)
+
+
+def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, height: int, width: int) -> torch.Tensor:
+    return padded[..., pad + dy:pad + dy + height, pad + dx:pad + dx + width]
+
+
+def refine_with_image(probs: torch.Tensor, images: torch.Tensor, iterations: int = 10,
+                      dilations: Sequence[int] = REFINE_DILATIONS, scale: float = REFINE_SCALE) -> torch.Tensor:
+    """Pixel-adaptive mask refinement (PAMR, Araslanov & Roth, CVPR 2020): each pixel's class probabilities
+    become, ``iterations`` times over, the average of its neighbours' (8 per dilation), weighted by how alike
+    their colours are. Coarse, blob-like labels (DenseCLIP's come from a stride-32 grid) snap to image edges.
+
+    Args:
+        probs: ``(B, K, H, W)`` class probabilities.
+        images: ``(B, 3, H, W)`` float RGB in [0, 1].
+        scale: resolution factor the refinement runs at (the result is resized back).
+    Returns:
+        ``(B, K, H, W)`` refined probabilities (each pixel still sums to 1).
+    """
+    size = probs.shape[-2:]
+    if scale != 1:
+        images = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False, antialias=True)
+        probs = F.interpolate(probs, size=images.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+    height, width = images.shape[-2:]
+    pad = max(dilations)
+    offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    padded = F.pad(images, (pad,) * 4, mode="replicate")
+    neighbours = torch.stack([_shifted(padded, pad, dy, dx, height, width) for dy, dx in offsets], dim=2)
+    # Colour distance in units of the local spread, averaged over channels; a softmax over the neighbours.
+    spread = neighbours.std(dim=2, keepdim=True) + 1e-3
+    affinity = (-((neighbours - images[:, :, None]).abs() / spread).mean(dim=1)).softmax(dim=1)  # (B, N, h, w)
+    for _ in range(iterations):
+        padded = F.pad(probs, (pad,) * 4, mode="replicate")
+        out = torch.zeros_like(probs)
+        for n, (dy, dx) in enumerate(offsets):
+            out += _shifted(padded, pad, dy, dx, height, width) * affinity[:, n:n + 1]
+        probs = out
+    if scale != 1:
+        probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+    return probs
 
 
 def hide_unseen(labels: torch.Tensor, unseen_ids: Sequence[int], ignore_index: int = 255) -> torch.Tensor:
@@ -77,3 +130,23 @@ def zero_shot_merge(ground_truth: torch.Tensor, unseen_labels: torch.Tensor, uns
     seen_truth = hide_unseen(ground_truth, unseen_ids, ignore_index)
     fill = keep_classes(unseen_labels, unseen_ids, ignore_index)
     return torch.where(seen_truth != ignore_index, seen_truth, fill)
+
+
+def label_training_set(teacher: DenseCLIPTeacher, images: np.ndarray, class_ids: Sequence[int] | None = None,
+                       batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Precompute pseudo labels for a training set held in memory (once, instead of every step).
+
+    Args:
+        images: ``(N, H, W, 3)`` uint8 RGB.
+        class_ids: restrict the argmax to these classes (the unseen ones, for the zero-shot setting).
+    Returns:
+        ``(labels (N, H, W) uint8 (int32 beyond 255 classes), confidence (N, H, W) float32)``, augmented later together with the images.
+    """
+    label_dtype = np.uint8 if teacher.num_classes <= 255 else np.int32
+    labels, confidence = [], []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 255
+        lab, conf = pseudo_labels(teacher.log_probs(batch), class_ids)
+        labels.append(lab.cpu().numpy().astype(label_dtype))
+        confidence.append(conf.cpu().numpy().astype(np.float32))
+    return np.concatenate(labels), np.concatenate(confidence)

@@ -45,6 +45,8 @@ class TargetConfig:
         aspp_rates: dilation rates of the ASPP branches (None: DeepLab's defaults for the head and stride).
         head_channels: width of the v3+ ASPP and decoder, and of the ``clip_dense`` refinement.
         temperature: logit scale on the cosine similarities.
+        freeze_backbone: keep the backbone's weights and normalisation statistics as initialised (only the
+            head learns); with the CLIP trunk this keeps what CLIP knows from being overwritten by noisy labels.
         learn_background: replace the background class's text embedding with a learnable one (initialised
             from it); needs ``background_index``.
         background_index: class id of background, or None.
@@ -57,6 +59,7 @@ class TargetConfig:
     aspp_rates: tuple[int, ...] | None = None
     head_channels: int = 256
     temperature: float = 50.0
+    freeze_backbone: bool = False
     learn_background: bool = False
     background_index: int | None = 0
 
@@ -252,11 +255,21 @@ class SegmentationTarget(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, classifier: TextClassifier,
-                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+                 mean: tuple[float, ...], std: tuple[float, ...], freeze_backbone: bool = False) -> None:
         super().__init__()
         self.backbone, self.head, self.classifier = backbone, head, classifier
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> SegmentationTarget:
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()  # batch-norm statistics stay frozen too
+        return self
 
     @property
     def num_classes(self) -> int:
@@ -349,4 +362,4 @@ def build_target(config: TargetConfig, class_embeddings: torch.Tensor, class_of_
                                  config.head_channels)
     classifier = TextClassifier(class_embeddings, class_of_name, config.temperature, config.learn_background,
                                 config.background_index)
-    return SegmentationTarget(backbone, head, classifier, mean, std)
+    return SegmentationTarget(backbone, head, classifier, mean, std, config.freeze_backbone)

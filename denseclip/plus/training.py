@@ -44,6 +44,8 @@ class TrainingConfig:
         self_training: after N_g, train on the target's own predictions (else keep the DenseCLIP guidance).
         pseudo_labels: ``on_the_fly`` (a frozen DenseCLIP labels each augmented batch) or ``precomputed``
             (the batch carries ``pseudo_label`` / ``pseudo_confidence``, augmented with the image).
+        pseudo_label_refinement: iterations of pixel-adaptive refinement of DenseCLIP's pseudo labels along
+            image edges (0: off; see ``pseudo_labels.refine_with_image``).
         confidence_threshold: pseudo-labelled pixels below this confidence are ignored (None: keep all).
         batch_size, crop_size: images per step and the square training crop in pixels.
         scale_range: random resize factor range; flip: random horizontal flip.
@@ -59,6 +61,7 @@ class TrainingConfig:
     guided_iterations: int | None = None
     self_training: bool = False
     pseudo_labels: str = "on_the_fly"
+    pseudo_label_refinement: int = 0
     confidence_threshold: float | None = None
     batch_size: int = 16
     crop_size: int = 512
@@ -112,6 +115,8 @@ class TrainingConfig:
         for name in ("iterations", "batch_size", "crop_size"):
             if not positive_int(getattr(self, name)):
                 fail(name, "must be a positive integer")
+        if not (positive_int(self.pseudo_label_refinement) or self.pseudo_label_refinement == 0):
+            fail("pseudo_label_refinement", "must be a non-negative integer")
         if self.guided_iterations is not None and not (
                 isinstance(self.guided_iterations, int) and 0 <= self.guided_iterations <= self.iterations):
             fail("guided_iterations", f"must be an integer in [0, iterations={self.iterations}] or null")

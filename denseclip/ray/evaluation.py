@@ -19,16 +19,16 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
-import torch
-
 import ray
+import torch
+from ray.data import ActorPoolStrategy
+
 from denseclip.evaluation import Evaluation, GroundTruth, ImageLabeler, open_predictions, shard_ground_truth
 from denseclip.images import decode_image
 from denseclip.metrics import EvaluationInputError
 from denseclip.ray.labeling import ActorPlan, _objects
 from denseclip.robustness import CLEAN, Condition, apply_condition
 from denseclip.shards import read_shard
-from ray.data import ActorPoolStrategy
 
 _NO_MAP = np.zeros((0, 0), dtype=np.uint8)
 _SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)

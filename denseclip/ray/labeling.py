@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 import pyarrow as pa
-
 import ray
+from ray.data import ActorPoolStrategy
+
 from denseclip import storage
 from denseclip.config import LabelerConfig
 from denseclip.images import ImageDecodeError, decode_image
@@ -42,7 +43,6 @@ from denseclip.mask_store import (
 )
 from denseclip.shards import expand_shards, read_shard, sanitize_key
 from denseclip.vocabulary import load_templates
-from ray.data import ActorPoolStrategy
 
 log = logging.getLogger(__name__)
 

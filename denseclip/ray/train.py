@@ -23,13 +23,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import ray
+import ray.train.torch
 import safetensors.torch
 import torch
 import torch.distributed as dist
+from ray.train.torch import TorchTrainer
 from torch import nn
 
-import ray
-import ray.train.torch
 from denseclip import storage
 from denseclip.config import ConfigError, LabelerConfig
 from denseclip.datasets import DATASET_NAMES, DatasetInfo, get_dataset
@@ -52,7 +53,6 @@ from denseclip.plus.training import (
 from denseclip.ray.train_data import read_samples
 from denseclip.report import write_report
 from denseclip.shards import expand_shards
-from ray.train.torch import TorchTrainer
 
 log = logging.getLogger(__name__)
 
