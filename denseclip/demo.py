@@ -157,7 +157,7 @@ def train_plus(clip: LoadedCLIP, teacher: DenseCLIPTeacher, train_scenes: list[S
 
     def run(name: str, model: SegmentationTarget, optimizer, batches, config: TrainingConfig, steps: range):
         on_log = None if monitor is None else (lambda record: monitor(name, model, record))
-        return train(model, optimizer, batches, config, steps, teacher, unseen, log_every=25, on_log=on_log)
+        return train(model, optimizer, batches, config, steps, teacher, unseen, log_every=50, on_log=on_log)
 
     free = dataclasses.replace(base, setting="annotation_free", self_training=False)
     free_self = dataclasses.replace(free, self_training=True)

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                         num_overlays=args.num_overlays, clip_weights=args.clip_weights)
 
     def progress(run: str, record: dict) -> None:
-        print(f"  {run}: step {record['step']} ({record['phase']}) loss {record['loss']:.3f}", flush=True)
+        held_out = f", held-out mIoU {record['held_out_miou']:.1f}" if "held_out_miou" in record else ""
+        print(f"  {run}: step {record['step']} ({record['phase']}) loss {record['loss']:.3f}{held_out}", flush=True)
 
     try:
         report = run_demo(config, args.out, on_log=progress)

@@ -40,7 +40,7 @@ def _check_structure(report: dict, out: Path, num_overlays: int) -> None:
 
 def test_small_demo_report(tmp_path):
     torch.set_num_threads(1)
-    training = dataclasses.replace(default_training(), iterations=4, batch_size=4, crop_size=96)
+    training = dataclasses.replace(default_training(), iterations=4, guided_iterations=2, batch_size=4, crop_size=96)
     config = DemoConfig(seed=11, num_images=12, train_images=16, training=training, num_overlays=2)
     report = run_demo(config, tmp_path)
     _check_structure(report, tmp_path, 2)
