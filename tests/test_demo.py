@@ -40,10 +40,12 @@ def _check_structure(report: dict, out: Path, num_overlays: int) -> None:
 
 def test_small_demo_report(tmp_path):
     torch.set_num_threads(1)
-    training = dataclasses.replace(default_training(), iterations=4, guided_iterations=2, batch_size=4, crop_size=96)
+    training = dataclasses.replace(default_training(), iterations=4, guided_iterations=2, batch_size=4,
+                                   crop_size=96)
     config = DemoConfig(seed=11, num_images=12, train_images=16, training=training, num_overlays=2)
     report = run_demo(config, tmp_path)
     _check_structure(report, tmp_path, 2)
+    assert report["denseclip"]["miou"] > 2 * report["random_weights"]["miou"]  # the shipped weights loaded
     # The all-background baseline, recomputed from the rendered ground truth.
     gt = np.stack([s.labels for s in render_dataset(11, 12)])
     assert report["all_background"]["pixel_accuracy"] == pytest.approx(100 * (gt == 0).mean())
@@ -63,6 +65,7 @@ def test_cli_refuses_a_training_seed(tmp_path):
     assert not (tmp_path / "report.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.bar
 def test_default_demo_meets_the_bar(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("pipelines_demo", ROOT / "pipelines" / "demo.py")
