@@ -41,9 +41,9 @@ LabelFn = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
 def default_training() -> TrainingConfig:
-    """The demo's DenseCLIP+ schedule: the tiny CLIP's own tower, frozen and dilated to stride 8, with its dense
-    head plus a stride-4 refinement (so training starts from DenseCLIP's predictions), trained on precomputed
-    pseudo labels refined along image edges."""
+    """The demo's DenseCLIP+ schedule: the tiny CLIP's own tower, frozen and dilated to stride 8, with its
+    dense head plus a stride-4 refinement (so training starts from DenseCLIP's predictions), trained on
+    precomputed pseudo labels refined along image edges."""
     return TrainingConfig(
         iterations=300, batch_size=8, crop_size=128, scale_range=(0.75, 1.5), lr=0.01,
         pseudo_labels="precomputed", pseudo_label_refinement=10,
@@ -57,7 +57,8 @@ class DemoConfig:
 
     Attributes:
         seed: world seed of the held-out evaluation set (not one of ``RESERVED_SEEDS``).
-        num_images: held-out scenes; train_images: scenes of the DenseCLIP+ training set (world ``TRAIN_SEED``).
+        num_images: held-out scenes.
+        train_images: scenes of the DenseCLIP+ training set (world ``TRAIN_SEED``).
         training: the DenseCLIP+ schedule; the demo derives its three runs from it (setting, self-training).
         num_overlays: image | ground truth | prediction grids written per method.
         monitor_images: held-out images scored at every training log record (0: none).
@@ -74,7 +75,7 @@ class DemoConfig:
 
     def validate(self) -> None:
         if self.seed in RESERVED_SEEDS:
-            raise ConfigError(f"--seed: {self.seed} is a training world seed ({RESERVED_SEEDS}); pick another")
+            raise ConfigError(f"--seed: {self.seed} is a training world seed {RESERVED_SEEDS}; pick another")
         for name in ("num_images", "train_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1 (got {getattr(self, name)})")
@@ -132,7 +133,8 @@ def _training_maps(teacher: DenseCLIPTeacher, images: np.ndarray, labels: np.nda
     if base.pseudo_labels != "precomputed":
         return free, zero_shot, None
     free["pseudo_label"], free["pseudo_confidence"] = label_training_set(teacher, images)
-    zero_shot["pseudo_label"], zero_shot["pseudo_confidence"] = label_training_set(teacher, images, info.unseen_ids)
+    zero_shot["pseudo_label"], zero_shot["pseudo_confidence"] = label_training_set(teacher, images,
+                                                                                   info.unseen_ids)
     conf = ConfusionMatrix(info.num_classes, info.ignore_index)
     for i, (pseudo, truth) in enumerate(zip(free["pseudo_label"], labels)):
         conf.update(pseudo, truth, key=f"training scene {i}")
@@ -143,8 +145,9 @@ def train_plus(clip: LoadedCLIP, teacher: DenseCLIPTeacher, train_scenes: list[S
                base: TrainingConfig, monitor: Monitor | None = None) -> PlusRuns:
     """Train DenseCLIP+ annotation-free (guided only, and with self-training) and transductive zero-shot.
 
-    The two annotation-free runs share their first N_g guided steps (one run, branched), so the only difference
-    between them is what self-training changes. ``monitor(run, model, record)`` sees every log record.
+    The two annotation-free runs share their first N_g guided steps (one run, branched), so the only
+    difference between them is what self-training changes. ``monitor(run, model, record)`` sees every log
+    record.
     """
     images, labels = _stack(train_scenes)
     predictor = teacher.predictor
@@ -216,7 +219,7 @@ def run_demo(config: DemoConfig, out: str | Path, on_log: Callable[[str, dict], 
     monitored = slice(0, min(config.monitor_images, config.num_images))
 
     def monitor(run: str, model: SegmentationTarget, record: dict) -> None:
-        # The held-out mIoU along training (on a subset, for the log only) is what shows self-training's drift.
+        # The held-out mIoU along training (a subset, for the log only) is what shows self-training's drift.
         if config.monitor_images:
             record["held_out_miou"] = evaluate(_labels_only(model), held_images[monitored],
                                                held_labels[monitored], info)[0]["miou"]
@@ -226,8 +229,9 @@ def run_demo(config: DemoConfig, out: str | Path, on_log: Callable[[str, dict], 
     teacher = DenseCLIPTeacher(predictor, config.training.pseudo_label_refinement)
     runs = train_plus(clip, teacher, train_scenes, info, config.training, monitor)
     lap("train_denseclip_plus")
-    for name, target in (("denseclip_plus", runs.guided), ("denseclip_plus_self_training", runs.self_training),
-                         ("denseclip_plus_zero_shot", runs.zero_shot)):
+    targets = {"denseclip_plus": runs.guided, "denseclip_plus_self_training": runs.self_training,
+               "denseclip_plus_zero_shot": runs.zero_shot}
+    for name, target in targets.items():
         results[name] = evaluate(_labels_only(target), held_images, held_labels, info)
     lap("evaluate_denseclip_plus")
 

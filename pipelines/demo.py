@@ -23,19 +23,24 @@ METHODS = ("all_background", "random_weights", "denseclip", "denseclip_plus", "d
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults, training = DemoConfig(), default_training()
     parser.add_argument("--seed", type=int, required=True,
                         help=f"world seed of the held-out set (any but the training seeds {RESERVED_SEEDS})")
     parser.add_argument("--num-images", type=int, default=defaults.num_images, help="held-out scenes")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--train-images", type=int, default=defaults.train_images, help="DenseCLIP+ training scenes")
-    parser.add_argument("--iterations", type=int, default=training.iterations, help="DenseCLIP+ steps per run")
-    parser.add_argument("--num-overlays", type=int, default=defaults.num_overlays, help="overlay grids per method")
-    parser.add_argument("--clip-weights", default=None, help="tiny CLIP checkpoint (default: the shipped one)")
+    parser.add_argument("--train-images", type=int, default=defaults.train_images,
+                        help="DenseCLIP+ training scenes")
+    parser.add_argument("--iterations", type=int, default=training.iterations,
+                        help="DenseCLIP+ steps per run")
+    parser.add_argument("--num-overlays", type=int, default=defaults.num_overlays,
+                        help="overlay grids per method")
+    parser.add_argument("--clip-weights", default=None,
+                        help="tiny CLIP checkpoint (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared 2-core machine a second thread made each "
-                             "training step ~10x slower, not faster)")
+                        help="torch CPU threads (default 1: on a shared 2-core machine a second thread "
+                             "made each training step ~10x slower, not faster)")
     return parser.parse_args(argv)
 
 
@@ -51,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(run: str, record: dict) -> None:
         held_out = f", held-out mIoU {record['held_out_miou']:.1f}" if "held_out_miou" in record else ""
-        print(f"  {run}: step {record['step']} ({record['phase']}) loss {record['loss']:.3f}{held_out}", flush=True)
+        print(f"  {run}: step {record['step']} ({record['phase']}) loss {record['loss']:.3f}{held_out}",
+              flush=True)
 
     try:
         report = run_demo(config, args.out, on_log=progress)

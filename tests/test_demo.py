@@ -1,5 +1,5 @@
-"""The demo end to end: a small run checks the report's structure and sanity; the full default run (slow) checks
-the bar of the synthetic-world issue."""
+"""The demo end to end: a small run checks the report's structure and sanity; the full default run (slow)
+checks the bar of the synthetic-world issue."""
 
 from __future__ import annotations
 

@@ -88,8 +88,8 @@ def _recorded_targets(monkeypatch, teacher, gt: torch.Tensor, config: TrainingCo
     model = build_target(config.target, teacher.predictor.name_embeddings, teacher.predictor.class_of_name,
                          clip=teacher.predictor.clip)
     batch = _batch(gt)
-    train(model, build_optimizer(model, config), lambda step: batch, config, range(config.iterations), teacher,
-          UNSEEN)
+    train(model, build_optimizer(model, config), lambda step: batch, config, range(config.iterations),
+          teacher, UNSEEN)
     return seen
 
 

@@ -116,7 +116,7 @@ def test_learnable_background_trains_only_the_background_embedding(clip, embeddi
 def test_label_images_matches_predict(clip, embeddings):
     model = build_target(tiny(), embeddings, clip=clip)
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)]
+    images = [rng.integers(0, 256, size, dtype=np.uint8) for size in [(48, 64, 3), (32, 32, 3)]]
     results = model.label_images(images)
     for image, (labels, conf) in zip(images, results):
         assert labels.shape == image.shape[:2] and labels.dtype == np.uint8 and labels.max() < K
@@ -144,7 +144,8 @@ def test_resnet_deeplab_loads_imagenet_weights_by_path(tmp_path, embeddings, hea
 
 def test_backbone_weights_errors_name_the_file(tmp_path, embeddings, clip):
     with pytest.raises(ModelLoadError, match="nothing.pt"):
-        build_target(TargetConfig(backbone="resnet50", backbone_weights=str(tmp_path / "nothing.pt")), embeddings)
+        build_target(TargetConfig(backbone="resnet50", backbone_weights=str(tmp_path / "nothing.pt")),
+                     embeddings)
     partial = tmp_path / "partial.safetensors"
     save_file({"conv1.weight": torch.zeros(64, 3, 7, 7)}, str(partial))
     with pytest.raises(ValueError, match="partial.safetensors"):

@@ -1,5 +1,5 @@
-"""DenseCLIP+ training pieces: config validation, poly schedule, joint augmentation, deterministic batches, the
-loss, and a short real training run that learns its targets."""
+"""DenseCLIP+ training pieces: config validation, poly schedule, joint augmentation, deterministic batches,
+the loss, and a short real training run that learns its targets."""
 
 from __future__ import annotations
 
@@ -47,10 +47,13 @@ def test_config_from_dict_and_defaults():
     ({"scale_range": [2.0, 1.0]}, "training.scale_range"),
     ({"pseudo_labels": "from_somewhere"}, "training.pseudo_labels"),
     ({"learning_rate": 0.1}, "training.learning_rate"),
-    ({"target": {"backbone": "vgg16"}}, "training.target"),
+    ({"lr": "fast"}, "training.lr"),
+    ({"target": {"backbone": "vgg16"}}, "training.target.backbone"),
     ({"target": {"depth": 3}}, "training.target.depth"),
-    ({"target": {"backbone": "resnet50", "backbone_weights": "clip"}}, "training.target"),
-    ({"target": {"output_stride": 32}}, "training.target"),
+    ({"target": {"backbone": "resnet50", "backbone_weights": "clip"}}, "training.target.backbone_weights"),
+    ({"target": {"backbone": "resnet50", "head": "clip_dense"}}, "training.target.head"),
+    ({"target": {"output_stride": 32}}, "training.target.output_stride"),
+    ({"target": ["clip"]}, "training.target"),
 ])
 def test_config_errors_name_the_field(values, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -88,7 +91,8 @@ def test_augment_keeps_image_and_maps_aligned():
         # Away from block edges (bilinear image vs nearest labels may differ there) they must agree exactly.
         lab = out["label"][None, None].float()
         interior = (F.max_pool2d(lab, 5, 1, 2) == F.max_pool2d(-lab, 5, 1, 2).neg())[0, 0] & valid
-        interior[:2], interior[-2:], interior[:, :2], interior[:, -2:] = False, False, False, False  # crop edge
+        # Nor at the crop's edge, where the image was resampled from pixels outside the crop.
+        interior[:2], interior[-2:], interior[:, :2], interior[:, -2:] = False, False, False, False
         assert interior.sum() > 100
         assert torch.equal(decoded[interior], out["label"][interior])
         assert torch.equal(out["score"][valid].long(), out["label"][valid])
@@ -99,7 +103,8 @@ def test_in_memory_batches_depend_only_on_seed_and_step():
     images = rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8)
     labels = rng.integers(0, 3, (6, 40, 40), dtype=np.uint8)
     config = TrainingConfig(batch_size=4, crop_size=32, seed=3)
-    a, b = InMemoryBatches(images, {"label": labels}, config), InMemoryBatches(images, {"label": labels}, config)
+    a = InMemoryBatches(images, {"label": labels}, config)
+    b = InMemoryBatches(images, {"label": labels}, config)
     first = a.batch(5)
     assert first["image"].shape == (4, 3, 32, 32) and first["label"].dtype == torch.int64
     for key in first:
@@ -133,7 +138,8 @@ def test_short_training_run_learns_its_pseudo_labels():
     clip = load_clip(TINY_MODEL, "random")
     model = build_target(config.target, F.normalize(torch.randn(3, 128), dim=-1), clip=clip)
     batches = InMemoryBatches(images, {"pseudo_label": pseudo}, config).batch
-    history = train(model, build_optimizer(model, config), batches, config, range(config.iterations), log_every=10)
+    history = train(model, build_optimizer(model, config), batches, config, range(config.iterations),
+                    log_every=10)
     assert [r["step"] for r in history] == [10, 20, 30, 40]
     assert {r["phase"] for r in history} == {"guided"}
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]

@@ -13,7 +13,7 @@ def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
         logits: ``(B, K, H, W)`` class logits.
         targets: ``(B, H, W)`` int64 labels in [0, K) or ``ignore_index``.
     Returns:
-        A scalar; 0 (still differentiable) when every pixel is ignored, where plain ``cross_entropy`` gives NaN.
+        A scalar; 0 (still differentiable) when every pixel is ignored (plain ``cross_entropy`` gives NaN).
     """
     total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
     count = (targets != ignore_index).sum().clamp_min(1)

@@ -15,15 +15,15 @@ import torch.nn.functional as F
 
 from denseclip.predictor import DenseCLIP
 
-# Pixel-adaptive mask refinement runs at half resolution (a quarter of the cost; labels stay within 2 pixels of
-# the edges) with neighbours at these dilations of that resolution.
+# Pixel-adaptive mask refinement runs at half resolution (a quarter of the cost; labels stay within 2 pixels
+# of the edges) with neighbours at these dilations of that resolution.
 REFINE_SCALE = 0.5
 REFINE_DILATIONS = (1, 2, 4, 6, 12)
 
 
 class DenseCLIPTeacher:
-    """A frozen DenseCLIP giving pseudo-label scores for training batches (on the fly, so they stay aligned with
-    whatever augmentation the batch went through, or once for a whole training set).
+    """A frozen DenseCLIP giving pseudo-label scores for training batches (on the fly, so they stay aligned
+    with whatever augmentation the batch went through, or once for a whole training set).
 
     ``log_probs(images)``: ``(B, 3, H, W)`` float RGB in [0, 1] -> ``(B, K, H, W)`` log-probabilities,
     refined along image edges by :func:`refine_with_image` when ``refine_iterations`` > 0.
@@ -50,7 +50,8 @@ def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, height: int, widt
 
 
 def refine_with_image(probs: torch.Tensor, images: torch.Tensor, iterations: int = 10,
-                      dilations: Sequence[int] = REFINE_DILATIONS, scale: float = REFINE_SCALE) -> torch.Tensor:
+                      dilations: Sequence[int] = REFINE_DILATIONS,
+                      scale: float = REFINE_SCALE) -> torch.Tensor:
     """Pixel-adaptive mask refinement (PAMR, Araslanov & Roth, CVPR 2020): each pixel's class probabilities
     become, ``iterations`` times over, the average of its neighbours' (8 per dilation), weighted by how alike
     their colours are. Coarse, blob-like labels (DenseCLIP's come from a stride-32 grid) snap to image edges.
@@ -64,8 +65,10 @@ def refine_with_image(probs: torch.Tensor, images: torch.Tensor, iterations: int
     """
     size = probs.shape[-2:]
     if scale != 1:
-        images = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False, antialias=True)
-        probs = F.interpolate(probs, size=images.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+        images = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False,
+                               antialias=True)
+        probs = F.interpolate(probs, size=images.shape[-2:], mode="bilinear", align_corners=False,
+                              antialias=True)
     height, width = images.shape[-2:]
     pad = max(dilations)
     offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
@@ -73,7 +76,8 @@ def refine_with_image(probs: torch.Tensor, images: torch.Tensor, iterations: int
     neighbours = torch.stack([_shifted(padded, pad, dy, dx, height, width) for dy, dx in offsets], dim=2)
     # Colour distance in units of the local spread, averaged over channels; a softmax over the neighbours.
     spread = neighbours.std(dim=2, keepdim=True) + 1e-3
-    affinity = (-((neighbours - images[:, :, None]).abs() / spread).mean(dim=1)).softmax(dim=1)  # (B, N, h, w)
+    distance = ((neighbours - images[:, :, None]).abs() / spread).mean(dim=1)
+    affinity = (-distance).softmax(dim=1)  # (B, N, h, w)
     for _ in range(iterations):
         padded = F.pad(probs, (pad,) * 4, mode="replicate")
         out = torch.zeros_like(probs)
@@ -86,14 +90,15 @@ def refine_with_image(probs: torch.Tensor, images: torch.Tensor, iterations: int
 
 
 def hide_unseen(labels: torch.Tensor, unseen_ids: Sequence[int], ignore_index: int = 255) -> torch.Tensor:
-    """The annotation the zero-shot setting may use: ground truth ``(B, H, W)`` with unseen-class pixels set to
-    ``ignore_index`` (a copy)."""
+    """The annotation the zero-shot setting may use: ground truth ``(B, H, W)`` with unseen-class pixels set
+    to ``ignore_index`` (a copy)."""
     unseen = torch.as_tensor(list(unseen_ids), dtype=labels.dtype, device=labels.device)
     return labels.masked_fill(torch.isin(labels, unseen), ignore_index)
 
 
 def pseudo_labels(scores: torch.Tensor, class_ids: Sequence[int] | None = None,
-                  threshold: float | None = None, ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+                  threshold: float | None = None,
+                  ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
     """Argmax pseudo labels of ``scores (B, K, H, W)``, optionally among ``class_ids`` only.
 
     The confidence is the softmax probability of the winning class among the allowed ones; pixels whose
@@ -140,7 +145,8 @@ def label_training_set(teacher: DenseCLIPTeacher, images: np.ndarray, class_ids:
         images: ``(N, H, W, 3)`` uint8 RGB.
         class_ids: restrict the argmax to these classes (the unseen ones, for the zero-shot setting).
     Returns:
-        ``(labels (N, H, W) uint8 (int32 beyond 255 classes), confidence (N, H, W) float32)``, augmented later together with the images.
+        ``(labels (N, H, W) uint8 (int32 beyond 255 classes), confidence (N, H, W) float32)``, to be
+        augmented together with the images.
     """
     label_dtype = np.uint8 if teacher.num_classes <= 255 else np.int32
     labels, confidence = [], []

@@ -1,9 +1,10 @@
 """The DenseCLIP+ target: a segmentation network whose classifier is fixed to the DenseCLIP text embeddings.
 
-A backbone (torchvision ResNet-50/101, dilated, or the CLIP image tower's own stem to layer 3) feeds a DeepLab
-head (v2 ASPP or v3+ ASPP with a decoder) that projects into CLIP's joint space; the features are
-L2-normalised and scored against the normalised class embeddings by a 1x1 convolution, times a temperature.
-The classifier weights are buffers (never trained), so the trained network stays open-vocabulary.
+A backbone (torchvision ResNet-50/101 or the CLIP ResNet image tower itself, dilated) feeds a head (DeepLab v2
+ASPP, v3+ ASPP with a decoder, or CLIP's own dense head with a refinement) that projects into CLIP's joint
+space; the features are L2-normalised and scored against the normalised class embeddings by a 1x1
+convolution, times a temperature. The classifier weights are buffers (never trained), so the trained network
+stays open-vocabulary.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class TargetConfig:
     """Which target network to build (validated by ``denseclip.plus.training.TrainingConfig``).
 
     Attributes:
-        backbone: ``clip`` (the CLIP image tower's stem to layer 3; needs a ResNet CLIP), ``resnet50``, ``resnet101``.
+        backbone: ``clip`` (the CLIP ResNet image tower itself, see ``ClipTrunk``), ``resnet50`` or
+            ``resnet101``.
         head: ``deeplabv2`` (sum of dilated 3x3 convolutions), ``deeplabv3plus`` (ASPP + stride-4 decoder) or
             ``clip_dense`` (CLIP's own dense head + a stride-4 refinement, so training starts from DenseCLIP's
             predictions; needs backbone ``clip``).
@@ -46,7 +48,8 @@ class TargetConfig:
         head_channels: width of the v3+ ASPP and decoder, and of the ``clip_dense`` refinement.
         temperature: logit scale on the cosine similarities.
         freeze_backbone: keep the backbone's weights and normalisation statistics as initialised (only the
-            head learns); with the CLIP trunk this keeps what CLIP knows from being overwritten by noisy labels.
+            head learns); with the CLIP trunk this keeps what CLIP knows from being overwritten by noisy
+            labels.
         learn_background: replace the background class's text embedding with a learnable one (initialised
             from it); needs ``background_index``.
         background_index: class id of background, or None.
@@ -64,7 +67,8 @@ class TargetConfig:
     background_index: int | None = 0
 
     def rates(self) -> tuple[int, ...]:
-        """The ASPP rates: given, or DeepLabv2's (6, 12, 18, 24) / v3+'s (6, 12, 18) at stride 16, doubled at 8."""
+        """The ASPP rates: given, or DeepLabv2's (6, 12, 18, 24) / v3+'s (6, 12, 18) at stride 16 (doubled
+        at 8)."""
         if self.aspp_rates is not None:
             return tuple(self.aspp_rates)
         if self.head == "deeplabv2":
@@ -94,6 +98,7 @@ class TextClassifier(nn.Module):
         self.register_buffer("embeddings", embeddings.clone())
         self.register_buffer("class_of_name", class_of_name.detach().long().clone())
         self.num_classes = int(self.class_of_name.max()) + 1
+        self.one_name_per_class = torch.equal(self.class_of_name, torch.arange(self.num_classes))
         self.temperature = temperature
         self.background = None
         if learn_background:
@@ -112,7 +117,7 @@ class TextClassifier(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         cosine = F.conv2d(F.normalize(features, dim=1), self.weight()[:, :, None, None])
-        if self.num_classes == len(self.class_of_name):
+        if self.one_name_per_class:
             return self.temperature * cosine
         b, _, h, w = cosine.shape
         index = self.class_of_name.view(1, -1, 1, 1).expand_as(cosine)
@@ -121,10 +126,12 @@ class TextClassifier(nn.Module):
 
 
 class ClipTrunk(nn.Module):
-    """The CLIP ResNet tower (stem, layers 1-4) as a segmentation backbone, dilated to ``output_stride`` 8 or 16.
+    """The CLIP ResNet tower (stem, layers 1-4) as a segmentation backbone, dilated to ``output_stride`` 8 or
+    16.
 
     open_clip's blocks convolve first and pool after, so dropping a block's pooling keeps its own receptive
-    field; every later 3x3 convolution is dilated by the resolution kept, and the pretrained weights still fit.
+    field; every later 3x3 convolution is dilated by the resolution kept, and the pretrained weights still
+    fit.
     With ``dense``, the attention pool's value and output projections (DenseCLIP's dense head) follow as 1x1
     convolutions initialised from them.
     ``forward``: ``(B, 3, H, W)`` normalised -> ``{"low": (B, 4w, H/4, W/4), "high": (B, 32w, H/s, W/s)}``
@@ -138,8 +145,8 @@ class ClipTrunk(nn.Module):
         if dense:
             pool = visual.attnpool
             self.dense = nn.Sequential(_conv_from_linear(pool.v_proj), _conv_from_linear(pool.c_proj))
-        self.stem = nn.Sequential(visual.conv1, visual.bn1, visual.act1, visual.conv2, visual.bn2, visual.act2,
-                                  visual.conv3, visual.bn3, visual.act3, visual.avgpool)
+        self.stem = nn.Sequential(visual.conv1, visual.bn1, visual.act1, visual.conv2, visual.bn2,
+                                  visual.act2, visual.conv3, visual.bn3, visual.act3, visual.avgpool)
         self.layer1, self.layer2 = visual.layer1, visual.layer2
         self.layer3, self.layer4 = visual.layer3, visual.layer4
         unpooled = {8: (self.layer3, self.layer4), 16: (self.layer4,)}[output_stride]
@@ -149,7 +156,8 @@ class ClipTrunk(nn.Module):
                 block.conv2.dilation, block.conv2.padding = (dilation, dilation), (dilation, dilation)
                 if block.stride > 1 and layer in unpooled:
                     block.avgpool = nn.Identity()
-                    setattr(block.downsample, "-1", nn.Identity())  # open_clip names the shortcut's pooling "-1"
+                    # open_clip names the shortcut's pooling "-1".
+                    setattr(block.downsample, "-1", nn.Identity())
                     dilation *= block.stride
         self.low_channels = self.layer1[-1].conv3.out_channels
         self.high_channels = self.layer4[-1].conv3.out_channels
@@ -185,7 +193,8 @@ class DeepLabV2Head(nn.Module):
 
     def __init__(self, in_channels: int, embed_dim: int, rates: tuple[int, ...]) -> None:
         super().__init__()
-        self.branches = nn.ModuleList(nn.Conv2d(in_channels, embed_dim, 3, padding=r, dilation=r) for r in rates)
+        self.branches = nn.ModuleList(nn.Conv2d(in_channels, embed_dim, 3, padding=r, dilation=r)
+                                      for r in rates)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         high = features["high"]
@@ -194,7 +203,8 @@ class DeepLabV2Head(nn.Module):
 
 class DeepLabV3PlusHead(nn.Module):
     """DeepLabv3+: ASPP on the last features, upsampled and fused with the reduced stride-4 features, then
-    projected into CLIP's space. ``{"low": (B, C_l, H/4, W/4), "high": (B, C_h, h, w)}`` -> ``(B, D, H/4, W/4)``."""
+    projected into CLIP's space.
+    ``{"low": (B, C_l, H/4, W/4), "high": (B, C_h, h, w)}`` -> ``(B, D, H/4, W/4)``."""
 
     def __init__(self, low_channels: int, high_channels: int, embed_dim: int, rates: tuple[int, ...],
                  channels: int = 256) -> None:
@@ -204,12 +214,14 @@ class DeepLabV3PlusHead(nn.Module):
         self.fuse = nn.Sequential(
             nn.Conv2d(channels + _LOW_LEVEL_CHANNELS, channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
             nn.Conv2d(channels, embed_dim, 1))
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         low = self.reduce(features["low"])
-        high = F.interpolate(self.aspp(features["high"]), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        high = F.interpolate(self.aspp(features["high"]), size=low.shape[-2:], mode="bilinear",
+                             align_corners=False)
         return self.fuse(torch.cat([high, low], dim=1))
 
 
@@ -281,21 +293,24 @@ class SegmentationTarget(nn.Module):
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """``(backbone parameters, new parameters)``: DeepLab trains the new layers at a higher learning rate."""
+        """``(backbone parameters, new parameters)``: DeepLab trains the new layers at a higher rate."""
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        new = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("backbone.")]
+        new = [p for name, p in self.named_parameters()
+               if p.requires_grad and not name.startswith("backbone.")]
         return backbone, new
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(labels (B, H, W) int64, confidence (B, H, W) float in [0, 1])`` for ``(B, 3, H, W)`` in [0, 1]."""
+        """``(B, 3, H, W)`` in [0, 1] -> ``(labels (B, H, W) int64, confidence (B, H, W) float in [0, 1])``
+        (in eval mode)."""
         was_training = self.training
         self.eval()
         confidence, labels = self(images).softmax(dim=1).max(dim=1)
         self.train(was_training)
         return labels, confidence
 
-    def label_images(self, images: list[np.ndarray], batch_size: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+    def label_images(self, images: list[np.ndarray],
+                     batch_size: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(H, W, 3)`` uint8 RGB images -> ``(labels (H, W) uint8|int32, confidence (H, W) float32)`` each,
         as ``DenseCLIP.label_images`` gives them."""
         label_dtype = np.uint8 if self.num_classes <= 255 else np.int32
@@ -304,7 +319,8 @@ class SegmentationTarget(nn.Module):
         for start in range(0, len(images), batch_size):
             for image in images[start:start + batch_size]:
                 if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                    raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+                    raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} "
+                                     f"{image.dtype}")
             chunk = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float() / 255
                      for im in images[start:start + batch_size]]
             same_size = all(c.shape == chunk[0].shape for c in chunk)
@@ -331,7 +347,8 @@ def _load_backbone_weights(backbone: nn.Module, url: str) -> None:
         raise ValueError(f"backbone_weights {url!r} lack {len(missing)} backbone tensors, e.g. {missing[:3]}")
 
 
-def build_target(config: TargetConfig, class_embeddings: torch.Tensor, class_of_name: torch.Tensor | None = None,
+def build_target(config: TargetConfig, class_embeddings: torch.Tensor,
+                 class_of_name: torch.Tensor | None = None,
                  clip: LoadedCLIP | None = None) -> SegmentationTarget:
     """The target network for ``config`` with its classifier fixed to ``class_embeddings`` ``(N, D)``
     (one row per name; ``class_of_name (N,)`` maps names to classes, None: one name per class).

@@ -1,11 +1,11 @@
-"""DenseCLIP+ training (the paper's Algorithm 1) from small pieces a single process or a distributed worker loop
-can call: a validated ``TrainingConfig``, joint augmentation of images and label maps, ``make_targets`` (guided
-learning on DenseCLIP pseudo labels for the first N_g iterations, then optional self-training on the target's
-own predictions, with the zero-shot merge), a poly learning-rate schedule, and ``train_step``.
+"""DenseCLIP+ training (the paper's Algorithm 1) from small pieces a single process or a distributed worker
+loop can call: a validated ``TrainingConfig``, joint augmentation of images and label maps, ``make_targets``
+(guided learning on DenseCLIP pseudo labels for the first N_g iterations, then optional self-training on the
+target's own predictions, with the zero-shot merge), a poly learning-rate schedule, and ``train_step``.
 
-A batch is a dict of tensors: ``image (B, 3, H, W)`` float RGB in [0, 1], ``valid (B, H, W)`` bool (False on
-padding), and as the setting needs ``label (B, H, W)`` int64 ground truth, ``pseudo_label (B, H, W)`` int64 and
-``pseudo_confidence (B, H, W)`` float (precomputed pseudo labels).
+A batch is a dict of tensors: ``image (B, 3, H, W)`` float RGB in [0, 1], ``valid (B, H, W)`` bool (False
+on padding), and as the setting needs ``label (B, H, W)`` int64 ground truth, ``pseudo_label (B, H, W)``
+int64 and ``pseudo_confidence (B, H, W)`` float (precomputed pseudo labels).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from denseclip.plus.target import BACKBONES, HEADS, SegmentationTarget, TargetCo
 
 SETTINGS = ("annotation_free", "zero_shot")
 PSEUDO_LABEL_SOURCES = ("on_the_fly", "precomputed")
-OPTIMIZERS = ("sgd", "adamw")
 IGNORE_INDEX = 255
 PAD_VALUE = 0.5  # image value of padding (mid grey); padded pixels are never supervised
 
@@ -50,8 +49,8 @@ class TrainingConfig:
         batch_size, crop_size: images per step and the square training crop in pixels.
         scale_range: random resize factor range; flip: random horizontal flip.
         lr, head_lr_multiplier: base learning rate of the backbone and the factor for the new layers.
-        optimizer: ``sgd`` (with ``momentum``; the paper's) or ``adamw`` (converges in fewer steps: the demo's).
-        weight_decay, poly_power: weight decay and the poly schedule ``lr * (1 - step / iterations) ** power``.
+        momentum, weight_decay: SGD's.
+        poly_power: the poly schedule ``lr * (1 - step / iterations) ** power``.
         seed: seed of initialisation and augmentation.
         target: the target network (see ``TargetConfig``).
     """
@@ -69,7 +68,6 @@ class TrainingConfig:
     flip: bool = True
     lr: float = 0.01
     head_lr_multiplier: float = 10.0
-    optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     poly_power: float = 0.9
@@ -81,7 +79,9 @@ class TrainingConfig:
         """Build and validate from plain data (a YAML job spec); ``target`` is a nested dict."""
         values = dict(values)
         target = values.pop("target", {})
-        _reject_unknown(cls, values, where, skip={"target"})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{where}.target: must be a mapping of target fields (got {target!r})")
+        _reject_unknown(cls, values, where, skip=frozenset({"target"}))
         _reject_unknown(TargetConfig, target, f"{where}.target")
         if "aspp_rates" in target and target["aspp_rates"] is not None:
             target["aspp_rates"] = tuple(target["aspp_rates"])
@@ -98,57 +98,61 @@ class TrainingConfig:
 
     def validate(self, where: str = "training") -> None:
         """Raise ``ConfigError`` naming the first invalid field."""
+        target = self.target
 
-        def fail(name: str, problem: str, value=None) -> None:
-            shown = getattr(self, name) if value is None else value
-            raise ConfigError(f"{where}.{name}: {problem} (got {shown!r})")
+        def fail(name: str, problem: str, owner: object = self, prefix: str = where) -> None:
+            raise ConfigError(f"{prefix}.{name}: {problem} (got {getattr(owner, name)!r})")
 
-        def positive_int(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value > 0
+        def fail_target(name: str, problem: str) -> None:
+            fail(name, problem, target, f"{where}.target")
+
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
 
         if self.setting not in SETTINGS:
             fail("setting", f"must be one of {', '.join(SETTINGS)}")
-        if self.optimizer not in OPTIMIZERS:
-            fail("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         if self.pseudo_labels not in PSEUDO_LABEL_SOURCES:
             fail("pseudo_labels", f"must be one of {', '.join(PSEUDO_LABEL_SOURCES)}")
         for name in ("iterations", "batch_size", "crop_size"):
-            if not positive_int(getattr(self, name)):
+            if not (integer(getattr(self, name)) and getattr(self, name) > 0):
                 fail(name, "must be a positive integer")
-        if not (positive_int(self.pseudo_label_refinement) or self.pseudo_label_refinement == 0):
+        if not (integer(self.pseudo_label_refinement) and self.pseudo_label_refinement >= 0):
             fail("pseudo_label_refinement", "must be a non-negative integer")
         if self.guided_iterations is not None and not (
-                isinstance(self.guided_iterations, int) and 0 <= self.guided_iterations <= self.iterations):
+                integer(self.guided_iterations) and 0 <= self.guided_iterations <= self.iterations):
             fail("guided_iterations", f"must be an integer in [0, iterations={self.iterations}] or null")
-        if self.confidence_threshold is not None and not 0 <= self.confidence_threshold < 1:
+        if self.confidence_threshold is not None and not (
+                number(self.confidence_threshold) and 0 <= self.confidence_threshold < 1):
             fail("confidence_threshold", "must be in [0, 1) or null")
-        low, high = self.scale_range if len(self.scale_range) == 2 else (0, -1)
-        if not 0 < low <= high:
+        if not (len(self.scale_range) == 2 and all(number(v) for v in self.scale_range)
+                and 0 < self.scale_range[0] <= self.scale_range[1]):
             fail("scale_range", "must be two numbers 0 < low <= high")
         for name in ("lr", "head_lr_multiplier", "poly_power"):
-            if not getattr(self, name) > 0:
-                fail(name, "must be > 0")
+            if not (number(getattr(self, name)) and getattr(self, name) > 0):
+                fail(name, "must be a number > 0")
         for name in ("momentum", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                fail(name, "must be >= 0")
-        target = self.target
+            if not (number(getattr(self, name)) and getattr(self, name) >= 0):
+                fail(name, "must be a number >= 0")
         if target.backbone not in BACKBONES:
-            fail("target", f"backbone must be one of {', '.join(BACKBONES)}", target.backbone)
+            fail_target("backbone", f"must be one of {', '.join(BACKBONES)}")
         if target.head not in HEADS:
-            fail("target", f"head must be one of {', '.join(HEADS)}", target.head)
+            fail_target("head", f"must be one of {', '.join(HEADS)}")
         if target.output_stride not in (8, 16):
-            fail("target", "output_stride must be 8 or 16", target.output_stride)
+            fail_target("output_stride", "must be 8 or 16")
         if target.head == "clip_dense" and target.backbone != "clip":
-            fail("target", "head 'clip_dense' needs backbone 'clip'", target.head)
+            fail_target("head", "'clip_dense' needs backbone 'clip'")
         if target.backbone_weights == "clip" and target.backbone != "clip":
-            fail("target", "backbone_weights 'clip' needs backbone 'clip'", target.backbone_weights)
-        if not target.temperature > 0:
-            fail("target", "temperature must be > 0", target.temperature)
+            fail_target("backbone_weights", "'clip' needs backbone 'clip'")
+        if not (number(target.temperature) and target.temperature > 0):
+            fail_target("temperature", "must be a number > 0")
         if target.learn_background and target.background_index is None:
-            fail("target", "learn_background needs a background_index", target.learn_background)
+            fail_target("learn_background", "needs a background_index")
 
 
-def _reject_unknown(cls, values: dict, where: str, skip: set[str] = frozenset()) -> None:
+def _reject_unknown(cls, values: dict, where: str, skip: frozenset[str] = frozenset()) -> None:
     names = {f.name for f in dataclasses.fields(cls)} - skip
     unknown = sorted(set(values) - names)
     if unknown:
@@ -177,7 +181,8 @@ def augment(image: torch.Tensor, maps: dict[str, torch.Tensor], rng: np.random.G
     scale = rng.uniform(*config.scale_range)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     maps = {**maps, "valid": torch.ones((height, width), dtype=torch.bool)}
-    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1)[0]
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
+                          antialias=scale < 1)[0]
     maps = {k: F.interpolate(v[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(v.dtype)
             for k, v in maps.items()}
     crop = config.crop_size
@@ -225,7 +230,8 @@ class InMemoryBatches:
 
     def batch(self, step: int) -> Batch:
         rng = np.random.default_rng([self.config.seed, step])
-        indices = rng.choice(len(self.images), size=self.config.batch_size, replace=len(self) < self.config.batch_size)
+        size = self.config.batch_size
+        indices = rng.choice(len(self.images), size=size, replace=len(self) < size)
         samples = []
         for i in indices:
             image = torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 255
@@ -234,7 +240,7 @@ class InMemoryBatches:
         return collate(samples)
 
 
-# ------------------------------------------------------------------------------------------------- Algorithm 1
+# --------------------------------------------------------------------------------------------- Algorithm 1
 def in_self_training(step: int, config: TrainingConfig) -> bool:
     """Whether ``step`` (0-based) trains on the target's own predictions rather than DenseCLIP's."""
     return config.self_training and step >= config.num_guided
@@ -254,9 +260,9 @@ def make_targets(batch: Batch, step: int, config: TrainingConfig, model: Segment
     """The label map the loss sees at ``step``: ``(B, H, W)`` int64, 255 = ignored.
 
     Pseudo labels come from ``teacher`` (on the fly) or the batch's ``pseudo_label`` (precomputed) during
-    guided learning, from ``model`` itself during self-training. Annotation-free: the pseudo labels (pixels under
-    the confidence threshold ignored). Zero-shot: seen-class ground truth, and pseudo labels restricted to
-    ``unseen_ids`` wherever the annotation has no seen class.
+    guided learning, from ``model`` itself during self-training. Annotation-free: the pseudo labels (pixels
+    under the confidence threshold ignored). Zero-shot: seen-class ground truth, and pseudo labels restricted
+    to ``unseen_ids`` wherever the annotation has no seen class.
     """
     zero_shot = config.setting == "zero_shot"
     class_ids = list(unseen_ids) if zero_shot else None
@@ -282,15 +288,13 @@ def poly_lr(base_lr: float, step: int, iterations: int, power: float = 0.9) -> f
     return base_lr * (1 - min(step, iterations) / iterations) ** power
 
 
-def build_optimizer(model: SegmentationTarget, config: TrainingConfig) -> torch.optim.Optimizer:
-    """SGD with momentum (or AdamW) and weight decay; the new layers (head, learnable background) at
-    ``head_lr_multiplier`` times the backbone's rate."""
+def build_optimizer(model: SegmentationTarget, config: TrainingConfig) -> torch.optim.SGD:
+    """SGD with momentum and weight decay; the new layers (head, learnable background) at
+    ``head_lr_multiplier`` times the backbone's rate (a frozen backbone has no group)."""
     backbone, new = model.parameter_groups()
     groups = [{"params": backbone, "lr_scale": 1.0}, {"params": new, "lr_scale": config.head_lr_multiplier}]
-    groups = [g for g in groups if g["params"]]
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, config: TrainingConfig) -> float:
@@ -321,7 +325,8 @@ def train(model: SegmentationTarget, optimizer: torch.optim.Optimizer, batch_at:
           unseen_ids: Sequence[int] = (), log_every: int = 50,
           on_log: Callable[[dict], None] | None = None) -> list[dict]:
     """Run Algorithm 1 over ``steps`` (a sub-range lets a run stop at N_g and branch); ``batch_at(step)``
-    gives each step's batch. Returns the log records ``{step, phase, lr, loss}`` (mean loss since the last one)."""
+    gives each step's batch; ``on_log`` may add keys to each record (an evaluation, say). Returns the log
+    records ``{step, phase, lr, loss}`` (mean loss since the previous record)."""
     device = next(model.parameters()).device
     history, losses = [], []
     for step in steps:
@@ -330,8 +335,8 @@ def train(model: SegmentationTarget, optimizer: torch.optim.Optimizer, batch_at:
         targets = make_targets(batch, step, config, model, teacher, unseen_ids)
         losses.append(train_step(model, optimizer, batch, targets))
         if (step + 1) % log_every == 0 or step + 1 == steps.stop:
-            record = {"step": step + 1, "phase": "self_training" if in_self_training(step, config) else "guided",
-                      "lr": lr, "loss": float(np.mean(losses))}
+            phase = "self_training" if in_self_training(step, config) else "guided"
+            record = {"step": step + 1, "phase": phase, "lr": lr, "loss": float(np.mean(losses))}
             history.append(record)
             losses = []
             if on_log is not None:
