@@ -4,7 +4,6 @@ checks the bar of the synthetic-world issue."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pipeline_scripts import load_pipeline
 
 from denseclip.config import ConfigError
 from denseclip.datasets import get_dataset
@@ -68,9 +68,7 @@ def test_cli_refuses_a_training_seed(tmp_path):
 @pytest.mark.slow
 @pytest.mark.bar
 def test_default_demo_meets_the_bar(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("pipelines_demo", ROOT / "pipelines" / "demo.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_pipeline("demo")
     assert cli.main(["--seed", "1", "--num-images", "200", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "red star, green triangle, blue circle, yellow square" in printed

@@ -1,6 +1,5 @@
 """pipelines/evaluate.py end to end: hand-built PNG label maps and shards with known answers, and bad inputs."""
 
-import importlib.util
 import io
 import json
 import os
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pipeline_scripts import load_pipeline
 
 from denseclip.evaluation import KeySample, iter_ground_truth
 from denseclip.images import decode_image, encode_png
@@ -18,9 +18,7 @@ from denseclip.shards import write_shard
 from denseclip.visualize import default_palette
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("pipelines_evaluate", ROOT / "pipelines" / "evaluate.py")
-evaluate = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate)
+evaluate = load_pipeline("evaluate")
 
 CLASSES = "background\ncat, kitty\ndog\nbird\ncow\n"
 # "set1/x": an ignore pixel, bird predicted but never present, a dog pixel predicted as background.

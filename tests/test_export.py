@@ -1,21 +1,19 @@
 """Exports from the mask store: palette PNG folders and COCO RLE JSON that decode back to the masks."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from pipeline_scripts import load_pipeline
 from pycocotools import mask as coco_mask
 
 from denseclip.export import coco_dataset
 from denseclip.mask_store import MaskStore, MaskStoreWriter
 
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("export_pipeline", REPO / "pipelines" / "export.py")
-export_pipeline = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(export_pipeline)
+export_pipeline = load_pipeline("export")
 VOCABULARY = [["background"], ["cat"], ["dog", "puppy"], ["sofa"]]
 
 

@@ -3,7 +3,6 @@ script on a local Ray with S3 (moto) input and output, a SIGKILL and a resume, a
 
 import collections
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -19,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
+from pipeline_scripts import load_pipeline
 
 from denseclip import storage
 from denseclip.config import ConfigError, LabelerConfig, resolve_vocabulary
@@ -40,9 +40,7 @@ from denseclip.shards import write_shard
 from denseclip.synthetic import CLASS_NAMES, render_scene, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("pipelines_label", ROOT / "pipelines" / "label.py")
-label_cli = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(label_cli)
+label_cli = load_pipeline("label")
 
 CONFIG = LabelerConfig(pretrained="random", batch_size=4)
 CLASSES = resolve_vocabulary("synthetic")

@@ -1,6 +1,5 @@
 """pipelines/prepare.py on real files in the benchmark layouts: round trips, bad data, resume, S3."""
 
-import importlib.util
 import io
 import json
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pipeline_scripts import load_pipeline
 
 from denseclip.images import ImageDecodeError, decode_image, decode_label_map, decode_sample_image
 from denseclip.shards import expand_shards, read_shard
@@ -26,14 +26,7 @@ VOC_ID = "2007_000129"
 PREPARE = REPO / "pipelines" / "prepare.py"
 
 
-def _load_prepare():
-    spec = importlib.util.spec_from_file_location("prepare_pipeline", PREPARE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-prepare = _load_prepare()
+prepare = load_pipeline("prepare").main
 
 
 def run_cli(*args: str, wait: bool = True):

@@ -2,14 +2,13 @@
 (stored predictions and a labeler run on the fly under corruptions), and bad inputs name their key."""
 
 import functools
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
+from pipeline_scripts import load_pipeline
 
 from denseclip.config import LabelerConfig
 from denseclip.datasets import get_dataset
@@ -31,9 +30,7 @@ from denseclip.shards import expand_shards, write_shard
 from denseclip.synthetic import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("pipelines_evaluate", ROOT / "pipelines" / "evaluate.py")
-evaluate = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate)
+evaluate = load_pipeline("evaluate")
 
 NUM_CLASSES = get_dataset("synthetic").num_classes
 

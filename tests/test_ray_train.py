@@ -3,7 +3,6 @@ object storage, and (slow) the paper's comparisons on the synthetic world throug
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -20,6 +19,7 @@ import ray
 import ray.cloudpickle
 import torch
 from PIL import Image
+from pipeline_scripts import load_pipeline
 
 from denseclip.config import ConfigError
 from denseclip.datasets import get_dataset
@@ -43,9 +43,7 @@ from denseclip.text import class_embeddings
 from denseclip.vocabulary import load_templates
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("pipelines_train", ROOT / "pipelines" / "train.py")
-train_cli = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_cli)
+train_cli = load_pipeline("train")
 
 # The step callbacks below run inside Ray's worker processes, which cannot import this test module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

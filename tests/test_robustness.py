@@ -1,15 +1,14 @@
 """The robustness sweep: conditions and their seeds, the summary from hand-built matrices, the report files, and
 the shipped tiny CLIP on the synthetic world losing mIoU as noise gets stronger (through the command line)."""
 
-import importlib.util
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from pipeline_scripts import load_pipeline
 
 from denseclip.config import LabelerConfig
 from denseclip.datasets import get_dataset
@@ -20,9 +19,7 @@ from denseclip.robustness import CLEAN, Condition, apply_condition, robustness_s
 from denseclip.synthetic import render_scene, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("pipelines_evaluate", ROOT / "pipelines" / "evaluate.py")
-evaluate = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate)
+evaluate = load_pipeline("evaluate")
 
 NOISE = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise")
 WORLD_SEED = 2022  # held out: neither the tiny CLIP's world (20220) nor the demo's training world (7)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pipeline_scripts import load_pipeline
 
 from denseclip.shards import expand_shards, read_shard
 from denseclip.synthetic import (
@@ -25,13 +25,6 @@ from denseclip.synthetic import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENES = list(render_dataset(seed=11, n=60, size=64))
-
-
-def _load_pipeline(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_vocabulary_is_background_then_colour_major_shapes():
@@ -127,7 +120,7 @@ def test_shards_round_trip(tmp_path):
 
 
 def test_render_world_cli(tmp_path):
-    render_world = _load_pipeline("render_world")
+    render_world = load_pipeline("render_world")
     urls = render_world.main(["--seed", "2", "--num-images", "3", "--out", str(tmp_path), "--size", "48"])
     assert len(urls) == 1 and len(list(read_shard(urls[0]))) == 3
     with pytest.raises(SystemExit):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from pipeline_scripts import load_pipeline
 from safetensors.torch import load_file
 
 from denseclip.synthetic import CLASS_NAMES, render_scene
@@ -58,9 +58,7 @@ def test_checkpoint_loads_strictly_and_retrieves_single_object_captions():
 
 
 def test_training_script_writes_a_loadable_checkpoint(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_tiny_clip", ROOT / "pipelines" / "train_tiny_clip.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_pipeline("train_tiny_clip")
     torch.set_num_threads(1)
     train.main(["--out", str(tmp_path), "--steps", "2", "--batch-size", "8", "--log-every", "1"])
     record = json.loads((tmp_path / "training.json").read_text())
@@ -71,9 +69,7 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_soft_targets_treat_repeated_captions_as_positives():
-    spec = importlib.util.spec_from_file_location("train_tiny_clip", ROOT / "pipelines" / "train_tiny_clip.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_pipeline("train_tiny_clip")
     def duplicate_similarity_after_step(set_ids: list[int]) -> float:
         # Scenes 0 and 1 show the same objects with nearly equal embeddings; scene 2 is different.
         features = torch.tensor([[1.0, 0.0], [0.95, 0.3], [0.0, 1.0]], requires_grad=True)
