@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from denseclip.vocabulary import parse_class_list, read_classes_file
 
 # Kept free of torch imports so a bad configuration fails in well under a second.
@@ -18,6 +20,14 @@ MODES = ("whole", "slide")
 
 class ConfigError(ValueError):
     """A configuration value that is invalid; the message names the field."""
+
+
+def read_yaml_file(path: str, kind: str = "job file") -> object:
+    """The parsed YAML at ``path``; ConfigError naming the file (as ``kind``) when it cannot be read or parsed."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--config: cannot read {kind} {path!r}: {exc}") from exc
 
 
 def resolve_vocabulary(spec: str | list, synonyms: bool = False) -> list[list[str]]:

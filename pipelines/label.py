@@ -23,11 +23,14 @@ import json
 import sys
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 
-import yaml
-
-from denseclip.config import ConfigError, LabelerConfig, add_labeler_arguments, resolve_vocabulary
+from denseclip.config import (
+    ConfigError,
+    LabelerConfig,
+    add_labeler_arguments,
+    read_yaml_file,
+    resolve_vocabulary,
+)
 from denseclip.datasets import DatasetError
 from denseclip.vocabulary import VocabularyError
 
@@ -69,10 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_job_file(path: str) -> dict:
-    try:
-        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"--config: cannot read job file {path!r}: {exc}") from exc
+    spec = read_yaml_file(path, "job file")
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a job file must be a mapping of {', '.join(JOB_FIELDS)}")
     unknown = sorted(set(spec) - set(JOB_FIELDS))

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import ray
 import yaml
 
-from denseclip.config import ConfigError
+from denseclip.config import ConfigError, read_yaml_file
 from denseclip.ray.labeling import ray_cluster
 from denseclip.ray.train import TrainJob, check_inputs, run_training
 
@@ -59,10 +58,7 @@ def apply_override(spec: dict, assignment: str) -> None:
 
 def load_spec(path: str, overrides: list[str]) -> dict:
     """The job spec at ``path`` with the ``--set`` overrides applied."""
-    try:
-        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"--config: cannot read job spec {path!r}: {exc}") from exc
+    spec = read_yaml_file(path, "job spec")
     if not isinstance(spec, dict):
         raise ConfigError(f"--config {path}: a job spec must be a mapping of sections")
     for assignment in overrides:
