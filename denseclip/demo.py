@@ -28,14 +28,13 @@ from denseclip.plus.pseudo_labels import DenseCLIPTeacher, label_training_set
 from denseclip.plus.target import SegmentationTarget, TargetConfig, build_target
 from denseclip.plus.training import InMemoryBatches, TrainingConfig, build_optimizer, train
 from denseclip.report import write_report
-from denseclip.synthetic import Scene, render_dataset
+from denseclip.synthetic import TINY_CLIP_WORLD_SEED, Scene, render_dataset
 
 DATASET = "synthetic"
 # Scenes the DenseCLIP+ targets train on; the tiny CLIP trained on captions of world 20220. The held-out
 # evaluation seed must be neither.
 TRAIN_SEED = 7
-TINY_CLIP_SEED = 20220
-RESERVED_SEEDS = (TRAIN_SEED, TINY_CLIP_SEED)
+RESERVED_SEEDS = (TRAIN_SEED, TINY_CLIP_WORLD_SEED)
 
 LabelFn = Callable[[list[np.ndarray]], list[np.ndarray]]
 

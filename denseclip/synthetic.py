@@ -33,6 +33,8 @@ CLASS_NAMES: tuple[str, ...] = (BACKGROUND_NAMES[0],) + tuple(f"{c} {s}" for c i
 CAPTION_FRAMES: tuple[str, ...] = ("{}.", "there is {}.", "a picture of {}.", "a photo of {}.", "a scene with {}.")
 
 EMPTY_FRACTION = 0.1
+# The world the shipped tiny CLIP was trained on (pipelines/train_tiny_clip.py); held-out sets must avoid it.
+TINY_CLIP_WORLD_SEED = 20220
 MAX_OBJECTS = 3
 MIN_VISIBLE_FRACTION = 0.4  # an occluded object keeps at least this share of its own pixels
 _PLACEMENT_TRIES = 20

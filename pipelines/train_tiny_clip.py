@@ -23,12 +23,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from denseclip.synthetic import render_scene
+from denseclip.synthetic import TINY_CLIP_WORLD_SEED, render_scene
 
 MODEL_NAME = "denseclip-tiny-shapes"
 CONFIG_PATH = Path(__file__).resolve().parents[1] / "denseclip" / "assets" / "tiny_clip" / f"{MODEL_NAME}.json"
 # The world seed the captions are rendered from; evaluate on any other seed.
-TRAIN_WORLD_SEED = 20220
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear warm-up, cosine decay)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weight initialisation")
-    parser.add_argument("--world-seed", type=int, default=TRAIN_WORLD_SEED, help="seed of the rendered scenes")
+    parser.add_argument("--world-seed", type=int, default=TINY_CLIP_WORLD_SEED, help="seed of the rendered scenes")
     parser.add_argument("--log-every", type=int, default=20)
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "log_every"):
