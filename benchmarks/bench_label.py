@@ -63,8 +63,8 @@ def pipeline(shards: list[str], output: str, config: LabelerConfig, classes: lis
 
 
 def throughput(work: Path, sizes: tuple[int, int], config: LabelerConfig, classes: list[list[str]],
-               repeats: int) -> None:
-    shards = write_shards(11, max(sizes), str(work / "shards"), shard_size=SHARD_SIZE)
+               repeats: int, image_size: int) -> None:
+    shards = write_shards(11, max(sizes), str(work / "shards"), shard_size=SHARD_SIZE, size=image_size)
     ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     # The bare loop runs with one torch thread and with one per core; the faster one is the baseline (on a
     # busy machine, threads of one process that wait for each other can be far slower than one thread).
@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=200)
     parser.add_argument("--memory", type=int, nargs="+", default=[200, 2000])
     parser.add_argument("--topk-images", type=int, default=12)
+    parser.add_argument("--size", type=int, default=128, help="side of the synthetic scenes, in pixels")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of the throughput comparison")
     parser.add_argument("--only", choices=("throughput", "memory", "topk"))
     args = parser.parse_args()
@@ -181,7 +182,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-label-") as tmp:
         work = Path(tmp)
         if args.only in (None, "throughput"):
-            throughput(work, (args.small, args.images), config, classes, args.repeats)
+            throughput(work, (args.small, args.images), config, classes, args.repeats, args.size)
         if args.only in (None, "memory"):
             for n in args.memory:
                 peak, seconds = peak_memory(work, n)

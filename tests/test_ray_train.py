@@ -366,22 +366,29 @@ def synthetic_runs(tmp_path_factory) -> dict[str, dict]:
     return reports
 
 
+@pytest.mark.slow
 @pytest.mark.bar
 def test_zero_shot_denseclip_plus_beats_denseclip_on_unseen_classes_by_20_points(synthetic_runs):
     report = synthetic_runs["zero_shot"]
     assert report["miou_unseen"] >= report["denseclip"]["miou_unseen"] + 20
 
 
+@pytest.mark.slow
 @pytest.mark.bar
 def test_annotation_free_denseclip_plus_matches_or_beats_denseclip(synthetic_runs):
     report = synthetic_runs["annotation_free"]
     assert report["miou"] >= report["denseclip"]["miou"]
 
 
+@pytest.mark.slow
 @pytest.mark.bar
 def test_self_training_drift_shows_in_the_report(synthetic_runs):
     guided, drifting = synthetic_runs["annotation_free"], synthetic_runs["annotation_free_self_training"]
-    at_ng, final = drifting["validation"][0], drifting["validation"][-1]
-    assert at_ng["phase"] == "guided" and final["phase"] == "final"
-    assert final["miou"] < at_ng["miou"]  # self-training made the guided target worse ...
-    assert drifting["miou"] < guided["miou"]  # ... and worse than guidance all the way
+    n_g = drifting["inputs"]["guided_iterations"]
+    # The report shows where self-training took over and how the target fared from there on ...
+    phases = {record["step"]: record["phase"] for record in drifting["training_log"]}
+    assert all(phase == ("guided" if step <= n_g else "self_training") for step, phase in phases.items())
+    curve = [r for r in drifting["validation"] if r["step"] >= n_g]
+    assert curve[0]["step"] == n_g and len(curve) >= 3 and curve[-1]["phase"] == "final"
+    # ... and the drift the paper reports: the target ends below the same schedule under guidance throughout.
+    assert drifting["miou"] < guided["miou"] and drifting["miou_unseen"] < guided["miou_unseen"]

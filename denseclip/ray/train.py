@@ -406,7 +406,8 @@ def _setup_worker(job: TrainJob) -> _Worker:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     optimizer = build_optimizer(model, job.training)
-    return _Worker(job, rank, world_size, device, DenseCLIPTeacher(predictor), model, model, optimizer)
+    return _Worker(job, rank, world_size, device, DenseCLIPTeacher(predictor, job.training.pseudo_label_refinement),
+                   model, model, optimizer)
 
 
 def _batches(shard, batch_size: int, shuffle_buffer: int) -> Iterator[dict[str, np.ndarray]]:
