@@ -1,8 +1,10 @@
 """Labeling: the Ray Data pipeline against a bare single-process loop, its memory, and upsample_topk.
 
-    python benchmarks/bench_label.py [--images 1000] [--small 200] [--memory 200 2000] [--topk-images 12] [--repeats 3]
+    python benchmarks/bench_label.py [--images 1000] [--small 200] [--size 512] [--memory 200 2000] [--topk-images 12]
+                                     [--repeats 3] [--only throughput|memory|topk]
 
-1. Throughput. Synthetic scenes (128 px, shards of 100) are labelled with the shipped tiny CLIP in this process
+1. Throughput. Synthetic scenes (``--size`` px, 512 by default: the size of the photos users label; shards of 100)
+   are labelled with the shipped tiny CLIP in this process
    by a bare loop (read, decode, DenseCLIP, encode, commit one part per shard), with one torch thread and with
    one per core (the faster is the baseline), and by the pipeline on a local Ray started beforehand (actor
    start and model loading are timed). Each runs on ``--small`` and ``--images`` scenes: images/s of the
@@ -119,12 +121,12 @@ def _tree_pss_kib(root: int) -> int:
     return total
 
 
-def peak_memory(work: Path, n: int) -> tuple[float, float]:
+def peak_memory(work: Path, n: int, image_size: int) -> tuple[float, float]:
     """Run pipelines/label.py on ``n`` scenes; returns (peak PSS of its process tree in MiB, seconds)."""
     inputs = work / f"memory-{n}"
-    write_shards(12, n, str(inputs), shard_size=SHARD_SIZE)
+    write_shards(12, n, str(inputs), shard_size=SHARD_SIZE, size=image_size)
     command = [sys.executable, str(ROOT / "pipelines" / "label.py"), "--input", str(inputs), "--output",
-               str(work / f"memory-masks-{n}"), "--vocabulary", "synthetic", "--batch-size", "32"]
+               str(work / f"memory-masks-{n}"), "--vocabulary", "synthetic"]
     start = time.perf_counter()
     job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0
@@ -172,20 +174,21 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=200)
     parser.add_argument("--memory", type=int, nargs="+", default=[200, 2000])
     parser.add_argument("--topk-images", type=int, default=12)
-    parser.add_argument("--size", type=int, default=128, help="side of the synthetic scenes, in pixels")
+    parser.add_argument("--size", type=int, default=512, help="side of the synthetic scenes, in pixels")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of the throughput comparison")
     parser.add_argument("--only", choices=("throughput", "memory", "topk"))
     args = parser.parse_args()
-    config = LabelerConfig(batch_size=32)
+    config = LabelerConfig()  # the library's defaults, batch size included
     classes = resolve_vocabulary("synthetic")
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.size} px scenes, "
+          f"batch size {config.batch_size}")
     with tempfile.TemporaryDirectory(prefix="bench-label-") as tmp:
         work = Path(tmp)
         if args.only in (None, "throughput"):
             throughput(work, (args.small, args.images), config, classes, args.repeats, args.size)
         if args.only in (None, "memory"):
             for n in args.memory:
-                peak, seconds = peak_memory(work, n)
+                peak, seconds = peak_memory(work, n, args.size)
                 print(f"memory    {n} images: peak PSS {peak:7.1f} MiB over the job's processes ({seconds:.1f} s)")
         if args.only in (None, "topk"):
             upsample_topk(args.topk_images)

@@ -158,6 +158,10 @@ def test_stages_and_committer_commit_a_shard_only_when_all_its_rows_arrived(tmp_
     encoded = encode_batch(labeler(decode_batch(_batch(rows))))
     table = pa.Table.from_pydict({k: list(v) for k, v in encoded.items()})
     assert table.column("height").to_pylist() == [64, 0, 64, 64, 64]
+    # An actor that encodes its own masks (CPU clusters) gives the rows the separate encode stage gives.
+    labeler.encode = True  # the same (randomly initialised) weights
+    fused = labeler(decode_batch(_batch(rows)))
+    assert pa.Table.from_pydict({k: list(v) for k, v in fused.items()}).equals(table)
 
     committer = ShardCommitter(plan)
     store = MaskStore(plan.output)

@@ -3,6 +3,7 @@ the loss, and a short real training run that learns its targets."""
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import itertools
 
@@ -21,7 +22,9 @@ from denseclip.plus.training import (
     TrainingConfig,
     augment,
     build_optimizer,
+    photometric_distortion,
     poly_lr,
+    scale_saturation,
     set_learning_rate,
     train,
 )
@@ -37,6 +40,9 @@ def test_config_from_dict_and_defaults():
     assert config.num_guided == 20  # 1/10 of the schedule
     assert config.scale_range == (0.5, 1.5) and config.target.aspp_rates == (6, 12)
     assert TrainingConfig(iterations=50, guided_iterations=7).num_guided == 7
+    assert config.resize_to is None and config.photometric_distortion is False  # today's augmentation
+    mmseg = TrainingConfig.from_dict({"resize_to": [2048, 512], "photometric_distortion": True})
+    assert mmseg.resize_to == (2048, 512) and mmseg.photometric_distortion is True
 
 
 @pytest.mark.parametrize("values, field", [
@@ -54,6 +60,15 @@ def test_config_from_dict_and_defaults():
     ({"target": {"backbone": "resnet50", "head": "clip_dense"}}, "training.target.head"),
     ({"target": {"output_stride": 32}}, "training.target.output_stride"),
     ({"target": ["clip"]}, "training.target"),
+    ({"resize_to": [2048]}, "training.resize_to"),
+    ({"resize_to": [2048, 512, 1]}, "training.resize_to"),
+    ({"resize_to": [2048, 0]}, "training.resize_to"),
+    ({"resize_to": [-520, 520]}, "training.resize_to"),
+    ({"resize_to": [2048.0, 512]}, "training.resize_to"),
+    ({"resize_to": [True, 512]}, "training.resize_to"),
+    ({"resize_to": "2048x512"}, "training.resize_to"),
+    ({"resize_to": 512}, "training.resize_to"),
+    ({"photometric_distortion": "yes"}, "training.photometric_distortion"),
 ])
 def test_config_errors_name_the_field(values, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -96,6 +111,108 @@ def test_augment_keeps_image_and_maps_aligned():
         assert interior.sum() > 100
         assert torch.equal(decoded[interior], out["label"][interior])
         assert torch.equal(out["score"][valid].long(), out["label"][valid])
+
+
+@pytest.mark.parametrize("resize_to, scale", [(None, 1.0), (None, 0.5), ((2048, 512), 1.0), ((2048, 512), 0.5),
+                                              ((520, 520), 1.0), ((520, 520), 2.0)])
+def test_resize_to_gives_mmsegmentation_size(resize_to, scale):
+    # A 500 x 375 (w x h) image, fixed ratio, and a crop big enough to keep it all: the valid pixels show the
+    # resized size. MMSegmentation: factor = ratio * min(long / max(h, w), short / min(h, w)).
+    height, width = 375, 500
+    if resize_to is None:
+        factor = scale
+    else:
+        factor = scale * min(resize_to[0] / 500, resize_to[1] / 375)
+    expected = (round(height * factor), round(width * factor))
+    if resize_to == (2048, 512) and scale == 1.0:
+        assert expected == (512, 683)  # the short side hits 512 before the long side hits 2048
+    config = TrainingConfig(crop_size=max(expected) + 8, scale_range=(scale, scale), resize_to=resize_to,
+                            flip=False)
+    labels = torch.zeros(height, width, dtype=torch.int64)
+    out = augment(torch.rand(3, height, width), {"label": labels}, np.random.default_rng(0), config)
+    valid = out["valid"]
+    rows, cols = valid.any(1).nonzero()[:, 0], valid.any(0).nonzero()[:, 0]
+    assert (len(rows), len(cols)) == expected and int(valid.sum()) == expected[0] * expected[1]
+    assert (out["label"][valid] == 0).all() and (out["label"][~valid] == 255).all()
+
+
+def test_scale_saturation_keeps_hue_and_value():
+    pixels = torch.tensor([[0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0],  # greys: no saturation
+                           [1.0, 0.5, 0.5], [0.8, 0.4, 0.2], [0.1, 0.3, 0.2]], dtype=torch.float64)
+    image = pixels.T[:, :, None]  # (3, 6, 1)
+    for factor in (0.5, 1.0, 1.5):
+        out = scale_saturation(image, factor)[:, :, 0].T
+        assert torch.equal(out[:3], pixels[:3])
+        assert torch.equal(out.amax(1), pixels.amax(1))  # value kept
+        for before, after in zip(pixels.tolist(), out.tolist(), strict=True):
+            h0, s0, v0 = colorsys.rgb_to_hsv(*before)
+            h1, s1, v1 = colorsys.rgb_to_hsv(*after)
+            assert v1 == pytest.approx(v0) and s1 == pytest.approx(min(s0 * factor, 1.0))
+            if s0 > 0:
+                assert h1 == pytest.approx(h0)
+    # By hand: V = 1, S = 0.5; halving S moves the other channels half way to V, x1.5 saturates to S = 0.75.
+    red = torch.tensor([1.0, 0.5, 0.5])[:, None, None]
+    torch.testing.assert_close(scale_saturation(red, 0.5).flatten(), torch.tensor([1.0, 0.75, 0.75]))
+    torch.testing.assert_close(scale_saturation(red, 1.5).flatten(), torch.tensor([1.0, 0.25, 0.25]))
+    # S = 0.75 x 1.5 clips at 1: the min channel reaches 0, the others keep their place between min and V.
+    orange = torch.tensor([0.8, 0.4, 0.2])[:, None, None]
+    torch.testing.assert_close(scale_saturation(orange, 1.5).flatten(), torch.tensor([0.8, 0.8 / 3, 0.0]))
+
+
+def test_photometric_distortion_changes_the_image_only():
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(np.kron(rng.integers(0, 4, (4, 4)), np.ones((8, 8), dtype=np.int64)))
+    palette = torch.tensor([[0.9, 0.2, 0.1], [0.1, 0.6, 0.3], [0.4, 0.4, 0.8], [0.5, 0.5, 0.5]])
+    image = palette[labels].permute(2, 0, 1)  # (3, 32, 32), one colour per label
+    maps = {"label": labels, "score": labels.float() / 4}
+    plain = TrainingConfig(crop_size=40, scale_range=(0.75, 1.5))  # pads: some pixels are not valid
+    distorted = dataclasses.replace(plain, photometric_distortion=True)
+    changed = 0
+    for seed in range(40):
+        a = augment(image, maps, np.random.default_rng(seed), plain)
+        b = augment(image, maps, np.random.default_rng(seed), distorted)
+        again = augment(image, maps, np.random.default_rng(seed), distorted)
+        for key in ("label", "score", "valid"):
+            assert torch.equal(a[key], b[key]), key  # same geometry, maps untouched
+        for key in b:
+            assert torch.equal(b[key], again[key]), key  # reproducible from the seed
+        assert b["image"].shape == (3, 40, 40) and b["image"].dtype == torch.float32
+        assert b["image"].min() >= 0 and b["image"].max() <= 1
+        assert torch.allclose(a["image"][:, ~a["valid"]], torch.tensor(PAD_VALUE))  # off: padding as today
+        changed += not torch.allclose(a["image"], b["image"], atol=1e-3)
+        # Per pixel and the same for every pixel: a colour of the undistorted crop maps to one colour.
+        inner = a["valid"] & (a["image"] - palette[0][:, None, None]).abs().amax(0).lt(1e-6)
+        if inner.any():
+            colours = b["image"][:, inner]
+            assert torch.allclose(colours, colours[:, :1], atol=1e-5)
+    # Each of the 4 steps has probability 0.5: all skipped (or no-ops) in about 1/16 of the draws.
+    assert 30 <= changed < 40
+
+
+def test_photometric_distortion_off_leaves_the_crop_and_keeps_greys_grey():
+    rng = np.random.default_rng(1)
+    image = torch.from_numpy(rng.random((3, 24, 24), dtype=np.float32))
+    labels = torch.from_numpy(rng.integers(0, 3, (24, 24)))
+    config = TrainingConfig(crop_size=24, scale_range=(1.0, 1.0), flip=False)  # the identity geometry
+    out = augment(image, {"label": labels}, np.random.default_rng(0), config)
+    assert torch.equal(out["image"], image) and torch.equal(out["label"], labels) and out["valid"].all()
+    # Brightness, contrast, saturation and hue all keep a grey pixel grey (its three channels equal).
+    grey = torch.linspace(0, 1, 24).expand(3, 24, 24).contiguous()
+    shifted = 0
+    for seed in range(20):
+        out = photometric_distortion(grey, np.random.default_rng(seed))
+        torch.testing.assert_close(out, out[:1].expand(3, -1, -1))
+        shifted += not torch.allclose(out, grey)
+    assert shifted > 10  # brightness or contrast (each with prob. 0.5) moved the greys
+    # The hue moves by up to 18/180 of the circle (clipping of brightness and contrast moves it a little too).
+    colour = torch.tensor([0.9, 0.2, 0.1])[:, None, None].expand(3, 4, 4).contiguous()
+    hue = colorsys.rgb_to_hsv(0.9, 0.2, 0.1)[0]
+    moves = []
+    for seed in range(20):
+        out = photometric_distortion(colour, np.random.default_rng(seed))[:, 0, 0].tolist()
+        move = abs(colorsys.rgb_to_hsv(*out)[0] - hue)
+        moves.append(min(move, 1 - move))
+    assert max(moves) <= 0.12 and sum(m > 0.04 for m in moves) >= 3
 
 
 def test_in_memory_batches_depend_only_on_seed_and_step():

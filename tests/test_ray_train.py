@@ -105,6 +105,13 @@ def test_shipped_specs_validate_and_keep_the_paper_schedule():
     assert (voc.training.target.backbone, voc.training.target.head) == ("resnet101", "deeplabv2")
     free = jobs["train_voc_annotation_free"]
     assert (free.training.iterations, free.training.self_training) == (2000, False)
+    # MMSegmentation's training pipeline: keep-ratio resize to its dataset scale x 0.5-2.0, photometric distortion.
+    paper_scale = {"voc": (2048, 512), "context": (520, 520), "coco_stuff": (2048, 512)}
+    for dataset, scale in paper_scale.items():
+        for setting in ("zero_shot", "annotation_free"):
+            training = jobs[f"train_{dataset}_{setting}"].training
+            assert training.resize_to == scale and training.scale_range == (0.5, 2.0), (dataset, setting)
+            assert training.photometric_distortion is True and training.flip, (dataset, setting)
     for name, job in jobs.items():
         assert job.run.name and name.startswith(f"train_{job.dataset}"), name
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 
 from denseclip.config import ConfigError
 from denseclip.plus.losses import segmentation_loss
@@ -47,7 +48,13 @@ class TrainingConfig:
             image edges (0: off; see ``pseudo_labels.refine_with_image``).
         confidence_threshold: pseudo-labelled pixels below this confidence are ignored (None: keep all).
         batch_size, crop_size: images per step and the square training crop in pixels.
-        scale_range: random resize factor range; flip: random horizontal flip.
+        scale_range: range of the random resize ratio r ~ U(low, high); flip: random horizontal flip.
+        resize_to: ``(long, short)``: MMSegmentation's ``Resize(img_scale=(long, short), ratio_range=scale_range,
+            keep_ratio=True)``, i.e. an ``h x w`` image is resized by ``r * min(long / max(h, w),
+            short / min(h, w))`` (None: by ``r``, a factor of the image's own size).
+        photometric_distortion: MMSegmentation's ``PhotoMetricDistortion`` (default strengths) on the image
+            after crop and flip, never on the label maps: brightness, contrast, saturation and hue, each with
+            probability 0.5 (see ``photometric_distortion``).
         lr, head_lr_multiplier: base learning rate of the backbone and the factor for the new layers.
         momentum, weight_decay: SGD's.
         poly_power: the poly schedule ``lr * (1 - step / iterations) ** power``.
@@ -66,6 +73,8 @@ class TrainingConfig:
     crop_size: int = 512
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip: bool = True
+    resize_to: tuple[int, int] | None = None
+    photometric_distortion: bool = False
     lr: float = 0.01
     head_lr_multiplier: float = 10.0
     momentum: float = 0.9
@@ -87,6 +96,8 @@ class TrainingConfig:
             target["aspp_rates"] = tuple(target["aspp_rates"])
         if "scale_range" in values:
             values["scale_range"] = tuple(values["scale_range"])
+        if isinstance(values.get("resize_to"), list):
+            values["resize_to"] = tuple(values["resize_to"])
         config = cls(**values, target=TargetConfig(**target))
         config.validate(where)
         return config
@@ -130,6 +141,12 @@ class TrainingConfig:
         if not (len(self.scale_range) == 2 and all(number(v) for v in self.scale_range)
                 and 0 < self.scale_range[0] <= self.scale_range[1]):
             fail("scale_range", "must be two numbers 0 < low <= high")
+        if self.resize_to is not None and not (
+                isinstance(self.resize_to, (tuple, list)) and len(self.resize_to) == 2
+                and all(integer(v) and v > 0 for v in self.resize_to)):
+            fail("resize_to", "must be two positive integers [long, short] or null")
+        if not isinstance(self.photometric_distortion, bool):
+            fail("photometric_distortion", "must be true or false")
         for name in ("lr", "head_lr_multiplier", "poly_power"):
             if not (number(getattr(self, name)) and getattr(self, name) > 0):
                 fail(name, "must be a number > 0")
@@ -166,19 +183,70 @@ def _pad_value(tensor: torch.Tensor) -> float | int | bool:
     return 0.0 if tensor.is_floating_point() else IGNORE_INDEX
 
 
+def resize_factor(height: int, width: int, rng: np.random.Generator, config: TrainingConfig) -> float:
+    """The random resize factor of a ``height x width`` image: ``r ~ U(scale_range)``, times
+    ``min(long / max(h, w), short / min(h, w))`` when ``config.resize_to = (long, short)`` (MMSegmentation's
+    ``Resize`` with ``keep_ratio=True`` and a ``ratio_range``)."""
+    ratio = rng.uniform(*config.scale_range)
+    if config.resize_to is None:
+        return ratio
+    long, short = config.resize_to
+    return ratio * min(long / max(height, width), short / min(height, width))
+
+
+def scale_saturation(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """Multiply the HSV saturation of ``image (3, H, W)`` (RGB in [0, 1]) by ``factor``, clipped at 1, keeping
+    hue and value: each channel becomes ``V - (V - c) * min(factor, 1 / S)``, ``V`` the max channel and
+    ``S = (V - min) / V`` (grey pixels, black included, are unchanged)."""
+    value = image.amax(0, keepdim=True)
+    chroma = value - image.amin(0, keepdim=True)
+    grey = chroma <= 0
+    # min(factor, 1 / S) = min(factor, V / chroma); any finite gain leaves a grey pixel (V - c = 0) unchanged.
+    gain = torch.where(grey, 1.0, torch.clamp(value / torch.where(grey, 1.0, chroma), max=factor))
+    return (value - (value - image) * gain).clamp(0, 1)
+
+
+def photometric_distortion(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """MMSegmentation's ``PhotoMetricDistortion`` with its default strengths on ``image (3, H, W)`` (RGB in
+    [0, 1]); returns a new ``(3, H, W)`` tensor in [0, 1].
+
+    In 0-255 units, each step with probability 0.5 and clipped to the valid range after it: brightness
+    ``+ U(-32, 32)``; contrast ``x U(0.5, 1.5)``, before or after the HSV steps (a random mode decides);
+    saturation ``x U(0.5, 1.5)`` (at fixed hue and value); hue shifted by ``randint(-18, 18)`` in OpenCV's
+    0-180 hue units (numpy's ``randint``: -18 to 17), i.e. a shift of delta / 180 of the hue circle.
+    """
+    def contrast(x: torch.Tensor) -> torch.Tensor:
+        return (x * rng.uniform(0.5, 1.5)).clamp(0, 1) if rng.random() < 0.5 else x
+
+    if rng.random() < 0.5:
+        image = (image + rng.uniform(-32, 32) / 255).clamp(0, 1)
+    contrast_first = rng.random() < 0.5
+    if contrast_first:
+        image = contrast(image)
+    if rng.random() < 0.5:
+        image = scale_saturation(image, rng.uniform(0.5, 1.5))
+    if rng.random() < 0.5:
+        image = TF.adjust_hue(image, int(rng.integers(-18, 18)) / 180).clamp(0, 1)
+    if not contrast_first:
+        image = contrast(image)
+    return image
+
+
 def augment(image: torch.Tensor, maps: dict[str, torch.Tensor], rng: np.random.Generator,
             config: TrainingConfig) -> Batch:
-    """Random scale, crop and flip applied jointly to an image and its per-pixel maps.
+    """Random resize (``resize_factor``), crop and flip applied jointly to an image and its per-pixel maps,
+    then, if ``config.photometric_distortion``, ``photometric_distortion`` of the image alone.
 
     Args:
         image: ``(3, H, W)`` float in [0, 1].
         maps: ``(H, W)`` label maps (integer: padded with 255), confidences (float: padded with 0) or masks.
         rng: the source of randomness (seed it per sample for reproducible runs).
     Returns:
-        ``image (3, c, c)``, ``valid (c, c)`` bool and every map cropped alike, c = ``config.crop_size``.
+        ``image (3, c, c)`` float in [0, 1] (padding ``PAD_VALUE`` before any photometric distortion),
+        ``valid (c, c)`` bool (False on padding) and every map ``(c, c)`` cropped alike, c = ``config.crop_size``.
     """
     height, width = image.shape[-2:]
-    scale = rng.uniform(*config.scale_range)
+    scale = resize_factor(height, width, rng, config)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     maps = {**maps, "valid": torch.ones((height, width), dtype=torch.bool)}
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
@@ -196,6 +264,8 @@ def augment(image: torch.Tensor, maps: dict[str, torch.Tensor], rng: np.random.G
            **{k: v[top:top + crop, left:left + crop] for k, v in maps.items()}}
     if config.flip and rng.random() < 0.5:
         out = {k: v.flip(-1) for k, v in out.items()}
+    if config.photometric_distortion:
+        out["image"] = photometric_distortion(out["image"], rng)
     return out
 
 
