@@ -35,7 +35,7 @@ def dense_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(B, D, H/s, W/s)`` unnormalised embeddings, D = the text embedding width, in the tower's dtype.
     """
-    return dense_features_and_keys(model, images)[0]
+    return _dense(model, images, with_keys=False)[0]
 
 
 def dense_features_and_keys(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,16 +43,21 @@ def dense_features_and_keys(model: nn.Module, images: torch.Tensor) -> tuple[tor
 
     The keys are what the paper's key smoothing compares between locations.
     """
+    return _dense(model, images, with_keys=True)
+
+
+def _dense(model: nn.Module, images: torch.Tensor, with_keys: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # Keys cost a width x width projection per location (3% of RN50's forward): computed only when asked for.
     visual = _visual(model)
     stride = output_stride(visual)
     _, _, height, width = images.shape
     if height % stride or width % stride:
         raise ValueError(f"image size {height}x{width} is not a multiple of the tower's stride {stride}")
-    dtype = next(visual.parameters()).dtype
-    images = images.to(dtype)
+    # conv1 holds the compute dtype: embeddings and norm layers stay fp32 under open_clip's bf16/fp16.
+    images = images.to(visual.conv1.weight.dtype)
     if isinstance(visual, ModifiedResNet):
-        return _resnet_dense(visual, images)
-    return _vit_dense(visual, images)
+        return _resnet_dense(visual, images, with_keys)
+    return _vit_dense(visual, images, with_keys)
 
 
 def _visual(model: nn.Module) -> nn.Module:
@@ -75,12 +80,13 @@ def _conv1x1(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     return F.conv2d(x, linear.weight[:, :, None, None], linear.bias)
 
 
-def _resnet_dense(visual: ModifiedResNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _resnet_dense(visual: ModifiedResNet, images: torch.Tensor,
+                  with_keys: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     x = visual.stem(images)
     x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
     pool = visual.attnpool
     value = _conv1x1(x, pool.v_proj)
-    keys = _conv1x1(x, pool.k_proj)
+    keys = _conv1x1(x, pool.k_proj) if with_keys else None
     return _conv1x1(value, pool.c_proj), keys
 
 
@@ -97,7 +103,8 @@ def _resized_positional_embedding(visual: VisionTransformer, grid: tuple[int, in
     return torch.cat([cls_pos, patch_pos], dim=0)
 
 
-def _vit_dense(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _vit_dense(visual: VisionTransformer, images: torch.Tensor,
+               with_keys: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     batch = images.shape[0]
     x = visual.conv1(images)  # (B, C, gh, gw)
     grid = (x.shape[2], x.shape[3])
@@ -125,11 +132,12 @@ def _vit_dense(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.T
     _, b_k, b_v = attn.in_proj_bias.split(width) if attn.in_proj_bias is not None else (None,) * 3
     h = last.ln_1(x)
     value = F.linear(h, w_v, b_v)
-    keys = F.linear(h, w_k, b_k)
+    keys = F.linear(h, w_k, b_k) if with_keys else None
     x = x + last.ls_1(attn.out_proj(value))
     x = x + last.ls_2(last.mlp(last.ln_2(x)))
 
     tokens = visual.ln_post(x[:, 1:]) @ visual.proj  # (B, gh*gw, D)
     features = tokens.transpose(1, 2).reshape(batch, -1, *grid)
-    keys = keys[:, 1:].transpose(1, 2).reshape(batch, width, *grid)
+    if keys is not None:
+        keys = keys[:, 1:].transpose(1, 2).reshape(batch, width, *grid)
     return features, keys

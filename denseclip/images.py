@@ -98,6 +98,24 @@ def decode_image(data: bytes, key: str = "", max_pixels: int = MAX_PIXELS) -> np
     return read_image(data, key, max_pixels).pixels
 
 
+def is_plain_jpeg(data: bytes, key: str = "", max_pixels: int = MAX_PIXELS) -> bool:
+    """Whether ``data`` is an RGB or grey JPEG of at most ``max_pixels`` (checked from its header, without decoding
+    it), which a JPEG decoder other than Pillow (``torchvision.io.decode_jpeg`` on a GPU) can take instead.
+    Raises :class:`ImageDecodeError` for an oversized image; anything else that is no such JPEG gives False."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height, mode, fmt = *image.size, image.mode, image.format
+    except Exception:  # noqa: BLE001 - Pillow signals bad data in many ways; decode_image will name it
+        return False
+    if width * height > max_pixels:
+        raise ImageDecodeError(key, f"decompression bomb: {width}x{height} = {width * height} pixels > limit {max_pixels}")
+    return fmt == "JPEG" and mode in ("RGB", "L")
+
+
 def decode_label_map(data: bytes, key: str = "", max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """A single-channel label map (palette "P" or grey "L" PNG: the stored index is the label) -> uint8 (H, W).
 

@@ -55,7 +55,10 @@ def decode_mask(data: bytes) -> np.ndarray:
 
 
 def encode_confidence(confidence: np.ndarray) -> bytes:
-    """float (H, W) in [0, 1] -> PNG of the values quantised to uint8 (step 1/255)."""
+    """float (H, W) in [0, 1] -> PNG of the values quantised to uint8 (step 1/255); uint8 (H, W) is taken as
+    already quantised (as ``DenseCLIP.label_maps`` gives it)."""
+    if confidence.dtype == np.uint8:
+        return encode_png(confidence)
     return encode_png(np.round(np.clip(confidence, 0.0, 1.0) * 255).astype(np.uint8))
 
 

@@ -54,7 +54,8 @@ class LoadedCLIP:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The dtype the towers compute in (their embeddings and norm layers stay fp32 in bf16/fp16)."""
+        return getattr(self.model, "visual", self.model).conv1.weight.dtype
 
 
 class _QuietRandomInit(logging.Filter):
@@ -122,7 +123,9 @@ def load_clip(
         pretrained: an open_clip pretrained tag (``openai``; downloads through open_clip's cache), a local
             checkpoint path or an fsspec URL (``s3://...``), or ``"random"``; ``None`` loads the shipped weights
             for the tiny model and leaves any other model randomly initialised (for tests and baselines).
-        precision: ``fp32``, ``bf16`` or ``fp16``.
+        precision: ``fp32``, ``bf16`` or ``fp16``. In bf16 and fp16 the model is converted as open_clip's own
+            precision options convert it: convolutions, linear layers and attention in that dtype, normalisation
+            layers (BatchNorm, LayerNorm), embeddings and the logit scale in fp32.
     """
     _register_tiny()
     if model not in open_clip.list_models():
@@ -159,7 +162,9 @@ def load_clip(
             raise ModelLoadError(f"could not fetch weights {model}/{pretrained}: {exc}") from exc
         fingerprint = f"{model}/{pretrained}"
 
-    clip = clip.to(device=device, dtype=PRECISIONS[precision]).eval()
+    clip = clip.to(device=device).eval()
+    if precision != "fp32":
+        open_clip.model.convert_weights_to_lp(clip, PRECISIONS[precision])
     for p in clip.parameters():
         p.requires_grad_(False)
     cfg = open_clip.get_model_preprocess_cfg(clip)

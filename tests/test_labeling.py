@@ -28,8 +28,10 @@ from denseclip.ray.labeling import (
     LabelingError,
     LabelingPlan,
     ShardCommitter,
+    Throughput,
     decode_batch,
     encode_batch,
+    measure_throughput,
     part_id,
     plan_actors,
     prepare_labeling,
@@ -136,6 +138,52 @@ def test_actor_plan_leaves_cpus_for_the_tasks_feeding_the_pool():
         plan_actors({"CPU": 8.0}, "cuda")
     growing = plan_actors({"CPU": 8.0}, "cuda", num_actors=16)  # an autoscaling cluster adds GPU nodes later
     assert (growing.min_actors, growing.num_actors) == (1, 16)
+
+
+def test_gpu_plan_decodes_as_fast_as_the_gpus_label_or_on_the_gpus():
+    node = {"CPU": 16.0, "GPU": 1.0}
+    # One GPU labelling 1000 images/s, one CPU decoding 250: 4 CPUs, 5 with headroom, of the 15 left free.
+    fed = plan_actors(node, "cuda", throughput=Throughput(labels_per_s=1000, decodes_per_cpu_s=250))
+    assert (fed.read_tasks, fed.task_cpus, fed.decode_on_device) == (5, 1.0, False)
+    assert fed.read_tasks * fed.task_cpus * 250 >= 1000 and fed.cpus_per_actor + fed.read_tasks <= 16
+    # 10000 images/s would need 50 CPUs: the decoding moves to the GPU and every free CPU reads.
+    fast = plan_actors(node, "cuda", throughput=Throughput(labels_per_s=10000, decodes_per_cpu_s=250))
+    assert fast.decode_on_device and fast.read_tasks == 15
+    # CPU actors decode their own share: the throughput of a CPU actor changes nothing.
+    cpu = plan_actors({"CPU": 2.0}, "cpu", throughput=Throughput(labels_per_s=1, decodes_per_cpu_s=1))
+    assert cpu == plan_actors({"CPU": 2.0}, "cpu") and not cpu.decode_on_device
+
+
+def test_throughput_is_measured_on_the_jobs_images():
+    scene = render_scene(4, 0, size=64).image
+    samples = [_encoded(Image.fromarray(scene), "JPEG")] * 4 + [b"not an image"]
+    measured = measure_throughput(CONFIG, CLASSES, samples, rounds=1)
+    assert measured.labels_per_s > 0 and measured.decodes_per_cpu_s > 0
+    assert measure_throughput(CONFIG, CLASSES, [b"not an image"]) is None
+
+
+def test_jpegs_decoded_by_the_actor_are_labelled_as_decoded_by_the_tasks():
+    scenes = [render_scene(8, i, size=64).image for i in range(3)]
+    jpeg = _encoded(Image.fromarray(scenes[0]), "JPEG")
+    rows = [{"key": f"k{i}", "shard": "s", "shard_total": 0, "error": "", "data": _encoded(Image.fromarray(im), fmt)}
+            for i, (im, fmt) in enumerate(zip(scenes, ("JPEG", "PNG", "JPEG")))]
+    rows.append({"key": "bad", "shard": "s", "shard_total": 0, "error": "", "data": jpeg[:200]})
+    deferred = decode_batch(_batch(rows), defer_jpeg=True)
+    assert [bool(j) for j in deferred["jpeg"]] == [True, False, True, False]  # the cut JPEG has no readable header
+    assert deferred["image"][0].size == 0 and deferred["image"][1].shape == (64, 64, 3)
+    assert "bad" in deferred["key"] and deferred["error"][3]
+    labeler = Labeler(CONFIG, CLASSES)
+    on_actor = labeler.label_batch(deferred)
+    on_tasks = labeler.label_batch(decode_batch(_batch(rows)))
+    assert list(on_actor["error"]) == list(on_tasks["error"])
+    for a, b in zip(on_actor["labels"][:3], on_tasks["labels"][:3]):
+        assert a.shape == (64, 64) and np.mean(a == b) > 0.99
+    # A JPEG whose data breaks after a good header: decoded by Pillow after the device decoder refuses it,
+    # or recorded with Pillow's reason.
+    broken = dict(rows[0], key="cut", data=jpeg[: len(jpeg) // 2])
+    out = labeler.label_batch(decode_batch(_batch([rows[0], broken]), defer_jpeg=True))
+    assert not out["error"][0] and out["labels"][0].shape == (64, 64)
+    assert out["error"][1] or out["labels"][1].shape == (64, 64)
 
 
 def _batch(rows: list[dict]) -> dict[str, np.ndarray]:

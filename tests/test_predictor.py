@@ -1,5 +1,7 @@
 """DenseCLIP prediction: shapes, batching and sliding-window consistency, background handling, upsampling."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -74,7 +76,7 @@ def test_slide_with_one_window_equals_whole(clip):
 def test_upsampling_equals_interpolate_and_topk_is_near_exact(clip, images):
     exact = make(clip, upsample_topk=None)
     cheap = make(clip, upsample_topk=2)
-    x = exact.preprocess(images[1][:64, :64])[None]  # 64x64: no padding, so grid_sample == interpolate
+    x = exact.preprocess(images[1][:64, :64])[None]  # 64x64: no padding, so the upsampling is plain interpolate
     canvas = exact._canvases(x)[0]
     log_probs = exact._finalize(canvas)
     expected = F.interpolate(log_probs[None], size=(64, 64), mode="bilinear", align_corners=False)[0]
@@ -125,3 +127,205 @@ def test_invalid_options(clip):
         make(clip, mode="slide", crop_size=100)
     with pytest.raises(ValueError, match="mode must be"):
         make(clip, mode="tiles")
+
+
+# ------------------------------------------------------------------ the fast path against the straightforward one
+@pytest.fixture(scope="module")
+def tiny():
+    return load_clip()  # the shipped tiny CLIP: trained weights and BatchNorm statistics, structured label maps
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    from denseclip.synthetic import render_scene
+
+    # Whole scenes (128 px, a multiple of the stride) and odd-sized crops (padded on the feature grid).
+    full = [render_scene(5, i).image for i in range(4)]
+    return full + [full[0][:100, :120].copy(), full[1][7:, 30:].copy()]
+
+
+def reference_log_probs(clip, classes, templates, image):
+    """The labeller written out the straightforward way, in fp32 on the loaded model: normalise, pad to the
+    stride, dense features, cosine with every name, max over a class's names, temperature, log-softmax.
+    Returns ``(K, hc, wc)`` and the image's extent in cells."""
+    from denseclip.dense import dense_features
+    from denseclip.text import class_embeddings
+
+    mean, std = torch.tensor(clip.mean).view(3, 1, 1), torch.tensor(clip.std).view(3, 1, 1)
+    x = (torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255 - mean) / std
+    h, w = image.shape[:2]
+    x = F.pad(x, (0, -w % 32, 0, -h % 32))[None]
+    with torch.no_grad():
+        features = F.normalize(dense_features(clip.model, x), dim=1)[0]  # (D, hc, wc)
+    embeddings, class_of_name = class_embeddings(clip, classes, templates)
+    cosine = torch.einsum("dhw,nd->nhw", features, embeddings)
+    logits = torch.stack([cosine[class_of_name == c].max(dim=0).values for c in range(len(classes))])
+    return (100 * logits).log_softmax(dim=0), (h / 32, w / 32)
+
+
+def reference_labels(log_probs, extent, size, topk):
+    """Upsampling as grid_sample does it (border values, align_corners=False) on the whole canvas, restricted to
+    the classes in some location's top-k; returns ``(labels (H, W), margin (H, W))`` with the margin between the
+    best and the second-best upsampled class (ties are where it is ~0)."""
+    candidates = torch.arange(log_probs.shape[0])
+    if topk is not None:
+        valid = log_probs[:, :math.ceil(extent[0]), :math.ceil(extent[1])]
+        candidates = torch.unique(valid.topk(topk, dim=0).indices)
+    axes = [2 * ((torch.arange(n) + 0.5) * (e / n)) / cells - 1
+            for cells, e, n in zip(log_probs.shape[-2:], extent, size)]
+    gy, gx = torch.meshgrid(*axes, indexing="ij")
+    grid = torch.stack([gx, gy], dim=-1)[None]
+    up = F.grid_sample(log_probs[candidates][None], grid, mode="bilinear", padding_mode="border",
+                       align_corners=False)[0]
+    top2 = up.topk(2, dim=0).values
+    return candidates[up.argmax(dim=0)], top2[0] - top2[1], up.max(dim=0).values.exp()
+
+
+@pytest.mark.parametrize("topk", [3, None])
+def test_labels_equal_the_straightforward_fp32_labeller_apart_from_ties(tiny, scenes, topk):
+    from denseclip.datasets import get_dataset
+
+    classes = get_dataset("synthetic").classes
+    labeler = DenseCLIP(tiny, classes, templates="synthetic", upsample_topk=topk, batch_size=4)
+    assert labeler.dtype == torch.float32
+    results = labeler.label_maps(scenes)
+    for image, (labels, confidence) in zip(scenes, results):
+        log_probs, extent = reference_log_probs(tiny, classes, labeler.templates, image)
+        expected, margin, best = reference_labels(log_probs, extent, image.shape[:2], topk)
+        differ = (torch.from_numpy(labels.astype(np.int64)) != expected).numpy()
+        assert len(np.unique(labels)) > 1  # structured maps, not one class everywhere
+        assert margin.numpy()[differ].max(initial=0) < 1e-3, "labels differ where the reference has no tie"
+        assert differ.mean() < 1e-3
+        assert np.abs(confidence.astype(np.float32) - np.round(best.numpy() * 255)).max() <= 1
+
+
+def test_gpu_path_needs_no_host_sync_and_equals_the_cpu_path(tiny, scenes):
+    """On a GPU, candidates are masked rather than gathered (no sync per image); run that path here, under a
+    mode that records every call which would make the host wait for the device."""
+    from torch.overrides import TorchFunctionMode
+
+    from denseclip.datasets import get_dataset
+
+    syncing = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "unique", "cpu",
+               "numpy", "masked_select", "equal", "allclose"}
+
+    class SyncRecorder(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in syncing or (name == "__getitem__" and any(
+                    isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1:])):
+                self.calls.append(name)
+            return func(*args, **(kwargs or {}))
+
+    classes = get_dataset("synthetic").classes
+    gather = DenseCLIP(tiny, classes, templates="synthetic", prompt_denoising=0.5, batch_size=4)
+    mask = DenseCLIP(tiny, classes, templates="synthetic", prompt_denoising=0.5, batch_size=4)
+    mask._gather_candidates = False
+    tensors = [gather.preprocess(image) for image in scenes]
+    with SyncRecorder() as recorder:
+        masked = mask.predict(tensors)
+    assert recorder.calls == []
+    for (a, ca), (b, cb) in zip(gather.predict(tensors), masked):
+        assert torch.equal(a, b) and torch.equal(ca, cb)
+
+
+def test_label_maps_keep_confidence_as_uint8(tiny, scenes):
+    from denseclip.datasets import get_dataset
+
+    labeler = DenseCLIP(tiny, get_dataset("synthetic").classes, templates="synthetic")
+    (labels, confidence), = labeler.label_maps(scenes[:1])
+    assert labels.dtype == np.uint8 and confidence.dtype == np.uint8
+    (labels_f, confidence_f), = labeler.label_images(scenes[:1])
+    np.testing.assert_array_equal(labels, labels_f)
+    assert confidence_f.dtype == np.float32
+    np.testing.assert_array_equal(confidence_f, confidence.astype(np.float32) / 255)
+
+
+def test_slide_windows_batched_across_images_equal_one_at_a_time(tiny):
+    """Windows of several images share forward passes, and give what each window gives alone (fp32, 1e-5)."""
+    from denseclip.synthetic import render_scene
+
+    images = [render_scene(6, i, size=size).image for i, size in enumerate((160, 128, 192))]
+    classes = [["red circle"], ["blue square"], ["green triangle"], ["background"]]
+    batched = DenseCLIP(tiny, classes, templates="synthetic", mode="slide", crop_size=96, crop_stride=32,
+                        batch_size=8)
+    alone = DenseCLIP(tiny, classes, templates="synthetic", mode="slide", crop_size=96, crop_stride=32,
+                      batch_size=1)
+    tensors = [batched.preprocess(image) for image in images]
+    forwards = []
+    handle = batched.tower.conv1.register_forward_pre_hook(lambda _, args: forwards.append(args[0].shape[0]))
+    together = batched.logits(tensors)
+    handle.remove()
+    windows = sum(((s - 96) // 32 + 1) ** 2 for s in (160, 128, 192))  # 9 + 4 + 16
+    assert forwards == [8, 8, 8, 5] and sum(forwards) == windows  # every batch but the last mixes images
+    one_by_one = alone.logits(tensors)
+    for a, b in zip(together, one_by_one):
+        # Probabilities (log-probabilities reach -100, where 1e-5 is below fp32's resolution).
+        assert a.shape == b.shape
+        assert torch.allclose(a.exp(), b.exp(), atol=1e-5, rtol=0)
+        assert torch.equal(a.argmax(dim=0), b.argmax(dim=0))
+
+
+def test_size_buckets_batch_different_sizes_without_changing_any_image(tiny):
+    from denseclip.synthetic import render_scene
+
+    scene = render_scene(7, 0, size=128).image
+    images = [scene[:100, :120].copy(), scene[:70, :128].copy(), scene[:128, :90].copy()]
+    classes = [["red circle"], ["blue square"], ["background"]]
+    bucketed = DenseCLIP(tiny, classes, templates="synthetic", size_bucket=128)
+    forwards = []
+    handle = bucketed.tower.conv1.register_forward_pre_hook(lambda _, args: forwards.append(tuple(args[0].shape)))
+    together = bucketed.label_maps(images)
+    handle.remove()
+    assert forwards == [(3, 3, 128, 128)]  # three sizes, one bucket, one forward
+    for image, (labels, confidence) in zip(images, together):
+        alone_labels, alone_confidence = bucketed.label_maps([image])[0]
+        assert labels.shape == image.shape[:2]
+        np.testing.assert_array_equal(labels, alone_labels)
+        np.testing.assert_array_equal(confidence, alone_confidence)
+    # Without buckets each size pads to the stride only: three forwards.
+    forwards.clear()
+    plain = DenseCLIP(tiny, classes, templates="synthetic")
+    handle = plain.tower.conv1.register_forward_pre_hook(lambda _, args: forwards.append(tuple(args[0].shape)))
+    plain.label_maps(images)
+    handle.remove()
+    assert sorted(forwards) == [(1, 3, 96, 128), (1, 3, 128, 96), (1, 3, 128, 128)]
+
+
+def test_low_precision_keeps_norm_layers_in_fp32_and_agrees_with_fp32(tiny, scenes):
+    from denseclip.datasets import get_dataset
+
+    half = load_clip(precision="bf16")
+    visual = half.model.visual
+    assert half.dtype == torch.bfloat16 and visual.conv1.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for m in half.model.modules()
+               if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)) for p in m.parameters())
+    classes = get_dataset("synthetic").classes
+    ours = DenseCLIP(half, classes, templates="synthetic").label_maps(scenes)
+    reference = DenseCLIP(tiny, classes, templates="synthetic").label_maps(scenes)
+    agree = np.mean(np.concatenate([(a == b).ravel() for (a, _), (b, _) in zip(ours, reference)]))
+    assert agree > 0.99
+
+
+def test_only_classes_that_can_win_are_upsampled_and_labels_stay_exact(tiny):
+    """The CPU upsamples only the classes that can win somewhere; on random canvases (a class second everywhere
+    can still win between cells) the labels equal an upsampling of every class, apart from exact ties."""
+    labeler = DenseCLIP(tiny, [["a"], ["b"], ["c"], ["d"], ["e"], ["f"]], templates=["{}"], upsample_topk=None)
+    generator = torch.Generator().manual_seed(0)
+    pruned = 0
+    for trial in range(40):
+        scale = 0.5 if trial % 2 else 5.0  # flat and peaked maps
+        log_probs = (scale * torch.randn(6, 5, 7, generator=generator)).log_softmax(dim=0)
+        extent, size = (4.3, 6.0), (37, 51)
+        labels, confidence = labeler._labels(log_probs, extent, size)
+        full = labeler._upsample(log_probs, extent, size)
+        top2 = full.topk(2, dim=0).values
+        tie = (top2[0] - top2[1]) < 1e-5
+        assert torch.equal(labels.long()[~tie], full.argmax(dim=0)[~tie])
+        assert torch.equal(confidence, full.max(dim=0).values.exp().mul(255).round().to(torch.uint8))
+        pruned += 6 - int(labeler._possible_winners(labeler._reach(log_probs, extent)).sum())
+    assert pruned > 0  # the test saw classes dropped, not only the full path

@@ -71,8 +71,8 @@ def test_labels_come_back_at_the_input_size_after_a_resize(monkeypatch, tmp_path
     monkeypatch.setenv("DENSECLIP_CACHE", str(tmp_path))
     clip = load_clip()
     seen = []
-    handle = clip.model.visual.conv1.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[-2:]))
     predictor = DenseCLIP(clip, [["red circle"], ["blue square"]], templates=["a {}."], resize_to=(256, 64))
+    handle = predictor.tower.conv1.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[-2:]))
     image = np.random.default_rng(0).integers(0, 255, (75, 100, 3), dtype=np.uint8)
     with torch.no_grad():
         labels, confidence = predictor.label_images([image])[0]

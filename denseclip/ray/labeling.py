@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import posixpath
 import re
@@ -33,7 +34,7 @@ from ray.data import ActorPoolStrategy
 
 from denseclip import storage
 from denseclip.config import LabelerConfig
-from denseclip.images import ImageDecodeError, decode_image
+from denseclip.images import ImageDecodeError, decode_image, is_plain_jpeg
 from denseclip.mask_store import (
     ERRORS_DIR,
     MASK_SCHEMA,
@@ -52,7 +53,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 SUMMARY_FILE = "summary.json"
 # Options that change the labels, hence part of the provenance (batch size and device do not).
 RESULT_OPTIONS = ("protocol", "mode", "resize_to", "short_side", "temperature", "background_threshold",
-                  "key_smoothing", "prompt_denoising", "upsample_topk", "precision")
+                  "key_smoothing", "prompt_denoising", "upsample_topk", "precision", "size_bucket")
 SLIDE_OPTIONS = ("crop_size", "crop_stride")
 # A batch whose actor dies is retried on a restarted actor this often; a batch that kills every actor it
 # meets fails the job instead of looping forever. Actors themselves restart without limit (lost nodes).
@@ -66,6 +67,11 @@ BLOCK_BYTES = 8 << 20
 # waiting to be committed), per actor: a few batches of large images each, enough to keep every actor fed
 # without letting reading run ahead of labeling (memory stays flat however many images the job holds).
 OBJECT_STORE_BYTES_PER_ACTOR = 128 << 20
+# GPU actors: decode tasks are planned for this much more than the measured labelling rate (rates vary with the
+# images' sizes and the node's other work).
+DECODE_HEADROOM = 1.25
+# Images taken from the first shard to measure decoding and labelling rates before a GPU run is planned.
+PROBE_IMAGES = 16
 _NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 _NO_MAP = np.zeros((0, 0), dtype=np.uint8)
 _SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error)
@@ -91,8 +97,9 @@ class LabelingPlan:
 @dataclass(frozen=True)
 class ActorPlan:
     """Resources of the labeling stage: between ``min_actors`` and ``num_actors`` DenseCLIP actors with
-    ``cpus_per_actor`` / ``gpus_per_actor`` each and ``torch_threads`` per actor, and ``task_cpus`` per
-    read/decode/encode task."""
+    ``cpus_per_actor`` / ``gpus_per_actor`` each and ``torch_threads`` per actor, ``task_cpus`` per
+    read/decode/encode task and ``read_tasks`` shards read and decoded at once; with ``decode_on_device`` the
+    actors decode JPEGs on their GPU (the CPUs could not decode as fast as the GPUs label)."""
 
     num_actors: int
     min_actors: int
@@ -100,13 +107,17 @@ class ActorPlan:
     gpus_per_actor: float
     task_cpus: float
     torch_threads: int
+    read_tasks: int
+    decode_on_device: bool = False
 
-    @property
-    def read_tasks(self) -> int:
-        """Shards read and decoded at once: one per actor (at least two). Decoding an image costs a fraction of
-        labelling it, and each read task is a worker process holding its shard's buffers, so more would only
-        add memory."""
-        return max(2, self.num_actors)
+
+@dataclass(frozen=True)
+class Throughput:
+    """What one labelling actor sustains, measured where it runs on the job's own images: ``labels_per_s``
+    images/s through the labeller, ``decodes_per_cpu_s`` images/s one CPU decodes."""
+
+    labels_per_s: float
+    decodes_per_cpu_s: float
 
 
 def part_id(shard: str) -> str:
@@ -183,7 +194,8 @@ def prepare_labeling(
 
 
 def plan_actors(
-    cluster: dict[str, float], device: str, num_actors: int | None = None, cpus_per_actor: float | None = None
+    cluster: dict[str, float], device: str, num_actors: int | None = None, cpus_per_actor: float | None = None,
+    throughput: Throughput | None = None,
 ) -> ActorPlan:
     """Size the labeling stage from the cluster's resources now (``ray.cluster_resources()``).
 
@@ -191,6 +203,11 @@ def plan_actors(
     (fractional reservations are fine) so read, decode and encode tasks always find room: an actor pool that
     reserves every CPU starves the tasks feeding it and Ray waits forever. A GPU pool larger than the GPUs
     present starts small and grows as an autoscaling cluster adds GPU nodes.
+
+    Read/decode tasks: one per actor (at least two) on CPU clusters, where decoding an image costs a fraction of
+    labelling it and every task holds its shard's buffers. GPU actors label far faster than a CPU decodes: with
+    the ``throughput`` of one actor (:func:`measure_throughput`), enough tasks are planned to decode N images/s
+    for N images/s labelled, and where the free CPUs cannot, the actors decode JPEGs on their GPUs instead.
     """
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     if device.startswith("cuda"):
@@ -212,7 +229,57 @@ def plan_actors(
             f"num_actors x cpus_per_actor = {num_actors} x {cpus_per_actor:g} CPUs leaves none of the cluster's "
             f"{cpus:g} CPUs for reading and decoding (Ray would wait forever): use fewer or smaller actors")
     task_cpus = min(1.0, max(cpus - reserved, cpus / 2) / 4)
-    return ActorPlan(num_actors, min_actors, cpus_per_actor, gpus_per_actor, task_cpus, max(1, int(cpus_per_actor)))
+    read_tasks, decode_on_device = max(2, num_actors), False
+    if gpus_per_actor and throughput is not None:
+        needed = num_actors * throughput.labels_per_s / throughput.decodes_per_cpu_s * DECODE_HEADROOM  # CPUs
+        available = max(1, int((cpus - reserved) / task_cpus))  # tasks the free CPUs can run
+        decode_on_device = needed / task_cpus > available
+        read_tasks = max(read_tasks, min(available, math.ceil(needed / task_cpus)))
+        log.info("one actor labels %.0f images/s, one CPU decodes %.0f: %d read/decode tasks of %g CPUs%s",
+                 throughput.labels_per_s, throughput.decodes_per_cpu_s, read_tasks, task_cpus,
+                 ", JPEGs decoded on the GPUs" if decode_on_device else "")
+    return ActorPlan(num_actors, min_actors, cpus_per_actor, gpus_per_actor, task_cpus, max(1, int(cpus_per_actor)),
+                     read_tasks, decode_on_device)
+
+
+def measure_throughput(config: LabelerConfig, classes: list[list[str]], samples: list[bytes],
+                       rounds: int = 3) -> Throughput | None:
+    """Decode ``samples`` (image bytes) on one CPU and label them ``rounds`` times after a warm-up, with the
+    labeller of ``config``: run where an actor would run (a Ray task with its resources). None if no sample
+    decodes."""
+    images = []
+    start = time.perf_counter()
+    for data in samples:
+        with contextlib.suppress(ImageDecodeError):
+            images.append(decode_image(data))
+    decode_rate = len(samples) / (time.perf_counter() - start)
+    if not images:
+        return None
+    labeler = config.build(classes)
+    labeler.label_maps(images[:config.batch_size])
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for i in range(0, len(images), config.batch_size):
+            labeler.label_maps(images[i:i + config.batch_size])
+    return Throughput(rounds * len(images) / (time.perf_counter() - start), decode_rate)
+
+
+def probe_throughput(plan: LabelingPlan, config: LabelerConfig, classes: list[list[str]],
+                     gpus: float) -> Throughput | None:
+    """:func:`measure_throughput` on a GPU node of the connected cluster, on the first images of the first shard
+    to label; None where there is no GPU now or no decodable image to measure with."""
+    if gpus < 1 or not plan.todo:
+        return None
+    samples = []
+    for row in read_shard_rows(plan.todo[0], plan.storage_options):
+        if not row["error"]:
+            samples.append(row["data"])
+        if len(samples) == PROBE_IMAGES:
+            break
+    if not samples:
+        return None
+    probe = ray.remote(measure_throughput).options(num_gpus=1, num_cpus=1)
+    return ray.get(probe.remote(config, classes, samples))
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -290,27 +357,38 @@ def read_shards(batch: dict[str, np.ndarray], storage_options: dict | None = Non
             yield _columns(rows)
 
 
-def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Decode the image bytes of a batch to uint8 ``(H, W, 3)`` RGB; undecodable images become errors."""
-    images, errors = [], []
+def decode_batch(batch: dict[str, np.ndarray], defer_jpeg: bool = False) -> dict[str, np.ndarray]:
+    """Decode the image bytes of a batch to uint8 ``(H, W, 3)`` RGB; undecodable images become errors.
+
+    With ``defer_jpeg``, plain JPEGs (:func:`denseclip.images.is_plain_jpeg`) are left for the GPU actors to
+    decode: their bytes go on in a ``jpeg`` column (empty for the other rows) and their ``image`` stays empty.
+    """
+    images, errors, jpegs = [], [], []
     for key, data, error in zip(batch["key"], batch["data"], batch["error"]):
-        image = _NO_IMAGE
+        image, jpeg = _NO_IMAGE, b""
         if not error:
             try:
-                image = decode_image(data, key)
+                if defer_jpeg and is_plain_jpeg(data, key):
+                    jpeg = data
+                else:
+                    image = decode_image(data, key)
             except ImageDecodeError as exc:
                 error = exc.reason
         images.append(image)
         errors.append(error)
-    return {"key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
-            "error": _objects(errors), "image": _objects(images)}
+        jpegs.append(jpeg)
+    out = {"key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
+           "error": _objects(errors), "image": _objects(images)}
+    if defer_jpeg:
+        out["jpeg"] = _objects(jpegs)
+    return out
 
 
 class Labeler:
     """The DenseCLIP stage, a Ray Data callable class: the model and the text embeddings are loaded once per
     actor; each call labels a batch of images (rows whose ``error`` is set pass through unlabelled).
 
-    Adds ``labels`` uint8 ``(H, W)`` and ``confidence`` float32 ``(H, W)`` in [0, 1] (each image's own size)
+    Adds ``labels`` uint8 ``(H, W)`` and ``confidence`` uint8 ``(H, W)`` (probability x 255; each image's own size)
     and ``fingerprint`` (the weights' identity); drops ``image``. With ``encode``, the actor also encodes the
     maps (:func:`encode_batch`): its rows are ready to commit.
     """
@@ -327,13 +405,13 @@ class Labeler:
     def _label(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | str]:
         """Label ``images`` in one call; if that fails, one by one so only the failing image is lost."""
         try:
-            return self.dense_clip.label_images(images)
+            return self.dense_clip.label_maps(images)
         except Exception:  # whatever breaks one image (e.g. out of memory) must not stop the job
             log.warning("labeling a batch of %d images failed; retrying them one by one", len(images), exc_info=True)
         results: list[tuple[np.ndarray, np.ndarray] | str] = []
         for image in images:
             try:
-                results += self.dense_clip.label_images([image])
+                results += self.dense_clip.label_maps([image])
             except Exception as exc:  # noqa: BLE001 - recorded in the errors table
                 results.append(f"labeling failed: {type(exc).__name__}: {exc}")
         return results
@@ -342,12 +420,47 @@ class Labeler:
         labelled = self.label_batch(batch)
         return encode_batch(labelled) if self.encode else labelled
 
+    def _decode_jpegs(self, blobs: list[bytes], keys: list[str]) -> list:
+        """JPEG bytes -> ``(3, H, W)`` uint8 tensors decoded on the labeller's device, in one batched call; where
+        that fails, image by image, with Pillow for what the device decoder refuses (an ``(H, W, 3)`` array)
+        and the reason (a str) for what no decoder can read."""
+        import torch
+        import torchvision
+
+        rgb = torchvision.io.ImageReadMode.RGB
+        device = self.dense_clip.device
+        tensors = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
+        try:
+            return torchvision.io.decode_jpeg(tensors, mode=rgb, device=device)
+        except RuntimeError:
+            log.warning("decoding %d JPEGs on %s failed; decoding them one by one", len(blobs), device)
+        decoded = []
+        for tensor, blob, key in zip(tensors, blobs, keys):
+            try:
+                decoded.append(torchvision.io.decode_jpeg(tensor, mode=rgb, device=device))
+            except RuntimeError:
+                try:
+                    decoded.append(decode_image(blob, key))
+                except ImageDecodeError as exc:
+                    decoded.append(exc.reason)
+        return decoded
+
     def label_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Decoded rows -> rows with ``labels``, ``confidence`` and ``fingerprint`` (see the class)."""
+        """Decoded rows -> rows with ``labels``, ``confidence`` and ``fingerprint`` (see the class); rows with
+        ``jpeg`` bytes (:func:`decode_batch` with ``defer_jpeg``) are decoded on the labeller's device first."""
         errors = list(batch["error"])
+        images = list(batch["image"])
+        deferred = [i for i, error in enumerate(errors) if not error and "jpeg" in batch and batch["jpeg"][i]]
+        if deferred:
+            decoded = self._decode_jpegs([batch["jpeg"][i] for i in deferred], [batch["key"][i] for i in deferred])
+            for i, image in zip(deferred, decoded):
+                if isinstance(image, str):
+                    errors[i] = image
+                else:
+                    images[i] = image
         todo = [i for i, error in enumerate(errors) if not error]
-        labels, confidence = [_NO_MAP] * len(errors), [_NO_MAP.astype(np.float32)] * len(errors)
-        for i, result in zip(todo, self._label([batch["image"][i] for i in todo])):
+        labels, confidence = [_NO_MAP] * len(errors), [_NO_MAP] * len(errors)
+        for i, result in zip(todo, self._label([images[i] for i in todo])):
             if isinstance(result, str):
                 errors[i] = result
             else:
@@ -431,6 +544,8 @@ class ShardCommitter:
 # ------------------------------------------------------------------------------------------ pipeline
 def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[str]], actors: ActorPlan):
     """The Ray Data pipeline over ``plan.todo``, lazily: encoded rows ready to commit."""
+    # Actors compute what the provenance records, whatever their own machine would pick for "auto" settings.
+    config = config.resolved()
     shards = ray.data.from_items([{"shard": s} for s in plan.todo], override_num_blocks=len(plan.todo))
     # Batch-sized blocks (see BLOCK_BYTES): an actor task takes whole blocks.
     shards.context.target_max_block_size = BLOCK_BYTES
@@ -443,7 +558,8 @@ def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[
     reading = ray.data.TaskPoolStrategy(size=actors.read_tasks)
     samples = shards.map_batches(read_shards, batch_size=1, num_cpus=actors.task_cpus, compute=reading,
                                  fn_kwargs={"storage_options": plan.storage_options, "batch_size": config.batch_size})
-    images = samples.map_batches(decode_batch, batch_size=None, num_cpus=actors.task_cpus, compute=reading)
+    images = samples.map_batches(decode_batch, batch_size=None, num_cpus=actors.task_cpus, compute=reading,
+                                 fn_kwargs={"defer_jpeg": actors.decode_on_device})
     # CPU actors encode their own masks: shipping each image's raw maps (5 bytes a pixel) through the object
     # store to another CPU process costs more than the encoding. GPU actors leave it to CPU tasks, so the GPU
     # never waits for PNG encoding.
@@ -481,7 +597,11 @@ def label_shards(
     actors = None
     if plan.todo:
         with ray_cluster(address):
-            actors = plan_actors(ray.cluster_resources(), config.device, num_actors, cpus_per_actor)
+            resources = ray.cluster_resources()
+            throughput = None
+            if config.on_cuda:
+                throughput = probe_throughput(plan, config.resolved(), classes, resources.get("GPU", 0))
+            actors = plan_actors(resources, config.device, num_actors, cpus_per_actor, throughput)
             dataset = build_dataset(plan, config, classes, actors)
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 committer.add(batch)
