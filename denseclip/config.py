@@ -4,6 +4,7 @@ shared by the CLI, the Ray pipelines and the job specs."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ TINY_MODEL = "denseclip-tiny-shapes"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 MODES = ("whole", "slide")
+_DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
 
 
 class ConfigError(ValueError):
@@ -115,8 +117,8 @@ class LabelerConfig:
         if self.key_smoothing is not None and not (isinstance(self.key_smoothing, (int, float))
                                                    and -1 <= self.key_smoothing < 1):
             fail("key_smoothing", "must be a number in [-1, 1) or null")
-        if not self.device.startswith(("cpu", "cuda")):
-            fail("device", "must be cpu or cuda[:N]")
+        if not _DEVICE.match(self.device):
+            fail("device", "must be cpu, cuda or cuda:N")
 
     @property
     def template_set(self) -> str:
@@ -129,6 +131,8 @@ class LabelerConfig:
         from denseclip.models import load_clip
         from denseclip.predictor import DenseCLIP
 
+        if clip is None:
+            check_device(self.device)
         clip = clip or load_clip(self.model, self.pretrained, device=self.device, precision=self.precision)
         return DenseCLIP(
             clip, classes, self.template_set, mode=self.mode, crop_size=self.crop_size,
@@ -136,6 +140,21 @@ class LabelerConfig:
             background_threshold=self.background_threshold, key_smoothing=self.key_smoothing,
             prompt_denoising=self.prompt_denoising, upsample_topk=self.upsample_topk, batch_size=self.batch_size,
         )
+
+
+def check_device(device: str, where: str = "device") -> None:
+    """Refuse a CUDA device this process cannot see (no GPU, or ``cuda:N`` beyond the GPUs present) with a
+    ConfigError naming it, before any model is loaded. Inside Ray actors the device is first mapped to the GPU
+    Ray assigned (``denseclip.ray.devices``), so a job spec's ``cuda:1`` never reaches this check there."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count()
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        present = "GPUs: " + ", ".join(f"cuda:{i}" for i in range(count)) if count else "it has no CUDA GPU"
+        raise ConfigError(f"{where}: {device} does not exist on this machine ({present})")
 
 
 def add_labeler_arguments(parser) -> None:

@@ -7,6 +7,7 @@ overlay sample and the scored keys; evaluations of disjoint images ``merge`` int
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import itertools
@@ -112,9 +113,12 @@ def load_image(item: GroundTruth, images_url: str | None) -> np.ndarray | None:
     return None if encoded is None else decode_image(encoded, item.key)
 
 
-def build_dense_clip(config: LabelerConfig, classes: list[list[str]]) -> ImageLabeler:
-    """DenseCLIP labelling into the evaluation's label ids (``classes[i]`` = id i). With a background threshold
-    DenseCLIP adds the background class itself, so the vocabulary's first class must be background."""
+def build_dense_clip(config: LabelerConfig, classes: list[list[str]], device: str | None = None) -> ImageLabeler:
+    """DenseCLIP labelling into the evaluation's label ids (``classes[i]`` = id i), on ``device`` (default:
+    ``config.device``). With a background threshold DenseCLIP adds the background class itself, so the
+    vocabulary's first class must be background."""
+    if device is not None:
+        config = dataclasses.replace(config, device=device)
     if config.background_threshold is not None:
         if normalize_class_name(classes[0][0]) != "background":
             raise ConfigError("--background-threshold: the vocabulary's first class (label 0) must be background, "

@@ -98,6 +98,15 @@ def decode_image(data: bytes, key: str = "", max_pixels: int = MAX_PIXELS) -> np
     return read_image(data, key, max_pixels).pixels
 
 
+def check_rgb_image(image: np.ndarray) -> None:
+    """Raise ValueError unless ``image`` is what every labeller takes: a non-empty uint8 ``(H, W, 3)`` RGB
+    array."""
+    if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+            and image.size):
+        shape, dtype = getattr(image, "shape", None), getattr(image, "dtype", type(image).__name__)
+        raise ValueError(f"expected a non-empty (H, W, 3) uint8 RGB image, got {shape} {dtype}")
+
+
 def decode_label_map(data: bytes, key: str = "", max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """A single-channel label map (palette "P" or grey "L" PNG: the stored index is the label) -> uint8 (H, W).
 

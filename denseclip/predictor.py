@@ -124,9 +124,22 @@ class DenseCLIP:
         Returns:
             ``(B, K, H, W)`` (a list of ``(K, H_i, W_i)`` for list input); softmax over K gives probabilities.
         """
-        canvases = self._canvases(images)
-        out = [self._upsample(self._finalize(c), c.extent, tuple(img.shape[-2:])) for c, img in zip(canvases, images)]
+        out = [self.upsample(log_probs, extent, tuple(img.shape[-2:]))
+               for (log_probs, extent), img in zip(self.feature_log_probs(images), images)]
         return torch.stack(out) if isinstance(images, torch.Tensor) else out
+
+    @torch.no_grad()
+    def feature_log_probs(self, images: torch.Tensor | list[torch.Tensor]
+                          ) -> list[tuple[torch.Tensor, tuple[float, float]]]:
+        """Per-location class log-probabilities at feature resolution, before any upsampling.
+
+        Args:
+            images: ``(B, 3, H, W)`` normalised, or a list of ``(3, H_i, W_i)``.
+        Returns:
+            per image ``(log_probs (K, hc, wc), extent)``: the canvas may extend past the image (padding to the
+            stride); ``extent`` = the image's size in feature cells, as :meth:`upsample` takes it.
+        """
+        return [(self._finalize(canvas), canvas.extent) for canvas in self._canvases(images)]
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor | list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -259,8 +272,9 @@ class DenseCLIP:
         gy, gx = torch.meshgrid(axes[0], axes[1], indexing="ij")
         return torch.stack([gx, gy], dim=-1)[None]  # (1, H, W, 2)
 
-    def _upsample(self, log_probs: torch.Tensor, extent, size) -> torch.Tensor:
-        """Bilinear resampling ``(K, hc, wc) -> (K, H, W)``; equals ``F.interpolate`` when there is no padding."""
+    def upsample(self, log_probs: torch.Tensor, extent: tuple[float, float], size: tuple[int, int]) -> torch.Tensor:
+        """Bilinear resampling of a feature canvas ``(K, hc, wc)`` of which the image covers ``extent`` cells to
+        the image's ``size`` ``(K, H, W)``; equals ``F.interpolate`` when there is no padding."""
         grid = self._sampling_grid(log_probs.shape[-2:], extent, size, log_probs.device)
         return F.grid_sample(log_probs[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
 
@@ -271,7 +285,7 @@ class DenseCLIP:
             top = log_probs[:, :hv, :wv].topk(self.upsample_topk, dim=0).indices
             candidates = torch.unique(top)
             log_probs = log_probs[candidates]
-        best, labels = self._upsample(log_probs, extent, size).max(dim=0)
+        best, labels = self.upsample(log_probs, extent, size).max(dim=0)
         if candidates is not None:
             labels = candidates[labels]
         return labels, best.exp()

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from denseclip.config import add_labeler_arguments, labeler_config_from_args
+from denseclip.config import add_labeler_arguments, check_device, labeler_config_from_args
 from denseclip.corruptions import CORRUPTIONS
 from denseclip.datasets import get_dataset, normalize_class_name
 from denseclip.evaluation import (
@@ -136,9 +136,13 @@ def conditions_from_args(args: argparse.Namespace) -> list:
 
 
 def labeler_source(args: argparse.Namespace, vocab: Vocabulary, inputs: dict
-                   ) -> tuple[Callable[[], ImageLabeler], str, str]:
-    """The on-the-fly prediction source of --model or --checkpoint: a picklable factory of the labeler, its
-    device and the method name; records what it is in ``inputs``."""
+                   ) -> tuple[Callable[[str], ImageLabeler], str, str]:
+    """The on-the-fly prediction source of --model or --checkpoint: a picklable factory of the labeler (called
+    with the device to build it on), the device asked for and the method name; records what it is in
+    ``inputs``. Without --ray a CUDA device this machine does not have is refused here (ConfigError); on Ray
+    each actor uses the GPU Ray gave it."""
+    if not args.ray:
+        check_device(args.device, "--device")
     if args.checkpoint is None:
         config = labeler_config_from_args(args)
         inputs["labeler"] = {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"}
@@ -151,11 +155,12 @@ def labeler_source(args: argparse.Namespace, vocab: Vocabulary, inputs: dict
                          f", ...), not on the {len(vocab.class_names)} classes of {vocab.name}")
     inputs["checkpoint"] = args.checkpoint
     method = f"DenseCLIP+ {Path(args.checkpoint.rstrip('/')).name}"
-    return functools.partial(load_target_checkpoint, args.checkpoint, args.device), args.device, method
+    return functools.partial(load_target_checkpoint, args.checkpoint), args.device, method
 
 
 def run_on_ray(args: argparse.Namespace, evaluation: Evaluation, device: str = "cpu", **source) -> Evaluation:
-    """Score on Ray Data; ``source``: ``pred_url=`` or ``make_labeler=``, ``conditions=``, ``seed=``."""
+    """Score on Ray Data, labelling on ``device`` (each actor's GPU for cuda); ``source``: ``pred_url=`` or
+    ``make_labeler=``, ``conditions=``, ``seed=``."""
     import ray
 
     from denseclip.ray.evaluation import evaluate_on_ray
@@ -166,7 +171,7 @@ def run_on_ray(args: argparse.Namespace, evaluation: Evaluation, device: str = "
     shards = expand_shards(args.gt)
     with ray_cluster(args.address):
         actors = plan_actors(ray.cluster_resources(), device, args.num_actors)
-        return evaluate_on_ray(shards, evaluation, actors, **source)
+        return evaluate_on_ray(shards, evaluation, actors, device=device, **source)
 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict, dict | None]:
@@ -191,7 +196,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict | None]:
             run_on_ray(args, evaluation, device, make_labeler=make_labeler, conditions=conditions,
                        seed=args.corruption_seed)
         else:
-            score_labeler(progress(iter_ground_truth(args.gt)), make_labeler(), evaluation, conditions,
+            score_labeler(progress(iter_ground_truth(args.gt)), make_labeler(device), evaluation, conditions,
                           args.corruption_seed, args.batch_size, args.images)
     if evaluation.num_images == 0:
         raise EvaluationInputError(f"--gt {args.gt}: no ground-truth samples")

@@ -17,12 +17,15 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
+import ray.cloudpickle
 from PIL import Image
 from pipeline_scripts import load_pipeline
 
 from denseclip import storage
 from denseclip.config import ConfigError, LabelerConfig, resolve_vocabulary
 from denseclip.mask_store import MaskStore, MaskStoreWriter
+from denseclip.ray import labeling
 from denseclip.ray.labeling import (
     Labeler,
     LabelingError,
@@ -30,6 +33,7 @@ from denseclip.ray.labeling import (
     ShardCommitter,
     decode_batch,
     encode_batch,
+    label_shards,
     part_id,
     plan_actors,
     prepare_labeling,
@@ -41,6 +45,8 @@ from denseclip.synthetic import CLASS_NAMES, render_scene, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 label_cli = load_pipeline("label")
+# The fault-injecting labeler below runs in Ray's actor processes, which cannot import this test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 CONFIG = LabelerConfig(pretrained="random", batch_size=4)
 CLASSES = resolve_vocabulary("synthetic")
@@ -189,8 +195,76 @@ def test_labeler_loses_only_the_image_that_fails():
     batch = _batch([{"key": k, "shard": "s", "shard_total": 0, "error": "", "image": im}
                     for k, im in (("a", good), ("b", good.astype(np.float32)), ("c", good))])
     out = Labeler(CONFIG, CLASSES)(batch)
-    assert [bool(e) for e in out["error"]] == [False, True, False] and "labeling failed" in out["error"][1]
+    assert [bool(e) for e in out["error"]] == [False, True, False] and "unusable image" in out["error"][1]
     assert out["labels"][0].shape == (64, 64) and out["labels"][1].size == 0
+
+
+def _cpu_allocation_failure() -> RuntimeError:
+    """What torch raises when the CPU allocator cannot serve a request (a real one: 4 EiB)."""
+    import torch
+
+    try:
+        torch.empty(1 << 62, dtype=torch.uint8)
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("a 4 EiB allocation succeeded")
+
+
+def _cuda_out_of_memory() -> Exception:
+    import torch
+
+    # Injected: no GPU here. The message is the one torch's CUDA caching allocator gives.
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.77 GiB total capacity)")
+
+
+def _failing_model(labeler: Labeler, fault, fails) -> list[int]:
+    """Make ``labeler``'s model raise ``fault()`` on the calls for which ``fails(images)`` holds; returns the
+    list the number of images of every call is appended to."""
+    calls: list[int] = []
+    real = labeler.dense_clip.label_images
+
+    def label_images(images):
+        calls.append(len(images))
+        if fails(images):
+            raise fault()
+        return real(images)
+
+    labeler.dense_clip.label_images = label_images
+    return calls
+
+
+@pytest.mark.parametrize("fault", [_cpu_allocation_failure, _cuda_out_of_memory])
+def test_labeler_retries_out_of_memory_in_smaller_calls_then_reraises(fault):
+    images = [render_scene(1, i, size=64).image for i in range(5)]
+    batch = _batch([{"key": f"k{i}", "shard": "s", "shard_total": 0, "error": "", "image": im}
+                    for i, im in enumerate(images)])
+    labeler = Labeler(CONFIG, CLASSES)
+    expected = labeler.label_batch(batch)
+    real_model = labeler.dense_clip.label_images
+    calls = _failing_model(labeler, fault, lambda images: len(images) > 2)
+    out = labeler.label_batch(batch)
+    assert calls == [5, 2, 2, 1]  # the batch of 5 ran out of memory: halved until it fits, at the same settings
+    assert not any(out["error"])
+    for name in ("labels", "confidence"):
+        for got, want in zip(out[name], expected[name]):
+            np.testing.assert_array_equal(got, want)
+
+    labeler.dense_clip.label_images = real_model
+    calls = _failing_model(labeler, fault, lambda images: True)
+    with pytest.raises(RuntimeError, match="memory"):  # not even one image fits: the actor must go
+        labeler.label_batch(batch)
+    assert calls == [5, 2, 1]
+
+
+def test_labeler_reraises_model_errors_instead_of_recording_them():
+    good = render_scene(1, 0, size=64).image
+    batch = _batch([{"key": k, "shard": "s", "shard_total": 0, "error": "", "image": good} for k in "abc"])
+    labeler = Labeler(CONFIG, CLASSES)
+    calls = _failing_model(labeler, lambda: RuntimeError("CUDA error: an illegal memory access was encountered"),
+                           lambda images: True)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        labeler.label_batch(batch)
+    assert calls == [3]  # no retry in smaller pieces: only running out of memory is helped by that
 
 
 def test_prepare_refuses_another_run_unless_overwrite_and_finds_what_is_left(tmp_path):
@@ -355,3 +429,70 @@ def test_sigkill_of_the_job_and_of_an_actor_then_every_image_exactly_once(tmp_pa
     assert set(keys) == {f"synthetic/s4/{i:06d}" for i in range(240)}
     for part, data in first.items():  # what was committed before the kill is kept as it was
         assert storage.read_bytes(storage.join(out, "masks", f"part-{part}.parquet")) == data
+
+
+def _faulty_stage(fault: str, calls_dir: Path) -> type[Labeler]:
+    """The pipeline's Labeler with a model that fails: ``"oom"``, a real CPU allocation failure on every call
+    of more than one image; ``"error"``, a CUDA-like RuntimeError on any call holding a 48-pixel image. Each
+    call appends ``"<images> ok|fail"`` to ``calls_dir/<pid>.log``."""
+
+    class FaultyLabeler(Labeler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            real = self.dense_clip.label_images
+
+            def label_images(images):
+                fails = len(images) > 1 if fault == "oom" else any(im.shape[0] == 48 for im in images)
+                with open(calls_dir / f"{os.getpid()}.log", "a") as log:
+                    log.write(f"{len(images)} {'fail' if fails else 'ok'}\n")
+                if fails and fault == "oom":
+                    raise _cpu_allocation_failure()
+                if fails:
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+                return real(images)
+
+            self.dense_clip.label_images = label_images
+
+    return FaultyLabeler
+
+
+def _calls(calls_dir: Path) -> dict[int, list[str]]:
+    return {int(log.stem): log.read_text().splitlines() for log in calls_dir.glob("*.log")}
+
+
+@pytest.mark.slow
+def test_model_faults_on_a_real_ray_retry_on_a_fresh_actor_and_never_become_error_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(labeling, "MAX_TASK_RETRIES", 1)  # one retry: enough to see it, half the actor starts
+    shards = write_shards(seed=6, n=4, out=str(tmp_path / "in"), shard_size=2, size=64)
+    poisoned = write_shards(seed=7, n=2, out=str(tmp_path / "poisoned"), shard_size=2, size=48)
+    out = str(tmp_path / "out")
+    oom_calls, error_calls = tmp_path / "oom", tmp_path / "error"
+    oom_calls.mkdir()
+    error_calls.mkdir()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        # Out of memory on every call of two or more images: labelled one by one, nothing lost, no error row.
+        plan = prepare_labeling(shards, out, CONFIG, CLASSES)
+        summary = label_shards(plan, CONFIG, CLASSES, num_actors=1, labeler=_faulty_stage("oom", oom_calls))
+        assert (summary["images_labelled"], summary["errors"], summary["shards_committed"]) == (4, 0, 2)
+        calls = [call for log in _calls(oom_calls).values() for call in log]
+        assert "2 fail" in calls and calls.count("1 ok") == 4
+
+        # Another model error: the actor ends, a fresh one retries the batch, then the job fails; the
+        # poisoned shard is not committed and nothing became an error row.
+        plan = prepare_labeling(shards + poisoned, out, CONFIG, CLASSES)
+        assert plan.todo == poisoned
+        with pytest.raises(ray.exceptions.RayError):
+            label_shards(plan, CONFIG, CLASSES, num_actors=1, labeler=_faulty_stage("error", error_calls))
+        attempts = _calls(error_calls)
+        assert len(attempts) == 2 and all(log == ["2 fail"] for log in attempts.values())  # two actors, one try each
+        store = MaskStore(out)
+        assert store.committed_parts() == {part_id(s) for s in shards} and store.errors() == []
+
+        # Once the model works again, a re-run labels what is left: every image exactly once.
+        plan = prepare_labeling(shards + poisoned, out, CONFIG, CLASSES)
+        assert label_shards(plan, CONFIG, CLASSES, num_actors=1)["images_labelled"] == 2
+    finally:
+        ray.shutdown()
+    keys = all_keys(out)
+    assert len(keys) == len(set(keys)) == 6 and MaskStore(out).errors() == []

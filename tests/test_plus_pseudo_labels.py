@@ -124,7 +124,7 @@ def test_annotation_free_targets_never_use_ground_truth(monkeypatch, teacher):
     for a, b in zip(with_truth, other_truth):
         torch.testing.assert_close(a, b)
     # Guided learning throughout: the loss sees DenseCLIP's argmax at every step.
-    expected, _ = pseudo_labels(teacher.log_probs(_batch(gt)["image"]))
+    expected, _ = teacher.pseudo_labels(_batch(gt)["image"])
     for targets in with_truth:
         torch.testing.assert_close(targets, expected)
 
@@ -135,7 +135,7 @@ def test_self_training_targets_are_the_models_own_predictions(teacher):
                          clip=teacher.predictor.clip)
     batch = _batch(_ground_truth())
     own, _ = model.predict(batch["image"])
-    guided, _ = pseudo_labels(teacher.log_probs(batch["image"]))
+    guided, _ = teacher.pseudo_labels(batch["image"])
     torch.testing.assert_close(make_targets(batch, 1, config, model, teacher), guided)
     torch.testing.assert_close(make_targets(batch, 2, config, model, teacher), own)
     off = dataclasses.replace(config, self_training=False)
@@ -174,17 +174,63 @@ def test_refinement_snaps_blobby_labels_to_image_edges():
     assert after > before + 0.1
 
 
+def _exact_labels(teacher, images: torch.Tensor, class_ids=None) -> torch.Tensor:
+    """The reference the teacher approximates: every class's log-probabilities upsampled to full size, then
+    the argmax (among ``class_ids``)."""
+    p = teacher.predictor
+    labels, _ = pseudo_labels(p.logits((images - p.mean) / p.std), class_ids)
+    return labels
+
+
+def test_teacher_labels_at_feature_resolution_upsampling_only_the_candidates(monkeypatch, teacher):
+    images = torch.rand(3, 3, 40, 56, generator=torch.Generator().manual_seed(2))  # not a multiple of the stride
+    p = teacher.predictor
+    upsampled: list[int] = []
+    real_upsample = type(p).upsample
+
+    def spy(self, log_probs, extent, size):
+        upsampled.append(log_probs.shape[0])
+        return real_upsample(self, log_probs, extent, size)
+
+    monkeypatch.setattr(type(p), "upsample", spy)
+    for topk, class_ids in ((None, None), (None, UNSEEN), (1, None), (1, UNSEEN)):
+        monkeypatch.setattr(p, "upsample_topk", topk)
+        reference = _exact_labels(teacher, images, class_ids)
+        upsampled.clear()
+        labels, confidence = teacher.pseudo_labels(images, class_ids)
+        allowed = len(CLASSES) if class_ids is None else len(class_ids)
+        assert labels.shape == confidence.shape == (3, 40, 56) and 0 <= float(confidence.min())
+        assert float(confidence.max()) <= 1
+        if class_ids is not None:
+            assert set(labels.unique().tolist()) <= set(UNSEEN)
+        if topk is None:  # every allowed class upsampled: exactly the full-resolution argmax
+            torch.testing.assert_close(labels, reference)
+            assert upsampled == [3 * allowed]
+        else:  # the top-1 classes only: near-exact, on fewer maps
+            assert (labels == reference).float().mean() > 0.95
+            assert upsampled[0] < 3 * allowed
+    threshold = float(confidence.median())
+    cut, _ = teacher.pseudo_labels(images, UNSEEN, threshold=threshold)
+    torch.testing.assert_close(cut, labels.masked_fill(confidence < threshold, IGNORE))
+
+
 def test_teacher_refinement_and_precomputed_training_set(teacher):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 32, 48, 3), dtype=np.uint8)
     labels, confidence = label_training_set(teacher, images, batch_size=2)
     assert labels.shape == (3, 32, 48) and labels.dtype == np.uint8 and confidence.dtype == np.float32
     batch = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    expected, _ = pseudo_labels(teacher.log_probs(batch))
+    expected, expected_confidence = teacher.pseudo_labels(batch)
     np.testing.assert_array_equal(labels, expected.numpy())
+    np.testing.assert_allclose(confidence, expected_confidence.numpy(), atol=1e-6)
     unseen_labels, _ = label_training_set(teacher, images, UNSEEN)
     assert set(np.unique(unseen_labels)) <= set(UNSEEN)
-    refined = DenseCLIPTeacher(teacher.predictor, refine_iterations=5).log_probs(batch)
-    assert refined.shape == (3, len(CLASSES), 32, 48)
-    torch.testing.assert_close(refined.exp().sum(dim=1), torch.ones(3, 32, 48), atol=1e-4, rtol=0)
-    assert not torch.allclose(refined, teacher.log_probs(batch))
+    refiner = DenseCLIPTeacher(teacher.predictor, refine_iterations=5)
+    refined, refined_confidence = refiner.pseudo_labels(batch)
+    assert refined.shape == (3, 32, 48) and 0 <= float(refined_confidence.min()) <= 1
+    assert not torch.allclose(refined_confidence, expected_confidence)  # the probabilities were refined
+    # Refinement averages each class's probabilities on its own: refining only the candidate classes gives
+    # what refining every class gives, wherever a candidate wins.
+    p = teacher.predictor
+    full = refine_with_image(p.logits((batch - p.mean) / p.std).exp(), batch, 5)
+    assert (full.argmax(dim=1) == refined).float().mean() > 0.95

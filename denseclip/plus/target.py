@@ -21,6 +21,7 @@ from torchvision.models import resnet50, resnet101
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
+from denseclip.images import check_rgb_image
 from denseclip.models import LoadedCLIP, read_state_dict
 
 BACKBONES = ("clip", "resnet50", "resnet101")
@@ -94,11 +95,13 @@ class TextClassifier(nn.Module):
         super().__init__()
         embeddings = F.normalize(embeddings.detach().float(), dim=-1)
         if class_of_name is None:
-            class_of_name = torch.arange(len(embeddings))
+            class_of_name = torch.arange(len(embeddings), device=embeddings.device)
         self.register_buffer("embeddings", embeddings.clone())
         self.register_buffer("class_of_name", class_of_name.detach().long().clone())
         self.num_classes = int(self.class_of_name.max()) + 1
-        self.one_name_per_class = torch.equal(self.class_of_name, torch.arange(self.num_classes))
+        # The buffers may already be on a GPU (a DenseCLIP teacher's embeddings): compare on their device.
+        one_per_class = torch.arange(self.num_classes, device=self.class_of_name.device)
+        self.one_name_per_class = torch.equal(self.class_of_name, one_per_class)
         self.temperature = temperature
         self.background = None
         if learn_background:
@@ -270,8 +273,9 @@ class SegmentationTarget(nn.Module):
                  mean: tuple[float, ...], std: tuple[float, ...], freeze_backbone: bool = False) -> None:
         super().__init__()
         self.backbone, self.head, self.classifier = backbone, head, classifier
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        device = classifier.embeddings.device
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1))
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
@@ -318,9 +322,7 @@ class SegmentationTarget(nn.Module):
         results = []
         for start in range(0, len(images), batch_size):
             for image in images[start:start + batch_size]:
-                if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                    raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} "
-                                     f"{image.dtype}")
+                check_rgb_image(image)
             chunk = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float() / 255
                      for im in images[start:start + batch_size]]
             same_size = all(c.shape == chunk[0].shape for c in chunk)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from denseclip.config import ConfigError
+from denseclip.plus.amp import FP32, TRAINING_PRECISIONS, MixedPrecision
 from denseclip.plus.losses import segmentation_loss
 from denseclip.plus.pseudo_labels import DenseCLIPTeacher, pseudo_labels, zero_shot_merge
 from denseclip.plus.target import BACKBONES, HEADS, SegmentationTarget, TargetConfig
@@ -59,6 +60,8 @@ class TrainingConfig:
         momentum, weight_decay: SGD's.
         poly_power: the poly schedule ``lr * (1 - step / iterations) ** power``.
         seed: seed of initialisation and augmentation.
+        precision: the training step's autocast: ``bf16``, ``fp16`` (with loss scaling), ``fp32``, or ``auto``
+            (bf16 on GPUs that have it, else fp16; fp32 on CPUs). See ``denseclip.plus.amp``.
         target: the target network (see ``TargetConfig``).
     """
 
@@ -81,6 +84,7 @@ class TrainingConfig:
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     seed: int = 0
+    precision: str = "auto"
     target: TargetConfig = field(default_factory=TargetConfig)
 
     @classmethod
@@ -147,6 +151,8 @@ class TrainingConfig:
             fail("resize_to", "must be two positive integers [long, short] or null")
         if not isinstance(self.photometric_distortion, bool):
             fail("photometric_distortion", "must be true or false")
+        if self.precision not in TRAINING_PRECISIONS:
+            fail("precision", f"must be one of {', '.join(TRAINING_PRECISIONS)}")
         for name in ("lr", "head_lr_multiplier", "poly_power"):
             if not (number(getattr(self, name)) and getattr(self, name) > 0):
                 fail(name, "must be a number > 0")
@@ -237,9 +243,13 @@ def augment(image: torch.Tensor, maps: dict[str, torch.Tensor], rng: np.random.G
     """Random resize (``resize_factor``), crop and flip applied jointly to an image and its per-pixel maps,
     then, if ``config.photometric_distortion``, ``photometric_distortion`` of the image alone.
 
+    Everything happens on the device of ``image`` and ``maps`` (a training worker's GPU); only the random
+    parameters come from ``rng`` on the host, so no step waits for the device.
+
     Args:
         image: ``(3, H, W)`` float in [0, 1].
-        maps: ``(H, W)`` label maps (integer: padded with 255), confidences (float: padded with 0) or masks.
+        maps: ``(H, W)`` label maps (integer: padded with 255), confidences (float: padded with 0) or masks, on
+            the image's device.
         rng: the source of randomness (seed it per sample for reproducible runs).
     Returns:
         ``image (3, c, c)`` float in [0, 1] (padding ``PAD_VALUE`` before any photometric distortion),
@@ -248,7 +258,7 @@ def augment(image: torch.Tensor, maps: dict[str, torch.Tensor], rng: np.random.G
     height, width = image.shape[-2:]
     scale = resize_factor(height, width, rng, config)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    maps = {**maps, "valid": torch.ones((height, width), dtype=torch.bool)}
+    maps = {**maps, "valid": torch.ones((height, width), dtype=torch.bool, device=image.device)}
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
                           antialias=scale < 1)[0]
     maps = {k: F.interpolate(v[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(v.dtype)
@@ -317,32 +327,34 @@ def in_self_training(step: int, config: TrainingConfig) -> bool:
 
 
 @torch.no_grad()
-def _own_scores(model: SegmentationTarget, images: torch.Tensor) -> torch.Tensor:
+def _own_scores(model: SegmentationTarget, images: torch.Tensor, precision: MixedPrecision) -> torch.Tensor:
     was_training = model.training
     model.eval()
-    logits = model(images)
+    with precision.autocast():
+        logits = model(images)
     model.train(was_training)
     return logits
 
 
 def make_targets(batch: Batch, step: int, config: TrainingConfig, model: SegmentationTarget,
-                 teacher: DenseCLIPTeacher | None = None, unseen_ids: Sequence[int] = ()) -> torch.Tensor:
+                 teacher: DenseCLIPTeacher | None = None, unseen_ids: Sequence[int] = (),
+                 precision: MixedPrecision = FP32) -> torch.Tensor:
     """The label map the loss sees at ``step``: ``(B, H, W)`` int64, 255 = ignored.
 
     Pseudo labels come from ``teacher`` (on the fly) or the batch's ``pseudo_label`` (precomputed) during
-    guided learning, from ``model`` itself during self-training. Annotation-free: the pseudo labels (pixels
-    under the confidence threshold ignored). Zero-shot: seen-class ground truth, and pseudo labels restricted
-    to ``unseen_ids`` wherever the annotation has no seen class.
+    guided learning, from ``model`` itself (its forward pass in ``precision``) during self-training.
+    Annotation-free: the pseudo labels (pixels under the confidence threshold ignored). Zero-shot: seen-class
+    ground truth, and pseudo labels restricted to ``unseen_ids`` wherever the annotation has no seen class.
     """
     zero_shot = config.setting == "zero_shot"
     class_ids = list(unseen_ids) if zero_shot else None
     threshold = config.confidence_threshold
     if in_self_training(step, config):
-        labels, _ = pseudo_labels(_own_scores(model, batch["image"]), class_ids, threshold)
+        labels, _ = pseudo_labels(_own_scores(model, batch["image"], precision), class_ids, threshold)
     elif config.pseudo_labels == "on_the_fly":
         if teacher is None:
             raise ValueError("on-the-fly pseudo labels need a DenseCLIP teacher")
-        labels, _ = pseudo_labels(teacher.log_probs(batch["image"]), class_ids, threshold)
+        labels, _ = teacher.pseudo_labels(batch["image"], class_ids, threshold)
     else:
         labels = batch["pseudo_label"]
         if threshold is not None and "pseudo_confidence" in batch:
@@ -376,14 +388,17 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, config: Train
 
 
 def train_step(model: SegmentationTarget, optimizer: torch.optim.Optimizer, batch: Batch,
-               targets: torch.Tensor) -> float:
-    """One SGD step of cross-entropy between ``model(batch["image"])`` and ``targets (B, H, W)``; the loss."""
+               targets: torch.Tensor, precision: MixedPrecision = FP32) -> torch.Tensor:
+    """One SGD step of cross-entropy between ``model(batch["image"])`` (its forward pass in ``precision``) and
+    ``targets (B, H, W)``. Returns the loss, a detached scalar tensor on the model's device: reading its value
+    waits for the device, so callers read losses only when they log them."""
     model.train()
-    loss = segmentation_loss(model(batch["image"]), targets, IGNORE_INDEX)
+    with precision.autocast():
+        logits = model(batch["image"])
+    loss = segmentation_loss(logits.float(), targets, IGNORE_INDEX)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+    precision.step(loss, optimizer)
+    return loss.detach()
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -406,7 +421,7 @@ def train(model: SegmentationTarget, optimizer: torch.optim.Optimizer, batch_at:
         losses.append(train_step(model, optimizer, batch, targets))
         if (step + 1) % log_every == 0 or step + 1 == steps.stop:
             phase = "self_training" if in_self_training(step, config) else "guided"
-            record = {"step": step + 1, "phase": phase, "lr": lr, "loss": float(np.mean(losses))}
+            record = {"step": step + 1, "phase": phase, "lr": lr, "loss": float(torch.stack(losses).mean())}
             history.append(record)
             losses = []
             if on_log is not None:

@@ -19,6 +19,7 @@ import logging
 import os
 import posixpath
 import re
+import sys
 import tarfile
 import time
 import zlib
@@ -33,7 +34,7 @@ from ray.data import ActorPoolStrategy
 
 from denseclip import storage
 from denseclip.config import LabelerConfig
-from denseclip.images import ImageDecodeError, decode_image
+from denseclip.images import ImageDecodeError, check_rgb_image, decode_image
 from denseclip.mask_store import (
     ERRORS_DIR,
     MASK_SCHEMA,
@@ -43,6 +44,7 @@ from denseclip.mask_store import (
     encode_confidence,
     encode_mask,
 )
+from denseclip.ray.devices import actor_device
 from denseclip.shards import expand_shards, read_shard, sanitize_key
 from denseclip.vocabulary import load_templates
 
@@ -56,7 +58,12 @@ RESULT_OPTIONS = ("mode", "short_side", "temperature", "background_threshold", "
 SLIDE_OPTIONS = ("crop_size", "crop_stride")
 # A batch whose actor dies is retried on a restarted actor this often; a batch that kills every actor it
 # meets fails the job instead of looping forever. Actors themselves restart without limit (lost nodes).
+# A model failure that is not the image's fault (see Labeler) ends the actor on purpose, to the same effect.
 MAX_TASK_RETRIES = 3
+# TF32 for what runs in fp32 on Ampere and newer GPUs (matmuls and convolutions, with a 10-bit mantissa):
+# several times faster, but labels are then not bit-identical to a CPU's or an older GPU's, so the setting is
+# part of the provenance (see device_settings) and the actors apply it rather than inherit torch's defaults.
+ALLOW_TF32 = True
 # Blocks of about a batch of decoded images (8 MiB: eight 640x480 images), which the actor pool bundles back
 # into batches. Shard-sized blocks would leave an actor idle while another works through a whole shard (above
 # all at the end of a run); one-image blocks cost more in object-store traffic and scheduling than they save
@@ -117,11 +124,20 @@ def part_id(shard: str) -> str:
     return f"{stem}-{hashlib.sha1(shard.encode()).hexdigest()[:10]}"
 
 
+def device_settings(config: LabelerConfig) -> dict:
+    """How the actors run the model: device ``type`` (the ordinal does not matter), ``precision`` and ``tf32``
+    (:data:`ALLOW_TF32` on CUDA). Labels made under other settings are close but not bit-identical, so one store
+    never mixes them."""
+    cuda = config.device.startswith("cuda")
+    return {"type": "cuda" if cuda else "cpu", "precision": config.precision, "tf32": cuda and ALLOW_TF32}
+
+
 def run_provenance(config: LabelerConfig, classes: list[list[str]]) -> dict:
     """Everything that determines the labels, except the weights' fingerprint (added by the actors)."""
     names = RESULT_OPTIONS + (SLIDE_OPTIONS if config.mode == "slide" else ())
     return {"model": config.model, "pretrained": config.pretrained, "vocabulary": [list(c) for c in classes],
-            "templates": load_templates(config.template_set), "options": {n: getattr(config, n) for n in names}}
+            "templates": load_templates(config.template_set), "options": {n: getattr(config, n) for n in names},
+            "device": device_settings(config)}
 
 
 def _differences(existing: dict, expected: dict) -> list[str]:
@@ -305,6 +321,18 @@ def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "error": _objects(errors), "image": _objects(images)}
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out: a CUDA out-of-memory error, a CPU allocation failure (torch raises
+    a plain RuntimeError naming its allocator) or Python's MemoryError."""
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message
+                                              or "not enough memory" in message)
+
+
 class Labeler:
     """The DenseCLIP stage, a Ray Data callable class: the model and the text embeddings are loaded once per
     actor; each call labels a batch of images (rows whose ``error`` is set pass through unlabelled).
@@ -312,6 +340,13 @@ class Labeler:
     Adds ``labels`` uint8 ``(H, W)`` and ``confidence`` float32 ``(H, W)`` in [0, 1] (each image's own size)
     and ``fingerprint`` (the weights' identity); drops ``image``. With ``encode``, the actor also encodes the
     maps (:func:`encode_batch`): its rows are ready to commit.
+
+    Errors by cause: only a problem of the image itself becomes an error row (here: not a non-empty uint8
+    RGB array; decoding, size limits and keys are checked by the stages before). Running out of memory frees
+    the cache and retries the batch in halves, down to one image at a time at the same settings. Anything
+    else the model raises (or memory that runs out for a single image) is no input error: the actor ends, so
+    Ray starts a fresh one (a CUDA error can leave the device unusable for the process) and retries the
+    batch, at most ``MAX_TASK_RETRIES`` times before the job fails; the batch's shard is never committed.
     """
 
     def __init__(self, config: LabelerConfig, classes: list[list[str]], torch_threads: int = 1,
@@ -319,38 +354,67 @@ class Labeler:
         import torch  # here, not at the top: the read/decode/encode task workers never need torch
 
         torch.set_num_threads(torch_threads)
+        config = dataclasses.replace(config, device=actor_device(config.device))
         self.dense_clip = config.build(classes)
+        if self.dense_clip.clip.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = ALLOW_TF32
         self.fingerprint = self.dense_clip.clip.fingerprint
         self.encode = encode
 
-    def _label(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | str]:
-        """Label ``images`` in one call; if that fails, one by one so only the failing image is lost."""
-        try:
-            return self.dense_clip.label_images(images)
-        except Exception:  # whatever breaks one image (e.g. out of memory) must not stop the job
-            log.warning("labeling a batch of %d images failed; retrying them one by one", len(images), exc_info=True)
-        results: list[tuple[np.ndarray, np.ndarray] | str] = []
-        for image in images:
+    def _free_memory(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.dense_clip.clip.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _label(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Label ``images`` (checked inputs), in smaller calls after running out of memory; re-raises the
+        model's other exceptions, and running out of memory on a single image."""
+        results: list[tuple[np.ndarray, np.ndarray]] = []
+        start, size = 0, len(images)
+        while start < len(images):
+            chunk = images[start:start + size]
             try:
-                results += self.dense_clip.label_images([image])
-            except Exception as exc:  # noqa: BLE001 - recorded in the errors table
-                results.append(f"labeling failed: {type(exc).__name__}: {exc}")
+                results += self.dense_clip.label_images(chunk)
+                start += len(chunk)
+                continue
+            except Exception as exc:
+                if size == 1 or not is_out_of_memory(exc):
+                    raise
+                log.warning("out of memory labelling %d images (%s); retrying %d at a time", size, exc,
+                            max(1, size // 2))
+            # Outside the except block: its traceback, which holds the failed call's tensors, is gone by now.
+            size = max(1, size // 2)
+            self._free_memory()
         return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        labelled = self.label_batch(batch)
+        try:
+            labelled = self.label_batch(batch)
+        except Exception:  # no input error (see the class): a fresh actor retries the batch
+            log.exception("the model failed on a batch of shard(s) %s; this actor exits so that Ray restarts it "
+                          "and retries the batch (at most %d times)", sorted(set(batch["shard"])), MAX_TASK_RETRIES)
+            sys.stderr.flush()
+            os._exit(1)  # not an exception: Ray Data would fail the job on it without a retry
         return encode_batch(labelled) if self.encode else labelled
 
     def label_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Decoded rows -> rows with ``labels``, ``confidence`` and ``fingerprint`` (see the class)."""
+        """Decoded rows -> rows with ``labels``, ``confidence`` and ``fingerprint`` (see the class). Raises
+        what the model raises, except out-of-memory errors that smaller calls avoid."""
         errors = list(batch["error"])
+        for i, error in enumerate(errors):
+            if not error:
+                try:
+                    check_rgb_image(batch["image"][i])
+                except ValueError as exc:
+                    errors[i] = f"unusable image: {exc}"
         todo = [i for i, error in enumerate(errors) if not error]
         labels, confidence = [_NO_MAP] * len(errors), [_NO_MAP.astype(np.float32)] * len(errors)
-        for i, result in zip(todo, self._label([batch["image"][i] for i in todo])):
-            if isinstance(result, str):
-                errors[i] = result
-            else:
-                labels[i], confidence[i] = result
+        for i, (image_labels, image_confidence) in zip(todo, self._label([batch["image"][i] for i in todo])):
+            labels[i], confidence[i] = image_labels, image_confidence
         return {"key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
                 "error": _objects(errors), "labels": _objects(labels), "confidence": _objects(confidence),
                 "fingerprint": np.full(len(errors), self.fingerprint, dtype=object)}
@@ -428,8 +492,10 @@ class ShardCommitter:
 
 
 # ------------------------------------------------------------------------------------------ pipeline
-def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[str]], actors: ActorPlan):
-    """The Ray Data pipeline over ``plan.todo``, lazily: encoded rows ready to commit."""
+def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[str]], actors: ActorPlan,
+                  labeler: type[Labeler] = Labeler):
+    """The Ray Data pipeline over ``plan.todo``, lazily: encoded rows ready to commit. ``labeler``: the
+    labelling stage's class (a subclass injects faults in tests)."""
     shards = ray.data.from_items([{"shard": s} for s in plan.todo], override_num_blocks=len(plan.todo))
     # Batch-sized blocks (see BLOCK_BYTES): an actor task takes whole blocks.
     shards.context.target_max_block_size = BLOCK_BYTES
@@ -448,7 +514,7 @@ def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[
     # never waits for PNG encoding.
     separate_encode = actors.gpus_per_actor > 0
     labelled = images.map_batches(
-        Labeler,
+        labeler,
         fn_constructor_kwargs={"config": config, "classes": classes, "torch_threads": actors.torch_threads,
                                "encode": not separate_encode},
         batch_size=config.batch_size,
@@ -471,17 +537,19 @@ def label_shards(
     address: str | None = None,
     num_actors: int | None = None,
     cpus_per_actor: float | None = None,
+    labeler: type[Labeler] = Labeler,
 ) -> dict:
     """Label and commit every remaining shard of ``plan`` on Ray (see :func:`ray_cluster` for ``address``;
-    :func:`plan_actors` for the pool) and return the summary, also written as ``summary.json``: images
-    labelled, errors, images/s and wall time of this run (Ray's start included), shards."""
+    :func:`plan_actors` for the pool; ``labeler`` as for :func:`build_dataset`) and return the summary, also
+    written as ``summary.json``: images labelled, errors, images/s and wall time of this run (Ray's start
+    included), shards."""
     start = time.perf_counter()
     committer = ShardCommitter(plan)
     actors = None
     if plan.todo:
         with ray_cluster(address):
             actors = plan_actors(ray.cluster_resources(), config.device, num_actors, cpus_per_actor)
-            dataset = build_dataset(plan, config, classes, actors)
+            dataset = build_dataset(plan, config, classes, actors, labeler)
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 committer.add(batch)
             committer.finish()

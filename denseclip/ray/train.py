@@ -2,8 +2,12 @@
 then optional self-training) as a ``TorchTrainer`` job over WebDataset shards, with periodic checkpoints,
 recovery from worker failures, and an evaluation on validation shards written next to the final checkpoint.
 
-    shards -> read + decode (Ray Data tasks) -> get_dataset_shard -> augment -> make_targets -> DDP train_step
+    shards -> read + decode (Ray Data tasks) -> get_dataset_shard -> augment on the worker's device
+        -> make_targets -> DDP train_step (autocast)
     every N steps: report metrics (+ a checkpoint); at the end: evaluate -> report.json + the final checkpoint
+
+The validation set is split over the workers by Ray Data (every image scored by exactly one worker); their
+confusion matrices and overlay samples are merged on every worker.
 
 A run is one validated :class:`TrainJob` (the YAML specs in ``jobs/train_*.yaml``); the method's pieces
 (target network, pseudo labels, losses, schedule) come from ``denseclip.plus``.
@@ -18,7 +22,6 @@ import logging
 import os
 import re
 import tempfile
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -34,9 +37,11 @@ from torch import nn
 from denseclip import storage
 from denseclip.config import ConfigError, LabelerConfig
 from denseclip.datasets import DATASET_NAMES, DatasetInfo, get_dataset
+from denseclip.evaluation import Evaluation, ImageLabeler
 from denseclip.mask_store import MaskStore
 from denseclip.metrics import ConfusionMatrix, summarize
 from denseclip.models import load_clip
+from denseclip.plus.amp import FP32, MixedPrecision
 from denseclip.plus.pseudo_labels import DenseCLIPTeacher
 from denseclip.plus.target import SegmentationTarget, TargetConfig, build_target
 from denseclip.plus.training import (
@@ -52,6 +57,7 @@ from denseclip.plus.training import (
 )
 from denseclip.ray.train_data import read_samples
 from denseclip.report import write_report
+from denseclip.robustness import CLEAN
 from denseclip.shards import expand_shards
 
 log = logging.getLogger(__name__)
@@ -181,6 +187,9 @@ class TrainJob:
         for name in ("cpus_per_worker", "data_cpus"):
             value = getattr(workers, name)
             _require(_number(value) and value > 0, "workers", name, value, "must be a number > 0")
+        if self.labeler.device != "cpu" and not workers.use_gpu:
+            _fail("labeler", "device", self.labeler.device, "the teacher runs on its worker's device: set "
+                  "workers.use_gpu: true to train on GPUs")
         if self.training.batch_size % workers.num_workers:
             _fail("training", "batch_size", self.training.batch_size,
                   f"must be a multiple of workers.num_workers={workers.num_workers} (images per worker)")
@@ -290,18 +299,27 @@ def build_datasets(job: TrainJob) -> dict[str, ray.data.Dataset]:
     return {name: ds.materialize() for name, ds in datasets.items()} if job.data.materialize else datasets
 
 
-def training_batch(rows: dict[str, np.ndarray], rng: np.random.Generator, config: TrainingConfig) -> Batch:
-    """Rows of one worker's step -> the augmented batch ``denseclip.plus.training`` expects."""
+def training_batch(rows: dict[str, np.ndarray], rng: np.random.Generator, config: TrainingConfig,
+                   device: torch.device | str = "cpu") -> Batch:
+    """Rows of one worker's step -> the augmented batch ``denseclip.plus.training`` expects, on ``device``.
+
+    Each image travels to the device as it was decoded (uint8, a quarter of float's bytes) and is augmented
+    there; the random parameters come from ``rng`` on the host, so the batch depends only on the rows and the
+    seed of ``rng`` (and on the device's arithmetic)."""
     samples = []
     for i in range(len(rows["key"])):
-        image = torch.from_numpy(np.ascontiguousarray(rows["image"][i])).permute(2, 0, 1).float() / 255
+        image = _on_device(rows["image"][i], device).permute(2, 0, 1).float() / 255
         maps = {}
         for name in ("label", "pseudo_label", "pseudo_confidence"):
             if name in rows:
-                tensor = torch.from_numpy(np.ascontiguousarray(rows[name][i]))
+                tensor = _on_device(rows[name][i], device)
                 maps[name] = tensor if tensor.is_floating_point() else tensor.long()
         samples.append(augment(image, maps, rng, config))
     return collate(samples)
+
+
+def _on_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -312,13 +330,14 @@ def _target_dict(target: TargetConfig) -> dict:
 
 
 def save_checkpoint(directory: str, model: SegmentationTarget, optimizer: torch.optim.Optimizer, step: int,
-                    job: TrainJob, history: dict) -> None:
+                    job: TrainJob, history: dict, precision: MixedPrecision = FP32) -> None:
     """Write a checkpoint folder: ``model.safetensors`` (the target's weights), ``training_state.pt``
-    (optimizer and step, read back with ``weights_only=True``) and ``checkpoint.json`` (what the network is,
-    the job, ``history`` = the training log and validation records so far)."""
+    (optimizer, fp16 loss scaler and step, read back with ``weights_only=True``) and ``checkpoint.json`` (what
+    the network is, the job, ``history`` = the training log and validation records so far)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(state, os.path.join(directory, MODEL_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(directory, STATE_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": precision.state_dict(), "step": step},
+               os.path.join(directory, STATE_FILE))
     meta = {"step": step, "dataset": job.dataset, "class_names": list(job.info.class_names),
             "clip_model": job.labeler.model, "target": _target_dict(job.training.target),
             "job": job.to_dict(), **history}
@@ -346,16 +365,17 @@ def load_target_checkpoint(path: str, device: str | torch.device = "cpu") -> Seg
     return model.to(device).eval()
 
 
-def restore_checkpoint(path: str, model: SegmentationTarget,
-                       optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
-    """Load weights and optimizer state from the checkpoint folder ``path`` (local or fsspec URL); returns
-    ``(step, history)``."""
+def restore_checkpoint(path: str, model: SegmentationTarget, optimizer: torch.optim.Optimizer,
+                       precision: MixedPrecision = FP32) -> tuple[int, dict]:
+    """Load weights, optimizer and loss-scaler state from the checkpoint folder ``path`` (local or fsspec
+    URL); returns ``(step, history)``."""
     device = model.mean.device
     state = safetensors.torch.load(storage.read_bytes(storage.join(path, MODEL_FILE)))
     model.load_state_dict(state, strict=True)
     training = torch.load(io.BytesIO(storage.read_bytes(storage.join(path, STATE_FILE))), map_location=device,
                           weights_only=True)
     optimizer.load_state_dict(training["optimizer"])
+    precision.load_state_dict(training.get("scaler", {}))
     meta = read_checkpoint_meta(path)
     return training["step"], {"log": meta.get("log", []), "validation": meta.get("validation", [])}
 
@@ -391,23 +411,49 @@ class _Worker:
     model: SegmentationTarget  # the network itself (saved, used for pseudo labels and evaluation)
     trained: nn.Module  # the same network under DistributedDataParallel when there are several workers
     optimizer: torch.optim.Optimizer
+    precision: MixedPrecision
 
 
-def _setup_worker(job: TrainJob) -> _Worker:
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, round(job.workers.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+def build_worker(job: TrainJob, rank: int, world_size: int, device: torch.device) -> _Worker:
+    """The teacher (the job's labeler, in its precision), the target network and its optimizer on ``device``,
+    for worker ``rank`` of ``world_size``."""
     predictor = dataclasses.replace(job.labeler, device=str(device)).build(job.info.classes)
     torch.manual_seed(job.training.seed)
     model = build_target(job.training.target, predictor.name_embeddings, predictor.class_of_name,
                          clip=predictor.clip)
-    if job.workers.use_gpu and world_size > 1:
+    if device.type == "cuda" and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     optimizer = build_optimizer(model, job.training)
     return _Worker(job, rank, world_size, device, DenseCLIPTeacher(predictor, job.training.pseudo_label_refinement),
-                   model, model, optimizer)
+                   model, model, optimizer, MixedPrecision.for_device(job.training.precision, device))
+
+
+def _setup_worker(job: TrainJob) -> _Worker:
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, round(job.workers.cpus_per_worker)))
+    # The device Ray Train gave this worker (its GPU with use_gpu), whatever ordinal job.labeler.device names.
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives (all_gather_object) work on the current device
+    return build_worker(job, context.get_world_rank(), context.get_world_size(), device)
+
+
+def train_on(worker: _Worker, rows: dict[str, np.ndarray], step: int,
+             callbacks: Sequence[StepCallback] = ()) -> tuple[torch.Tensor, str, float]:
+    """One step of Algorithm 1 on this worker's ``rows``: augment (on the device, seeded by seed, rank and
+    step), make the targets, call ``callbacks``, and take the optimizer step. Returns ``(loss, phase, lr)``;
+    the loss stays on the device (reading it would wait for the step to finish)."""
+    training = worker.job.training
+    rng = np.random.default_rng([training.seed, worker.rank, step])
+    batch = training_batch(rows, rng, training, worker.device)
+    lr = set_learning_rate(worker.optimizer, step, training)
+    targets = make_targets(batch, step, training, worker.model, worker.teacher, worker.job.info.unseen_ids,
+                           worker.precision)
+    phase = "self_training" if in_self_training(step, training) else "guided"
+    for callback in callbacks:
+        callback(StepContext(step, worker.rank, worker.world_size, phase, batch, targets))
+    return train_step(worker.trained, worker.optimizer, batch, targets, worker.precision), phase, lr
 
 
 def _batches(shard, batch_size: int, shuffle_buffer: int) -> Iterator[dict[str, np.ndarray]]:
@@ -424,32 +470,27 @@ def _batches(shard, batch_size: int, shuffle_buffer: int) -> Iterator[dict[str, 
                              "(training.batch_size / workers.num_workers)")
 
 
-def _on_this_worker(key: str, worker: _Worker) -> bool:
-    return zlib.crc32(key.encode()) % worker.world_size == worker.rank
+def evaluate_split(labeler: ImageLabeler, worker: _Worker, num_overlays: int) -> Evaluation:
+    """Score ``labeler`` on this worker's split of the validation set and merge the scores of all workers.
 
-
-def evaluate_split(label_fn: Callable[[list[np.ndarray]], list[np.ndarray]], worker: _Worker,
-                   num_overlays: int) -> tuple[ConfusionMatrix, list]:
-    """Score ``label_fn`` (uint8 (H, W, 3) images -> (H, W) label maps) on this worker's part of the
-    validation set (keys hashed over the workers, so every image is scored exactly once) and sum the confusion
-    matrices of all workers. Returns ``(matrix of the whole set, up to num_overlays (key, image, gt, pred) of
-    this worker)``."""
+    Ray Data splits the set (``TrainingData``), so every image is scored by exactly one worker; the result,
+    the same on every worker, holds the confusion matrix of the whole set and ``num_overlays`` overlay samples
+    chosen by key (the same whatever the split)."""
     info = worker.job.info
-    conf = ConfusionMatrix(info.num_classes, info.ignore_index)
-    samples = []
+    evaluation = Evaluation(info.num_classes, info.ignore_index, num_overlays)
     for rows in ray.train.get_dataset_shard("val").iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"):
-        mine = [i for i, key in enumerate(rows["key"]) if _on_this_worker(str(key), worker)]
-        predictions = label_fn([np.array(rows["image"][i]) for i in mine]) if mine else []
-        for i, pred in zip(mine, predictions):
-            conf.update(pred, rows["label"][i], str(rows["key"][i]))
-            if len(samples) < num_overlays:
-                samples.append((str(rows["key"][i]), rows["image"][i], rows["label"][i], pred))
-    if worker.world_size > 1:
-        counts = torch.from_numpy(np.append(conf.matrix.ravel(), conf.num_images)).to(worker.device)
-        dist.all_reduce(counts)
-        counts = counts.cpu().numpy()
-        conf.matrix, conf.num_images = counts[:-1].reshape(conf.matrix.shape), int(counts[-1])
-    return conf, samples
+        evaluation.add_labelled(labeler, CLEAN, [(str(key), np.asarray(image), label) for key, image, label
+                                                 in zip(rows["key"], rows["image"], rows["label"])])
+    if worker.world_size == 1:
+        return evaluation
+    parts: list[Evaluation | None] = [None] * worker.world_size
+    dist.all_gather_object(parts, evaluation)
+    merged = evaluation.empty()
+    for part in parts:
+        merged.merge(part)
+    if len(merged.keys) != sum(part.num_images for part in parts):
+        raise RuntimeError("a validation image was scored by more than one worker")
+    return merged
 
 
 def _summary(conf: ConfusionMatrix, job: TrainJob) -> dict:
@@ -457,10 +498,6 @@ def _summary(conf: ConfusionMatrix, job: TrainJob) -> dict:
     ignore = ([info.class_names[info.background_index]]
               if job.training.setting == "zero_shot" and info.ignore_background_in_zero_shot else [])
     return summarize(conf, info.class_names, unseen=info.unseen, ignore_classes=ignore)
-
-
-def _labels_of(labeler) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
-    return lambda images: [labels for labels, _ in labeler.label_images(images)]
 
 
 def _report(worker: _Worker, metrics: dict, step: int, history: dict, final: dict | None = None,
@@ -472,7 +509,7 @@ def _report(worker: _Worker, metrics: dict, step: int, history: dict, final: dic
         return
     with tempfile.TemporaryDirectory() as directory:
         if worker.rank == 0:
-            save_checkpoint(directory, worker.model, worker.optimizer, step, worker.job, history)
+            save_checkpoint(directory, worker.model, worker.optimizer, step, worker.job, history, worker.precision)
             if final is not None:
                 info = worker.job.info
                 write_report(directory, final["summary"], final["conf"], info.class_names, info.palette,
@@ -488,10 +525,11 @@ def _resume(worker: _Worker) -> tuple[int, dict, bool]:
     own = ray.train.get_checkpoint()
     if own is not None:
         with own.as_directory() as directory:
-            step, history = restore_checkpoint(directory, worker.model, worker.optimizer)
+            step, history = restore_checkpoint(directory, worker.model, worker.optimizer, worker.precision)
             finished = os.path.exists(os.path.join(directory, REPORT_FILE))
     elif worker.job.run.resume_from:
-        step, history = restore_checkpoint(worker.job.run.resume_from, worker.model, worker.optimizer)
+        step, history = restore_checkpoint(worker.job.run.resume_from, worker.model, worker.optimizer,
+                                           worker.precision)
         finished = False
     else:
         return 0, {"log": [], "validation": []}, False
@@ -503,7 +541,7 @@ def train_loop_per_worker(config: dict) -> None:
     """The ``TorchTrainer`` loop: ``config = {"job": TrainJob, "callbacks": [StepCallback, ...]}``."""
     job: TrainJob = config["job"]
     callbacks: Sequence[StepCallback] = config.get("callbacks", ())
-    training, info = job.training, job.info
+    training = job.training
     worker = _setup_worker(job)
     start, history, finished = _resume(worker)
     if finished:
@@ -513,16 +551,10 @@ def train_loop_per_worker(config: dict) -> None:
     batches = _batches(ray.train.get_dataset_shard("train"), training.batch_size // worker.world_size,
                        job.data.shuffle_buffer)
     validation_steps = job.validation_steps()
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
     for step in range(start, training.iterations):
-        rng = np.random.default_rng([training.seed, worker.rank, step])
-        batch = {k: v.to(worker.device) for k, v in training_batch(next(batches), rng, training).items()}
-        lr = set_learning_rate(worker.optimizer, step, training)
-        targets = make_targets(batch, step, training, worker.model, worker.teacher, info.unseen_ids)
-        phase = "self_training" if in_self_training(step, training) else "guided"
-        for callback in callbacks:
-            callback(StepContext(step, worker.rank, worker.world_size, phase, batch, targets))
-        losses.append(train_step(worker.trained, worker.optimizer, batch, targets))
+        loss, phase, lr = train_on(worker, next(batches), step, callbacks)
+        losses.append(loss)
         done = step + 1
         metrics = {}
         if done % job.run.log_every == 0 or done == training.iterations:
@@ -532,8 +564,8 @@ def train_loop_per_worker(config: dict) -> None:
         if done == training.iterations:
             break
         if done in validation_steps:
-            conf, _ = evaluate_split(_labels_of(worker.model), worker, 0)
-            record = {"step": done, "phase": phase, **_headline(_summary(conf, job))}
+            evaluation = evaluate_split(worker.model, worker, 0)
+            record = {"step": done, "phase": phase, **_headline(_summary(evaluation.matrix(), job))}
             history["validation"].append(record)
             metrics = {**metrics, "step": done, **{f"val_{k}": v for k, v in record.items() if k != "step"}}
         with_checkpoint = done % job.run.checkpoint_every == 0
@@ -543,8 +575,8 @@ def train_loop_per_worker(config: dict) -> None:
     _finish(worker, history, max(start, training.iterations))
 
 
-def _mean_over_workers(losses: list[float], worker: _Worker) -> float:
-    value = torch.tensor(float(np.mean(losses)), dtype=torch.float64, device=worker.device)
+def _mean_over_workers(losses: list[torch.Tensor], worker: _Worker) -> float:
+    value = torch.stack(losses).double().mean()
     if worker.world_size > 1:
         dist.all_reduce(value)
     return float(value) / worker.world_size
@@ -557,14 +589,14 @@ def _headline(summary: dict) -> dict:
 def _finish(worker: _Worker, history: dict, step: int) -> None:
     """Evaluate the final target (and the teacher); report the final checkpoint, ``report.json`` beside it."""
     job = worker.job
-    conf, samples = evaluate_split(_labels_of(worker.model), worker, job.evaluation.num_overlays)
+    evaluation = evaluate_split(worker.model, worker, job.evaluation.num_overlays)
+    conf, samples = evaluation.matrix(), evaluation.overlays.items
     summary = _summary(conf, job)
     history["validation"].append({"step": step, "phase": "final", **_headline(summary)})
     report = {**summary, "dataset": job.dataset, "method": _method_name(job.training), "inputs": _inputs(job),
               "validation": history["validation"], "training_log": history["log"]}
     if job.evaluation.teacher:
-        teacher_conf, _ = evaluate_split(_labels_of(worker.teacher.predictor), worker, 0)
-        report["denseclip"] = _summary(teacher_conf, job)
+        report["denseclip"] = _summary(evaluate_split(worker.teacher.predictor, worker, 0).matrix(), job)
     metrics = {"step": step, "phase": "final", **{f"val_{k}": v for k, v in _headline(summary).items()}}
     _report(worker, metrics, step, history, final={"summary": report, "conf": conf, "samples": samples})
 
@@ -583,6 +615,26 @@ def _inputs(job: TrainJob) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- driver
+class TrainingData(ray.train.DataConfig):
+    """How the workers share the data: ``train`` in equal splits (every worker takes the same number of steps
+    per epoch, Ray's default), ``val`` in splits that together hold every row exactly once (``equal=False``:
+    an equal split would drop the remainder), so each validation image is decoded and scored by one worker."""
+
+    def __init__(self) -> None:
+        super().__init__(datasets_to_split=["train", "val"])
+
+    def configure(self, datasets: dict, world_size: int, worker_handles, worker_node_ids, **kwargs) -> list[dict]:
+        others = {name: ds for name, ds in datasets.items() if name != "val"}
+        output = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            val = datasets["val"].copy(datasets["val"])
+            val.context.execution_options = self.default_ingest_options()
+            for rank, split in enumerate(val.streaming_split(world_size, equal=False,
+                                                             locality_hints=worker_node_ids)):
+                output[rank]["val"] = split
+        return output
+
+
 @dataclass
 class TrainResult:
     """A finished run: the final checkpoint folder (local path or URL), its ``report.json``, the last
@@ -617,7 +669,7 @@ def build_trainer(job: TrainJob, callbacks: Sequence[StepCallback] = ()) -> Torc
             failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints)),
         datasets=build_datasets(job),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=TrainingData(),
     )
 
 
