@@ -174,12 +174,11 @@ def test_refinement_snaps_blobby_labels_to_image_edges():
     assert after > before + 0.1
 
 
-def _exact_labels(teacher, images: torch.Tensor, class_ids=None) -> torch.Tensor:
+def _exact(teacher, images: torch.Tensor, class_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference the teacher approximates: every class's log-probabilities upsampled to full size, then
     the argmax (among ``class_ids``)."""
     p = teacher.predictor
-    labels, _ = pseudo_labels(p.logits((images - p.mean) / p.std), class_ids)
-    return labels
+    return pseudo_labels(p.logits((images - p.mean) / p.std), class_ids)
 
 
 def test_teacher_labels_at_feature_resolution_upsampling_only_the_candidates(monkeypatch, teacher):
@@ -195,7 +194,7 @@ def test_teacher_labels_at_feature_resolution_upsampling_only_the_candidates(mon
     monkeypatch.setattr(type(p), "upsample", spy)
     for topk, class_ids in ((None, None), (None, UNSEEN), (1, None), (1, UNSEEN)):
         monkeypatch.setattr(p, "upsample_topk", topk)
-        reference = _exact_labels(teacher, images, class_ids)
+        reference, reference_confidence = _exact(teacher, images, class_ids)
         upsampled.clear()
         labels, confidence = teacher.pseudo_labels(images, class_ids)
         allowed = len(CLASSES) if class_ids is None else len(class_ids)
@@ -203,8 +202,9 @@ def test_teacher_labels_at_feature_resolution_upsampling_only_the_candidates(mon
         assert float(confidence.max()) <= 1
         if class_ids is not None:
             assert set(labels.unique().tolist()) <= set(UNSEEN)
-        if topk is None:  # every allowed class upsampled: exactly the full-resolution argmax
+        if topk is None:  # every allowed class upsampled: exactly the full-resolution computation
             torch.testing.assert_close(labels, reference)
+            torch.testing.assert_close(confidence, reference_confidence)
             assert upsampled == [3 * allowed]
         else:  # the top-1 classes only: near-exact, on fewer maps
             assert (labels == reference).float().mean() > 0.95
@@ -214,7 +214,7 @@ def test_teacher_labels_at_feature_resolution_upsampling_only_the_candidates(mon
     torch.testing.assert_close(cut, labels.masked_fill(confidence < threshold, IGNORE))
 
 
-def test_teacher_refinement_and_precomputed_training_set(teacher):
+def test_teacher_refinement_and_precomputed_training_set(monkeypatch, teacher):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 32, 48, 3), dtype=np.uint8)
     labels, confidence = label_training_set(teacher, images, batch_size=2)
@@ -230,7 +230,9 @@ def test_teacher_refinement_and_precomputed_training_set(teacher):
     assert refined.shape == (3, 32, 48) and 0 <= float(refined_confidence.min()) <= 1
     assert not torch.allclose(refined_confidence, expected_confidence)  # the probabilities were refined
     # Refinement averages each class's probabilities on its own: refining only the candidate classes gives
-    # what refining every class gives, wherever a candidate wins.
+    # what refining every class gives wherever a candidate wins; exactly that with every class a candidate.
     p = teacher.predictor
-    full = refine_with_image(p.logits((batch - p.mean) / p.std).exp(), batch, 5)
-    assert (full.argmax(dim=1) == refined).float().mean() > 0.95
+    full = refine_with_image(p.logits((batch - p.mean) / p.std).exp(), batch, 5).argmax(dim=1)
+    assert (full == refined).float().mean() > 0.95
+    monkeypatch.setattr(p, "upsample_topk", None)
+    torch.testing.assert_close(refiner.pseudo_labels(batch)[0], full)

@@ -27,9 +27,9 @@ class DenseCLIPTeacher:
     whatever augmentation the batch went through, or once for a whole training set), refined along image
     edges by :func:`refine_with_image` when ``refine_iterations`` > 0.
 
-    The labels are DenseCLIP's as its labeller makes them: class probabilities at feature resolution, and
-    only the classes that rank in the top ``predictor.upsample_topk`` somewhere (all with None) upsampled to
-    the image and refined; a crop of a 171-class vocabulary thus never holds 171 full-size score maps.
+    Class probabilities are computed at feature resolution, and only the classes that rank in the top
+    ``predictor.upsample_topk`` somewhere in the batch (all with None), as the labeller does, are upsampled to
+    the image and refined: a crop labelled with a 171-class vocabulary never holds 171 full-size score maps.
     """
 
     def __init__(self, predictor: DenseCLIP, refine_iterations: int = 0) -> None:
@@ -43,15 +43,18 @@ class DenseCLIPTeacher:
                       ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
         """DenseCLIP's argmax labels of ``images``, optionally among ``class_ids`` only.
 
+        With ``predictor.upsample_topk`` None this is exactly :func:`pseudo_labels` of every class's
+        log-probabilities upsampled to full size (and refined); otherwise only the candidate classes are, and
+        a class that ranks in no location's top-k never wins.
+
         Args:
             images: ``(B, 3, H, W)`` float RGB in [0, 1], all of one size (a training batch).
-            class_ids: the classes the argmax may choose (the unseen ones in the zero-shot setting); their
-                probabilities are renormalised among them.
+            class_ids: the classes the argmax may choose (the unseen ones in the zero-shot setting).
             threshold: pixels whose confidence is below it become ``ignore_index``.
         Returns:
-            ``(labels (B, H, W) int64, confidence (B, H, W) float in [0, 1])`` on the device of ``images``:
-            the winning class's (refined) probability, interpolated from feature resolution, as
-            ``DenseCLIP.predict`` gives it.
+            ``(labels (B, H, W) int64, confidence (B, H, W) float in [0, 1])`` on the device of ``images``;
+            the confidence is the winner's (refined) probability renormalised among the classes upsampled
+            (as :func:`pseudo_labels` renormalises among ``class_ids``).
         """
         p = self.predictor
         size = tuple(images.shape[-2:])
@@ -62,7 +65,7 @@ class DenseCLIPTeacher:
         classes = torch.arange(log_probs.shape[1], device=log_probs.device)
         if class_ids is not None:
             classes = torch.as_tensor(list(class_ids), dtype=torch.long, device=log_probs.device)
-            log_probs = log_probs.index_select(1, classes).log_softmax(dim=1)
+            log_probs = log_probs.index_select(1, classes)
         topk = p.upsample_topk
         if topk is not None and topk < len(classes):
             rows, cols = math.ceil(extent[0]), math.ceil(extent[1])
@@ -70,10 +73,10 @@ class DenseCLIPTeacher:
             candidates = log_probs[:, :, :rows, :cols].topk(topk, dim=1).indices.unique()
             log_probs, classes = log_probs.index_select(1, candidates), classes[candidates]
         b, c = log_probs.shape[:2]
-        probs = p.upsample(log_probs.flatten(0, 1), extent, size).view(b, c, *size).exp()
+        log_probs = p.upsample(log_probs.flatten(0, 1), extent, size).view(b, c, *size)
         if self.refine_iterations:
-            probs = refine_with_image(probs, pixels, self.refine_iterations)
-        confidence, index = probs.max(dim=1)
+            log_probs = refine_with_image(log_probs.exp(), pixels, self.refine_iterations).clamp_min(1e-8).log()
+        index, confidence = pseudo_labels(log_probs)  # among the upsampled classes
         labels = classes[index]
         if threshold is not None:
             labels = labels.masked_fill(confidence < threshold, ignore_index)

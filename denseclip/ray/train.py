@@ -627,6 +627,8 @@ class TrainingData(ray.train.DataConfig):
         others = {name: ds for name, ds in datasets.items() if name != "val"}
         output = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
         if "val" in datasets:
+            if datasets["val"].name is None:
+                datasets["val"].set_name("val")
             val = datasets["val"].copy(datasets["val"])
             val.context.execution_options = self.default_ingest_options()
             for rank, split in enumerate(val.streaming_split(world_size, equal=False,
