@@ -20,7 +20,7 @@ from denseclip.config import ConfigError, LabelerConfig, check_device, resolve_v
 from denseclip.evaluation import Evaluation
 from denseclip.plus.amp import MixedPrecision, resolve_precision
 from denseclip.ray.devices import assigned_device
-from denseclip.ray.labeling import Labeler, decode_batch, device_settings, read_shard_rows
+from denseclip.ray.labeling import Labeler, _objects, decode_batch, device_settings, read_shard_rows
 from denseclip.ray.train import TrainJob, build_worker, train_on
 from denseclip.ray.train_data import read_samples
 from denseclip.robustness import CLEAN
@@ -78,11 +78,7 @@ def shards(tmp_path_factory) -> list[str]:
 
 def _numpy_batch(rows: list[dict]) -> dict[str, np.ndarray]:
     """Rows -> the numpy batch Ray Data hands a map_batches stage or a worker (object columns)."""
-    batch = {name: np.empty(len(rows), dtype=object) for name in rows[0]}
-    for i, row in enumerate(rows):
-        for name, value in row.items():
-            batch[name][i] = value
-    return batch
+    return {name: _objects([row[name] for row in rows]) for name in rows[0]}
 
 
 def _job(shards: list[str], precision: str) -> TrainJob:
