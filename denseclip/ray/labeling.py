@@ -382,7 +382,7 @@ class Labeler:
                 results += self.dense_clip.label_images(chunk)
                 start += len(chunk)
                 continue
-            except Exception as exc:
+            except (RuntimeError, MemoryError) as exc:  # what running out of memory raises (CUDA's is a RuntimeError)
                 if size == 1 or not is_out_of_memory(exc):
                     raise
                 log.warning("out of memory labelling %d images (%s); retrying %d at a time", size, exc,
