@@ -456,6 +456,10 @@ def _faulty_stage(fault: str, calls_dir: Path) -> type[Labeler]:
     return FaultyLabeler
 
 
+# Half a CPU: after the failed run below, Ray may still be restarting that run's actor while the next run starts.
+ONE_ACTOR = {"num_actors": 1, "cpus_per_actor": 0.5}
+
+
 def _calls(calls_dir: Path) -> dict[int, list[str]]:
     return {int(log.stem): log.read_text().splitlines() for log in calls_dir.glob("*.log")}
 
@@ -473,7 +477,7 @@ def test_model_faults_on_a_real_ray_retry_on_a_fresh_actor_and_never_become_erro
     try:
         # Out of memory on every call of two or more images: labelled one by one, nothing lost, no error row.
         plan = prepare_labeling(shards, out, CONFIG, CLASSES)
-        summary = label_shards(plan, CONFIG, CLASSES, num_actors=1, labeler=_faulty_stage("oom", oom_calls))
+        summary = label_shards(plan, CONFIG, CLASSES, **ONE_ACTOR, labeler=_faulty_stage("oom", oom_calls))
         assert (summary["images_labelled"], summary["errors"], summary["shards_committed"]) == (4, 0, 2)
         calls = [call for log in _calls(oom_calls).values() for call in log]
         assert "2 fail" in calls and calls.count("1 ok") == 4
@@ -483,7 +487,7 @@ def test_model_faults_on_a_real_ray_retry_on_a_fresh_actor_and_never_become_erro
         plan = prepare_labeling(shards + poisoned, out, CONFIG, CLASSES)
         assert plan.todo == poisoned
         with pytest.raises(ray.exceptions.RayError):
-            label_shards(plan, CONFIG, CLASSES, num_actors=1, labeler=_faulty_stage("error", error_calls))
+            label_shards(plan, CONFIG, CLASSES, **ONE_ACTOR, labeler=_faulty_stage("error", error_calls))
         attempts = _calls(error_calls)
         assert len(attempts) == 2 and all(log == ["2 fail"] for log in attempts.values())  # two actors, one try each
         store = MaskStore(out)
@@ -491,7 +495,7 @@ def test_model_faults_on_a_real_ray_retry_on_a_fresh_actor_and_never_become_erro
 
         # Once the model works again, a re-run labels what is left: every image exactly once.
         plan = prepare_labeling(shards + poisoned, out, CONFIG, CLASSES)
-        assert label_shards(plan, CONFIG, CLASSES, num_actors=1)["images_labelled"] == 2
+        assert label_shards(plan, CONFIG, CLASSES, **ONE_ACTOR)["images_labelled"] == 2
     finally:
         ray.shutdown()
     keys = all_keys(out)
