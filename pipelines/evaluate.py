@@ -53,7 +53,7 @@ from denseclip.metrics import EvaluationInputError, summarize
 from denseclip.report import write_report, write_robustness_report
 from denseclip.robustness import CLEAN, robustness_summary, sweep_conditions
 from denseclip.shards import expand_shards
-from denseclip.visualize import default_palette
+from denseclip.visualize import class_palette
 from denseclip.vocabulary import read_classes_file
 
 
@@ -119,8 +119,9 @@ def load_vocabulary(args: argparse.Namespace) -> Vocabulary:
         return Vocabulary(args.dataset, [list(c) for c in info.classes], list(info.class_names),
                           np.asarray(info.palette, np.uint8), unseen, ignore)
     classes = read_classes_file(args.classes_file)
-    return Vocabulary(Path(args.classes_file).stem, classes, [names[0] for names in classes],
-                      default_palette(len(classes)), unseen or [], ignore or [])
+    class_names = [names[0] for names in classes]
+    return Vocabulary(Path(args.classes_file).stem, classes, class_names, class_palette(class_names),
+                      unseen or [], ignore or [])
 
 
 def conditions_from_args(args: argparse.Namespace) -> list:
