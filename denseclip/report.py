@@ -298,7 +298,7 @@ _STYLE = """<style>
 body { font-family: sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #bbb; padding: 3px 8px; text-align: right; }
-td:first-child, th:first-child { text-align: left; }
+td:first-child, th:first-child { text-align: left; white-space: nowrap; }
 .sw { display: inline-block; width: 12px; height: 12px; margin-right: 6px; border: 1px solid #333; }
 img { max-width: 100%; }
 figure { display: inline-block; margin: 0 1em 1em 0; }

@@ -157,17 +157,12 @@ def labeler_source(args: argparse.Namespace, vocab: Vocabulary, inputs: dict
 
 def run_on_ray(args: argparse.Namespace, evaluation: Evaluation, device: str = "cpu", **source) -> Evaluation:
     """Score on Ray Data; ``source``: ``pred_url=`` or ``make_labeler=``, ``conditions=``, ``seed=``."""
-    import ray
-
-    from denseclip.ray.evaluation import evaluate_on_ray
-    from denseclip.ray.labeling import plan_actors, ray_cluster
+    from denseclip.ray.evaluation import evaluate_shards
 
     if is_label_map_folder(args.gt):
         raise ValueError(f"--gt {args.gt}: --ray reads ground truth from shards, not a folder of label maps")
-    shards = expand_shards(args.gt)
-    with ray_cluster(args.address):
-        actors = plan_actors(ray.cluster_resources(), device, args.num_actors)
-        return evaluate_on_ray(shards, evaluation, actors, **source)
+    return evaluate_shards(expand_shards(args.gt), evaluation, address=args.address, device=device,
+                           num_actors=args.num_actors, **source)
 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict, dict | None]:

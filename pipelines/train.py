@@ -86,7 +86,7 @@ def _cells(summary: dict) -> str:
 
 def progress_line(record: dict, iterations: int) -> str:
     """One line of a metrics record reported by the workers (see ``run_training``'s ``on_report``)."""
-    parts = [f"train: step {record['step']}/{iterations} {record.get('phase', '')}".rstrip()]
+    parts = [f"train: step {record['step']}/{iterations} {record.get('phase', record.get('val_phase', ''))}".rstrip()]
     if "loss" in record:
         parts.append(f"loss {record['loss']:.3f} lr {record['lr']:.2g}")
     if "val_miou" in record:
