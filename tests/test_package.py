@@ -66,3 +66,24 @@ def test_ray_is_imported_only_in_denseclip_ray():
                  for path in (ROOT / folder).rglob("*.py")
                  if importing.search(path.read_text()) and (ROOT / "denseclip" / "ray") not in path.parents]
     assert offenders == []
+
+
+def test_the_lock_pins_the_whole_tree_as_pyproject_pins_the_direct_dependencies():
+    lock = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([^\s;]+)(\s*;.+)?", line).group(1, 2)
+            lock[re.sub(r"[-_.]+", "-", name).lower()] = version
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    direct = re.findall(r'"([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^"]+)"', pyproject)
+    assert len(direct) > 15
+    for name, version in direct:
+        assert lock.get(re.sub(r"[-_.]+", "-", name).lower()) == version, name
+    assert "boto3" in lock and "numpy" in lock  # transitive dependencies are pinned too
+
+
+def test_ci_installs_the_lock_into_a_cleared_venv_with_the_browser():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python3 -m venv --clear .venv" in ci  # an old .venv never leaks into CI
+    assert 'pip install -q -r requirements.lock -e ".[test]"' in ci
+    assert "apt-get install" in ci and "chromium chromium-driver" in ci
