@@ -16,7 +16,8 @@ from denseclip.vocabulary import parse_class_list, read_classes_file
 
 # Kept free of torch imports so a bad configuration fails in well under a second.
 TINY_MODEL = "denseclip-tiny-shapes"
-TINY_MODELS = (TINY_MODEL,)  # the shipped models, trained at one resolution: "auto" keeps images as they are
+TINY_VIT_MODEL = "denseclip-tiny-shapes-vit"
+TINY_MODELS = (TINY_MODEL, TINY_VIT_MODEL)  # the shipped models, trained at one resolution: "auto" keeps images as they are
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 MODES = ("whole", "slide")
@@ -171,7 +172,7 @@ class LabelerConfig:
     def template_set(self) -> str:
         if self.templates is not None:
             return self.templates
-        return "synthetic" if self.model == TINY_MODEL else "denseclip85"
+        return "synthetic" if self.model in TINY_MODELS else "denseclip85"
 
     def build(self, classes: list[list[str]], clip=None):
         """Load the model (unless ``clip`` is given) and return the ``DenseCLIP`` labeler for ``classes``."""
