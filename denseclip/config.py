@@ -21,6 +21,10 @@ TINY_MODELS = (TINY_MODEL, TINY_VIT_MODEL)  # the shipped models, trained at one
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 MODES = ("whole", "slide")
+# Dense heads (denseclip.dense): MaskCLIP/DenseCLIP's (the default, and the ResNet towers' only head), then the
+# training-free ViT heads that followed it: SCLIP's, ClearCLIP's and NACLIP's.
+HEADS = ("maskclip", "sclip", "clearclip", "naclip")
+DEFAULT_HEAD = "maskclip"
 # resize_to "auto": real CLIP models see images resized as the paper's VOC / COCO-Stuff protocol resizes them
 # (keep ratio, fit (2048, 512): a 512-pixel short side for ordinary photos, not a 24-megapixel forward).
 DEFAULT_RESIZE = (2048, 512)
@@ -70,7 +74,9 @@ class LabelerConfig:
 
     model: str = TINY_MODEL
     pretrained: str | None = None
-    templates: str | None = None  # None: "synthetic" for the tiny model, "denseclip85" otherwise
+    head: str = DEFAULT_HEAD  # the dense head (HEADS); ResNet towers have "maskclip" only
+    templates: str | None = None  # None: "synthetic" for the tiny models, "denseclip85" otherwise
+    synonyms: bool = False  # a dataset vocabulary's synonym-enriched class lists (get_dataset(..., synonyms=True))
     protocol: str | None = None  # the preset (protocols.json) that supplied the defaults, recorded
     resize_to: tuple[int, int] | str | None = RESIZE_AUTO  # [long, short], "auto" or "native" (= null)
     mode: str = "whole"
@@ -123,6 +129,12 @@ class LabelerConfig:
                 fail(name, "must be a string or null")
         if self.mode not in MODES:
             fail("mode", f"must be one of {', '.join(MODES)}")
+        if self.head not in HEADS:
+            fail("head", f"must be one of {', '.join(HEADS)}")
+        if self.head != DEFAULT_HEAD and (self.model == TINY_MODEL or self.model.startswith("RN")):
+            fail("head", f"needs a ViT model; {self.model} is a ResNet, whose only head is {DEFAULT_HEAD!r}")
+        if not isinstance(self.synonyms, bool):
+            fail("synonyms", "must be true or false")
         if self.precision not in PRECISIONS:
             fail("precision", f"must be one of {', '.join(PRECISIONS)}")
         for name in ("crop_size", "crop_stride", "batch_size"):
@@ -174,8 +186,11 @@ class LabelerConfig:
             return self.templates
         return "synthetic" if self.model in TINY_MODELS else "denseclip85"
 
-    def build(self, classes: list[list[str]], clip=None):
-        """Load the model (unless ``clip`` is given) and return the ``DenseCLIP`` labeler for ``classes``."""
+    def build(self, classes: list[list[str]], clip=None, background_class: int | None = None):
+        """Load the model (unless ``clip`` is given) and return the ``DenseCLIP`` labeler for ``classes``.
+
+        ``background_class``: the class of ``classes`` that the background threshold falls to (None: the labeler
+        prepends a background class of its own)."""
         from denseclip.models import load_clip
         from denseclip.predictor import DenseCLIP
 
@@ -183,9 +198,10 @@ class LabelerConfig:
         return DenseCLIP(
             clip, classes, self.template_set, mode=self.mode, crop_size=self.crop_size,
             crop_stride=self.crop_stride, short_side=self.short_side, resize_to=self.effective_resize_to,
-            temperature=self.temperature,
-            background_threshold=self.background_threshold, key_smoothing=self.key_smoothing,
+            temperature=self.temperature, background_threshold=self.background_threshold,
+            background_class=background_class, key_smoothing=self.key_smoothing,
             prompt_denoising=self.prompt_denoising, upsample_topk=self.upsample_topk, batch_size=self.batch_size,
+            head=self.head,
         )
 
 
@@ -195,7 +211,11 @@ def add_labeler_arguments(parser) -> None:
     group.add_argument("--model", default=TINY_MODEL, help="open_clip model name, e.g. RN50, RN50x16, ViT-B-16 "
                        f"(default: the shipped {TINY_MODEL})")
     group.add_argument("--pretrained", default=None, help="open_clip tag (openai), checkpoint path or URL")
+    group.add_argument("--head", default=DEFAULT_HEAD, choices=HEADS, help="dense head: maskclip (DenseCLIP's, "
+                       "the default) or, for ViT models, sclip, clearclip or naclip")
     group.add_argument("--templates", default=None, help="template set (denseclip85, imagenet80) or file")
+    group.add_argument("--synonyms", action="store_true", default=False,
+                       help="a dataset vocabulary with its synonym-enriched class lists (max over names)")
     group.add_argument("--mode", default="whole", help="whole or slide")
     group.add_argument("--crop-size", type=int, default=448)
     group.add_argument("--crop-stride", type=int, default=224)

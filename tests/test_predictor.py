@@ -125,3 +125,69 @@ def test_invalid_options(clip):
         make(clip, mode="slide", crop_size=100)
     with pytest.raises(ValueError, match="mode must be"):
         make(clip, mode="tiles")
+
+
+def test_probabilities_are_a_softmax_over_names_then_the_max_per_class(clip, images):
+    predictor = make(clip)
+    x = predictor.preprocess(images[1][:64, :64])[None]
+    name_probs = predictor._name_logits(x)[0].softmax(dim=0)  # (N names, h, w)
+    # Names: cat, dog, sofa, couch, grass, sky.
+    expected = torch.stack([name_probs[0], name_probs[1], name_probs[2:4].max(dim=0).values, name_probs[4],
+                            name_probs[5]])
+    probs = predictor._finalize(predictor._canvases(x)[0]).exp()
+    assert torch.allclose(probs, expected, atol=1e-6)
+    assert probs.sum(dim=0).max() < 1  # "sofa" and "couch" share one class: the class takes the larger
+
+
+def test_background_class_takes_what_no_class_reaches(clip, images):
+    """The successors' background: a vocabulary class named by its own synonyms, which also takes every location
+    where no class reaches the threshold (no class is prepended)."""
+    vocabulary = [["sky", "wall", "floor"], ["cat"], ["dog"], ["sofa", "couch"]]
+    plain = DenseCLIP(clip, vocabulary, templates=["a photo of a {}."])
+    x = [plain.preprocess(image) for image in images]
+    probs = [plain._finalize(canvas).exp() for canvas in plain._canvases(x)]  # (K, hc, wc) each
+    # A threshold half-way between two neighbouring confidences near the median: it matters, and no location
+    # sits exactly on it.
+    ranked = torch.cat([p.max(dim=0).values.flatten() for p in probs]).sort().values
+    threshold = float(ranked[len(ranked) // 2: len(ranked) // 2 + 2].mean())
+    thresholded = DenseCLIP(clip, vocabulary, templates=["a photo of a {}."], background_threshold=threshold,
+                            background_class=0)
+    assert thresholded.class_names == plain.class_names and thresholded.num_classes == 4
+    background = []
+    for p, canvas in zip(probs, thresholded._canvases(x)):
+        confidence, best = p.max(dim=0)
+        expected = torch.where(confidence < threshold, 0, best)
+        assert torch.equal(thresholded._finalize(canvas).argmax(dim=0), expected)
+        background.append((expected == 0) & (best != 0))
+    assert any(b.any() for b in background), "the threshold should turn some locations into background"
+    with pytest.raises(ValueError, match="background_class 4 needs a background_threshold"):
+        DenseCLIP(clip, vocabulary, templates=["a {}."], background_threshold=0.3, background_class=4)
+
+
+def test_resnet_towers_refuse_a_vit_head(clip):
+    with pytest.raises(ValueError, match="'sclip' needs a ViT tower"):
+        make(clip, head="sclip")
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    from denseclip.models import TINY_VIT_MODEL
+
+    torch.manual_seed(0)
+    return load_clip(TINY_VIT_MODEL, "random")
+
+
+@pytest.mark.parametrize("head", ["maskclip", "sclip", "clearclip", "naclip"])
+def test_every_head_labels_windows_of_several_images_in_one_forward(tiny_vit, images, head):
+    predictor = make(tiny_vit, head=head, mode="slide", crop_size=64, crop_stride=32, batch_size=5)
+    calls = []
+    predictor._name_logits = lambda batch, forward=predictor._name_logits: calls.append(len(batch)) or forward(batch)
+    together = predictor.label_images(images)
+    assert max(calls) == 5  # windows of different images share a forward
+    for image, (labels, conf) in zip(images, together):
+        alone_labels, alone_conf = predictor.label_images([image])[0]
+        np.testing.assert_array_equal(labels, alone_labels)
+        np.testing.assert_allclose(conf, alone_conf, atol=1e-5)
+    x = predictor.preprocess(images[1][:64, :64])[None]
+    if head != "maskclip":
+        assert not torch.allclose(predictor.logits(x), make(tiny_vit, head="maskclip").logits(x))

@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from denseclip import storage
-from denseclip.config import ConfigError, LabelerConfig
+from denseclip.config import DEFAULT_HEAD, ConfigError, LabelerConfig
 from denseclip.datasets import DATASET_NAMES, DatasetInfo, get_dataset
 from denseclip.mask_store import MaskStore
 from denseclip.metrics import ConfusionMatrix, summarize
@@ -320,7 +320,7 @@ def save_checkpoint(directory: str, model: SegmentationTarget, optimizer: torch.
     safetensors.torch.save_file(state, os.path.join(directory, MODEL_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(directory, STATE_FILE))
     meta = {"step": step, "dataset": job.dataset, "class_names": list(job.info.class_names),
-            "clip_model": job.labeler.model, "target": _target_dict(job.training.target),
+            "clip_model": job.labeler.model, "clip_head": job.labeler.head, "target": _target_dict(job.training.target),
             "job": job.to_dict(), **history}
     with open(os.path.join(directory, META_FILE), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
@@ -341,7 +341,8 @@ def load_target_checkpoint(path: str, device: str | torch.device = "cpu") -> Seg
     state = safetensors.torch.load(storage.read_bytes(storage.join(path, MODEL_FILE)))
     config = TargetConfig(**target)
     clip = load_clip(meta["clip_model"], "random") if config.backbone == "clip" else None
-    model = build_target(config, state["classifier.embeddings"], state["classifier.class_of_name"], clip=clip)
+    model = build_target(config, state["classifier.embeddings"], state["classifier.class_of_name"], clip=clip,
+                         clip_head=meta.get("clip_head", DEFAULT_HEAD))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 
@@ -401,7 +402,7 @@ def _setup_worker(job: TrainJob) -> _Worker:
     predictor = dataclasses.replace(job.labeler, device=str(device)).build(job.info.classes)
     torch.manual_seed(job.training.seed)
     model = build_target(job.training.target, predictor.name_embeddings, predictor.class_of_name,
-                         clip=predictor.clip)
+                         clip=predictor.clip, clip_head=predictor.head)
     if job.workers.use_gpu and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -578,6 +579,7 @@ def _inputs(job: TrainJob) -> dict:
             "pseudo_labels": job.training.pseudo_labels, "self_training": job.training.self_training,
             "iterations": job.training.iterations, "guided_iterations": job.training.num_guided,
             "teacher": f"{job.labeler.model}/{job.labeler.pretrained or 'default'}",
+            "teacher_head": job.labeler.head, "teacher_protocol": job.labeler.protocol,
             "target": f"{job.training.target.head}-{job.training.target.backbone}",
             "workers": job.workers.num_workers}
 
