@@ -203,8 +203,7 @@ def _clearclip(block, x, qkv: _QKV, grid) -> torch.Tensor:
 def _naclip(block, x, qkv: _QKV, grid) -> torch.Tensor:
     """NACLIP (Hajimiri et al., 2025): ``softmax(s k k^T + G)``, G a Gaussian over patch distances (see
     :func:`neighbourhood_bias`); the last block's residual and MLP dropped."""
-    bias = neighbourhood_bias(grid, x.device).to(x.dtype)
-    return _out(block, qkv.attend(qkv.k, qkv.k, bias))
+    return _out(block, qkv.attend(qkv.k, qkv.k, neighbourhood_bias(grid, x.device, x.dtype)))
 
 
 NACLIP_SIGMA = 5.0  # the Gaussian's standard deviation in patches (NACLIP's default)
@@ -212,16 +211,16 @@ NACLIP_SIGMA = 5.0  # the Gaussian's standard deviation in patches (NACLIP's def
 
 @functools.lru_cache(maxsize=16)
 def neighbourhood_bias(grid: tuple[int, int], device: torch.device | str = "cpu",
-                       sigma: float = NACLIP_SIGMA) -> torch.Tensor:
+                       dtype: torch.dtype = torch.float32, sigma: float = NACLIP_SIGMA) -> torch.Tensor:
     """NACLIP's attention bias ``G (T, T)``, ``T = 1 + gh*gw``: ``G_ij = exp(-|p_i - p_j|^2 / (2 sigma^2))``
     over the patch-grid positions ``p`` (in patches), 0 in the class token's row and column. Computed once
-    per grid size and device (cached)."""
+    per grid size, device and dtype (cached)."""
     gh, gw = grid
     rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32),
                                 indexing="ij")
     positions = torch.stack([rows.flatten(), cols.flatten()], dim=1)  # (gh*gw, 2)
     gaussian = torch.exp(-torch.cdist(positions, positions).square() / (2 * sigma**2))
-    return F.pad(gaussian, (1, 0, 1, 0)).to(device)
+    return F.pad(gaussian, (1, 0, 1, 0)).to(device=device, dtype=dtype)
 
 
 _VIT_HEADS = {"maskclip": _maskclip, "sclip": _sclip, "clearclip": _clearclip, "naclip": _naclip}
