@@ -77,6 +77,7 @@ class LabelerConfig:
     head: str = DEFAULT_HEAD  # the dense head (HEADS); ResNet towers have "maskclip" only
     templates: str | None = None  # None: "synthetic" for the tiny models, "denseclip85" otherwise
     synonyms: bool = False  # a dataset vocabulary's synonym-enriched class lists (get_dataset(..., synonyms=True))
+    name_softmax: bool = False  # class probabilities as the successors compute them (see DenseCLIP)
     protocol: str | None = None  # the preset (protocols.json) that supplied the defaults, recorded
     resize_to: tuple[int, int] | str | None = RESIZE_AUTO  # [long, short], "auto" or "native" (= null)
     mode: str = "whole"
@@ -133,8 +134,9 @@ class LabelerConfig:
             fail("head", f"must be one of {', '.join(HEADS)}")
         if self.head != DEFAULT_HEAD and (self.model == TINY_MODEL or self.model.startswith("RN")):
             fail("head", f"needs a ViT model; {self.model} is a ResNet, whose only head is {DEFAULT_HEAD!r}")
-        if not isinstance(self.synonyms, bool):
-            fail("synonyms", "must be true or false")
+        for name in ("synonyms", "name_softmax"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
         if self.precision not in PRECISIONS:
             fail("precision", f"must be one of {', '.join(PRECISIONS)}")
         for name in ("crop_size", "crop_stride", "batch_size"):
@@ -201,7 +203,7 @@ class LabelerConfig:
             temperature=self.temperature, background_threshold=self.background_threshold,
             background_class=background_class, key_smoothing=self.key_smoothing,
             prompt_denoising=self.prompt_denoising, upsample_topk=self.upsample_topk, batch_size=self.batch_size,
-            head=self.head,
+            head=self.head, name_softmax=self.name_softmax,
         )
 
 
@@ -216,6 +218,8 @@ def add_labeler_arguments(parser) -> None:
     group.add_argument("--templates", default=None, help="template set (denseclip85, imagenet80) or file")
     group.add_argument("--synonyms", action="store_true", default=False,
                        help="a dataset vocabulary with its synonym-enriched class lists (max over names)")
+    group.add_argument("--name-softmax", action="store_true", default=False,
+                       help="class probabilities as a softmax over every name, each class the max over its names")
     group.add_argument("--mode", default="whole", help="whole or slide")
     group.add_argument("--crop-size", type=int, default=448)
     group.add_argument("--crop-stride", type=int, default=224)

@@ -38,8 +38,8 @@ class DenseCLIP:
 
     Args:
         clip: the loaded model (``denseclip.models.load_clip``).
-        classes: one list of names per class. Probabilities are a softmax over every name (windows average
-            the names' logits first); a class's probability is the max over its names.
+        classes: one list of names per class; a class scores the max over its names (windows average the
+            names' logits first).
         templates: a template set name / file, or a list of templates with ``{}``.
         mode: ``"whole"`` (one forward per image, padded to the stride) or ``"slide"`` (crop windows).
         crop_size, crop_stride: sliding-window size and step in pixels (multiples of the tower's stride).
@@ -60,6 +60,9 @@ class DenseCLIP:
             (near-exact labels, far cheaper for large vocabularies); None upsamples every class.
         batch_size: images (whole) or windows (slide) per forward pass.
         head: the dense head (``denseclip.dense.HEADS``; ViT towers only for all but ``maskclip``).
+        name_softmax: class probabilities as the successors of DenseCLIP compute them: a softmax over every name,
+            each class the max of its names' probabilities (a class's synonyms share its probability mass, so
+            probabilities of classes with synonyms sum to less than 1). False: a softmax over the classes' scores.
     """
 
     def __init__(
@@ -82,10 +85,11 @@ class DenseCLIP:
         upsample_topk: int | None = 3,
         batch_size: int = 8,
         head: str = DEFAULT_HEAD,
+        name_softmax: bool = False,
     ) -> None:
         self.clip = clip
         check_head(clip.model, head)
-        self.head = head
+        self.head, self.name_softmax = head, name_softmax
         self.stride = output_stride(clip.model)
         if mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
@@ -196,12 +200,15 @@ class DenseCLIP:
         return self.temperature * cosine
 
     def _class_log_probs(self, name_logits: torch.Tensor) -> torch.Tensor:
-        """``(N, h, w)`` name logits -> ``(K, h, w)`` class log-probabilities: softmax over every name, then the
-        max over each class's names (-inf for the background slot, which has no names)."""
-        log_probs = name_logits.log_softmax(dim=0)
-        index = self.class_of_name.view(-1, 1, 1).expand_as(log_probs)
-        shape = (self.num_classes,) + tuple(log_probs.shape[1:])
-        return log_probs.new_full(shape, -math.inf).scatter_reduce(0, index, log_probs, reduce="amax")
+        """``(N, h, w)`` name logits -> ``(K, h, w)`` class log-probabilities: the max over each class's names,
+        then a softmax over the classes (``name_softmax``: a softmax over the names, then the max); -inf for the
+        background slot, which has no names."""
+        if self.name_softmax:
+            name_logits = name_logits.log_softmax(dim=0)
+        index = self.class_of_name.view(-1, 1, 1).expand_as(name_logits)
+        shape = (self.num_classes,) + tuple(name_logits.shape[1:])
+        best = name_logits.new_full(shape, -math.inf).scatter_reduce(0, index, name_logits, reduce="amax")
+        return best if self.name_softmax else best.log_softmax(dim=0)
 
     def _smooth_by_keys(self, cosine: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Key smoothing: each location's scores become the affinity-weighted mean over locations whose key

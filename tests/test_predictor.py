@@ -127,23 +127,26 @@ def test_invalid_options(clip):
         make(clip, mode="tiles")
 
 
-def test_probabilities_are_a_softmax_over_names_then_the_max_per_class(clip, images):
-    predictor = make(clip)
-    x = predictor.preprocess(images[1][:64, :64])[None]
-    name_probs = predictor._name_logits(x)[0].softmax(dim=0)  # (N names, h, w)
-    # Names: cat, dog, sofa, couch, grass, sky.
-    expected = torch.stack([name_probs[0], name_probs[1], name_probs[2:4].max(dim=0).values, name_probs[4],
-                            name_probs[5]])
-    probs = predictor._finalize(predictor._canvases(x)[0]).exp()
-    assert torch.allclose(probs, expected, atol=1e-6)
-    assert probs.sum(dim=0).max() < 1  # "sofa" and "couch" share one class: the class takes the larger
+def test_class_probabilities_from_name_logits_both_ways(clip, images):
+    x = make(clip).preprocess(images[1][:64, :64])[None]
+    name_logits = make(clip)._name_logits(x)[0]  # (N names, h, w); names: cat, dog, sofa, couch, grass, sky
+
+    def per_class(values):
+        return torch.stack([values[0], values[1], values[2:4].max(dim=0).values, values[4], values[5]])
+
+    for name_softmax, expected in [(False, per_class(name_logits).softmax(dim=0)),
+                                   (True, per_class(name_logits.softmax(dim=0)))]:
+        predictor = make(clip, name_softmax=name_softmax)
+        probs = predictor._finalize(predictor._canvases(x)[0]).exp()
+        assert torch.allclose(probs, expected, atol=1e-6)
+    assert probs.sum(dim=0).max() < 1  # the successors': "sofa" and "couch" share one class's mass
 
 
 def test_background_class_takes_what_no_class_reaches(clip, images):
     """The successors' background: a vocabulary class named by its own synonyms, which also takes every location
     where no class reaches the threshold (no class is prepended)."""
     vocabulary = [["sky", "wall"], ["cat", "kitten"], ["dog", "puppy"], ["sofa", "couch"]]
-    plain = DenseCLIP(clip, vocabulary, templates=["a photo of a {}."])
+    plain = DenseCLIP(clip, vocabulary, templates=["a photo of a {}."], name_softmax=True)
     x = [plain.preprocess(image) for image in images]
     probs = [plain._finalize(canvas).exp() for canvas in plain._canvases(x)]  # (K, hc, wc) each
     # A threshold half-way between two neighbouring confidences of the non-background locations, near their
@@ -151,7 +154,7 @@ def test_background_class_takes_what_no_class_reaches(clip, images):
     ranked = torch.cat([p.max(dim=0).values[p.argmax(dim=0) != 0] for p in probs]).sort().values
     threshold = float(ranked[len(ranked) // 2: len(ranked) // 2 + 2].mean())
     thresholded = DenseCLIP(clip, vocabulary, templates=["a photo of a {}."], background_threshold=threshold,
-                            background_class=0)
+                            background_class=0, name_softmax=True)
     assert thresholded.class_names == plain.class_names and thresholded.num_classes == 4
     background = []
     for p, canvas in zip(probs, thresholded._canvases(x)):

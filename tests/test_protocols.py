@@ -87,6 +87,7 @@ def test_successors_protocol_as_their_configs_set_it():
     voc = LabelerConfig.from_dict({"model": "ViT-B-16", "protocol": "successors"}, dataset="voc")
     assert (voc.mode, voc.crop_size, voc.crop_stride, voc.effective_resize_to) == ("slide", 224, 112, (2048, 336))
     assert (voc.templates, voc.synonyms, voc.temperature, voc.background_threshold) == ("imagenet80", True, 65, 0.1)
+    assert voc.name_softmax and not LabelerConfig().name_softmax
     coco = LabelerConfig.from_dict({"model": "ViT-B-16", "protocol": "successors"}, dataset="coco_stuff")
     assert (coco.effective_resize_to, coco.temperature, coco.background_threshold) == ((2048, 448), 40, None)
     free = LabelerConfig.from_dict({"model": "ViT-B-16", "protocol": "successors", "head": "naclip"})
