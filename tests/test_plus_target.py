@@ -150,7 +150,7 @@ def test_backbone_weights_errors_name_the_file(tmp_path, embeddings, clip):
     save_file({"conv1.weight": torch.zeros(64, 3, 7, 7)}, str(partial))
     with pytest.raises(ValueError, match="partial.safetensors"):
         build_target(TargetConfig(backbone="resnet50", backbone_weights=str(partial)), embeddings)
-    with pytest.raises(TypeError, match="ResNet CLIP"):
+    with pytest.raises(TypeError, match="needs a loaded ResNet or ViT CLIP"):
         build_target(tiny(), embeddings, clip=None)
 
 
@@ -187,5 +187,7 @@ def test_vit_trunk_starts_from_the_teachers_dense_head():
     upsampled = F.interpolate(features["dense"], size=(16, 24), mode="bilinear", align_corners=False)
     torch.testing.assert_close(model.head(features), upsampled)  # the refinement starts at zero
     assert model(images).shape == (2, K, 64, 96)
-    with pytest.raises(ValueError, match="needs backbone_weights 'clip'"):
-        build_target(tiny(head="clip_dense", backbone_weights=None), torch.randn(K, D), clip=vit)
+    fresh = build_target(tiny(head="clip_dense", backbone_weights=None), torch.randn(K, D), clip=vit)
+    assert not torch.equal(fresh.backbone.visual.proj, vit.model.visual.proj)
+    assert not torch.equal(fresh.backbone.visual.transformer.resblocks[0].attn.in_proj_weight,
+                           vit.model.visual.transformer.resblocks[0].attn.in_proj_weight)

@@ -366,6 +366,20 @@ def _clip_visual(clip: LoadedCLIP | None) -> ModifiedResNet | VisionTransformer:
     return visual
 
 
+def _reinitialised(visual: nn.Module) -> nn.Module:
+    """A copy of a CLIP tower with every weight drawn anew: its architecture, none of what it learnt."""
+    visual = copy.deepcopy(visual)
+    for module in visual.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            module._reset_parameters()
+        elif isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.LayerNorm)):
+            module.reset_parameters()
+    for name in ("class_embedding", "positional_embedding", "proj"):  # a ViT's parameters outside its layers
+        if isinstance(getattr(visual, name, None), nn.Parameter):
+            nn.init.normal_(getattr(visual, name), std=visual.transformer.width ** -0.5)
+    return visual
+
+
 def _load_backbone_weights(backbone: nn.Module, url: str) -> None:
     state, _ = read_state_dict(url)
     target = backbone.body if isinstance(backbone, ResNetTrunk) else backbone
@@ -384,17 +398,12 @@ def build_target(config: TargetConfig, class_embeddings: torch.Tensor,
     head of a ViT trunk (``denseclip.dense.HEADS``).
     """
     visual = _clip_visual(clip) if config.backbone == "clip" else None
+    if visual is not None and config.backbone_weights is None:
+        visual = _reinitialised(visual)
     if isinstance(visual, VisionTransformer):
-        if config.backbone_weights != "clip":
-            raise ValueError("backbone 'clip' with a ViT tower needs backbone_weights 'clip'")
         backbone = ClipViTTrunk(visual, clip_head)
         mean, std = clip.mean, clip.std
     elif visual is not None:
-        if config.backbone_weights is None:
-            visual = copy.deepcopy(visual)
-            for module in visual.modules():
-                if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
-                    module.reset_parameters()
         backbone = ClipTrunk(visual, config.output_stride, dense=config.head == "clip_dense")
         mean, std = clip.mean, clip.std
     else:
