@@ -47,7 +47,7 @@ def predict(args: argparse.Namespace) -> int:
     elif args.classes_file is not None:
         classes = read_classes_file(args.classes_file)
     else:
-        classes = resolve_vocabulary(args.vocabulary)
+        classes = resolve_vocabulary(args.vocabulary, synonyms=config.synonyms)
     if len(classes) + (config.background_threshold is not None) > 255:
         raise ConfigError(f"vocabulary: {len(classes)} classes do not fit an 8-bit PNG label map (max 255)")
     labeler = config.build(classes)
@@ -73,7 +73,8 @@ def predict(args: argparse.Namespace) -> int:
             "image": str(path), "height": int(image.shape[0]), "width": int(image.shape[1]),
             "class_names": labeler.class_names, "classes": classes, "model": config.model,
             "pretrained": labeler.clip.pretrained, "fingerprint": labeler.clip.fingerprint,
-            "templates": config.template_set, "mode": config.mode, "present": present,
+            "templates": config.template_set, "head": config.head, "protocol": config.protocol, "mode": config.mode,
+            "present": present,
         }
         files[2].write_text(json.dumps(meta, indent=2))
         print(f"{path} -> {', '.join(f.name for f in files)} ({', '.join(present)})", flush=True)

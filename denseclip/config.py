@@ -17,11 +17,16 @@ from denseclip.vocabulary import parse_class_list, read_classes_file
 
 # Kept free of torch imports so a bad configuration fails in well under a second.
 TINY_MODEL = "denseclip-tiny-shapes"
-TINY_MODELS = (TINY_MODEL,)  # the shipped models, trained at one resolution: "auto" keeps images as they are
+TINY_VIT_MODEL = "denseclip-tiny-shapes-vit"
+TINY_MODELS = (TINY_MODEL, TINY_VIT_MODEL)  # the shipped models, trained at one resolution: "auto" keeps images as they are
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 MODES = ("whole", "slide")
 _DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
+# Dense heads (denseclip.dense): MaskCLIP/DenseCLIP's (the default, and the ResNet towers' only head), then the
+# training-free ViT heads that followed it: SCLIP's, ClearCLIP's and NACLIP's.
+HEADS = ("maskclip", "sclip", "clearclip", "naclip")
+DEFAULT_HEAD = "maskclip"
 # resize_to "auto": real CLIP models see images resized as the paper's VOC / COCO-Stuff protocol resizes them
 # (keep ratio, fit (2048, 512): a 512-pixel short side for ordinary photos, not a 24-megapixel forward).
 DEFAULT_RESIZE = (2048, 512)
@@ -71,7 +76,10 @@ class LabelerConfig:
 
     model: str = TINY_MODEL
     pretrained: str | None = None
-    templates: str | None = None  # None: "synthetic" for the tiny model, "denseclip85" otherwise
+    head: str = DEFAULT_HEAD  # the dense head (HEADS); ResNet towers have "maskclip" only
+    templates: str | None = None  # None: "synthetic" for the tiny models, "denseclip85" otherwise
+    synonyms: bool = False  # a dataset vocabulary's synonym-enriched class lists (get_dataset(..., synonyms=True))
+    name_softmax: bool = False  # class probabilities as the successors compute them (see DenseCLIP)
     protocol: str | None = None  # the preset (protocols.json) that supplied the defaults, recorded
     resize_to: tuple[int, int] | str | None = RESIZE_AUTO  # [long, short], "auto" or "native" (= null)
     mode: str = "whole"
@@ -124,6 +132,13 @@ class LabelerConfig:
                 fail(name, "must be a string or null")
         if self.mode not in MODES:
             fail("mode", f"must be one of {', '.join(MODES)}")
+        if self.head not in HEADS:
+            fail("head", f"must be one of {', '.join(HEADS)}")
+        if self.head != DEFAULT_HEAD and (self.model == TINY_MODEL or self.model.startswith("RN")):
+            fail("head", f"needs a ViT model; {self.model} is a ResNet, whose only head is {DEFAULT_HEAD!r}")
+        for name in ("synonyms", "name_softmax"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
         if self.precision not in PRECISIONS:
             fail("precision", f"must be one of {', '.join(PRECISIONS)}")
         for name in ("crop_size", "crop_stride", "batch_size"):
@@ -173,10 +188,13 @@ class LabelerConfig:
     def template_set(self) -> str:
         if self.templates is not None:
             return self.templates
-        return "synthetic" if self.model == TINY_MODEL else "denseclip85"
+        return "synthetic" if self.model in TINY_MODELS else "denseclip85"
 
-    def build(self, classes: list[list[str]], clip=None):
-        """Load the model (unless ``clip`` is given) and return the ``DenseCLIP`` labeler for ``classes``."""
+    def build(self, classes: list[list[str]], clip=None, background_class: int | None = None):
+        """Load the model (unless ``clip`` is given) and return the ``DenseCLIP`` labeler for ``classes``.
+
+        ``background_class``: the class of ``classes`` that the background threshold falls to (None: the labeler
+        prepends a background class of its own)."""
         from denseclip.models import load_clip
         from denseclip.predictor import DenseCLIP
 
@@ -186,9 +204,10 @@ class LabelerConfig:
         return DenseCLIP(
             clip, classes, self.template_set, mode=self.mode, crop_size=self.crop_size,
             crop_stride=self.crop_stride, short_side=self.short_side, resize_to=self.effective_resize_to,
-            temperature=self.temperature,
-            background_threshold=self.background_threshold, key_smoothing=self.key_smoothing,
+            temperature=self.temperature, background_threshold=self.background_threshold,
+            background_class=background_class, key_smoothing=self.key_smoothing,
             prompt_denoising=self.prompt_denoising, upsample_topk=self.upsample_topk, batch_size=self.batch_size,
+            head=self.head, name_softmax=self.name_softmax,
         )
 
 
@@ -213,7 +232,13 @@ def add_labeler_arguments(parser) -> None:
     group.add_argument("--model", default=TINY_MODEL, help="open_clip model name, e.g. RN50, RN50x16, ViT-B-16 "
                        f"(default: the shipped {TINY_MODEL})")
     group.add_argument("--pretrained", default=None, help="open_clip tag (openai), checkpoint path or URL")
+    group.add_argument("--head", default=DEFAULT_HEAD, choices=HEADS, help="dense head: maskclip (DenseCLIP's, "
+                       "the default) or, for ViT models, sclip, clearclip or naclip")
     group.add_argument("--templates", default=None, help="template set (denseclip85, imagenet80) or file")
+    group.add_argument("--synonyms", action="store_true", default=False,
+                       help="a dataset vocabulary with its synonym-enriched class lists (max over names)")
+    group.add_argument("--name-softmax", action="store_true", default=False,
+                       help="class probabilities as a softmax over every name, each class the max over its names")
     group.add_argument("--mode", default="whole", help="whole or slide")
     group.add_argument("--crop-size", type=int, default=448)
     group.add_argument("--crop-stride", type=int, default=224)

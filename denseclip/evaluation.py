@@ -123,18 +123,26 @@ def _is_safe_key(key: str) -> bool:
         return False
 
 
-def build_dense_clip(config: LabelerConfig, classes: list[list[str]], device: str | None = None) -> ImageLabeler:
+def build_dense_clip(config: LabelerConfig, classes: list[list[str]], device: str | None = None,
+                     background_index: int | None = None, clip=None) -> ImageLabeler:
     """DenseCLIP labelling into the evaluation's label ids (``classes[i]`` = id i), on ``device`` (default:
-    ``config.device``). With a background threshold DenseCLIP adds the background class itself, so the
-    vocabulary's first class must be background."""
+    ``config.device``).
+
+    With a background threshold, background is either the threshold alone (the paper: the vocabulary's first
+    class, plain "background", is replaced by DenseCLIP's own background class) or, with ``config.synonyms``
+    and a dataset's ``background_index``, that class scored by its synonyms (VOC's "sky, wall, ...") which also
+    takes every pixel where no class reaches the threshold (the successors' protocol). ``clip``: an already
+    loaded model (else ``config``'s is loaded)."""
     if device is not None:
         config = dataclasses.replace(config, device=device)
-    if config.background_threshold is not None:
-        if normalize_class_name(classes[0][0]) != "background":
-            raise ConfigError("--background-threshold: the vocabulary's first class (label 0) must be background, "
-                              f"got {classes[0][0]!r}")
-        classes = classes[1:]
-    return config.build(classes)
+    if config.background_threshold is None:
+        return config.build(classes, clip)
+    if config.synonyms and background_index is not None:
+        return config.build(classes, clip, background_class=background_index)
+    if normalize_class_name(classes[0][0]) != "background":
+        raise ConfigError("--background-threshold: the vocabulary's first class (label 0) must be background, "
+                          f"got {classes[0][0]!r}")
+    return config.build(classes[1:], clip)
 
 
 # ------------------------------------------------------------------------------------------------ scoring

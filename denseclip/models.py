@@ -1,7 +1,8 @@
 """Model loading: an open_clip model named by ``(name, pretrained)``, where pretrained is a tag, a path or a URL.
 
-``denseclip-tiny-shapes`` is the tiny CLIP this project trains on its synthetic world and ships in
-``denseclip/assets/tiny_clip``; it loads through exactly the same code as real open_clip weights.
+``denseclip-tiny-shapes`` (ResNet) and ``denseclip-tiny-shapes-vit`` (ViT) are the tiny CLIPs this project trains on
+its synthetic world and ships in ``denseclip/assets/``; they load through exactly the same code as real open_clip
+weights.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
-from denseclip.config import TINY_MODEL
+from denseclip.config import TINY_MODEL, TINY_VIT_MODEL
 
-TINY_ASSETS = Path(__file__).parent / "assets" / "tiny_clip"
+# The shipped models' folders: ``<name>.json`` (open_clip config), ``model.safetensors``, ``training.json``.
+TINY_ASSETS = {
+    TINY_MODEL: Path(__file__).parent / "assets" / "tiny_clip",
+    TINY_VIT_MODEL: Path(__file__).parent / "assets" / "tiny_clip_vit",
+}
 DEFAULT_MODEL = TINY_MODEL
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,8 +73,9 @@ logging.getLogger().addFilter(_QuietRandomInit())
 
 
 def _register_tiny() -> None:
-    if TINY_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(TINY_ASSETS / f"{TINY_MODEL}.json")
+    for name, folder in TINY_ASSETS.items():
+        if name not in open_clip.list_models():
+            open_clip.add_model_config(folder / f"{name}.json")
 
 
 def _is_checkpoint_reference(pretrained: str) -> bool:
@@ -129,8 +135,8 @@ def load_clip(
         raise ModelLoadError(f"unknown model {model!r}; open_clip knows e.g. RN50, RN50x16, ViT-B-16, {TINY_MODEL}")
     if precision not in PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
-    if pretrained is None and model == TINY_MODEL:
-        pretrained = str(TINY_ASSETS / "model.safetensors")
+    if pretrained is None and model in TINY_ASSETS:
+        pretrained = str(TINY_ASSETS[model] / "model.safetensors")
 
     if pretrained in (None, "random"):
         pretrained = None

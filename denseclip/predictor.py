@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from denseclip.dense import dense_features_and_keys, output_stride
+from denseclip.dense import DEFAULT_HEAD, check_head, dense_features_and_keys, output_stride
 from denseclip.models import LoadedCLIP
 from denseclip.text import class_embeddings
 from denseclip.vocabulary import load_templates
@@ -24,8 +24,9 @@ _MASKED = -1e4  # logit of a class removed by prompt denoising (finite, so inter
 
 @dataclass
 class _Canvas:
-    """Class logits of one image at feature resolution: ``logits (C, hc, wc)``; ``extent`` = the image's size
-    in feature cells (the rest of the canvas is padding); ``count`` = windows that covered each cell."""
+    """Name logits of one image at feature resolution: ``logits (N, hc, wc)``, one channel per class name;
+    ``extent`` = the image's size in feature cells (the rest of the canvas is padding); ``count`` = windows
+    that covered each cell."""
 
     logits: torch.Tensor
     count: torch.Tensor
@@ -37,7 +38,8 @@ class DenseCLIP:
 
     Args:
         clip: the loaded model (``denseclip.models.load_clip``).
-        classes: one list of names per class; a class scores the max over its names.
+        classes: one list of names per class; a class scores the max over its names (windows average the
+            names' logits first).
         templates: a template set name / file, or a list of templates with ``{}``.
         mode: ``"whole"`` (one forward per image, padded to the stride) or ``"slide"`` (crop windows).
         crop_size, crop_stride: sliding-window size and step in pixels (multiples of the tower's stride).
@@ -47,6 +49,9 @@ class DenseCLIP:
             image becomes 683x512 for (2048, 512)). Labels are returned at each input's own size either way.
         temperature: logit scale applied to cosine similarities before the softmax.
         background_threshold: prepend a ``background`` class that wins where no class has probability >= it.
+        background_class: with ``background_threshold``, instead of prepending one: the index of the vocabulary
+            class that stands for background (scored by its own names, e.g. "sky, wall, ..."); it wins wherever
+            no class reaches the threshold (the successors' protocol).
         background_embedding: ``(D,)`` embedding (e.g. a learned one) for a prepended ``background`` class.
         key_smoothing: affinity threshold in [-1, 1) for the paper's key smoothing (None: off).
         prompt_denoising: probability threshold; classes whose max probability over an image stays below it
@@ -54,6 +59,10 @@ class DenseCLIP:
         upsample_topk: upsample only the classes that rank in the top-k at some location of the image
             (near-exact labels, far cheaper for large vocabularies); None upsamples every class.
         batch_size: images (whole) or windows (slide) per forward pass.
+        head: the dense head (``denseclip.dense.HEADS``; ViT towers only for all but ``maskclip``).
+        name_softmax: class probabilities as the successors of DenseCLIP compute them: a softmax over every name,
+            each class the max of its names' probabilities (a class's synonyms share its probability mass, so
+            probabilities of classes with synonyms sum to less than 1). False: a softmax over the classes' scores.
     """
 
     def __init__(
@@ -69,13 +78,18 @@ class DenseCLIP:
         resize_to: tuple[int, int] | None = None,
         temperature: float = 100.0,
         background_threshold: float | None = None,
+        background_class: int | None = None,
         background_embedding: torch.Tensor | None = None,
         key_smoothing: float | None = None,
         prompt_denoising: float | None = None,
         upsample_topk: int | None = 3,
         batch_size: int = 8,
+        head: str = DEFAULT_HEAD,
+        name_softmax: bool = False,
     ) -> None:
         self.clip = clip
+        check_head(clip.model, head)
+        self.head, self.name_softmax = head, name_softmax
         self.stride = output_stride(clip.model)
         if mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
@@ -88,16 +102,21 @@ class DenseCLIP:
             raise ValueError("use either background_threshold or background_embedding, not both")
         if background_threshold is not None and not 0 < background_threshold < 1:
             raise ValueError(f"background_threshold must be in (0, 1), got {background_threshold}")
+        if background_class is not None and (background_threshold is None
+                                             or not 0 <= background_class < len(classes)):
+            raise ValueError(f"background_class {background_class} needs a background_threshold and must index "
+                             f"one of the {len(classes)} classes")
         self.mode, self.crop_size, self.crop_stride = mode, crop_size, crop_stride
         self.short_side, self.temperature, self.batch_size = short_side, temperature, batch_size
         self.resize_to = None if resize_to is None else tuple(resize_to)
-        self.background_threshold = background_threshold
+        self.background_threshold, self.background_class = background_threshold, background_class
         self.key_smoothing, self.prompt_denoising, self.upsample_topk = key_smoothing, prompt_denoising, upsample_topk
 
         self.templates = load_templates(templates) if isinstance(templates, str) else list(templates)
         self.classes = [list(c) for c in classes]
         embeddings, class_of_name = class_embeddings(clip, self.classes, self.templates)
-        self.has_background_slot = background_threshold is not None or background_embedding is not None
+        self.has_background_slot = (background_threshold is not None and background_class is None
+                                    or background_embedding is not None)
         if self.has_background_slot:
             class_of_name = class_of_name + 1
             if background_embedding is not None:
@@ -186,19 +205,24 @@ class DenseCLIP:
                              antialias=size[0] < h)[0]
 
     def _name_logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> class logits ``(B, C, H/s, W/s)`` (temperature * max-over-names cosine)."""
-        features, keys = dense_features_and_keys(self.clip.model, batch)
+        """``(B, 3, H, W)`` -> name logits ``(B, N, H/s, W/s)`` (temperature * cosine)."""
+        features, keys = dense_features_and_keys(self.clip.model, batch, self.head)
         features = F.normalize(features.float(), dim=1)
         cosine = torch.einsum("bdhw,nd->bnhw", features, self.name_embeddings)
         if self.key_smoothing is not None:
             cosine = self._smooth_by_keys(cosine, keys.float())
-        b, _, h, w = cosine.shape
-        num = int(self.class_of_name.max()) + 1
-        index = self.class_of_name.view(1, -1, 1, 1).expand_as(cosine)
-        per_class = torch.full((b, num, h, w), -2.0, device=cosine.device).scatter_reduce(
-            1, index, cosine, reduce="amax"
-        )
-        return self.temperature * per_class
+        return self.temperature * cosine
+
+    def _class_log_probs(self, name_logits: torch.Tensor) -> torch.Tensor:
+        """``(N, h, w)`` name logits -> ``(K, h, w)`` class log-probabilities: the max over each class's names,
+        then a softmax over the classes (``name_softmax``: a softmax over the names, then the max); -inf for the
+        background slot, which has no names."""
+        if self.name_softmax:
+            name_logits = name_logits.log_softmax(dim=0)
+        index = self.class_of_name.view(-1, 1, 1).expand_as(name_logits)
+        shape = (self.num_classes,) + tuple(name_logits.shape[1:])
+        best = name_logits.new_full(shape, -math.inf).scatter_reduce(0, index, name_logits, reduce="amax")
+        return best if self.name_softmax else best.log_softmax(dim=0)
 
     def _smooth_by_keys(self, cosine: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Key smoothing: each location's scores become the affinity-weighted mean over locations whose key
@@ -250,8 +274,7 @@ class DenseCLIP:
         canvases: list[_Canvas] = []
         for im, pim in zip(images, padded):
             hc, wc = pim.shape[1] // s, pim.shape[2] // s
-            num = int(self.class_of_name.max()) + 1
-            canvases.append(_Canvas(pim.new_zeros(num, hc, wc), pim.new_zeros(1, hc, wc),
+            canvases.append(_Canvas(pim.new_zeros(len(self.class_of_name), hc, wc), pim.new_zeros(1, hc, wc),
                                     (im.shape[1] / s, im.shape[2] / s)))
         for start in range(0, len(windows), self.batch_size):
             chunk = windows[start:start + self.batch_size]
@@ -265,20 +288,20 @@ class DenseCLIP:
         return canvases
 
     def _finalize(self, canvas: _Canvas) -> torch.Tensor:
-        """Canvas class logits -> ``(K, hc, wc)`` log-probabilities (prompt denoising, background slot)."""
+        """Canvas name logits -> ``(K, hc, wc)`` class log-probabilities (prompt denoising, background)."""
         logits = canvas.logits
-        if self.background_threshold is not None:
-            logits = logits[1:]  # the background slot has no embedding; it is added below as a fixed score
         if self.prompt_denoising is not None:
             hv, wv = math.ceil(canvas.extent[0]), math.ceil(canvas.extent[1])
-            peak = logits[:, :hv, :wv].softmax(dim=0).flatten(1).max(dim=1).values
-            drop = peak < self.prompt_denoising
+            peak = self._class_log_probs(logits[:, :hv, :wv]).exp().flatten(1).max(dim=1).values
+            drop = (peak < self.prompt_denoising)[self.class_of_name]  # per name: its class is dropped
             if not bool(drop.all()):
                 logits = logits.masked_fill(drop[:, None, None], _MASKED)
-        log_probs = logits.log_softmax(dim=0)
+        log_probs = self._class_log_probs(logits)
         if self.background_threshold is not None:
-            bg = torch.full_like(log_probs[:1], math.log(self.background_threshold))
-            log_probs = torch.cat([bg, log_probs])
+            # Background wins exactly where no class reaches the threshold: the background slot (no names)
+            # scores the threshold itself; a background class of the vocabulary scores at least that much.
+            bg = 0 if self.background_class is None else self.background_class
+            log_probs[bg] = log_probs[bg].clamp_min(math.log(self.background_threshold))
         return log_probs
 
     @staticmethod

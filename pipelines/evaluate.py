@@ -67,6 +67,8 @@ class Vocabulary:
     palette: np.ndarray  # uint8 (K, 3)
     unseen: list[str]
     ignore_classes: list[str]
+    synonyms: list[list[str]] | None = None  # a dataset's synonym-enriched classes (labeller option synonyms)
+    background_index: int | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,7 +119,8 @@ def load_vocabulary(args: argparse.Namespace) -> Vocabulary:
             drop = info.ignore_background_in_zero_shot and unseen and info.background_index is not None
             ignore = [info.class_names[info.background_index]] if drop else []
         return Vocabulary(args.dataset, [list(c) for c in info.classes], list(info.class_names),
-                          np.asarray(info.palette, np.uint8), unseen, ignore)
+                          np.asarray(info.palette, np.uint8), unseen, ignore, [list(c) for c in info.synonyms],
+                          info.background_index)
     classes = read_classes_file(args.classes_file)
     class_names = [names[0] for names in classes]
     return Vocabulary(Path(args.classes_file).stem, classes, class_names, class_palette(class_names),
@@ -147,7 +150,9 @@ def labeler_source(args: argparse.Namespace, vocab: Vocabulary, inputs: dict
     if args.checkpoint is None:
         config = labeler_config_from_args(args)
         inputs["labeler"] = {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"}
-        return functools.partial(build_dense_clip, config, vocab.classes), config.device, f"DenseCLIP {config.model}"
+        classes = vocab.synonyms if config.synonyms and vocab.synonyms else vocab.classes
+        make = functools.partial(build_dense_clip, config, classes, background_index=vocab.background_index)
+        return make, config.device, f"DenseCLIP {config.model}" + (f" {config.head}" if config.head != "maskclip" else "")
     from denseclip.ray.train import load_target_checkpoint, read_checkpoint_meta
 
     trained = read_checkpoint_meta(args.checkpoint).get("class_names", [])

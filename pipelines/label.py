@@ -113,7 +113,7 @@ def load_job(args: argparse.Namespace) -> LabelJob:
         if value is not None and (isinstance(value, bool) or not isinstance(value, types) or value <= 0):
             raise ConfigError(f"{name}: must be a positive {'integer' if types is int else 'number'}, got {value!r}")
     try:
-        classes = resolve_vocabulary(values["vocabulary"])
+        classes = resolve_vocabulary(values["vocabulary"], synonyms=labeler.synonyms)
     except (VocabularyError, DatasetError, OSError) as exc:
         raise ConfigError(f"vocabulary: {exc}") from exc
     if len(classes) + (labeler.background_threshold is not None) > MAX_CLASSES:

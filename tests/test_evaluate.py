@@ -317,3 +317,19 @@ def test_denseclip_plus_checkpoint_on_the_fly(tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(checkpoint), "--gt", shards, "--dataset", "voc",
                           "--out", str(tmp_path / "voc")]) == 2
     assert "trained on 17 classes (background, red circle" in capsys.readouterr().err
+
+
+def test_report_records_the_head_and_the_protocol(tmp_path):
+    from denseclip.synthetic import write_shards
+
+    shards = str(tmp_path / "shards")
+    write_shards(seed=2022, n=2, out=shards, shard_size=2, size=64)
+    args = ["--model", "denseclip-tiny-shapes-vit", "--pretrained", "random", "--gt", shards, "--dataset",
+            "synthetic", "--num-overlays", "0"]
+    assert evaluate.main([*args, "--head", "clearclip", "--out", str(tmp_path / "clear")]) == 0
+    report = json.loads((tmp_path / "clear" / "report.json").read_text())
+    assert report["inputs"]["labeler"]["head"] == "clearclip" and report["method"].endswith("clearclip")
+    assert evaluate.main([*args, "--head", "naclip", "--protocol", "successors", "--out", str(tmp_path / "succ")]) == 0
+    labeler = json.loads((tmp_path / "succ" / "report.json").read_text())["inputs"]["labeler"]
+    assert (labeler["head"], labeler["protocol"], labeler["synonyms"], labeler["temperature"]) == (
+        "naclip", "successors", True, 40)

@@ -3,6 +3,7 @@ script on a local Ray with S3 (moto) input and output, a SIGKILL and a resume, a
 
 import collections
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -316,6 +317,29 @@ def test_job_file_and_flags_merge_and_bad_values_name_their_field(tmp_path):
     job.write_text("inputs: a\n")
     with pytest.raises(ConfigError, match="inputs: unknown field"):
         label_cli.load_job(parse(["--config", str(job)]))
+
+
+def test_head_flag_reaches_the_labels_and_the_stored_provenance(tmp_path):
+    shards = write_shards(seed=3, n=2, out=str(tmp_path / "in"), shard_size=2, size=64)
+    assert len(shards) == 1
+    args = label_cli.build_parser().parse_args(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                                                "--vocabulary", "synthetic", "--model", "denseclip-tiny-shapes-vit",
+                                                "--pretrained", "random", "--head", "naclip"])
+    job = label_cli.load_job(args)
+    plan = prepare_labeling(job.input, job.output, job.labeler, job.classes)
+    labeler = Labeler(job.labeler, job.classes, encode=True)
+    assert labeler.dense_clip.head == "naclip"
+    committer = ShardCommitter(plan)
+    encoded = labeler(decode_batch(_batch(read_shard_rows(shards[0]))))
+    committer.add(pa.Table.from_pydict({k: list(v) for k, v in encoded.items()}))
+    committer.finish()
+    provenance = MaskStore(job.output).provenance
+    assert provenance["options"]["head"] == "naclip" and provenance["model"] == "denseclip-tiny-shapes-vit"
+    assert provenance["fingerprint"] == "denseclip-tiny-shapes-vit/random-init"
+    # Resuming with another head is another run.
+    other = dataclasses.replace(job.labeler, head="sclip")
+    with pytest.raises(LabelingError, match="differs in options"):
+        prepare_labeling(job.input, job.output, other, job.classes)
 
 
 def test_a_bad_value_fails_fast_before_torch_or_ray_are_imported(tmp_path):

@@ -150,7 +150,7 @@ def test_backbone_weights_errors_name_the_file(tmp_path, embeddings, clip):
     save_file({"conv1.weight": torch.zeros(64, 3, 7, 7)}, str(partial))
     with pytest.raises(ValueError, match="partial.safetensors"):
         build_target(TargetConfig(backbone="resnet50", backbone_weights=str(partial)), embeddings)
-    with pytest.raises(TypeError, match="ResNet CLIP"):
+    with pytest.raises(TypeError, match="needs a loaded ResNet or ViT CLIP"):
         build_target(tiny(), embeddings, clip=None)
 
 
@@ -167,3 +167,27 @@ def test_frozen_backbone_keeps_weights_and_statistics(clip, embeddings):
     for key, value in model.backbone.state_dict().items():
         torch.testing.assert_close(value, backbone_state[key])  # weights and batch-norm running statistics
     assert not torch.equal(model.head.refine[-1].weight, head_before)
+
+
+def test_vit_trunk_starts_from_the_teachers_dense_head():
+    from denseclip.dense import dense_features
+    from denseclip.models import TINY_VIT_MODEL
+
+    torch.manual_seed(0)
+    vit = load_clip(TINY_VIT_MODEL, "random")
+    model = build_target(tiny(head="clip_dense", freeze_backbone=True), F.normalize(torch.randn(K, D), dim=-1),
+                         clip=vit, clip_head="naclip").eval()
+    images = torch.rand(2, 3, 64, 96)
+    normalised = (images - model.mean) / model.std
+    features = model.backbone(normalised)
+    assert features["low"].shape == (2, 48, 16, 24) and features["dense"].shape == (2, D, 8, 12)
+    with torch.no_grad():
+        teacher = dense_features(vit.model, normalised, head="naclip")
+    torch.testing.assert_close(features["dense"], teacher)
+    upsampled = F.interpolate(features["dense"], size=(16, 24), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(model.head(features), upsampled)  # the refinement starts at zero
+    assert model(images).shape == (2, K, 64, 96)
+    fresh = build_target(tiny(head="clip_dense", backbone_weights=None), torch.randn(K, D), clip=vit)
+    assert not torch.equal(fresh.backbone.visual.proj, vit.model.visual.proj)
+    assert not torch.equal(fresh.backbone.visual.transformer.resblocks[0].attn.in_proj_weight,
+                           vit.model.visual.transformer.resblocks[0].attn.in_proj_weight)

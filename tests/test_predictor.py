@@ -125,3 +125,72 @@ def test_invalid_options(clip):
         make(clip, mode="slide", crop_size=100)
     with pytest.raises(ValueError, match="mode must be"):
         make(clip, mode="tiles")
+
+
+def test_class_probabilities_from_name_logits_both_ways(clip, images):
+    x = make(clip).preprocess(images[1][:64, :64])[None]
+    name_logits = make(clip)._name_logits(x)[0]  # (N names, h, w); names: cat, dog, sofa, couch, grass, sky
+
+    def per_class(values):
+        return torch.stack([values[0], values[1], values[2:4].max(dim=0).values, values[4], values[5]])
+
+    for name_softmax, expected in [(False, per_class(name_logits).softmax(dim=0)),
+                                   (True, per_class(name_logits.softmax(dim=0)))]:
+        predictor = make(clip, name_softmax=name_softmax)
+        probs = predictor._finalize(predictor._canvases(x)[0]).exp()
+        assert torch.allclose(probs, expected, atol=1e-6)
+    assert probs.sum(dim=0).max() < 1  # the successors': "sofa" and "couch" share one class's mass
+
+
+def test_background_class_takes_what_no_class_reaches(clip, images):
+    """The successors' background: a vocabulary class named by its own synonyms, which also takes every location
+    where no class reaches the threshold (no class is prepended)."""
+    vocabulary = [["sky", "wall"], ["cat", "kitten"], ["dog", "puppy"], ["sofa", "couch"]]
+    plain = DenseCLIP(clip, vocabulary, templates=["a photo of a {}."], name_softmax=True)
+    x = [plain.preprocess(image) for image in images]
+    probs = [plain._finalize(canvas).exp() for canvas in plain._canvases(x)]  # (K, hc, wc) each
+    # A threshold half-way between two neighbouring confidences of the non-background locations, near their
+    # median: it turns some of them into background, and no location sits exactly on it.
+    ranked = torch.cat([p.max(dim=0).values[p.argmax(dim=0) != 0] for p in probs]).sort().values
+    threshold = float(ranked[len(ranked) // 2: len(ranked) // 2 + 2].mean())
+    thresholded = DenseCLIP(clip, vocabulary, templates=["a photo of a {}."], background_threshold=threshold,
+                            background_class=0, name_softmax=True)
+    assert thresholded.class_names == plain.class_names and thresholded.num_classes == 4
+    background = []
+    for p, canvas in zip(probs, thresholded._canvases(x)):
+        confidence, best = p.max(dim=0)
+        expected = torch.where(confidence < threshold, 0, best)
+        assert torch.equal(thresholded._finalize(canvas).argmax(dim=0), expected)
+        background.append((expected == 0) & (best != 0))
+    assert any(b.any() for b in background), "the threshold should turn some locations into background"
+    with pytest.raises(ValueError, match="background_class 4 needs a background_threshold"):
+        DenseCLIP(clip, vocabulary, templates=["a {}."], background_threshold=0.3, background_class=4)
+
+
+def test_resnet_towers_refuse_a_vit_head(clip):
+    with pytest.raises(ValueError, match="'sclip' needs a ViT tower"):
+        make(clip, head="sclip")
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    from denseclip.models import TINY_VIT_MODEL
+
+    torch.manual_seed(0)
+    return load_clip(TINY_VIT_MODEL, "random")
+
+
+@pytest.mark.parametrize("head", ["maskclip", "sclip", "clearclip", "naclip"])
+def test_every_head_labels_windows_of_several_images_in_one_forward(tiny_vit, images, head):
+    predictor = make(tiny_vit, head=head, mode="slide", crop_size=64, crop_stride=32, batch_size=5)
+    calls = []
+    predictor._name_logits = lambda batch, forward=predictor._name_logits: calls.append(len(batch)) or forward(batch)
+    together = predictor.label_images(images)
+    assert max(calls) == 5  # windows of different images share a forward
+    for image, (labels, conf) in zip(images, together):
+        alone_labels, alone_conf = predictor.label_images([image])[0]
+        np.testing.assert_array_equal(labels, alone_labels)
+        np.testing.assert_allclose(conf, alone_conf, atol=1e-5)
+    x = predictor.preprocess(images[1][:64, :64])[None]
+    if head != "maskclip":
+        assert not torch.allclose(predictor.logits(x), make(tiny_vit, head="maskclip").logits(x))

@@ -80,3 +80,31 @@ def test_labels_come_back_at_the_input_size_after_a_resize(monkeypatch, tmp_path
     # 75x100 fits (256, 64) at 64x85, padded to the tower's stride of 32.
     assert predictor.inference_size(75, 100) == (64, 85) and tuple(seen[0]) == (64, 96)
     assert labels.shape == confidence.shape == (75, 100)
+
+
+def test_successors_protocol_as_their_configs_set_it():
+    assert "successors" in protocol_names()
+    voc = LabelerConfig.from_dict({"model": "ViT-B-16", "protocol": "successors"}, dataset="voc")
+    assert (voc.mode, voc.crop_size, voc.crop_stride, voc.effective_resize_to) == ("slide", 224, 112, (2048, 336))
+    assert (voc.templates, voc.synonyms, voc.temperature, voc.background_threshold) == ("imagenet80", True, 65, 0.1)
+    assert voc.name_softmax and not LabelerConfig().name_softmax
+    coco = LabelerConfig.from_dict({"model": "ViT-B-16", "protocol": "successors"}, dataset="coco_stuff")
+    assert (coco.effective_resize_to, coco.temperature, coco.background_threshold) == ((2048, 448), 40, None)
+    free = LabelerConfig.from_dict({"model": "ViT-B-16", "protocol": "successors", "head": "naclip"})
+    assert (free.head, free.temperature, free.background_threshold, free.upsample_topk) == ("naclip", 40, None, None)
+
+
+def test_head_and_synonyms_are_validated_fields():
+    assert LabelerConfig().head == "maskclip" and LabelerConfig().synonyms is False
+    with pytest.raises(ConfigError, match=r"labeler\.head: must be one of maskclip, sclip, clearclip, naclip"):
+        LabelerConfig.from_dict({"model": "ViT-B-16", "head": "segclip"})
+    with pytest.raises(ConfigError, match=r"labeler\.head: needs a ViT model; RN50 is a ResNet"):
+        LabelerConfig.from_dict({"model": "RN50", "head": "sclip"})
+    with pytest.raises(ConfigError, match=r"labeler\.synonyms: must be true or false"):
+        LabelerConfig.from_dict({"synonyms": "yes"})
+    parser = argparse.ArgumentParser()
+    add_labeler_arguments(parser)
+    config = labeler_config_from_args(parser.parse_args(["--model", "ViT-B-16", "--head", "clearclip",
+                                                         "--protocol", "successors"]), dataset="context")
+    assert (config.head, config.synonyms, config.temperature, config.background_threshold) == (
+        "clearclip", True, 50, 0.1)

@@ -222,6 +222,22 @@ def test_checkpoint_round_trip_restores_training_and_loads_for_inference(world, 
     assert read_checkpoint_meta(str(tmp_path))["target"]["head"] == "deeplabv3plus"
 
 
+def test_vit_target_checkpoint_keeps_the_teachers_dense_head(world, tmp_path):
+    job = TrainJob.from_dict(small_spec(world, "vit", labeler={"model": "denseclip-tiny-shapes-vit", "head": "sclip"},
+                                        training={"target": {"backbone": "clip", "backbone_weights": "clip",
+                                                             "head": "clip_dense", "head_channels": 16}}))
+    clip = load_clip(job.labeler.model, "random")
+    embeddings, class_of_name = class_embeddings(clip, INFO.classes, load_templates("synthetic"))
+    model = build_target(job.training.target, embeddings, class_of_name, clip=clip, clip_head=job.labeler.head)
+    optimizer = build_optimizer(model, job.training)
+    save_checkpoint(str(tmp_path), model, optimizer, 1, job, {"log": [], "validation": []})
+    loaded = load_target_checkpoint(str(tmp_path))
+    assert loaded.backbone.head == "sclip" and read_checkpoint_meta(str(tmp_path))["clip_head"] == "sclip"
+    images = torch.rand(2, 3, 48, 48)
+    model.eval()
+    assert torch.equal(loaded(images), model(images))
+
+
 # --------------------------------------------------------------------------------------------- Ray runs
 @dataclass
 class RecordTargets:

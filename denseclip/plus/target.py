@@ -1,7 +1,8 @@
 """The DenseCLIP+ target: a segmentation network whose classifier is fixed to the DenseCLIP text embeddings.
 
-A backbone (torchvision ResNet-50/101 or the CLIP ResNet image tower itself, dilated) feeds a head (DeepLab v2
-ASPP, v3+ ASPP with a decoder, or CLIP's own dense head with a refinement) that projects into CLIP's joint
+A backbone (torchvision ResNet-50/101, or the CLIP image tower itself: a ResNet dilated, or a ViT with its dense head)
+feeds a head (DeepLab v2 ASPP, v3+ ASPP with a decoder, or CLIP's own dense head with a refinement) that projects
+into CLIP's joint
 space; the features are L2-normalised and scored against the normalised class embeddings by a 1x1
 convolution, times a temperature. The classifier weights are buffers (never trained), so the trained network
 stays open-vocabulary.
@@ -16,11 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import VisionTransformer
 from torch import nn
 from torchvision.models import resnet50, resnet101
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
+from denseclip.dense import dense_features
 from denseclip.images import check_rgb_image
 from denseclip.models import LoadedCLIP, read_state_dict
 
@@ -36,15 +39,16 @@ class TargetConfig:
     """Which target network to build (validated by ``denseclip.plus.training.TrainingConfig``).
 
     Attributes:
-        backbone: ``clip`` (the CLIP ResNet image tower itself, see ``ClipTrunk``), ``resnet50`` or
-            ``resnet101``.
+        backbone: ``clip`` (the CLIP image tower itself: ``ClipTrunk`` for ResNets, ``ClipViTTrunk`` for ViTs),
+            ``resnet50`` or ``resnet101``.
         head: ``deeplabv2`` (sum of dilated 3x3 convolutions), ``deeplabv3plus`` (ASPP + stride-4 decoder) or
             ``clip_dense`` (CLIP's own dense head + a stride-4 refinement, so training starts from DenseCLIP's
             predictions; needs backbone ``clip``).
         backbone_weights: ``None`` random init; ``"clip"`` copy the given CLIP's tower (backbone ``clip``);
             otherwise a local path / URL of a state dict (safetensors or weights-only torch), e.g. ImageNet
             ResNet weights; nothing is downloaded.
-        output_stride: 8 or 16, stride of the backbone's last features (dilation instead of striding).
+        output_stride: 8 or 16, stride of the backbone's last features (dilation instead of striding; a ViT
+            tower keeps its patch size).
         aspp_rates: dilation rates of the ASPP branches (None: DeepLab's defaults for the head and stride).
         head_channels: width of the v3+ ASPP and decoder, and of the ``clip_dense`` refinement.
         temperature: logit scale on the cosine similarities.
@@ -173,6 +177,28 @@ class ClipTrunk(nn.Module):
         if self.dense is not None:
             features["dense"] = self.dense(features["high"])
         return features
+
+
+class ClipViTTrunk(nn.Module):
+    """A CLIP ViT tower as a segmentation backbone: its dense features with the given dense head (the teacher's,
+    so ``clip_dense`` starts from the teacher's predictions) at the patch stride, and as low-level features the
+    image's 4x4 pixel blocks (space-to-depth; a ViT has no stride-4 maps, and the refinement learns edges from
+    them).
+    ``forward``: ``(B, 3, H, W)`` normalised, H and W multiples of the patch size and of 4 ->
+    ``{"low": (B, 48, H/4, W/4), "high": (B, D, H/p, W/p), "dense": the same features}``.
+    """
+
+    def __init__(self, visual: VisionTransformer, head: str) -> None:
+        super().__init__()
+        self.visual = copy.deepcopy(visual).float()
+        self.head = head
+        self.low_channels, self.high_channels = 3 * 4 * 4, visual.output_dim
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        dense = dense_features(self.visual, x, head=self.head)
+        return {"low": F.pixel_unshuffle(x, 4), "high": dense, "dense": dense}
 
 
 class ResNetTrunk(nn.Module):
@@ -334,10 +360,25 @@ class SegmentationTarget(nn.Module):
         return results
 
 
-def _clip_visual(clip: LoadedCLIP | None) -> ModifiedResNet:
+def _clip_visual(clip: LoadedCLIP | None) -> ModifiedResNet | VisionTransformer:
     visual = getattr(clip.model, "visual", None) if clip is not None else None
-    if not isinstance(visual, ModifiedResNet):
-        raise TypeError("backbone 'clip' needs a loaded ResNet CLIP (e.g. RN50 or denseclip-tiny-shapes)")
+    if not isinstance(visual, (ModifiedResNet, VisionTransformer)):
+        raise TypeError("backbone 'clip' needs a loaded ResNet or ViT CLIP (e.g. RN50, denseclip-tiny-shapes, "
+                        "ViT-B-16 or denseclip-tiny-shapes-vit)")
+    return visual
+
+
+def _reinitialised(visual: nn.Module) -> nn.Module:
+    """A copy of a CLIP tower with every weight drawn anew: its architecture, none of what it learnt."""
+    visual = copy.deepcopy(visual)
+    for module in visual.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            module._reset_parameters()
+        elif isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.LayerNorm)):
+            module.reset_parameters()
+    for name in ("class_embedding", "positional_embedding", "proj"):  # a ViT's parameters outside its layers
+        if isinstance(getattr(visual, name, None), nn.Parameter):
+            nn.init.normal_(getattr(visual, name), std=visual.transformer.width ** -0.5)
     return visual
 
 
@@ -351,19 +392,20 @@ def _load_backbone_weights(backbone: nn.Module, url: str) -> None:
 
 def build_target(config: TargetConfig, class_embeddings: torch.Tensor,
                  class_of_name: torch.Tensor | None = None,
-                 clip: LoadedCLIP | None = None) -> SegmentationTarget:
+                 clip: LoadedCLIP | None = None, clip_head: str = "maskclip") -> SegmentationTarget:
     """The target network for ``config`` with its classifier fixed to ``class_embeddings`` ``(N, D)``
     (one row per name; ``class_of_name (N,)`` maps names to classes, None: one name per class).
 
-    ``clip`` supplies the trunk (backbone ``clip``) and its mean/std; unused otherwise.
+    ``clip`` supplies the trunk (backbone ``clip``) and its mean/std; unused otherwise. ``clip_head``: the dense
+    head of a ViT trunk (``denseclip.dense.HEADS``).
     """
-    if config.backbone == "clip":
-        visual = _clip_visual(clip)
-        if config.backbone_weights is None:
-            visual = copy.deepcopy(visual)
-            for module in visual.modules():
-                if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
-                    module.reset_parameters()
+    visual = _clip_visual(clip) if config.backbone == "clip" else None
+    if visual is not None and config.backbone_weights is None:
+        visual = _reinitialised(visual)
+    if isinstance(visual, VisionTransformer):
+        backbone = ClipViTTrunk(visual, clip_head)
+        mean, std = clip.mean, clip.std
+    elif visual is not None:
         backbone = ClipTrunk(visual, config.output_stride, dense=config.head == "clip_dense")
         mean, std = clip.mean, clip.std
     else:

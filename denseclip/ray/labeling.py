@@ -54,8 +54,9 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 SUMMARY_FILE = "summary.json"
 # Options that change the labels, hence part of the provenance (batch size and device do not).
-RESULT_OPTIONS = ("protocol", "mode", "resize_to", "short_side", "temperature", "background_threshold",
-                  "key_smoothing", "prompt_denoising", "upsample_topk", "precision")
+RESULT_OPTIONS = ("protocol", "head", "synonyms", "name_softmax", "mode", "resize_to", "short_side",
+                  "temperature", "background_threshold", "key_smoothing", "prompt_denoising", "upsample_topk",
+                  "precision")
 SLIDE_OPTIONS = ("crop_size", "crop_stride")
 # A batch whose actor dies is retried on a restarted actor this often; a batch that kills every actor it
 # meets fails the job instead of looping forever. Actors themselves restart without limit (lost nodes).

@@ -38,7 +38,7 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from denseclip import storage
-from denseclip.config import ConfigError, LabelerConfig
+from denseclip.config import DEFAULT_HEAD, ConfigError, LabelerConfig
 from denseclip.datasets import DATASET_NAMES, DatasetInfo, get_dataset
 from denseclip.evaluation import Evaluation, ImageLabeler
 from denseclip.mask_store import MaskStore
@@ -345,7 +345,7 @@ def save_checkpoint(directory: str, model: SegmentationTarget, optimizer: torch.
     torch.save({"optimizer": optimizer.state_dict(), "scaler": precision.state_dict(), "step": step},
                os.path.join(directory, STATE_FILE))
     meta = {"step": step, "dataset": job.dataset, "class_names": list(job.info.class_names),
-            "clip_model": job.labeler.model, "target": _target_dict(job.training.target),
+            "clip_model": job.labeler.model, "clip_head": job.labeler.head, "target": _target_dict(job.training.target),
             "job": job.to_dict(), **history}
     with open(os.path.join(directory, META_FILE), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
@@ -366,7 +366,8 @@ def load_target_checkpoint(path: str, device: str | torch.device = "cpu") -> Seg
     state = safetensors.torch.load(storage.read_bytes(storage.join(path, MODEL_FILE)))
     config = TargetConfig(**target)
     clip = load_clip(meta["clip_model"], "random") if config.backbone == "clip" else None
-    model = build_target(config, state["classifier.embeddings"], state["classifier.class_of_name"], clip=clip)
+    model = build_target(config, state["classifier.embeddings"], state["classifier.class_of_name"], clip=clip,
+                         clip_head=meta.get("clip_head", DEFAULT_HEAD))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 
@@ -426,7 +427,7 @@ def build_worker(job: TrainJob, rank: int, world_size: int, device: torch.device
     predictor = dataclasses.replace(job.labeler, device=str(device)).build(job.info.classes)
     torch.manual_seed(job.training.seed)
     model = build_target(job.training.target, predictor.name_embeddings, predictor.class_of_name,
-                         clip=predictor.clip)
+                         clip=predictor.clip, clip_head=predictor.head)
     if device.type == "cuda" and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -616,6 +617,7 @@ def _inputs(job: TrainJob) -> dict:
             "pseudo_labels": job.training.pseudo_labels, "self_training": job.training.self_training,
             "iterations": job.training.iterations, "guided_iterations": job.training.num_guided,
             "teacher": f"{job.labeler.model}/{job.labeler.pretrained or 'default'}",
+            "teacher_head": job.labeler.head, "teacher_protocol": job.labeler.protocol,
             "target": f"{job.training.target.head}-{job.training.target.backbone}",
             "workers": job.workers.num_workers}
 
