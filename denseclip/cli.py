@@ -63,6 +63,7 @@ def predict(args: argparse.Namespace) -> int:
             "image": str(path), "height": int(image.shape[0]), "width": int(image.shape[1]),
             "class_names": labeler.class_names, "classes": classes, "model": config.model,
             "pretrained": labeler.clip.pretrained, "fingerprint": labeler.clip.fingerprint,
+            "activation": labeler.clip.activation, "protocol": config.protocol,
             "templates": config.template_set, "mode": config.mode,
             "present": [labeler.class_names[i] for i in np.unique(labels)],
         }

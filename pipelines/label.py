@@ -117,7 +117,10 @@ def load_job(args: argparse.Namespace) -> LabelJob:
 
 def run(job: LabelJob) -> int:
     # Ray is imported only once the configuration is known to be good: a bad value fails in well under a second.
+    from denseclip.models import check_weights
     from denseclip.ray.labeling import label_shards, prepare_labeling, write_summary
+
+    check_weights(job.labeler.model, job.labeler.pretrained)  # e.g. offline: one line, before any actor starts
 
     plan = prepare_labeling(job.input, job.output, job.labeler, job.classes, overwrite=job.overwrite)
     print(f"label: {len(plan.shards)} shards, {len(plan.shards) - len(plan.todo)} already committed in "
@@ -143,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"label: error: {exc}", file=sys.stderr)
         return 2
+    from denseclip.models import ModelLoadError
     from denseclip.ray.labeling import LabelingError
 
     try:
         return run(job)
-    except LabelingError as exc:
+    except (LabelingError, ModelLoadError) as exc:
         print(f"label: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - any failure of the job: its traceback, then one line and exit 1

@@ -119,10 +119,14 @@ def part_id(shard: str) -> str:
 
 def run_provenance(config: LabelerConfig, classes: list[list[str]]) -> dict:
     """Everything that determines the labels, except the weights' fingerprint (added by the actors)."""
+    from denseclip.models import weights_activation  # torch: the driver only, never the read/encode tasks
+
     names = RESULT_OPTIONS + (SLIDE_OPTIONS if config.mode == "slide" else ())
     config = config.resolved()
-    return {"model": config.model, "pretrained": config.pretrained, "vocabulary": [list(c) for c in classes],
-            "templates": load_templates(config.template_set), "options": {n: getattr(config, n) for n in names}}
+    return {"model": config.model, "pretrained": config.pretrained,
+            "activation": weights_activation(config.model, config.pretrained),
+            "vocabulary": [list(c) for c in classes], "templates": load_templates(config.template_set),
+            "options": {n: getattr(config, n) for n in names}}
 
 
 def _differences(existing: dict, expected: dict) -> list[str]:
@@ -320,6 +324,8 @@ class Labeler:
         import torch  # here, not at the top: the read/decode/encode task workers never need torch
 
         torch.set_num_threads(torch_threads)
+        if config.pretrained == "random":
+            torch.manual_seed(0)  # random-weight baselines: every actor, and a resumed run, draws the same weights
         self.dense_clip = config.build(classes)
         self.fingerprint = self.dense_clip.clip.fingerprint
         self.encode = encode
