@@ -2,6 +2,10 @@
 
 Everything here is data (``data/datasets.json`` and the class files it names); this module only reads it.
 Train ids are contiguous: id ``i`` is ``classes[i]``; 255 is ignore.
+
+``voc20`` and ``context59`` are the paper's annotation-free evaluation of VOC and Context: no background class,
+and the ground truth of ``voc`` / ``context`` shards read as MMSegmentation's ``reduce_zero_label`` reads it
+(background 0 -> 255, ignored; class k -> k - 1; 255 stays).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class DatasetInfo:
         ignore_background_in_zero_shot: VOC drops background from the zero-shot evaluation.
         background_index: train id of background, or None (COCO-Stuff has none).
         raw_unused_ids: raw annotation ids that never occur (COCO-Stuff's 11 removed COCO things).
+        reduced_from: the background-aware dataset whose shards and labels this one reads with background
+            dropped (``voc`` for ``voc20``), or None.
         ignore_index: label of unannotated pixels (255).
     """
 
@@ -65,11 +71,23 @@ class DatasetInfo:
     ignore_background_in_zero_shot: bool
     background_index: int | None
     raw_unused_ids: tuple[int, ...] = ()
+    reduced_from: str | None = None
     ignore_index: int = IGNORE_INDEX
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def label_lut(self) -> np.ndarray | None:
+        """uint8 (256,) mapping the label ids of ``reduced_from`` (its shards' ground truth, or masks labelled
+        with its vocabulary) to this dataset's: 0 (background) -> 255, k -> k - 1, 255 -> 255. None when
+        labels are read as they are."""
+        if self.reduced_from is None:
+            return None
+        lut = np.full(256, self.ignore_index, dtype=np.uint8)
+        lut[1:self.num_classes + 1] = np.arange(self.num_classes)
+        return lut
 
     def class_index(self, name: str) -> int:
         """Train id of ``name``, matched case/space-insensitively against ``class_names``, then the synonyms.
@@ -138,12 +156,14 @@ def _dataset(name: str, synonyms: bool) -> DatasetInfo:
         classes=enriched if synonyms else plain,
         class_names=class_names,
         synonyms=enriched,
-        palette=default_palette(k),
+        # Reduced datasets keep each class's colour of the background-aware dataset.
+        palette=default_palette(k + 1)[1:] if entry.get("reduced_from") else default_palette(k),
         # The split is written in the paper's words; it is stored in this dataset's own names.
         unseen=[class_names[_resolve(n, name, class_names, enriched)] for n in entry["unseen"]],
         ignore_background_in_zero_shot=entry["ignore_background_in_zero_shot"],
         background_index=entry["background_index"],
         raw_unused_ids=tuple(entry["raw_unused_ids"]),
+        reduced_from=entry.get("reduced_from"),
     )
 
 

@@ -150,7 +150,7 @@ class TrainJob:
                 raise ConfigError(f"{name}: must be a mapping, got {spec[name]!r}")
         job = cls(dataset=spec.get("dataset", ""),
                   data=_section(DataSpec, spec.get("data", {}), "data"),
-                  labeler=LabelerConfig.from_dict(spec.get("labeler", {}), "labeler"),
+                  labeler=LabelerConfig.from_dict(spec.get("labeler", {}), "labeler", dataset=spec.get("dataset")),
                   training=TrainingConfig.from_dict(spec.get("training", {}), "training"),
                   workers=_section(WorkerSpec, spec.get("workers", {}), "workers"),
                   run=_section(RunSpec, spec.get("run", {}), "run"),
@@ -281,7 +281,7 @@ def build_datasets(job: TrainJob) -> dict[str, ray.data.Dataset]:
         items = ray.data.from_items([{"shard": url} for url in urls], override_num_blocks=len(urls))
         return items.flat_map(read_samples, num_cpus=job.workers.data_cpus,
                               fn_kwargs={"num_classes": job.info.num_classes, "with_label": with_label,
-                                         "mask_store": mask_store})
+                                         "mask_store": mask_store, "label_lut": job.info.label_lut})
 
     precomputed = job.training.pseudo_labels == "precomputed"
     datasets = {"train": read(job.data.train, job.training.setting == "zero_shot",
@@ -560,7 +560,8 @@ def _finish(worker: _Worker, history: dict, step: int) -> None:
     conf, samples = evaluate_split(_labels_of(worker.model), worker, job.evaluation.num_overlays)
     summary = _summary(conf, job)
     history["validation"].append({"step": step, "phase": "final", **_headline(summary)})
-    report = {**summary, "dataset": job.dataset, "method": _method_name(job.training), "inputs": _inputs(job),
+    report = {**summary, "dataset": job.dataset, "protocol": job.labeler.protocol,
+              "method": _method_name(job.training), "inputs": _inputs(job),
               "validation": history["validation"], "training_log": history["log"]}
     if job.evaluation.teacher:
         teacher_conf, _ = evaluate_split(_labels_of(worker.teacher.predictor), worker, 0)
