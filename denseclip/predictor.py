@@ -25,11 +25,13 @@ _MASKED = -1e4  # logit of a class removed by prompt denoising (finite, so inter
 @dataclass
 class _Canvas:
     """Class logits of one image at feature resolution: ``logits (C, hc, wc)``; ``extent`` = the image's size
-    in feature cells (the rest of the canvas is padding); ``count`` = windows that covered each cell."""
+    in feature cells (the rest of the canvas is padding); ``count`` = windows that covered each cell;
+    ``keys (Dk, hc, wc)``: the final attention's keys (only kept for key smoothing)."""
 
     logits: torch.Tensor
     count: torch.Tensor
     extent: tuple[float, float]
+    keys: torch.Tensor | None = None
 
 
 class DenseCLIP:
@@ -48,7 +50,10 @@ class DenseCLIP:
         temperature: logit scale applied to cosine similarities before the softmax.
         background_threshold: prepend a ``background`` class that wins where no class has probability >= it.
         background_embedding: ``(D,)`` embedding (e.g. a learned one) for a prepended ``background`` class.
-        key_smoothing: affinity threshold in [-1, 1) for the paper's key smoothing (None: off).
+        key_smoothing: probability threshold of the paper's key smoothing (None: off): after prompt denoising,
+            at every location whose top class probability is below it, the probabilities become the average of
+            all locations' probabilities weighted by key similarity (keys L2-normalised over positions, as the
+            official code does; 1.0 as in its configs smooths everywhere).
         prompt_denoising: probability threshold; classes whose max probability over an image stays below it
             are removed for that image (None: off).
         upsample_topk: upsample only the classes that rank in the top-k at some location of the image
@@ -71,6 +76,7 @@ class DenseCLIP:
         background_threshold: float | None = None,
         background_embedding: torch.Tensor | None = None,
         key_smoothing: float | None = None,
+        key_affinity_smoothing: float | None = None,
         prompt_denoising: float | None = None,
         upsample_topk: int | None = 3,
         batch_size: int = 8,
@@ -93,6 +99,7 @@ class DenseCLIP:
         self.resize_to = None if resize_to is None else tuple(resize_to)
         self.background_threshold = background_threshold
         self.key_smoothing, self.prompt_denoising, self.upsample_topk = key_smoothing, prompt_denoising, upsample_topk
+        self.key_affinity_smoothing = key_affinity_smoothing
 
         self.templates = load_templates(templates) if isinstance(templates, str) else list(templates)
         self.classes = [list(c) for c in classes]
@@ -171,30 +178,50 @@ class DenseCLIP:
         return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
                              antialias=size[0] < h)[0]
 
-    def _name_logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> class logits ``(B, C, H/s, W/s)`` (temperature * max-over-names cosine)."""
+    def _name_logits(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, 3, H, W)`` -> class logits ``(B, C, H/s, W/s)`` (temperature * max-over-names cosine) and, for
+        key smoothing, the keys ``(B, Dk, H/s, W/s)`` (else None)."""
         features, keys = dense_features_and_keys(self.clip.model, batch)
         features = F.normalize(features.float(), dim=1)
         cosine = torch.einsum("bdhw,nd->bnhw", features, self.name_embeddings)
-        if self.key_smoothing is not None:
-            cosine = self._smooth_by_keys(cosine, keys.float())
+        if self.key_affinity_smoothing is not None:
+            cosine = self._smooth_by_key_affinity(cosine, keys.float())
         b, _, h, w = cosine.shape
         num = int(self.class_of_name.max()) + 1
         index = self.class_of_name.view(1, -1, 1, 1).expand_as(cosine)
         per_class = torch.full((b, num, h, w), -2.0, device=cosine.device).scatter_reduce(
             1, index, cosine, reduce="amax"
         )
-        return self.temperature * per_class
+        return self.temperature * per_class, (keys.float() if self.key_smoothing is not None else None)
 
-    def _smooth_by_keys(self, cosine: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def _smooth_by_key_affinity(self, cosine: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Key smoothing: each location's scores become the affinity-weighted mean over locations whose key
         features have cosine affinity >= the threshold (always including itself)."""
         b, n, h, w = cosine.shape
         k = F.normalize(keys.flatten(2), dim=1)  # (B, C, hw)
         affinity = k.transpose(1, 2) @ k  # (B, hw, hw)
-        weights = affinity.clamp_min(0) * (affinity >= self.key_smoothing)
+        weights = affinity.clamp_min(0) * (affinity >= self.key_affinity_smoothing)
         weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-6)
         return (cosine.flatten(2) @ weights).view(b, n, h, w)
+
+    def _smooth_by_keys(self, probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The paper's key smoothing, as the official code does it: ``probs (K, h, w)`` class probabilities and
+        ``keys (Dk, h, w)`` -> ``(K, h, w)`` where every location whose top probability is below the threshold
+        takes ``sum_j w_ij p_j / sum_j w_ij``, with ``w_ij = k_i . k_j`` for keys L2-normalised over positions
+        (each key channel a unit vector over the image).
+
+        The official code keeps the unnormalised ``sum_j w_ij p_j``; dividing by ``sum_j w_ij`` (one positive
+        number per location) leaves each location's ranking of the classes as it is and keeps its scores
+        probabilities. Computed as ``(P K^T) K``, never forming the (hw, hw) weights.
+        """
+        k, h, w = probs.shape
+        p = probs.flatten(1)  # (K, hw)
+        key = F.normalize(keys.flatten(1), dim=1)  # (Dk, hw)
+        smoothed = (p @ key.t()) @ key  # (K, hw)
+        total = key.sum(dim=1) @ key  # (hw,) = sum_j w_ij = the column sums of `smoothed`
+        smooth = (p.max(dim=0).values < self.key_smoothing) & (total > 0)
+        smoothed = (smoothed / total.clamp_min(1e-12)).clamp_min(0)
+        return torch.where(smooth, smoothed, p).view(k, h, w)
 
     def _canvases(self, images) -> list[_Canvas]:
         resized = [self._resize(img) for img in images]
@@ -216,10 +243,10 @@ class DenseCLIP:
         for indices in by_shape.values():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                logits = self._name_logits(torch.stack([padded[i] for i in chunk]))
-                for i, lg in zip(chunk, logits):
+                logits, keys = self._name_logits(torch.stack([padded[i] for i in chunk]))
+                for j, (i, lg) in enumerate(zip(chunk, logits)):
                     extent = (images[i].shape[1] / s, images[i].shape[2] / s)
-                    canvases[i] = _Canvas(lg, torch.ones_like(lg[:1]), extent)
+                    canvases[i] = _Canvas(lg, torch.ones_like(lg[:1]), extent, None if keys is None else keys[j])
         return canvases
 
     def _window_starts(self, size: int) -> list[int]:
@@ -242,12 +269,21 @@ class DenseCLIP:
         for start in range(0, len(windows), self.batch_size):
             chunk = windows[start:start + self.batch_size]
             batch = torch.stack([padded[i][:, y:y + crop, x:x + crop] for i, y, x in chunk])
-            for (i, y, x), lg in zip(chunk, self._name_logits(batch)):
-                c = canvases[i]
-                c.logits[:, y // s:(y + crop) // s, x // s:(x + crop) // s] += lg
-                c.count[:, y // s:(y + crop) // s, x // s:(x + crop) // s] += 1
+            logits, keys = self._name_logits(batch)
+            for j, (i, y, x) in enumerate(chunk):
+                c, cells = canvases[i], (slice(None), slice(y // s, (y + crop) // s), slice(x // s, (x + crop) // s))
+                c.logits[cells] += logits[j]
+                c.count[cells] += 1
+                if keys is not None:
+                    # Key smoothing runs once over the whole image (the official code smooths within each
+                    # window): overlapping windows' keys are averaged like their logits.
+                    if c.keys is None:
+                        c.keys = keys.new_zeros(keys.shape[1], *c.count.shape[1:])
+                    c.keys[cells] += keys[j]
         for c in canvases:
             c.logits /= c.count
+            if c.keys is not None:
+                c.keys /= c.count
         return canvases
 
     def _finalize(self, canvas: _Canvas) -> torch.Tensor:
@@ -255,13 +291,19 @@ class DenseCLIP:
         logits = canvas.logits
         if self.background_threshold is not None:
             logits = logits[1:]  # the background slot has no embedding; it is added below as a fixed score
+        hv, wv = math.ceil(canvas.extent[0]), math.ceil(canvas.extent[1])
         if self.prompt_denoising is not None:
-            hv, wv = math.ceil(canvas.extent[0]), math.ceil(canvas.extent[1])
             peak = logits[:, :hv, :wv].softmax(dim=0).flatten(1).max(dim=1).values
             drop = peak < self.prompt_denoising
             if not bool(drop.all()):
                 logits = logits.masked_fill(drop[:, None, None], _MASKED)
-        log_probs = logits.log_softmax(dim=0)
+        if self.key_smoothing is not None:
+            # After prompt denoising, on probabilities, over the image's own cells (not the padding).
+            probs = logits.softmax(dim=0)
+            probs[:, :hv, :wv] = self._smooth_by_keys(probs[:, :hv, :wv], canvas.keys[:, :hv, :wv])
+            log_probs = probs.clamp_min(1e-30).log()
+        else:
+            log_probs = logits.log_softmax(dim=0)
         if self.background_threshold is not None:
             bg = torch.full_like(log_probs[:1], math.log(self.background_threshold))
             log_probs = torch.cat([bg, log_probs])
