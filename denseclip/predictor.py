@@ -76,7 +76,6 @@ class DenseCLIP:
         background_threshold: float | None = None,
         background_embedding: torch.Tensor | None = None,
         key_smoothing: float | None = None,
-        key_affinity_smoothing: float | None = None,
         prompt_denoising: float | None = None,
         upsample_topk: int | None = 3,
         batch_size: int = 8,
@@ -99,7 +98,6 @@ class DenseCLIP:
         self.resize_to = None if resize_to is None else tuple(resize_to)
         self.background_threshold = background_threshold
         self.key_smoothing, self.prompt_denoising, self.upsample_topk = key_smoothing, prompt_denoising, upsample_topk
-        self.key_affinity_smoothing = key_affinity_smoothing
 
         self.templates = load_templates(templates) if isinstance(templates, str) else list(templates)
         self.classes = [list(c) for c in classes]
@@ -184,8 +182,6 @@ class DenseCLIP:
         features, keys = dense_features_and_keys(self.clip.model, batch)
         features = F.normalize(features.float(), dim=1)
         cosine = torch.einsum("bdhw,nd->bnhw", features, self.name_embeddings)
-        if self.key_affinity_smoothing is not None:
-            cosine = self._smooth_by_key_affinity(cosine, keys.float())
         b, _, h, w = cosine.shape
         num = int(self.class_of_name.max()) + 1
         index = self.class_of_name.view(1, -1, 1, 1).expand_as(cosine)
@@ -193,16 +189,6 @@ class DenseCLIP:
             1, index, cosine, reduce="amax"
         )
         return self.temperature * per_class, (keys.float() if self.key_smoothing is not None else None)
-
-    def _smooth_by_key_affinity(self, cosine: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Key smoothing: each location's scores become the affinity-weighted mean over locations whose key
-        features have cosine affinity >= the threshold (always including itself)."""
-        b, n, h, w = cosine.shape
-        k = F.normalize(keys.flatten(2), dim=1)  # (B, C, hw)
-        affinity = k.transpose(1, 2) @ k  # (B, hw, hw)
-        weights = affinity.clamp_min(0) * (affinity >= self.key_affinity_smoothing)
-        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-6)
-        return (cosine.flatten(2) @ weights).view(b, n, h, w)
 
     def _smooth_by_keys(self, probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """The paper's key smoothing, as the official code does it: ``probs (K, h, w)`` class probabilities and
@@ -212,7 +198,8 @@ class DenseCLIP:
 
         The official code keeps the unnormalised ``sum_j w_ij p_j``; dividing by ``sum_j w_ij`` (one positive
         number per location) leaves each location's ranking of the classes as it is and keeps its scores
-        probabilities. Computed as ``(P K^T) K``, never forming the (hw, hw) weights.
+        probabilities (a location whose weights do not sum to a positive number keeps its own). Computed as
+        ``(P K^T) K``, never forming the (hw, hw) weights.
         """
         k, h, w = probs.shape
         p = probs.flatten(1)  # (K, hw)
