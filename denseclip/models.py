@@ -224,9 +224,13 @@ def _quiet_hub_logging() -> Iterator[None]:
 
 
 def _no_weights(model: str, tag: str, reason: str) -> ModelLoadError:
+    # A checkpoint is built with its model name's activation: QuickGELU weights need the -quickgelu name.
+    named = f"{model}-quickgelu"
+    quick = open_clip.get_pretrained_cfg(model, tag).get("quick_gelu", False)
+    named = named if quick and named in open_clip.list_models() else model
     return ModelLoadError(
-        f"cannot download the weights {model}/{tag} ({reason}); give a local copy instead: --pretrained "
-        f"PATH_OR_URL (a .safetensors or torch state dict of {model}, e.g. open_clip's {model}/{tag} file "
+        f"cannot download the weights {model}/{tag} ({reason}); give a local copy instead: --model {named} "
+        f"--pretrained PATH_OR_URL (open_clip's {model}/{tag} weights as .safetensors or a torch state dict, "
         "downloaded on a connected machine)")
 
 

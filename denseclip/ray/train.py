@@ -36,7 +36,7 @@ from denseclip.config import ConfigError, LabelerConfig
 from denseclip.datasets import DATASET_NAMES, DatasetInfo, get_dataset
 from denseclip.mask_store import MaskStore
 from denseclip.metrics import ConfusionMatrix, summarize
-from denseclip.models import load_clip
+from denseclip.models import ModelLoadError, check_weights, load_clip, weights_activation
 from denseclip.plus.pseudo_labels import DenseCLIPTeacher
 from denseclip.plus.target import SegmentationTarget, TargetConfig, build_target
 from denseclip.plus.training import (
@@ -246,7 +246,12 @@ def _number(value) -> bool:
 
 def check_inputs(job: TrainJob) -> None:
     """Check what the job reads before any cluster work: the shards exist, the mask store holds masks of this
-    dataset's vocabulary, ``run.resume_from`` is a checkpoint of the same target. Raises ``ConfigError``."""
+    dataset's vocabulary, ``run.resume_from`` is a checkpoint of the same target, the teacher's weights can be
+    had (offline: one line, not a traceback from every worker). Raises ``ConfigError``."""
+    try:
+        check_weights(job.labeler.model, job.labeler.pretrained)
+    except ModelLoadError as exc:
+        raise ConfigError(f"labeler: {exc}") from exc
     for name in ("train", "val"):
         try:
             expand_shards(getattr(job.data, name))
@@ -579,6 +584,7 @@ def _inputs(job: TrainJob) -> dict:
             "pseudo_labels": job.training.pseudo_labels, "self_training": job.training.self_training,
             "iterations": job.training.iterations, "guided_iterations": job.training.num_guided,
             "teacher": f"{job.labeler.model}/{job.labeler.pretrained or 'default'}",
+            "teacher_activation": weights_activation(job.labeler.model, job.labeler.pretrained),
             "target": f"{job.training.target.head}-{job.training.target.backbone}",
             "workers": job.workers.num_workers}
 
