@@ -73,7 +73,8 @@ def predict(args: argparse.Namespace) -> int:
             "image": str(path), "height": int(image.shape[0]), "width": int(image.shape[1]),
             "class_names": labeler.class_names, "classes": classes, "model": config.model,
             "pretrained": labeler.clip.pretrained, "fingerprint": labeler.clip.fingerprint,
-            "templates": config.template_set, "head": config.head, "protocol": config.protocol, "mode": config.mode,
+            "activation": labeler.clip.activation, "protocol": config.protocol, "head": config.head,
+            "templates": config.template_set, "mode": config.mode,
             "present": present,
         }
         files[2].write_text(json.dumps(meta, indent=2))

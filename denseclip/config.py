@@ -31,6 +31,7 @@ DEFAULT_HEAD = "maskclip"
 # (keep ratio, fit (2048, 512): a 512-pixel short side for ordinary photos, not a 24-megapixel forward).
 DEFAULT_RESIZE = (2048, 512)
 RESIZE_AUTO, RESIZE_NATIVE = "auto", "native"
+NO_PROTOCOL = "none"  # --protocol none: no preset, even where one is the default (evaluate.py --dataset)
 _RESIZE_FIELDS = ("resize_to", "short_side")
 
 
@@ -100,7 +101,8 @@ class LabelerConfig:
     def from_dict(cls, values: dict, where: str = "labeler", dataset: str | None = None) -> LabelerConfig:
         """Build and validate from plain data. With ``protocol`` among ``values``, that preset's values for
         ``dataset`` (None: a free vocabulary) are the defaults; the fields given in ``values`` win (giving
-        either ``resize_to`` or ``short_side`` replaces the preset's resize)."""
+        either ``resize_to`` or ``short_side`` replaces the preset's resize; the shipped tiny models keep the
+        resolution they were trained at under any preset)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -111,7 +113,9 @@ class LabelerConfig:
                 defaults = protocol_defaults(values["protocol"], dataset)
             except ProtocolError as exc:
                 raise ConfigError(f"{where}.protocol: {exc}") from exc
-            if any(values.get(name) is not None for name in _RESIZE_FIELDS):
+            # The shipped tiny models see images at the size they were trained at, whatever the preset says.
+            if values.get("model", TINY_MODEL) in TINY_MODELS or any(
+                    values.get(name) is not None for name in _RESIZE_FIELDS):
                 defaults = {k: v for k, v in defaults.items() if k not in _RESIZE_FIELDS}
         values = {**defaults, **values}
         if isinstance(values.get("resize_to"), list):
@@ -164,8 +168,8 @@ class LabelerConfig:
             if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
                 fail(name, "must be a number in (0, 1) or null")
         if self.key_smoothing is not None and not (isinstance(self.key_smoothing, (int, float))
-                                                   and -1 <= self.key_smoothing < 1):
-            fail("key_smoothing", "must be a number in [-1, 1) or null")
+                                                   and 0 < self.key_smoothing <= 1):
+            fail("key_smoothing", "must be a probability threshold in (0, 1] (1: smooth everywhere) or null")
         if not _DEVICE.match(self.device):
             fail("device", "must be cpu, cuda or cuda:N")
 
@@ -231,7 +235,8 @@ def add_labeler_arguments(parser) -> None:
     group = parser.add_argument_group("model and inference")
     group.add_argument("--model", default=TINY_MODEL, help="open_clip model name, e.g. RN50, RN50x16, ViT-B-16 "
                        f"(default: the shipped {TINY_MODEL})")
-    group.add_argument("--pretrained", default=None, help="open_clip tag (openai), checkpoint path or URL")
+    group.add_argument("--pretrained", default=None, help="open_clip tag, checkpoint path or URL, or 'random' "
+                       "(default: openai for open_clip models, the shipped weights for the tiny ones)")
     group.add_argument("--head", default=DEFAULT_HEAD, choices=HEADS, help="dense head: maskclip (DenseCLIP's, "
                        "the default) or, for ViT models, sclip, clearclip or naclip")
     group.add_argument("--templates", default=None, help="template set (denseclip85, imagenet80) or file")
@@ -243,7 +248,7 @@ def add_labeler_arguments(parser) -> None:
     group.add_argument("--crop-size", type=int, default=448)
     group.add_argument("--crop-stride", type=int, default=224)
     group.add_argument("--protocol", default=None, help="a named preset of the options below: "
-                       f"{', '.join(protocol_names())} (explicit flags win)")
+                       f"{', '.join(protocol_names())} (explicit flags win), or '{NO_PROTOCOL}'")
     group.add_argument("--resize-to", type=_resize_argument, default=RESIZE_AUTO,
                        help="keep-ratio resize before inference: LONG,SHORT (fit both), 'native' (as is) or "
                        "'auto' (default: 2048,512 for real CLIP models, native for the tiny ones)")
@@ -251,7 +256,8 @@ def add_labeler_arguments(parser) -> None:
                        "(instead of --resize-to)")
     group.add_argument("--temperature", type=float, default=100.0)
     group.add_argument("--background-threshold", type=float, default=None)
-    group.add_argument("--key-smoothing", type=float, default=None, help="key-smoothing affinity threshold")
+    group.add_argument("--key-smoothing", type=float, default=None, help="key smoothing where the top class "
+                       "probability is below this threshold (1: everywhere, as the paper's configs)")
     group.add_argument("--prompt-denoising", type=float, default=None, help="prompt-denoising threshold")
     group.add_argument("--upsample-topk", type=int, default=3, help="0 upsamples every class (exact)")
     group.add_argument("--batch-size", type=int, default=8)
@@ -278,6 +284,8 @@ def labeler_config_from_args(args, dataset: str | None = None) -> LabelerConfig:
     values = {f.name: getattr(args, f.name) for f in fields}
     if values.get("upsample_topk") == 0:
         values["upsample_topk"] = None
+    if values.get("protocol") == NO_PROTOCOL:
+        values["protocol"] = None
     if values.get("protocol") is not None:
         # Flags left at their defaults give way to the preset.
         defaults = build_defaults()

@@ -7,6 +7,11 @@ A registry entry's ``palette`` is ``"voc"`` (the default: the PASCAL VOC colour 
 colours with or without a background class), ``"class_names"`` (colours from the names, as
 ``visualize.class_palette`` gives them) or a JSON file of ``colors`` in train-id order. Background is black
 whichever it is.
+
+``voc20`` and ``context59`` are the paper's annotation-free evaluation of VOC and Context: no background class,
+and the ground truth of ``voc`` / ``context`` shards read as MMSegmentation's ``reduce_zero_label`` reads it
+(background 0 -> 255, ignored; class k -> k - 1; 255 stays). Without background they keep each class's colour
+of the background-aware dataset.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class DatasetInfo:
         ignore_background_in_zero_shot: VOC drops background from the zero-shot evaluation.
         background_index: train id of background, or None (COCO-Stuff has none).
         raw_unused_ids: raw annotation ids that never occur (COCO-Stuff's 11 removed COCO things).
+        reduced_from: the background-aware dataset whose shards and labels this one reads with background
+            dropped (``voc`` for ``voc20``), or None.
         ignore_index: label of unannotated pixels (255).
     """
 
@@ -70,11 +77,23 @@ class DatasetInfo:
     ignore_background_in_zero_shot: bool
     background_index: int | None
     raw_unused_ids: tuple[int, ...] = ()
+    reduced_from: str | None = None
     ignore_index: int = IGNORE_INDEX
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def label_lut(self) -> np.ndarray | None:
+        """uint8 (256,) mapping the label ids of ``reduced_from`` (its shards' ground truth, or masks labelled
+        with its vocabulary) to this dataset's: 0 (background) -> 255, k -> k - 1, 255 -> 255. None when
+        labels are read as they are."""
+        if self.reduced_from is None:
+            return None
+        lut = np.full(256, self.ignore_index, dtype=np.uint8)
+        lut[1:self.num_classes + 1] = np.arange(self.num_classes)
+        return lut
 
     def class_index(self, name: str) -> int:
         """Train id of ``name``, matched case/space-insensitively against ``class_names``, then the synonyms.
@@ -149,6 +168,7 @@ def _dataset(name: str, synonyms: bool) -> DatasetInfo:
         ignore_background_in_zero_shot=entry["ignore_background_in_zero_shot"],
         background_index=entry["background_index"],
         raw_unused_ids=tuple(entry["raw_unused_ids"]),
+        reduced_from=entry.get("reduced_from"),
     )
 
 

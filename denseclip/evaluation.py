@@ -189,20 +189,31 @@ class KeySample:
 @dataclass
 class Evaluation:
     """Confusion matrices per condition (only ``clean`` without a sweep), the overlay sample of clean
-    ``(key, image | None, gt, pred)`` and the keys scored. Pickles, so workers can return one each."""
+    ``(key, image | None, gt, pred)`` and the keys scored. Pickles, so workers can return one each.
+
+    ``gt_lut`` / ``pred_lut``: uint8 (256,) maps applied to every ground truth / stored prediction before
+    scoring (``DatasetInfo.label_lut``: ``voc`` shards and masks scored as ``voc20``), or None.
+    """
 
     num_classes: int
     ignore_index: int = 255
     num_overlays: int = 8
     matrices: dict[Condition, ConfusionMatrix] = field(default_factory=dict)
     keys: set[str] = field(default_factory=set)
+    gt_lut: np.ndarray | None = None
+    pred_lut: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.overlays = KeySample(self.num_overlays)
 
     def empty(self) -> Evaluation:
-        """A new, empty evaluation with the same classes, ignore index and overlay count."""
-        return Evaluation(self.num_classes, self.ignore_index, self.num_overlays)
+        """A new, empty evaluation with the same classes, ignore index, overlay count and label maps."""
+        return Evaluation(self.num_classes, self.ignore_index, self.num_overlays, gt_lut=self.gt_lut,
+                          pred_lut=self.pred_lut)
+
+    @staticmethod
+    def _mapped(labels: np.ndarray, lut: np.ndarray | None) -> np.ndarray:
+        return labels if lut is None else lut[labels]
 
     def matrix(self, condition: Condition = CLEAN) -> ConfusionMatrix:
         if condition not in self.matrices:
@@ -211,10 +222,11 @@ class Evaluation:
 
     def add_prediction(self, item: GroundTruth, pred: np.ndarray, images_url: str | None = None) -> None:
         """Score a stored prediction (H, W) against ``item`` (clean condition)."""
-        self.matrix().update(pred, item.labels, item.key)
+        gt, pred = self._mapped(item.labels, self.gt_lut), self._mapped(pred, self.pred_lut)
+        self.matrix().update(pred, gt, item.key)
         self.keys.add(item.key)
         if self.overlays.wants(item.key):
-            self.overlays.offer(item.key, (item.key, load_image(item, images_url), item.labels, pred))
+            self.overlays.offer(item.key, (item.key, load_image(item, images_url), gt, pred))
 
     def add_labelled(self, labeler: ImageLabeler, condition: Condition,
                      batch: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> None:
@@ -225,6 +237,7 @@ class Evaluation:
         predictions = labeler.label_images([image for _, image, _ in batch])
         conf = self.matrix(condition)
         for (key, image, gt), (pred, _) in zip(batch, predictions):
+            gt = self._mapped(gt, self.gt_lut)
             conf.update(pred, gt, key)
             if condition.is_clean:
                 self.keys.add(key)

@@ -26,11 +26,12 @@ _MASKED = -1e4  # logit of a class removed by prompt denoising (finite, so inter
 class _Canvas:
     """Name logits of one image at feature resolution: ``logits (N, hc, wc)``, one channel per class name;
     ``extent`` = the image's size in feature cells (the rest of the canvas is padding); ``count`` = windows
-    that covered each cell."""
+    that covered each cell; ``keys (Dk, hc, wc)``: the final attention's keys (only kept for key smoothing)."""
 
     logits: torch.Tensor
     count: torch.Tensor
     extent: tuple[float, float]
+    keys: torch.Tensor | None = None
 
 
 class DenseCLIP:
@@ -53,7 +54,10 @@ class DenseCLIP:
             class that stands for background (scored by its own names, e.g. "sky, wall, ..."); it wins wherever
             no class reaches the threshold (the successors' protocol).
         background_embedding: ``(D,)`` embedding (e.g. a learned one) for a prepended ``background`` class.
-        key_smoothing: affinity threshold in [-1, 1) for the paper's key smoothing (None: off).
+        key_smoothing: probability threshold of the paper's key smoothing (None: off): after prompt denoising,
+            at every location whose top class probability is below it, the probabilities become the average of
+            all locations' probabilities weighted by key similarity (keys L2-normalised over positions, as the
+            official code does; 1.0 as in its configs smooths everywhere).
         prompt_denoising: probability threshold; classes whose max probability over an image stays below it
             are removed for that image (None: off).
         upsample_topk: upsample only the classes that rank in the top-k at some location of the image
@@ -204,14 +208,13 @@ class DenseCLIP:
         return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
                              antialias=size[0] < h)[0]
 
-    def _name_logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> name logits ``(B, N, H/s, W/s)`` (temperature * cosine)."""
+    def _name_logits(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, 3, H, W)`` -> name logits ``(B, N, H/s, W/s)`` (temperature * cosine) and, for key smoothing,
+        the keys ``(B, Dk, H/s, W/s)`` (else None)."""
         features, keys = dense_features_and_keys(self.clip.model, batch, self.head)
         features = F.normalize(features.float(), dim=1)
         cosine = torch.einsum("bdhw,nd->bnhw", features, self.name_embeddings)
-        if self.key_smoothing is not None:
-            cosine = self._smooth_by_keys(cosine, keys.float())
-        return self.temperature * cosine
+        return self.temperature * cosine, (keys.float() if self.key_smoothing is not None else None)
 
     def _class_log_probs(self, name_logits: torch.Tensor) -> torch.Tensor:
         """``(N, h, w)`` name logits -> ``(K, h, w)`` class log-probabilities: the max over each class's names,
@@ -224,15 +227,25 @@ class DenseCLIP:
         best = name_logits.new_full(shape, -math.inf).scatter_reduce(0, index, name_logits, reduce="amax")
         return best if self.name_softmax else best.log_softmax(dim=0)
 
-    def _smooth_by_keys(self, cosine: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Key smoothing: each location's scores become the affinity-weighted mean over locations whose key
-        features have cosine affinity >= the threshold (always including itself)."""
-        b, n, h, w = cosine.shape
-        k = F.normalize(keys.flatten(2), dim=1)  # (B, C, hw)
-        affinity = k.transpose(1, 2) @ k  # (B, hw, hw)
-        weights = affinity.clamp_min(0) * (affinity >= self.key_smoothing)
-        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-6)
-        return (cosine.flatten(2) @ weights).view(b, n, h, w)
+    def _smooth_by_keys(self, probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The paper's key smoothing, as the official code does it: ``probs (K, h, w)`` class probabilities and
+        ``keys (Dk, h, w)`` -> ``(K, h, w)`` where every location whose top probability is below the threshold
+        takes ``sum_j w_ij p_j / sum_j w_ij``, with ``w_ij = k_i . k_j`` for keys L2-normalised over positions
+        (each key channel a unit vector over the image).
+
+        The official code keeps the unnormalised ``sum_j w_ij p_j``; dividing by ``sum_j w_ij`` (one positive
+        number per location) leaves each location's ranking of the classes as it is and keeps its scores
+        probabilities (a location whose weights do not sum to a positive number keeps its own). Computed as
+        ``(P K^T) K``, never forming the (hw, hw) weights.
+        """
+        k, h, w = probs.shape
+        p = probs.flatten(1)  # (K, hw)
+        key = F.normalize(keys.flatten(1), dim=1)  # (Dk, hw)
+        smoothed = (p @ key.t()) @ key  # (K, hw)
+        total = key.sum(dim=1) @ key  # (hw,) = sum_j w_ij = the column sums of `smoothed`
+        smooth = (p.max(dim=0).values < self.key_smoothing) & (total > 0)
+        smoothed = (smoothed / total.clamp_min(1e-12)).clamp_min(0)
+        return torch.where(smooth, smoothed, p).view(k, h, w)
 
     def _canvases(self, images) -> list[_Canvas]:
         resized = [self._resize(img) for img in images]
@@ -254,10 +267,10 @@ class DenseCLIP:
         for indices in by_shape.values():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                logits = self._name_logits(torch.stack([padded[i] for i in chunk]))
-                for i, lg in zip(chunk, logits):
+                logits, keys = self._name_logits(torch.stack([padded[i] for i in chunk]))
+                for j, (i, lg) in enumerate(zip(chunk, logits)):
                     extent = (images[i].shape[1] / s, images[i].shape[2] / s)
-                    canvases[i] = _Canvas(lg, torch.ones_like(lg[:1]), extent)
+                    canvases[i] = _Canvas(lg, torch.ones_like(lg[:1]), extent, None if keys is None else keys[j])
         return canvases
 
     def _window_starts(self, size: int) -> list[int]:
@@ -279,24 +292,38 @@ class DenseCLIP:
         for start in range(0, len(windows), self.batch_size):
             chunk = windows[start:start + self.batch_size]
             batch = torch.stack([padded[i][:, y:y + crop, x:x + crop] for i, y, x in chunk])
-            for (i, y, x), lg in zip(chunk, self._name_logits(batch)):
-                c = canvases[i]
-                c.logits[:, y // s:(y + crop) // s, x // s:(x + crop) // s] += lg
-                c.count[:, y // s:(y + crop) // s, x // s:(x + crop) // s] += 1
+            logits, keys = self._name_logits(batch)
+            for j, (i, y, x) in enumerate(chunk):
+                c, cells = canvases[i], (slice(None), slice(y // s, (y + crop) // s), slice(x // s, (x + crop) // s))
+                c.logits[cells] += logits[j]
+                c.count[cells] += 1
+                if keys is not None:
+                    # Key smoothing runs once over the whole image (the official code smooths within each
+                    # window): overlapping windows' keys are averaged like their logits.
+                    if c.keys is None:
+                        c.keys = keys.new_zeros(keys.shape[1], *c.count.shape[1:])
+                    c.keys[cells] += keys[j]
         for c in canvases:
             c.logits /= c.count
+            if c.keys is not None:
+                c.keys /= c.count
         return canvases
 
     def _finalize(self, canvas: _Canvas) -> torch.Tensor:
         """Canvas name logits -> ``(K, hc, wc)`` class log-probabilities (prompt denoising, background)."""
         logits = canvas.logits
+        hv, wv = math.ceil(canvas.extent[0]), math.ceil(canvas.extent[1])
         if self.prompt_denoising is not None:
-            hv, wv = math.ceil(canvas.extent[0]), math.ceil(canvas.extent[1])
             peak = self._class_log_probs(logits[:, :hv, :wv]).exp().flatten(1).max(dim=1).values
             drop = (peak < self.prompt_denoising)[self.class_of_name]  # per name: its class is dropped
             if not bool(drop.all()):
                 logits = logits.masked_fill(drop[:, None, None], _MASKED)
         log_probs = self._class_log_probs(logits)
+        if self.key_smoothing is not None:
+            # After prompt denoising, on probabilities, over the image's own cells (not the padding).
+            probs = log_probs.exp()
+            probs[:, :hv, :wv] = self._smooth_by_keys(probs[:, :hv, :wv], canvas.keys[:, :hv, :wv])
+            log_probs = probs.clamp_min(1e-30).log()
         if self.background_threshold is not None:
             # Background wins exactly where no class reaches the threshold: the background slot (no names)
             # scores the threshold itself; a background class of the vocabulary scores at least that much.

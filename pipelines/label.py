@@ -141,7 +141,10 @@ class Progress:
 
 def run(job: LabelJob, console: Console) -> int:
     # Ray is imported only once the configuration is known to be good: a bad value fails in well under a second.
+    from denseclip.models import check_weights
     from denseclip.ray.labeling import label_shards, prepare_labeling, write_summary
+
+    check_weights(job.labeler.model, job.labeler.pretrained)  # e.g. offline: one line, before any actor starts
 
     plan = prepare_labeling(job.input, job.output, job.labeler, job.classes, overwrite=job.overwrite)
     console.print(f"label: {len(plan.shards)} shards, {len(plan.shards) - len(plan.todo)} already committed in "
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"label: error: {exc}", file=sys.stderr)
         return 2
+    from denseclip.models import ModelLoadError
     from denseclip.ray.labeling import LabelingError
 
     log = None if args.verbose else log_url(job.output, "label")
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         with run_log(log) as console:
             try:
                 code = run(job, console)
-            except LabelingError as exc:
+            except (LabelingError, ModelLoadError) as exc:
                 console.error(f"label: error: {exc}")
                 return 2
             except Exception as exc:  # noqa: BLE001 - any failure of the job: its traceback, then one line and exit 1

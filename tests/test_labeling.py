@@ -182,7 +182,9 @@ def test_stages_and_committer_commit_a_shard_only_when_all_its_rows_arrived(tmp_
     assert store.committed_parts() == {part_id(s) for s in shards + [empty]}
     assert sorted(store.keys()) == [f"synthetic/s3/{i:06d}" for i in (0, 2, 3, 4)]
     assert [(e["key"], e["shard"]) for e in store.errors()] == [("synthetic/s3/000001", shards[0])]
-    assert store.provenance["fingerprint"] == "denseclip-tiny-shapes/random-init"
+    assert store.provenance["fingerprint"] == labeler.fingerprint
+    assert labeler.fingerprint.startswith("denseclip-tiny-shapes/random-init/")
+    assert store.provenance["activation"] == "gelu"
     assert store.get("synthetic/s3/000003").max() < len(CLASS_NAMES)
 
     unfinished = ShardCommitter(plan)
@@ -356,6 +358,18 @@ def test_a_bad_value_fails_fast_before_torch_or_ray_are_imported(tmp_path):
     assert elapsed < 10, elapsed  # < 1 s on an idle machine; this only guards against a model or Ray start
 
 
+def test_offline_without_weights_fails_in_one_line_before_ray_starts(tmp_path, offline_hub):
+    write_shards(seed=2, n=2, out=str(tmp_path / "in"), size=32)
+    done = subprocess.run([sys.executable, str(ROOT / "pipelines" / "label.py"), "--input", str(tmp_path / "in"),
+                           "--output", str(tmp_path / "out"), "--vocabulary", "red car, road", "--model", "RN50"],
+                          cwd=ROOT, env={**os.environ, **offline_hub, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, check=False, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "RN50/openai" in done.stderr and "--pretrained PATH_OR_URL" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------- on a local Ray
 def test_label_end_to_end_s3_in_s3_out(make_bucket):
     bucket = make_bucket("label")
@@ -375,7 +389,8 @@ def test_label_end_to_end_s3_in_s3_out(make_bucket):
     assert {e["shard"] for e in errors if e["key"].startswith("bad/")} == {f"{bucket}/shards/shard-odd.tar"}
     assert len(store.committed_parts()) == 4
     provenance = store.provenance
-    assert provenance["vocabulary"] == CLASSES and provenance["fingerprint"] == "denseclip-tiny-shapes/random-init"
+    assert provenance["vocabulary"] == CLASSES and provenance["activation"] == "gelu"
+    assert provenance["fingerprint"].startswith("denseclip-tiny-shapes/random-init/")
     summary = json.loads(storage.read_bytes(f"{bucket}/masks/summary.json"))
     assert summary["status"] == "succeeded"
     assert (summary["images_labelled"], summary["errors"], summary["shards_committed"]) == (len(good), len(bad), 4)

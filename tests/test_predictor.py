@@ -15,7 +15,7 @@ CLASSES = [["cat"], ["dog"], ["sofa", "couch"], ["grass"], ["sky"]]
 @pytest.fixture(scope="module")
 def clip():
     torch.manual_seed(0)
-    return load_clip("RN50")
+    return load_clip("RN50", "random")
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +110,60 @@ def test_prompt_denoising_removes_weak_classes(clip, images):
     assert all(len(np.unique(b)) <= len(np.unique(a)) for (a, _), (b, _) in zip(plain, denoised))
 
 
-def test_key_smoothing_changes_scores_consistently(clip, images):
-    x = make(clip).preprocess(images[1][:64, :64])[None]
-    plain = make(clip).logits(x)
-    smooth_all = make(clip, key_smoothing=-1.0).logits(x)
-    # Threshold -1: every location averages over all locations -> one score vector everywhere.
-    assert not torch.allclose(plain, smooth_all)
-    flat = smooth_all[0].flatten(1)
-    assert torch.allclose(flat, flat[:, :1].expand_as(flat), atol=1e-4)
+def _official_refine(logits: torch.Tensor, keys: torch.Tensor, ks_thresh: float, pd_thresh: float) -> torch.Tensor:
+    """The reference implementation's refinement (MaskCLIP's ``refine_output``), restated here on one image:
+    ``logits (C, h, w)`` = 100 x cosine, ``keys (Dk, h, w)`` -> ``(h*w, C)`` scores."""
+    output = logits[None].clone()
+    n, c, h, w = output.shape
+    if pd_thresh > 0:  # classes never confident anywhere are removed (-100 on the cosine: -1e4 on the logits)
+        weak = output.softmax(dim=1).view(n, c, -1).max(dim=-1)[0] < pd_thresh
+        output[weak[:, :, None, None].expand(n, c, h, w)] = -1e4
+    output = output.softmax(dim=1).view(n, c, -1).transpose(-2, -1)  # (1, hw, C) probabilities
+    k = F.normalize(keys.flatten(1).t()[None], p=2)  # (1, hw, Dk): default dim=1, i.e. over positions
+    weight = k @ k.transpose(-2, -1)
+    selected = (output.max(dim=-1, keepdim=True)[0] < ks_thresh).expand(-1, -1, c)
+    weighted = weight @ output
+    output[selected] = weighted[selected]
+    return output[0]
+
+
+def _class_logits(predictor, canvas) -> torch.Tensor:
+    """A canvas's class logits ``(C, h, w)``: the max over each class's names (the official code has one
+    embedding per class)."""
+    return torch.stack([canvas.logits[predictor.class_of_name == c].max(dim=0).values
+                        for c in range(predictor.num_classes)])
+
+
+@pytest.mark.parametrize("denoise", [False, True])
+def test_key_smoothing_is_the_official_refinement(clip, images, denoise):
+    image = np.kron(images[2][:40, :40], np.ones((4, 4, 1), dtype=np.uint8))  # 160x160: 5x5 cells, no padding
+    x = make(clip).preprocess(image)[None]
+    prompt_denoising = None
+    if denoise:  # a threshold that removes all but the two classes most confident somewhere (then smoothing)
+        reference = make(clip)
+        peaks = _class_logits(reference, reference._canvases(x)[0]).softmax(dim=0).flatten(1).max(dim=1).values
+        peaks = peaks.sort().values
+        prompt_denoising = float(peaks[-3:-1].mean())
+    plain = make(clip, prompt_denoising=prompt_denoising)
+    canvas = plain._canvases(x)[0]
+    _, keys = plain._name_logits(x)
+    assert keys is None  # keys are only kept when smoothing
+    top = plain._finalize(canvas).exp().flatten(1).max(dim=0).values
+    middle = top.sort().values[len(top) // 2 - 1:len(top) // 2 + 1].mean()  # between two locations' values
+    for threshold in (1.0, float(middle)):  # everywhere, then about half the locations
+        smooth = make(clip, key_smoothing=threshold, prompt_denoising=prompt_denoising)
+        canvas = smooth._canvases(x)[0]
+        ours = smooth._finalize(canvas).exp().flatten(1).t()  # (hw, C) probabilities
+        official = _official_refine(_class_logits(smooth, canvas), canvas.keys, threshold, prompt_denoising or 0)
+        selected = top < threshold
+        assert selected.any() and (threshold == 1.0) == bool(selected.all())
+        # Smoothed locations: the official scores, normalised per location (the same ranking of classes) ...
+        assert torch.equal(ours[selected].argmax(dim=1), official[selected].argmax(dim=1))
+        expected = official[selected] / official[selected].sum(dim=1, keepdim=True)
+        assert torch.allclose(ours[selected], expected, atol=1e-5)
+        # ... the others keep their probabilities.
+        assert torch.allclose(ours[~selected], official[~selected], atol=1e-5)
+        assert not torch.allclose(ours, plain._finalize(plain._canvases(x)[0]).exp().flatten(1).t(), atol=1e-3)
 
 
 def test_invalid_options(clip):
@@ -129,7 +175,7 @@ def test_invalid_options(clip):
 
 def test_class_probabilities_from_name_logits_both_ways(clip, images):
     x = make(clip).preprocess(images[1][:64, :64])[None]
-    name_logits = make(clip)._name_logits(x)[0]  # (N names, h, w); names: cat, dog, sofa, couch, grass, sky
+    name_logits = make(clip)._name_logits(x)[0][0]  # (N names, h, w); names: cat, dog, sofa, couch, grass, sky
 
     def per_class(values):
         return torch.stack([values[0], values[1], values[2:4].max(dim=0).values, values[4], values[5]])

@@ -108,3 +108,32 @@ def test_head_and_synonyms_are_validated_fields():
                                                          "--protocol", "successors"]), dataset="context")
     assert (config.head, config.synonyms, config.temperature, config.background_threshold) == (
         "clearclip", True, 50, 0.1)
+
+
+def test_every_paper_dataset_has_its_preset_and_tiny_models_keep_their_resolution():
+    fits = {d: protocol_defaults("paper", d)["resize_to"] for d in ("voc", "voc20", "coco_stuff", "context",
+                                                                    "context59", "synthetic")}
+    assert fits == {"voc": [2048, 512], "voc20": [2048, 512], "coco_stuff": [2048, 512], "context": [520, 520],
+                    "context59": [520, 520], "synthetic": None}
+    assert all(protocol_defaults("paper", d)["upsample_topk"] is None for d in fits)
+    tiny = LabelerConfig.from_dict({"protocol": "paper"}, dataset="voc")
+    assert (tiny.protocol, tiny.effective_resize_to, tiny.upsample_topk) == ("paper", None, None)
+
+
+def test_voc_preset_feeds_a_500x375_image_to_the_network_at_683x512(monkeypatch, tmp_path):
+    monkeypatch.setenv("DENSECLIP_CACHE", str(tmp_path))
+    templates = tmp_path / "one.txt"
+    templates.write_text("a photo of a {}.\n")
+    config = LabelerConfig.from_dict({"model": "RN50", "pretrained": "random", "protocol": "paper",
+                                      "templates": str(templates)}, dataset="voc")
+    predictor = config.build([["cat"], ["dog"]])
+    seen = []
+    hook = predictor.clip.model.visual.conv1.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
+    image = np.random.default_rng(0).integers(1, 255, (375, 500, 3), dtype=np.uint8)
+    labels, _ = predictor.label_images([image])[0]
+    hook.remove()
+    network_input = seen[0][0]
+    # 683x512, then padded with zeros (the mean colour) to 704 columns, the tower's stride of 32.
+    assert network_input.shape == (3, 512, 704)
+    assert network_input[:, :, 683:].abs().max() == 0 and network_input[:, :, 682].abs().max() > 0
+    assert labels.shape == (375, 500)

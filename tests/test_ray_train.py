@@ -114,7 +114,16 @@ def test_shipped_specs_validate_and_keep_the_paper_schedule():
             assert training.resize_to == scale and training.scale_range == (0.5, 2.0), (dataset, setting)
             assert training.photometric_distortion is True and training.flip, (dataset, setting)
     for name, job in jobs.items():
-        assert job.run.name and name.startswith(f"train_{job.dataset}"), name
+        assert job.run.name and name.startswith(f"train_{job.info.reduced_from or job.dataset}"), name
+    # The paper's annotation-free evaluation (no background) and its inference protocol for the teacher.
+    assert (jobs["train_voc_annotation_free"].dataset, jobs["train_context_annotation_free"].dataset) == (
+        "voc20", "context59")
+    fits = {"voc": (2048, 512), "context": (520, 520), "coco_stuff": (2048, 512)}
+    for dataset, fit in fits.items():
+        for setting in ("zero_shot", "annotation_free"):
+            labeler = jobs[f"train_{dataset}_{setting}"].labeler
+            assert (labeler.protocol, labeler.mode, labeler.effective_resize_to, labeler.upsample_topk) == (
+                "paper", "whole", fit, None), (dataset, setting)
 
 
 @pytest.mark.parametrize("override, field", [

@@ -137,11 +137,14 @@ def device_settings(config: LabelerConfig) -> dict:
 
 def run_provenance(config: LabelerConfig, classes: list[list[str]]) -> dict:
     """Everything that determines the labels, except the weights' fingerprint (added by the actors)."""
+    from denseclip.models import weights_activation  # torch: the driver only, never the read/encode tasks
+
     names = RESULT_OPTIONS + (SLIDE_OPTIONS if config.mode == "slide" else ())
     config = config.resolved()
-    return {"model": config.model, "pretrained": config.pretrained, "vocabulary": [list(c) for c in classes],
-            "templates": load_templates(config.template_set), "options": {n: getattr(config, n) for n in names},
-            "device": device_settings(config)}
+    return {"model": config.model, "pretrained": config.pretrained,
+            "activation": weights_activation(config.model, config.pretrained),
+            "vocabulary": [list(c) for c in classes], "templates": load_templates(config.template_set),
+            "options": {n: getattr(config, n) for n in names}, "device": device_settings(config)}
 
 
 def _differences(existing: dict, expected: dict) -> list[str]:
@@ -359,6 +362,8 @@ class Labeler:
 
         torch.set_num_threads(torch_threads)
         config = dataclasses.replace(config, device=actor_device(config.device))
+        if config.pretrained == "random":
+            torch.manual_seed(0)  # random-weight baselines: every actor, and a resumed run, draws the same weights
         self.dense_clip = config.build(classes)
         if self.dense_clip.clip.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = ALLOW_TF32

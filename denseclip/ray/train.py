@@ -43,7 +43,7 @@ from denseclip.datasets import DATASET_NAMES, DatasetInfo, get_dataset
 from denseclip.evaluation import Evaluation, ImageLabeler
 from denseclip.mask_store import MaskStore
 from denseclip.metrics import ConfusionMatrix, summarize
-from denseclip.models import load_clip
+from denseclip.models import ModelLoadError, check_weights, load_clip, weights_activation
 from denseclip.plus.amp import FP32, MixedPrecision
 from denseclip.plus.pseudo_labels import DenseCLIPTeacher
 from denseclip.plus.target import SegmentationTarget, TargetConfig, build_target
@@ -162,7 +162,7 @@ class TrainJob:
                 raise ConfigError(f"{name}: must be a mapping, got {spec[name]!r}")
         job = cls(dataset=spec.get("dataset", ""),
                   data=_section(DataSpec, spec.get("data", {}), "data"),
-                  labeler=LabelerConfig.from_dict(spec.get("labeler", {}), "labeler"),
+                  labeler=LabelerConfig.from_dict(spec.get("labeler", {}), "labeler", dataset=spec.get("dataset")),
                   training=TrainingConfig.from_dict(spec.get("training", {}), "training"),
                   workers=_section(WorkerSpec, spec.get("workers", {}), "workers"),
                   run=_section(RunSpec, spec.get("run", {}), "run"),
@@ -261,7 +261,12 @@ def _number(value) -> bool:
 
 def check_inputs(job: TrainJob) -> None:
     """Check what the job reads before any cluster work: the shards exist, the mask store holds masks of this
-    dataset's vocabulary, ``run.resume_from`` is a checkpoint of the same target. Raises ``ConfigError``."""
+    dataset's vocabulary, ``run.resume_from`` is a checkpoint of the same target, the teacher's weights can be
+    had (offline: one line, not a traceback from every worker). Raises ``ConfigError``."""
+    try:
+        check_weights(job.labeler.model, job.labeler.pretrained)
+    except ModelLoadError as exc:
+        raise ConfigError(f"labeler: {exc}") from exc
     for name in ("train", "val"):
         try:
             expand_shards(getattr(job.data, name))
@@ -296,7 +301,7 @@ def build_datasets(job: TrainJob) -> dict[str, ray.data.Dataset]:
         items = ray.data.from_items([{"shard": url} for url in urls], override_num_blocks=len(urls))
         return items.flat_map(read_samples, num_cpus=job.workers.data_cpus,
                               fn_kwargs={"num_classes": job.info.num_classes, "with_label": with_label,
-                                         "mask_store": mask_store})
+                                         "mask_store": mask_store, "label_lut": job.info.label_lut})
 
     precomputed = job.training.pseudo_labels == "precomputed"
     datasets = {"train": read(job.data.train, job.training.setting == "zero_shot",
@@ -600,7 +605,8 @@ def _finish(worker: _Worker, history: dict, step: int) -> None:
     conf, samples = evaluation.matrix(), evaluation.overlays.items
     summary = _summary(conf, job)
     history["validation"].append({"step": step, "phase": "final", **_headline(summary)})
-    report = {**summary, "dataset": job.dataset, "method": _method_name(job.training), "inputs": _inputs(job),
+    report = {**summary, "dataset": job.dataset, "protocol": job.labeler.protocol,
+              "method": _method_name(job.training), "inputs": _inputs(job),
               "validation": history["validation"], "training_log": history["log"]}
     if job.evaluation.teacher:
         report["denseclip"] = _summary(evaluate_split(worker.teacher.predictor, worker, 0).matrix(), job)
@@ -618,6 +624,7 @@ def _inputs(job: TrainJob) -> dict:
             "iterations": job.training.iterations, "guided_iterations": job.training.num_guided,
             "teacher": f"{job.labeler.model}/{job.labeler.pretrained or 'default'}",
             "teacher_head": job.labeler.head, "teacher_protocol": job.labeler.protocol,
+            "teacher_activation": weights_activation(job.labeler.model, job.labeler.pretrained),
             "target": f"{job.training.target.head}-{job.training.target.backbone}",
             "workers": job.workers.num_workers}
 
