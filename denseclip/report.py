@@ -30,13 +30,15 @@ _HEADLINE = [("miou", "mIoU"), ("miou_seen", "mIoU(S)"), ("miou_unseen", "mIoU(U
 
 
 def write_report(out_dir: str | Path, summary: dict, conf: ConfusionMatrix, class_names: Sequence[str],
-                 palette: np.ndarray, samples: Iterable[Sample] = ()) -> dict[str, Path]:
+                 palette: np.ndarray, samples: Iterable[Sample] = (),
+                 reference: str = "ground truth") -> dict[str, Path]:
     """Write ``report.json``, ``tables.md``, ``confusion.png``, ``overlays/<key>.png`` and ``index.html``
     under ``out_dir`` and return their paths by name (``overlays`` maps to the list of grid files).
 
     ``summary``: from ``metrics.summarize`` (+ optional ``dataset``, ``method``, ``inputs``); ``conf``: the
     matrix it was computed from; ``palette``: uint8 (K, 3); ``samples``: images to draw as
-    image | ground truth | prediction grids (keys are sanitised, so none escapes ``out_dir/overlays``).
+    image | ground truth | prediction grids (keys are sanitised, so none escapes ``out_dir/overlays``);
+    ``reference``: what the scores compare with (the middle panel's title), when it is not ground truth.
     """
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
@@ -54,9 +56,9 @@ def write_report(out_dir: str | Path, summary: dict, conf: ConfusionMatrix, clas
     plot_confusion(conf, class_names, paths["confusion"])
     for key, image, gt, pred in samples:
         path = out / "overlays" / (sanitize_key(key).replace("/", "__") + ".png")
-        comparison_grid(image, gt, pred, class_names, palette).save(path)
+        comparison_grid(image, gt, pred, class_names, palette, reference).save(path)
         paths["overlays"].append(path)
-    paths["html"].write_text(_html_page(summary, class_names, palette, paths), encoding="utf-8")
+    paths["html"].write_text(_html_page(summary, class_names, palette, paths, reference), encoding="utf-8")
     return paths
 
 
@@ -222,7 +224,8 @@ def _html_table(header: list[str], rows: list[list[str]], raw_first: bool = Fals
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html_page(summary: dict, class_names: Sequence[str], palette: np.ndarray, paths: dict) -> str:
+def _html_page(summary: dict, class_names: Sequence[str], palette: np.ndarray, paths: dict,
+               reference: str = "ground truth") -> str:
     colours = colorize(np.arange(len(class_names))[None], palette)[0]
     swatches = {name: "rgb({},{},{})".format(*(int(v) for v in colours[i])) for i, name in enumerate(class_names)}
 
@@ -256,7 +259,7 @@ figure {{ display: inline-block; margin: 0 1em 1em 0; }}
 {_html_table(*_per_class(summary, swatch_label), raw_first=True)}
 <h2>Confusion matrix</h2>
 <img src="{_png_data_uri(paths["confusion"])}" alt="confusion matrix">
-<h2>Samples (image | ground truth | prediction)</h2>
+<h2>Samples (image | {html.escape(reference)} | prediction)</h2>
 {overlays or "<p>no samples</p>"}
 <h2>Run</h2>
 {_html_table(["", "value"], info)}

@@ -51,12 +51,13 @@ def overlay(image: np.ndarray | Image.Image, labels: np.ndarray, class_names: Se
 
 
 def comparison_grid(image: np.ndarray | None, gt: np.ndarray, pred: np.ndarray, class_names: Sequence[str],
-                    palette: np.ndarray) -> Image.Image:
-    """Panels ``image | ground truth | prediction`` (the image panel is left out when ``image`` is None) under
-    titles, with one legend of the classes in either map. Arrays as in ``overlay``; panels lower than
-    ``MIN_PANEL_HEIGHT`` are enlarged by a whole factor (nearest neighbour, so label pixels stay sharp)."""
+                    palette: np.ndarray, reference: str = "ground truth") -> Image.Image:
+    """Panels ``image | ground truth | prediction`` (the image panel is left out when ``image`` is None; the
+    middle one titled ``reference``) under titles, with one legend of the classes in either map. Arrays as in
+    ``overlay``; panels lower than ``MIN_PANEL_HEIGHT`` are enlarged by a whole factor (nearest neighbour, so
+    label pixels stay sharp)."""
     panels = [Image.fromarray(colorize(gt, palette)), Image.fromarray(colorize(pred, palette))]
-    titles = ["ground truth", "prediction"]
+    titles = [reference, "prediction"]
     if image is not None:
         panels.insert(0, Image.fromarray(np.asarray(image, dtype=np.uint8)))
         titles.insert(0, "image")
