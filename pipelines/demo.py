@@ -19,7 +19,7 @@ from denseclip.demo import RESERVED_SEEDS, DemoConfig, default_training, run_dem
 from denseclip.models import ModelLoadError
 
 METHODS = ("all_background", "random_weights", "denseclip", "denseclip_plus", "denseclip_plus_self_training",
-           "denseclip_plus_zero_shot")
+           "denseclip_plus_zero_shot", "seen_only")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

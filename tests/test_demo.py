@@ -21,7 +21,7 @@ from denseclip.synthetic import render_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("denseclip", "denseclip_plus", "denseclip_plus_self_training", "denseclip_plus_zero_shot",
-           "all_background", "random_weights")
+           "seen_only", "all_background", "random_weights")
 HEADLINE = ("miou", "miou_seen", "miou_unseen", "pixel_accuracy")
 
 

@@ -198,6 +198,24 @@ def test_bad_specs_are_refused_naming_the_field(world, override, field):
         TrainJob.from_dict(spec)
 
 
+def test_custom_vocabulary_is_read_from_a_class_file_or_a_list(world, tmp_path):
+    (tmp_path / "classes.txt").write_text("background, sky\nJoker\nBatman, the dark knight\n")
+    for classes in (str(tmp_path / "classes.txt"), [["background", "sky"], ["Joker"], ["Batman", "the dark knight"]]):
+        spec = small_spec(world, "c", dataset="custom", data={"classes": classes, "mask_store": None},
+                          training={"setting": "annotation_free", "pseudo_labels": "on_the_fly"})
+        job = TrainJob.from_dict(spec)
+        assert job.info.classes == [["background", "sky"], ["Joker"], ["Batman", "the dark knight"]]
+        assert job.info.class_names == ["background", "Joker", "Batman"] and job.info.background_index == 0
+        assert TrainJob.from_dict(job.to_dict()).info.classes == job.info.classes  # the checkpoint's copy reads back
+    plain = TrainJob.from_dict(small_spec(world, "c", dataset="custom", data={"classes": ["cat", "dog"]},
+                                          training={"setting": "annotation_free"}))
+    assert plain.info.classes == [["cat"], ["dog"]] and plain.info.background_index is None
+    for bad in ([["cat"], []], [["cat"], ["Cat"]], str(tmp_path / "missing.txt"), 3):
+        with pytest.raises(ConfigError, match="^data.classes"):
+            TrainJob.from_dict(small_spec(world, "c", dataset="custom", data={"classes": bad},
+                                          training={"setting": "annotation_free"}))
+
+
 def test_set_overrides_nested_keys_with_yaml_values():
     spec = {"training": {"target": {"head": "deeplabv2"}}}
     for assignment in ("training.target.head=deeplabv3plus", "training.scale_range=[0.5, 2.0]",
