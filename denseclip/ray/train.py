@@ -481,10 +481,7 @@ def evaluate_split(label_fn: LabelFn, worker: _Worker, num_overlays: int,
         mine = [i for i, key in enumerate(rows["key"]) if _on_this_worker(str(key), worker)]
         images = [np.array(rows["image"][i]) for i in mine]
         predictions = label_fn(images) if mine else []
-        if reference_fn is None:
-            references = [rows["label"][i] for i in mine]
-        else:
-            references = reference_fn(images) if mine else []
+        references = reference_fn(images) if reference_fn and mine else [rows["label"][i] for i in mine]
         for i, pred, reference in zip(mine, predictions, references):
             conf.update(pred, reference, str(rows["key"][i]))
             if len(samples) < num_overlays:
