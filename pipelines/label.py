@@ -11,8 +11,10 @@ or as node roles). Without ``--address`` or ``$RAY_ADDRESS`` a private local Ray
 Flags override the job file (``jobs/*.yaml``: input, output, vocabulary, num_actors, cpus_per_actor and a
 ``labeler:`` mapping of model and inference options). Re-running with the same output labels only the shards
 not yet committed; an output holding another model's or vocabulary's masks is refused unless ``--overwrite``.
-Prints a summary and writes it as ``summary.json`` next to the masks. Exit codes: 0 done (bad images are
-listed in the store's errors table), 1 the job failed while running, 2 a bad configuration, input or output.
+Prints progress (shards committed) and a summary, also written as ``summary.json`` next to the masks; what Ray
+and the model libraries print goes to ``OUTPUT/logs/label-<UTC time>.log`` (``--verbose``: to the terminal).
+Exit codes: 0 done (bad images are listed in the store's errors table), 1 the job failed while running, 2 a bad
+configuration, input or output.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -32,11 +35,13 @@ from denseclip.config import (
     resolve_vocabulary,
 )
 from denseclip.datasets import DatasetError
+from denseclip.runlog import Console, log_url, run_log
 from denseclip.vocabulary import VocabularyError
 
 JOB_FIELDS = ("input", "output", "vocabulary", "num_actors", "cpus_per_actor", "labeler")
 LABELER_FIELDS = tuple(f.name for f in dataclasses.fields(LabelerConfig) if f.name != "extra")
 MAX_CLASSES = 255  # label maps are stored as 8-bit PNGs
+PROGRESS_EVERY_S = 10.0  # at most one progress line this often (a job may hold thousands of shards)
 
 
 @dataclass
@@ -65,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-actor", type=float,
                         help="CPUs each actor reserves, fractional allowed (default: half the CPUs shared out)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show what Ray and the libraries print instead of writing it to OUTPUT/logs/")
     add_labeler_arguments(parser)
     # Unset labeler flags stay None, so a job file's values are only overridden by flags actually given.
     parser.set_defaults(**dict.fromkeys(LABELER_FIELDS))
@@ -115,24 +122,41 @@ def load_job(args: argparse.Namespace) -> LabelJob:
                     values["cpus_per_actor"], args.overwrite, args.address)
 
 
-def run(job: LabelJob) -> int:
+class Progress:
+    """One line per committed shard, at most every ``PROGRESS_EVERY_S`` seconds, and always the last."""
+
+    def __init__(self, console: Console, todo: int):
+        self.console, self.todo = console, todo
+        self.parts = self.masks = self.errors = 0
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, shard: str, masks: int, errors: int) -> None:
+        self.parts, self.masks, self.errors = self.parts + 1, self.masks + masks, self.errors + errors
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S or self.parts == self.todo:
+            self.last = now
+            self.console.print(f"label: {self.parts}/{self.todo} shards committed, {self.masks} images, "
+                               f"{self.errors} errors, {now - self.start:.0f} s")
+
+
+def run(job: LabelJob, console: Console) -> int:
     # Ray is imported only once the configuration is known to be good: a bad value fails in well under a second.
     from denseclip.ray.labeling import label_shards, prepare_labeling, write_summary
 
     plan = prepare_labeling(job.input, job.output, job.labeler, job.classes, overwrite=job.overwrite)
-    print(f"label: {len(plan.shards)} shards, {len(plan.shards) - len(plan.todo)} already committed in "
-          f"{job.output}", flush=True)
+    console.print(f"label: {len(plan.shards)} shards, {len(plan.shards) - len(plan.todo)} already committed in "
+                  f"{job.output}")
     try:
         summary = label_shards(plan, job.labeler, job.classes, address=job.address, num_actors=job.num_actors,
-                               cpus_per_actor=job.cpus_per_actor)
+                               cpus_per_actor=job.cpus_per_actor, on_commit=Progress(console, len(plan.todo)))
     except Exception as exc:
         write_summary(job.output, {"status": "failed", "error": f"{type(exc).__name__}: {exc}"},
                       plan.storage_options)
         raise
-    print(f"label: {summary['images_labelled']} images labelled, {summary['errors']} errors, "
-          f"{summary['images_per_s']} images/s, {summary['wall_time_s']} s; "
-          f"{summary['shards_committed']} shards committed to {job.output}")
-    print(json.dumps(summary, sort_keys=True))
+    console.print(f"label: {summary['images_labelled']} images labelled, {summary['errors']} errors, "
+                  f"{summary['images_per_s']} images/s, {summary['wall_time_s']} s; "
+                  f"{summary['shards_committed']} shards committed to {job.output}")
+    console.print(json.dumps(summary, sort_keys=True))
     return 0
 
 
@@ -145,15 +169,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from denseclip.ray.labeling import LabelingError
 
+    log = None if args.verbose else log_url(job.output, "label")
     try:
-        return run(job)
-    except LabelingError as exc:
-        print(f"label: error: {exc}", file=sys.stderr)
+        with run_log(log) as console:
+            try:
+                code = run(job, console)
+            except LabelingError as exc:
+                console.error(f"label: error: {exc}")
+                return 2
+            except Exception as exc:  # noqa: BLE001 - any failure of the job: its traceback, then one line and exit 1
+                traceback.print_exc()
+                console.error(f"label: failed: {type(exc).__name__}: {exc}" + (f" (traceback in {log})" if log else ""))
+                return 1
+            if log:
+                console.print(f"label: log: {log}")
+            return code
+    except OSError as exc:  # the log file itself: the output is not writable
+        print(f"label: error: output {job.output}: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - any failure of the job: its traceback, then one line and exit 1
-        traceback.print_exc()
-        print(f"label: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

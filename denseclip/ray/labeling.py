@@ -22,7 +22,7 @@ import re
 import tarfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import fsspec
@@ -43,6 +43,7 @@ from denseclip.mask_store import (
     encode_confidence,
     encode_mask,
 )
+from denseclip.runlog import environment
 from denseclip.shards import expand_shards, read_shard, sanitize_key
 from denseclip.vocabulary import load_templates
 
@@ -51,8 +52,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 SUMMARY_FILE = "summary.json"
 # Options that change the labels, hence part of the provenance (batch size and device do not).
-RESULT_OPTIONS = ("mode", "short_side", "temperature", "background_threshold", "key_smoothing",
-                  "prompt_denoising", "upsample_topk", "precision")
+RESULT_OPTIONS = ("protocol", "mode", "resize_to", "short_side", "temperature", "background_threshold",
+                  "key_smoothing", "prompt_denoising", "upsample_topk", "precision")
 SLIDE_OPTIONS = ("crop_size", "crop_stride")
 # A batch whose actor dies is retried on a restarted actor this often; a batch that kills every actor it
 # meets fails the job instead of looping forever. Actors themselves restart without limit (lost nodes).
@@ -69,6 +70,7 @@ OBJECT_STORE_BYTES_PER_ACTOR = 128 << 20
 _NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 _NO_MAP = np.zeros((0, 0), dtype=np.uint8)
 _SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error)
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 class LabelingError(ValueError):
@@ -120,6 +122,7 @@ def part_id(shard: str) -> str:
 def run_provenance(config: LabelerConfig, classes: list[list[str]]) -> dict:
     """Everything that determines the labels, except the weights' fingerprint (added by the actors)."""
     names = RESULT_OPTIONS + (SLIDE_OPTIONS if config.mode == "slide" else ())
+    config = config.resolved()
     return {"model": config.model, "pretrained": config.pretrained, "vocabulary": [list(c) for c in classes],
             "templates": load_templates(config.template_set), "options": {n: getattr(config, n) for n in names}}
 
@@ -377,12 +380,17 @@ class _PendingShard:
     total: int | None = None
 
 
+CommitCallback = Callable[[str, int, int], None]  # (shard, masks, errors) of each committed part
+
+
 class ShardCommitter:
     """Collects encoded rows by input shard and commits each shard as one mask-store part (masks + errors,
-    atomically) as soon as all of its rows have arrived. Rows may arrive in any order."""
+    atomically) as soon as all of its rows have arrived. Rows may arrive in any order. ``on_commit`` hears of
+    every part committed."""
 
-    def __init__(self, plan: LabelingPlan):
+    def __init__(self, plan: LabelingPlan, on_commit: CommitCallback | None = None):
         self.plan = plan
+        self.on_commit = on_commit
         self._pending: dict[str, _PendingShard] = {}
         self._writer: MaskStoreWriter | None = None
         self.images = self.errors = self.parts = 0
@@ -414,6 +422,8 @@ class ShardCommitter:
         self.errors += len(errors)
         self.parts += 1
         log.info("committed %s: %d masks, %d errors", shard, len(good), len(errors))
+        if self.on_commit is not None:
+            self.on_commit(shard, len(good), len(errors))
 
     def finish(self) -> None:
         """After the last batch: commit the shards that held no sample at all (once the fingerprint is known)."""
@@ -455,6 +465,10 @@ def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[
         compute=ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.num_actors),
         num_cpus=actors.cpus_per_actor,
         num_gpus=actors.gpus_per_actor,
+        # Ray Data hands each pool actor its context and this stage as object-store references, with or without
+        # constructor arguments, so with restarts on Ray core logs "constructor arguments in the object store and
+        # max_restarts > 0" once per driver at error level (ray-project/ray#53727). Ray Data holds those
+        # references for the whole run, so a restart finds them (tests/test_labeling.py kills an actor).
         max_restarts=-1,
         max_task_retries=MAX_TASK_RETRIES,
     )
@@ -471,12 +485,14 @@ def label_shards(
     address: str | None = None,
     num_actors: int | None = None,
     cpus_per_actor: float | None = None,
+    on_commit: CommitCallback | None = None,
 ) -> dict:
     """Label and commit every remaining shard of ``plan`` on Ray (see :func:`ray_cluster` for ``address``;
-    :func:`plan_actors` for the pool) and return the summary, also written as ``summary.json``: images
-    labelled, errors, images/s and wall time of this run (Ray's start included), shards."""
+    :func:`plan_actors` for the pool; ``on_commit(shard, masks, errors)`` after each part) and return the
+    summary, also written as ``summary.json``: images labelled, errors, images/s and wall time of this run
+    (Ray's start included), shards."""
     start = time.perf_counter()
-    committer = ShardCommitter(plan)
+    committer = ShardCommitter(plan, on_commit)
     actors = None
     if plan.todo:
         with ray_cluster(address):
@@ -506,13 +522,18 @@ def ray_cluster(address: str | None = None) -> Iterator[None]:
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        # "local" always starts a new instance, never joins a cluster someone else started on this machine.
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
+    with contextlib.ExitStack() as settings:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            # A private one-node Ray has no autoscaler that could drain (preempt) its node, so Ray Train's
+            # preemption watcher has nothing to watch there; it is also an actor created with actor handles as
+            # arguments and restarts on, which Ray core reports as an error-level line (ray-project/ray#53727).
+            if PREEMPTION_WATCHER_ENV not in os.environ:
+                settings.enter_context(environment(PREEMPTION_WATCHER_ENV, "0"))
+            # "local" always starts a new instance, never joins a cluster someone else started on this machine.
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            yield
+        finally:
+            ray.shutdown()
