@@ -138,6 +138,8 @@ def test_reproduction_specs_follow_the_official_recipe(shipped_jobs):
             job, training = jobs[name], jobs[name].training
             target = training.target
             assert job.labeler.model == "RN50", name  # the paper's Table 1 teacher; RN50x16 is a variant
+            assert job.labeler.protocol == "paper" and job.labeler.resize_to == (
+                (520, 520) if dataset == "context" else (2048, 512)), name  # the teacher sees what the paper's does
             assert (training.head_lr_multiplier, training.min_lr, training.poly_power) == (1.0, 1e-4, 0.9), name
             assert training.loss_average == "all_pixels" and target.classifier == "dot_product", name
             assert (target.backbone, target.output_stride) == ("resnet101_v1c", 8), name

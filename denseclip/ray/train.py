@@ -163,7 +163,7 @@ class TrainJob:
                 raise ConfigError(f"{name}: must be a mapping, got {spec[name]!r}")
         job = cls(dataset=spec.get("dataset", ""),
                   data=_section(DataSpec, spec.get("data", {}), "data"),
-                  labeler=LabelerConfig.from_dict(spec.get("labeler", {}), "labeler"),
+                  labeler=LabelerConfig.from_dict(spec.get("labeler", {}), "labeler", dataset=spec.get("dataset")),
                   training=TrainingConfig.from_dict(spec.get("training", {}), "training"),
                   workers=_section(WorkerSpec, spec.get("workers", {}), "workers"),
                   run=_section(RunSpec, spec.get("run", {}), "run"),
