@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from denseclip.protocols import ProtocolError, protocol_defaults, protocol_names
-from denseclip.vocabulary import parse_class_list, read_classes_file
+from denseclip.vocabulary import parse_class_list, read_classes_file, validate_classes
 
 # Kept free of torch imports so a bad configuration fails in well under a second.
 TINY_MODEL = "denseclip-tiny-shapes"
@@ -48,12 +48,18 @@ def read_yaml_file(path: str, kind: str = "job file") -> object:
 
 
 def resolve_vocabulary(spec: str | list, synonyms: bool = False) -> list[list[str]]:
-    """A vocabulary from a dataset name (``coco_stuff``), a class file path, or a comma-separated list / a list.
+    """A vocabulary from a dataset name (``coco_stuff``), a class file path, or a comma-separated list / a list
+    of names / a list of name lists (one per class, synonyms after the first name).
 
     Returns one list of names per class (synonyms after the first name).
     """
     from denseclip.datasets import DATASET_NAMES, get_dataset
 
+    if isinstance(spec, list) and spec and all(isinstance(c, list) for c in spec):
+        classes = [[str(n).strip() for n in c if str(n).strip()] for c in spec]
+        if not all(classes):
+            raise ConfigError(f"vocabulary: class {classes.index([]) + 1} has no name")
+        return validate_classes(classes, "vocabulary")
     if isinstance(spec, list):
         return parse_class_list(", ".join(str(s) for s in spec), source="vocabulary")
     if spec in DATASET_NAMES:

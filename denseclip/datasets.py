@@ -192,3 +192,17 @@ def get_dataset(name: str, synonyms: bool = False) -> DatasetInfo:
     of stuff words). ``class_names``, ids and palette are the same either way.
     """
     return _dataset(name, synonyms)
+
+
+CUSTOM = "custom"
+
+
+def custom_dataset(classes: list[list[str]]) -> DatasetInfo:
+    """The label space of a free vocabulary (``classes``: one name list per class, synonyms after the first, as
+    ``vocabulary.read_classes_file`` gives them): no zero-shot split, colours that follow the names
+    (``visualize.class_palette``), and background at the class whose first name is "background" (if any)."""
+    class_names = [names[0] for names in classes]
+    background = [i for i, n in enumerate(class_names) if normalize_class_name(n) == BACKGROUND_NAME]
+    return DatasetInfo(name=CUSTOM, classes=[list(c) for c in classes], class_names=class_names,
+                       synonyms=[list(c) for c in classes], palette=class_palette(class_names), unseen=[],
+                       ignore_background_in_zero_shot=False, background_index=background[0] if background else None)

@@ -34,13 +34,15 @@ _HEADLINE = [("miou", "mIoU"), ("miou_seen", "mIoU(S)"), ("miou_unseen", "mIoU(U
 
 
 def write_report(out_dir: str | Path, summary: dict, conf: ConfusionMatrix, class_names: Sequence[str],
-                 palette: np.ndarray, samples: Iterable[Sample] = ()) -> dict[str, Path]:
+                 palette: np.ndarray, samples: Iterable[Sample] = (),
+                 reference: str = "ground truth") -> dict[str, Path]:
     """Write ``report.json``, ``tables.md``, ``confusion.png``, ``overlays/<key>.png`` and ``index.html``
     under ``out_dir`` and return their paths by name (``overlays`` maps to the list of grid files).
 
     ``summary``: from ``metrics.summarize`` (+ optional ``dataset``, ``method``, ``inputs``); ``conf``: the
     matrix it was computed from; ``palette``: uint8 (K, 3); ``samples``: images to draw as
-    image | ground truth | prediction grids (keys are sanitised, so none escapes ``out_dir/overlays``).
+    image | ground truth | prediction grids (keys are sanitised, so none escapes ``out_dir/overlays``);
+    ``reference``: what the scores compare with (the middle panel's title), when it is not ground truth.
     """
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
@@ -58,9 +60,10 @@ def write_report(out_dir: str | Path, summary: dict, conf: ConfusionMatrix, clas
     plot_confusion(conf, class_names, paths["confusion"])
     for key, image, gt, pred in samples:
         path = out / "overlays" / (sanitize_key(key).replace("/", "__") + ".png")
-        comparison_grid(image, gt, pred, class_names, palette, summary.get("unseen_classes", ())).save(path)
+        comparison_grid(image, gt, pred, class_names, palette, summary.get("unseen_classes", ()),
+                        reference).save(path)
         paths["overlays"].append(path)
-    paths["html"].write_text(_html_page(summary, class_names, palette, paths), encoding="utf-8")
+    paths["html"].write_text(_html_page(summary, class_names, palette, paths, reference), encoding="utf-8")
     return paths
 
 
@@ -312,7 +315,8 @@ def _swatch_labeller(class_names: Sequence[str], palette: np.ndarray) -> Callabl
     return lambda name: f'<span class="sw" style="background:{swatches[name]}"></span>{html.escape(name)}'
 
 
-def _html_page(summary: dict, class_names: Sequence[str], palette: np.ndarray, paths: dict) -> str:
+def _html_page(summary: dict, class_names: Sequence[str], palette: np.ndarray, paths: dict,
+               reference: str = "ground truth") -> str:
     swatch_label = _swatch_labeller(class_names, palette)
 
     dataset, method = summary.get("dataset", "custom"), summary.get("method", "this run")
@@ -334,7 +338,7 @@ def _html_page(summary: dict, class_names: Sequence[str], palette: np.ndarray, p
 {_html_table(*_per_class(summary, swatch_label), raw_first=True)}
 <h2>Confusion matrix</h2>
 <img src="{_png_data_uri(paths["confusion"])}" alt="confusion matrix">
-<h2>Samples (image | ground truth | prediction)</h2>
+<h2>Samples (image | {html.escape(reference)} | prediction)</h2>
 {overlays or "<p>no samples</p>"}
 <h2>Run</h2>
 {_html_table(["", "value"], info)}

@@ -104,10 +104,12 @@ def overlay(image: np.ndarray | Image.Image, labels: np.ndarray, class_names: Se
 
 
 def comparison_grid(image: np.ndarray | None, gt: np.ndarray, pred: np.ndarray, class_names: Sequence[str],
-                    palette: np.ndarray, unseen: Collection[str] = ()) -> Image.Image:
-    """Panels ``image | ground truth | prediction`` (the image panel is left out when ``image`` is None); see
+                    palette: np.ndarray, unseen: Collection[str] = (),
+                    reference: str = "ground truth") -> Image.Image:
+    """Panels ``image | ground truth | prediction`` (the image panel is left out when ``image`` is None; the
+    middle one titled ``reference`` when the prediction is compared with something else); see
     ``label_panels``."""
-    return label_panels(image, {"ground truth": gt, "prediction": pred}, class_names, palette, unseen)
+    return label_panels(image, {reference: gt, "prediction": pred}, class_names, palette, unseen)
 
 
 def label_panels(image: np.ndarray | None, maps: Mapping[str, np.ndarray], class_names: Sequence[str],

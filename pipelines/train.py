@@ -8,7 +8,11 @@ target network and schedule, the workers, and the run (name + storage path, loca
 overrides any field by its dotted path; the value is read as YAML (``--set run.resume_from=null``). The spec
 and its inputs are checked before Ray starts. Re-running the same run name and storage path resumes from its
 latest checkpoint. Without ``--address`` or ``$RAY_ADDRESS`` a private local Ray is started and stopped.
-The run ends by evaluating on the validation shards and writes report.json next to the final checkpoint.
+A spec may ``extends: other.yaml`` and name only what it changes (jobs/train_*_rn50x16.yaml).
+``dataset: custom`` with ``data.classes`` (a class file) trains annotation-free DenseCLIP+ for any vocabulary on
+unlabelled shards (pipelines/prepare.py --dataset folder); ``training.setting: seen_only`` is the paper's
+Table 2a baseline. The run ends by evaluating on the validation shards (against the ground truth, or, for a
+custom vocabulary, against the DenseCLIP teacher) and writes report.json next to the final checkpoint.
 Prints one line per ``run.log_every`` steps and a summary naming the report files; what Ray and the model
 libraries print goes to ``<storage_path>/<name>/logs/train-<UTC time>.log`` (``--verbose``: to the terminal).
 Exit codes: 0 done, 1 training failed, 2 a bad spec or input.
@@ -17,6 +21,7 @@ Exit codes: 0 done, 1 training failed, 2 a bad spec or input.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -70,11 +75,34 @@ def apply_override(spec: dict, assignment: str) -> None:
     node[keys[-1]] = value
 
 
-def load_spec(path: str, overrides: list[str]) -> dict:
-    """The job spec at ``path`` with the ``--set`` overrides applied."""
+def _merge(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied key by key, nested mappings merged rather than replaced."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_spec(path: str, seen: tuple[str, ...] = ()) -> dict:
+    """The job spec at ``path``; a spec with ``extends: other.yaml`` (relative to its own folder) is that spec
+    with this one's fields merged over it (a variant names only what it changes)."""
     spec = read_yaml_file(path, "job spec")
     if not isinstance(spec, dict):
         raise ConfigError(f"--config {path}: a job spec must be a mapping of sections")
+    base = spec.pop("extends", None)
+    if base is None:
+        return spec
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"--config {path}: extends: must be the path of another job spec (got {base!r})")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+    if base_path in seen:
+        raise ConfigError(f"--config {path}: extends: {base} extends itself through {' -> '.join(seen)}")
+    return _merge(read_spec(base_path, (*seen, base_path)), spec)
+
+
+def load_spec(path: str, overrides: list[str]) -> dict:
+    """The job spec at ``path`` (and any spec it ``extends``) with the ``--set`` overrides applied."""
+    spec = read_spec(path, (os.path.normpath(path),))
     for assignment in overrides:
         apply_override(spec, assignment)
     return spec
@@ -113,9 +141,14 @@ def train(job: TrainJob, address: str | None, console: Console) -> int:
         console.error(f"error: training failed: {exc}")
         return 1
     console.print(f"train: done in {time.monotonic() - start:.0f} s")
-    console.print(f"DenseCLIP+ {job.training.setting}: {_cells(result.report)}")
-    if "denseclip" in result.report:
-        console.print(f"DenseCLIP teacher: {_cells(result.report['denseclip'])}")
+    report = result.report
+    if job.has_ground_truth:
+        console.print(f"{report['method']}: {_cells(report)}")
+    else:
+        console.print(f"DenseCLIP+ on {job.info.num_classes} classes, agreement with the DenseCLIP teacher: "
+                      f"pixels {report['pixel_agreement']:.2f}, mIoU {report['miou_agreement']:.2f}")
+    if "denseclip" in report:
+        console.print(f"DenseCLIP teacher: {_cells(report['denseclip'])}")
     console.print(f"final checkpoint: {result.checkpoint}")
     console.print(f"reports in the final checkpoint: {', '.join(REPORT_FILES)} "
                   f"(open {storage.join(result.checkpoint, 'index.html')})")

@@ -41,15 +41,17 @@ def test_pseudo_labels_argmax_among_allowed_classes_with_threshold():
     assert labels[0, 0, 0] == 0 and labels[0, 1, 1] == IGNORE
 
 
-def test_zero_shot_merge_keeps_seen_truth_and_fills_the_rest_with_unseen_pseudo_labels():
+def test_zero_shot_merge_fills_only_unseen_pixels_and_keeps_void_ignored():
+    # The check of the issue: void (255) stays ignored, seen truth stays, unseen pixels take the pseudo label.
+    assert zero_shot_merge(torch.tensor([0, 1, 255, 2]), torch.ones(4, dtype=torch.long), [1]).tolist() == \
+        [0, 1, 255, 2]
     gt = torch.tensor([[[0, 1, 2], [4, 255, 3]]])
-    pseudo = torch.tensor([[[4, 4, 4], [2, 2, 1]]])  # 1 is seen: it may not fill a pixel
-    merged = zero_shot_merge(gt, pseudo, UNSEEN, IGNORE)
-    assert merged.tolist() == [[[0, 1, 4], [2, 2, 3]]]
+    pseudo = torch.tensor([[[4, 4, 4], [2, 2, 1]]])
+    assert zero_shot_merge(gt, pseudo, UNSEEN, IGNORE).tolist() == [[[0, 1, 4], [2, 255, 3]]]
     assert hide_unseen(gt, UNSEEN, IGNORE).tolist() == [[[0, 1, 255], [255, 255, 3]]]
-    gt_no_void = torch.tensor([[[0, 1, 2], [4, 3, 3]]])
-    assert zero_shot_merge(gt_no_void, torch.tensor([[[0, 0, 1], [1, 1, 1]]]), UNSEEN).tolist() == \
-        [[[0, 1, 255], [255, 3, 3]]]
+    # A seen-class pseudo label never fills an unseen pixel (it would teach a seen class there).
+    assert zero_shot_merge(gt, torch.tensor([[[0, 0, 1], [3, 1, 1]]]), UNSEEN).tolist() == \
+        [[[0, 1, 255], [255, 255, 3]]]
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +81,9 @@ def _recorded_targets(monkeypatch, teacher, gt: torch.Tensor, config: TrainingCo
     """Run real training steps and return every target map the loss received."""
     seen: list[torch.Tensor] = []
 
-    def spy(logits, targets, ignore_index=255):
+    def spy(logits, targets, ignore_index=255, average="all_pixels"):
         seen.append(targets.clone())
-        return segmentation_loss(logits, targets, ignore_index)
+        return segmentation_loss(logits, targets, ignore_index, average)
 
     monkeypatch.setattr(training, "segmentation_loss", spy)
     torch.manual_seed(config.seed)
@@ -101,19 +103,31 @@ ZERO_SHOT = TrainingConfig(setting="zero_shot", iterations=4, guided_iterations=
 
 def test_unseen_ground_truth_never_reaches_the_loss(monkeypatch, teacher):
     gt = _ground_truth()
-    # The same scenes annotated differently only in their unseen pixels: another unseen class, or void.
+    gt[0, 0:4, :] = IGNORE  # void: a boundary band
+    # The same scenes annotated differently only in which unseen class their unseen pixels carry.
     relabelled = gt.clone()
     relabelled[gt == 2] = 4
-    relabelled[gt == 4] = IGNORE
+    relabelled[gt == 4] = 2
     first = _recorded_targets(monkeypatch, teacher, gt, ZERO_SHOT)
     second = _recorded_targets(monkeypatch, teacher, relabelled, ZERO_SHOT)
     assert len(first) == ZERO_SHOT.iterations
-    seen_pixels = (gt != 2) & (gt != 4)
-    unseen_pixels = ~seen_pixels
+    void = gt == IGNORE
+    unseen_pixels = (gt == 2) | (gt == 4)
+    seen_pixels = ~unseen_pixels & ~void
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)  # guided and self-training steps alike
         torch.testing.assert_close(a[seen_pixels], gt[seen_pixels])
         assert set(a[unseen_pixels].unique().tolist()) <= set(UNSEEN)  # filled by pseudo labels, never empty
+        assert (a[void] == IGNORE).all()  # void is never pseudo-labelled
+
+
+def test_seen_only_baseline_trains_on_seen_ground_truth_alone(monkeypatch, teacher):
+    config = dataclasses.replace(ZERO_SHOT, setting="seen_only", self_training=False)
+    gt = _ground_truth()
+    expected = hide_unseen(gt, UNSEEN, IGNORE)
+    for targets in _recorded_targets(monkeypatch, teacher, gt, config):
+        torch.testing.assert_close(targets, expected)  # every step: no pseudo label anywhere
+    assert training.phase(0, config) == "seen_only"
 
 
 def test_annotation_free_targets_never_use_ground_truth(monkeypatch, teacher):

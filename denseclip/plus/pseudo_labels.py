@@ -162,17 +162,25 @@ def keep_classes(labels: torch.Tensor, class_ids: Sequence[int], ignore_index: i
 
 def zero_shot_merge(ground_truth: torch.Tensor, unseen_labels: torch.Tensor, unseen_ids: Sequence[int],
                     ignore_index: int = 255) -> torch.Tensor:
-    """Transductive zero-shot targets: seen-class pixels keep their ground truth; every other pixel (unseen
-    class or unannotated) takes its pseudo label if that is an unseen class, else ``ignore_index``.
+    """Transductive zero-shot targets, as the official code builds them: seen-class pixels keep their ground
+    truth; pixels annotated with an unseen class take their pseudo label if that is an unseen class, else
+    ``ignore_index``; unannotated pixels (``ignore_index``: VOC's object boundaries, COCO-Stuff's
+    "unlabelled") stay ignored.
+
+    The annotation says only *that* a pixel is unseen (the official data pipeline turns every unseen class
+    into one "unlabelled" value before the head sees it), never *which* unseen class: the result is the same
+    whichever unseen class the ground truth names.
 
     Args:
-        ground_truth: ``(B, H, W)`` int64 full annotation; its unseen classes are hidden here, so no unseen
-            ground truth can reach the loss.
+        ground_truth: ``(B, H, W)`` int64 full annotation.
         unseen_labels: ``(B, H, W)`` int64 pseudo labels, normally ``pseudo_labels(scores, unseen_ids)``.
+    Returns:
+        ``(B, H, W)`` int64 targets; ``ignore_index`` wherever ``ground_truth`` is ``ignore_index``.
     """
-    seen_truth = hide_unseen(ground_truth, unseen_ids, ignore_index)
+    unseen = torch.isin(ground_truth, torch.as_tensor(list(unseen_ids), dtype=ground_truth.dtype,
+                                                      device=ground_truth.device))
     fill = keep_classes(unseen_labels, unseen_ids, ignore_index)
-    return torch.where(seen_truth != ignore_index, seen_truth, fill)
+    return torch.where(unseen, fill, ground_truth)
 
 
 def label_training_set(teacher: DenseCLIPTeacher, images: np.ndarray, class_ids: Sequence[int] | None = None,

@@ -38,8 +38,8 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from denseclip import storage
-from denseclip.config import DEFAULT_HEAD, ConfigError, LabelerConfig
-from denseclip.datasets import DATASET_NAMES, DatasetInfo, get_dataset
+from denseclip.config import DEFAULT_HEAD, ConfigError, LabelerConfig, resolve_vocabulary
+from denseclip.datasets import CUSTOM, DATASET_NAMES, DatasetInfo, custom_dataset, get_dataset
 from denseclip.evaluation import Evaluation, ImageLabeler
 from denseclip.mask_store import MaskStore
 from denseclip.metrics import ConfusionMatrix, summarize
@@ -53,8 +53,8 @@ from denseclip.plus.training import (
     augment,
     build_optimizer,
     collate,
-    in_self_training,
     make_targets,
+    phase,
     set_learning_rate,
     train_step,
 )
@@ -62,6 +62,7 @@ from denseclip.ray.train_data import read_samples
 from denseclip.report import write_report
 from denseclip.robustness import CLEAN
 from denseclip.shards import expand_shards
+from denseclip.vocabulary import VocabularyError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ REPORT_FILE = "report.json"
 REPORT_FILES = (REPORT_FILE, "index.html", "tables.md", "confusion.png", "overlays/")
 TrainingFailedError = ray.train.TrainingFailedError
 EVAL_BATCH = 16
+REFERENCE_TEACHER = "denseclip_teacher"  # report.json's "reference" when there is no ground truth
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -83,7 +85,11 @@ class DataSpec:
 
     Attributes:
         train, val: WebDataset shards (folder, glob, ``.tar`` or a list; local or fsspec URLs) with ``jpg``
-            (or ``png``) images and ``seg.png`` ground truth (needed for val and the zero-shot setting).
+            (or ``png``) images and ``seg.png`` ground truth (needed for val and the zero-shot and seen-only
+            settings; never read with ``dataset: custom``, where ``val`` defaults to ``train``).
+        classes: with ``dataset: custom`` (only), the vocabulary, as ``pipelines/label.py``'s ``vocabulary``:
+            a class file (one class per line, synonyms after commas), a list of names, a list of name lists
+            (synonyms after the first), or a dataset name; replaced by the name lists when validated.
         mask_store: the Parquet mask store of ``pipelines/label.py``, for
             ``training.pseudo_labels: precomputed``.
         materialize: decode both sets once into Ray's object store instead of on every pass (small sets only).
@@ -92,6 +98,7 @@ class DataSpec:
 
     train: str | list[str] = ""
     val: str | list[str] = ""
+    classes: str | list | None = None
     mask_store: str | None = None
     materialize: bool = False
     shuffle_buffer: int = 256
@@ -171,15 +178,26 @@ class TrainJob:
         return job
 
     def validate(self) -> None:
-        if self.dataset not in DATASET_NAMES:
-            raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} (got {self.dataset!r})")
+        if self.dataset not in (*DATASET_NAMES, CUSTOM):
+            raise ConfigError(f"dataset: must be one of {', '.join((*DATASET_NAMES, CUSTOM))} "
+                              f"(got {self.dataset!r})")
         data, workers, run, evaluation = self.data, self.workers, self.run, self.evaluation
+        if self.dataset == CUSTOM:
+            data.classes = _custom_classes(data.classes)
+            data.val = data.val or data.train
+            if self.training.setting != "annotation_free":
+                _fail("training", "setting", self.training.setting, "must be annotation_free with dataset: "
+                      "custom (a free vocabulary has no ground truth)")
+        elif data.classes is not None:
+            _fail("data", "classes", data.classes, f"is only for dataset: {CUSTOM} (the {self.dataset} classes "
+                  "are fixed)")
         for name in ("train", "val"):
             value = getattr(data, name)
             values = [value] if isinstance(value, str) else value
             if not (values and isinstance(values, list) and all(isinstance(v, str) and v for v in values)):
                 _fail("data", name, value, "must be a shard path, glob or folder, or a list of them")
-        if self.training.pseudo_labels == "precomputed" and not data.mask_store:
+        if self.training.uses_pseudo_labels and self.training.pseudo_labels == "precomputed" \
+                and not data.mask_store:
             _fail("data", "mask_store", data.mask_store, "is needed with training.pseudo_labels: precomputed")
         _require(data.mask_store is None or isinstance(data.mask_store, str), "data", "mask_store",
                  data.mask_store, "must be the mask store's folder or URL")
@@ -222,7 +240,12 @@ class TrainJob:
 
     @property
     def info(self) -> DatasetInfo:
-        return get_dataset(self.dataset)
+        return custom_dataset(self.data.classes) if self.dataset == CUSTOM else get_dataset(self.dataset)
+
+    @property
+    def has_ground_truth(self) -> bool:
+        """Whether the validation shards are scored against their annotation (else: against the teacher)."""
+        return self.dataset != CUSTOM
 
     def validation_steps(self) -> list[int]:
         """Steps (counted from 1) after which the target is scored on the validation set; the last is the
@@ -232,6 +255,17 @@ class TrainJob:
         if self.training.self_training and 0 < self.training.num_guided < total:
             steps.add(self.training.num_guided)
         return sorted(steps | {total})
+
+
+def _custom_classes(value) -> list[list[str]]:
+    """``data.classes`` of a custom job -> one name list per class (read as ``label.py``'s ``vocabulary``)."""
+    if not isinstance(value, (str, list)) or not value:
+        _fail("data", "classes", value, "must be a class file (one class per line, synonyms after commas) or a "
+              "list of classes")
+    try:
+        return resolve_vocabulary(value)
+    except (ConfigError, VocabularyError) as exc:
+        raise ConfigError(f"data.classes: {exc}") from exc
 
 
 def _section(cls, values: dict, where: str):
@@ -272,7 +306,7 @@ def check_inputs(job: TrainJob) -> None:
             expand_shards(getattr(job.data, name))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"data.{name}: {exc}") from exc
-    if job.training.pseudo_labels == "precomputed":
+    if job.training.uses_pseudo_labels and job.training.pseudo_labels == "precomputed":
         provenance = MaskStore(job.data.mask_store).provenance
         if provenance is None:
             _fail("data", "mask_store", job.data.mask_store, "holds no committed masks")
@@ -303,10 +337,11 @@ def build_datasets(job: TrainJob) -> dict[str, ray.data.Dataset]:
                               fn_kwargs={"num_classes": job.info.num_classes, "with_label": with_label,
                                          "mask_store": mask_store, "label_lut": job.info.label_lut})
 
-    precomputed = job.training.pseudo_labels == "precomputed"
-    datasets = {"train": read(job.data.train, job.training.setting == "zero_shot",
+    training = job.training
+    precomputed = training.uses_pseudo_labels and training.pseudo_labels == "precomputed"
+    datasets = {"train": read(job.data.train, training.setting in ("zero_shot", "seen_only"),
                               job.data.mask_store if precomputed else None),
-                "val": read(job.data.val, True, None)}
+                "val": read(job.data.val, job.has_ground_truth, None)}
     return {name: ds.materialize() for name, ds in datasets.items()} if job.data.materialize else datasets
 
 
@@ -366,7 +401,8 @@ def load_target_checkpoint(path: str, device: str | torch.device = "cpu") -> Seg
     for ``predict`` / ``label_images``. Its architecture comes from ``checkpoint.json``; no CLIP weights are
     read."""
     meta = read_checkpoint_meta(path)
-    target = dict(meta["target"], backbone_weights=None)
+    # Checkpoints from before the classifier was a choice used the cosine one.
+    target = {"classifier": "cosine", **meta["target"], "backbone_weights": None}
     target["aspp_rates"] = None if target["aspp_rates"] is None else tuple(target["aspp_rates"])
     state = safetensors.torch.load(storage.read_bytes(storage.join(path, MODEL_FILE)))
     config = TargetConfig(**target)
@@ -462,10 +498,11 @@ def train_on(worker: _Worker, rows: dict[str, np.ndarray], step: int,
     lr = set_learning_rate(worker.optimizer, step, training)
     targets = make_targets(batch, step, training, worker.model, worker.teacher, worker.job.info.unseen_ids,
                            worker.precision)
-    phase = "self_training" if in_self_training(step, training) else "guided"
+    step_phase = phase(step, training)
     for callback in callbacks:
-        callback(StepContext(step, worker.rank, worker.world_size, phase, batch, targets))
-    return train_step(worker.trained, worker.optimizer, batch, targets, worker.precision), phase, lr
+        callback(StepContext(step, worker.rank, worker.world_size, step_phase, batch, targets))
+    loss = train_step(worker.trained, worker.optimizer, batch, targets, worker.precision, training.loss_average)
+    return loss, step_phase, lr
 
 
 def _batches(shard, batch_size: int, shuffle_buffer: int) -> Iterator[dict[str, np.ndarray]]:
@@ -482,8 +519,10 @@ def _batches(shard, batch_size: int, shuffle_buffer: int) -> Iterator[dict[str, 
                              "(training.batch_size / workers.num_workers)")
 
 
-def evaluate_split(labeler: ImageLabeler, worker: _Worker, num_overlays: int) -> Evaluation:
-    """Score ``labeler`` on this worker's split of the validation set and merge the scores of all workers.
+def evaluate_split(labeler: ImageLabeler, worker: _Worker, num_overlays: int,
+                   reference: ImageLabeler | None = None) -> Evaluation:
+    """Score ``labeler`` on this worker's split of the validation set against the ground truth, or against
+    ``reference``'s labels of the same images when given, and merge the scores of all workers.
 
     Ray Data splits the set (``TrainingData``), so every image is scored by exactly one worker; the result,
     the same on every worker, holds the confusion matrix of the whole set and ``num_overlays`` overlay samples
@@ -491,8 +530,12 @@ def evaluate_split(labeler: ImageLabeler, worker: _Worker, num_overlays: int) ->
     info = worker.job.info
     evaluation = Evaluation(info.num_classes, info.ignore_index, num_overlays)
     for rows in ray.train.get_dataset_shard("val").iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"):
-        evaluation.add_labelled(labeler, CLEAN, [(str(key), np.asarray(image), label) for key, image, label
-                                                 in zip(rows["key"], rows["image"], rows["label"])])
+        items = [(str(key), np.asarray(image)) for key, image in zip(rows["key"], rows["image"])]
+        if reference is None:
+            truths = list(rows["label"])
+        else:
+            truths = [labels for labels, _ in reference.label_images([image for _, image in items])]
+        evaluation.add_labelled(labeler, CLEAN, [(key, image, truth) for (key, image), truth in zip(items, truths)])
     if worker.world_size == 1:
         return evaluation
     parts: list[Evaluation | None] = [None] * worker.world_size
@@ -505,10 +548,25 @@ def evaluate_split(labeler: ImageLabeler, worker: _Worker, num_overlays: int) ->
     return merged
 
 
+def _evaluate_target(worker: _Worker, num_overlays: int) -> Evaluation:
+    """The target on the validation set: against the annotation, or, with a free vocabulary (no ground
+    truth), against the DenseCLIP teacher's labels of the same images."""
+    reference = None if worker.job.has_ground_truth else worker.teacher.predictor
+    return evaluate_split(worker.model, worker, num_overlays, reference)
+
+
 def _summary(conf: ConfusionMatrix, job: TrainJob) -> dict:
+    """The report numbers; without ground truth, the agreement with the teacher (``pixel_agreement``: the share
+    of pixels labelled alike, ``per_class_agreement``: per class, the IoU of the two labellings' masks,
+    ``miou_agreement`` their mean), which the usual keys then also measure."""
     info = job.info
+    if not job.has_ground_truth:
+        summary = summarize(conf, info.class_names)
+        return {**summary, "reference": REFERENCE_TEACHER, "pixel_agreement": summary["pixel_accuracy"],
+                "miou_agreement": summary["miou"], "per_class_agreement": summary["per_class_iou"]}
+    # The zero-shot evaluation (the seen-only baseline's too) drops VOC's background, as the paper does.
     ignore = ([info.class_names[info.background_index]]
-              if job.training.setting == "zero_shot" and info.ignore_background_in_zero_shot else [])
+              if job.training.setting != "annotation_free" and info.ignore_background_in_zero_shot else [])
     return summarize(conf, info.class_names, unseen=info.unseen, ignore_classes=ignore)
 
 
@@ -524,8 +582,9 @@ def _report(worker: _Worker, metrics: dict, step: int, history: dict, final: dic
             save_checkpoint(directory, worker.model, worker.optimizer, step, worker.job, history, worker.precision)
             if final is not None:
                 info = worker.job.info
+                reference = "ground truth" if worker.job.has_ground_truth else "DenseCLIP (teacher)"
                 write_report(directory, final["summary"], final["conf"], info.class_names, info.palette,
-                             final["samples"])
+                             final["samples"], reference=reference)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if worker.rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{step:06d}")
 
@@ -565,19 +624,19 @@ def train_loop_per_worker(config: dict) -> None:
     validation_steps = job.validation_steps()
     losses: list[torch.Tensor] = []
     for step in range(start, training.iterations):
-        loss, phase, lr = train_on(worker, next(batches), step, callbacks)
+        loss, step_phase, lr = train_on(worker, next(batches), step, callbacks)
         losses.append(loss)
         done = step + 1
         metrics = {}
         if done % job.run.log_every == 0 or done == training.iterations:
-            metrics = {"step": done, "phase": phase, "lr": lr, "loss": _mean_over_workers(losses, worker)}
+            metrics = {"step": done, "phase": step_phase, "lr": lr, "loss": _mean_over_workers(losses, worker)}
             history["log"].append(metrics)
             losses = []
         if done == training.iterations:
             break
         if done in validation_steps:
-            evaluation = evaluate_split(worker.model, worker, 0)
-            record = {"step": done, "phase": phase, **_headline(_summary(evaluation.matrix(), job))}
+            evaluation = _evaluate_target(worker, 0)
+            record = {"step": done, "phase": step_phase, **_headline(_summary(evaluation.matrix(), job))}
             history["validation"].append(record)
             metrics = {**metrics, "step": done, **{f"val_{k}": v for k, v in record.items() if k != "step"}}
         with_checkpoint = done % job.run.checkpoint_every == 0
@@ -601,20 +660,22 @@ def _headline(summary: dict) -> dict:
 def _finish(worker: _Worker, history: dict, step: int) -> None:
     """Evaluate the final target (and the teacher); report the final checkpoint, ``report.json`` beside it."""
     job = worker.job
-    evaluation = evaluate_split(worker.model, worker, job.evaluation.num_overlays)
+    evaluation = _evaluate_target(worker, job.evaluation.num_overlays)
     conf, samples = evaluation.matrix(), evaluation.overlays.items
     summary = _summary(conf, job)
     history["validation"].append({"step": step, "phase": "final", **_headline(summary)})
     report = {**summary, "dataset": job.dataset, "protocol": job.labeler.protocol,
               "method": _method_name(job.training), "inputs": _inputs(job),
               "validation": history["validation"], "training_log": history["log"]}
-    if job.evaluation.teacher:
+    if job.evaluation.teacher and job.has_ground_truth:  # else the teacher is the reference itself
         report["denseclip"] = _summary(evaluate_split(worker.teacher.predictor, worker, 0).matrix(), job)
     metrics = {"step": step, "phase": "final", **{f"val_{k}": v for k, v in _headline(summary).items()}}
     _report(worker, metrics, step, history, final={"summary": report, "conf": conf, "samples": samples})
 
 
 def _method_name(training: TrainingConfig) -> str:
+    if not training.uses_pseudo_labels:
+        return "seen_only"  # the baseline: no DenseCLIP in it
     return f"denseclip_plus_{training.setting}" + ("_self_training" if training.self_training else "")
 
 
@@ -626,7 +687,7 @@ def _inputs(job: TrainJob) -> dict:
             "teacher_head": job.labeler.head, "teacher_protocol": job.labeler.protocol,
             "teacher_activation": weights_activation(job.labeler.model, job.labeler.pretrained),
             "target": f"{job.training.target.head}-{job.training.target.backbone}",
-            "workers": job.workers.num_workers}
+            "classifier": job.training.target.classifier, "workers": job.workers.num_workers}
 
 
 # ---------------------------------------------------------------------------------------------- driver
