@@ -9,10 +9,14 @@ workers as environment variables, e.g. ``--runtime-env-json '{"env_vars": {"AWS_
 or as node roles). Without ``--address`` or ``$RAY_ADDRESS`` a private local Ray is started and stopped.
 
 Flags override the job file (``jobs/*.yaml``: input, output, vocabulary, num_actors, cpus_per_actor and a
-``labeler:`` mapping of model and inference options). Re-running with the same output labels only the shards
-not yet committed; an output holding another model's or vocabulary's masks is refused unless ``--overwrite``.
-Prints a summary and writes it as ``summary.json`` next to the masks. Exit codes: 0 done (bad images are
-listed in the store's errors table), 1 the job failed while running, 2 a bad configuration, input or output.
+``labeler:`` mapping of model and inference options). Re-running with the same output labels the new shards and
+those whose content changed since they were committed, leaves the others alone and reports shards that left
+the input (their masks are kept); ``--retry-errors`` also relabels the error rows of committed shards. An output
+holding another model's or vocabulary's masks is refused unless ``--overwrite``. One run at a time writes an
+output: it holds the output's lease (``lease.json``), and a second run exits (or waits ``--wait-for-lease``
+seconds). Prints a summary and writes it as ``summary.json`` next to the masks. Exit codes: 0 done (bad images
+are listed in the store's errors table), 1 the job failed while running, 2 a bad configuration, input or output,
+3 another run holds the output's lease.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from denseclip.vocabulary import VocabularyError
 
 JOB_FIELDS = ("input", "output", "vocabulary", "num_actors", "cpus_per_actor", "labeler")
 LABELER_FIELDS = tuple(f.name for f in dataclasses.fields(LabelerConfig) if f.name != "extra")
-MAX_CLASSES = 255  # label maps are stored as 8-bit PNGs
+# Label maps are 8-bit PNGs up to 255 classes (255 = ignore), 16-bit beyond (65535 = ignore).
+MAX_CLASSES = 65535
+EXIT_LEASE_HELD = 3
 
 
 @dataclass
@@ -51,6 +57,9 @@ class LabelJob:
     cpus_per_actor: float | None
     overwrite: bool
     address: str | None
+    retry_errors: bool = False
+    wait_for_lease: float = 0.0
+    lease_ttl: float = 60.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-actor", type=float,
                         help="CPUs each actor reserves, fractional allowed (default: half the CPUs shared out)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="also relabel the error rows of committed shards (stores written before errors "
+                        "were told apart by cause)")
+    parser.add_argument("--wait-for-lease", type=float, default=0.0, metavar="SECONDS",
+                        help="when another run holds the output's lease, wait this long for it (default: exit 3)")
+    parser.add_argument("--lease-ttl", type=float, default=60.0, metavar="SECONDS",
+                        help="how long the lease outlives this run if it dies (renewed every third of it)")
     add_labeler_arguments(parser)
     # Unset labeler flags stay None, so a job file's values are only overridden by flags actually given.
     parser.set_defaults(**dict.fromkeys(LABELER_FIELDS))
@@ -110,25 +126,36 @@ def load_job(args: argparse.Namespace) -> LabelJob:
     except (VocabularyError, DatasetError, OSError) as exc:
         raise ConfigError(f"vocabulary: {exc}") from exc
     if len(classes) + (labeler.background_threshold is not None) > MAX_CLASSES:
-        raise ConfigError(f"vocabulary: {len(classes)} classes do not fit 8-bit label maps (at most {MAX_CLASSES})")
+        raise ConfigError(f"vocabulary: {len(classes)} classes do not fit 16-bit label maps (at most {MAX_CLASSES})")
+    if args.wait_for_lease < 0 or args.lease_ttl <= 0:
+        raise ConfigError(f"--wait-for-lease must be >= 0 and --lease-ttl > 0, got {args.wait_for_lease} and "
+                          f"{args.lease_ttl}")
     return LabelJob(values["input"], values["output"], classes, labeler, values["num_actors"],
-                    values["cpus_per_actor"], args.overwrite, args.address)
+                    values["cpus_per_actor"], args.overwrite, args.address, args.retry_errors,
+                    args.wait_for_lease, args.lease_ttl)
 
 
 def run(job: LabelJob) -> int:
     # Ray is imported only once the configuration is known to be good: a bad value fails in well under a second.
+    from denseclip.lease import Lease, LeaseLost
     from denseclip.ray.labeling import label_shards, prepare_labeling, write_summary
 
-    plan = prepare_labeling(job.input, job.output, job.labeler, job.classes, overwrite=job.overwrite)
-    print(f"label: {len(plan.shards)} shards, {len(plan.shards) - len(plan.todo)} already committed in "
-          f"{job.output}", flush=True)
-    try:
-        summary = label_shards(plan, job.labeler, job.classes, address=job.address, num_actors=job.num_actors,
-                               cpus_per_actor=job.cpus_per_actor)
-    except Exception as exc:
-        write_summary(job.output, {"status": "failed", "error": f"{type(exc).__name__}: {exc}"},
-                      plan.storage_options)
-        raise
+    with Lease(job.output, ttl_s=job.lease_ttl, wait_s=job.wait_for_lease) as lease:
+        plan = prepare_labeling(job.input, job.output, job.labeler, job.classes, overwrite=job.overwrite,
+                                retry_errors=job.retry_errors, lease=lease)
+        retry = f"; relabelling {sum(map(len, plan.retry.values()))} error rows" if job.retry_errors else ""
+        print(f"label: {len(plan.shards)} shards, {len(plan.unchanged)} already committed in {job.output} and "
+              f"unchanged, {len(plan.new)} new, {len(plan.changed)} changed since committed; "
+              f"{len(plan.missing)} committed shards missing from the input (kept){retry}", flush=True)
+        try:
+            summary = label_shards(plan, job.labeler, job.classes, address=job.address, num_actors=job.num_actors,
+                                   cpus_per_actor=job.cpus_per_actor)
+        except LeaseLost:
+            raise  # the output belongs to the run that took the lease over: write nothing more
+        except Exception as exc:
+            write_summary(job.output, {"status": "failed", "error": f"{type(exc).__name__}: {exc}"},
+                          plan.storage_options)
+            raise
     print(f"label: {summary['images_labelled']} images labelled, {summary['errors']} errors, "
           f"{summary['images_per_s']} images/s, {summary['wall_time_s']} s; "
           f"{summary['shards_committed']} shards committed to {job.output}")
@@ -143,11 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"label: error: {exc}", file=sys.stderr)
         return 2
+    from denseclip.lease import LeaseError, LeaseHeld
     from denseclip.ray.labeling import LabelingError
 
     try:
         return run(job)
-    except LabelingError as exc:
+    except LeaseHeld as exc:
+        print(f"label: not started: {exc}; re-run later or pass --wait-for-lease SECONDS", file=sys.stderr)
+        return EXIT_LEASE_HELD
+    except (LabelingError, LeaseError) as exc:
         print(f"label: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - any failure of the job: its traceback, then one line and exit 1

@@ -230,8 +230,9 @@ def test_job_file_and_flags_merge_and_bad_values_name_their_field(tmp_path):
     flags = ["--input", "x", "--output", "y"]
     many = tmp_path / "many.txt"
     many.write_text("".join(f"class {i}\n" for i in range(300)))
+    assert len(label_cli.load_job(parse([*flags, "--vocabulary", str(many)])).classes) == 300  # 16-bit maps
     for argv, field in [(["--config", str(job), "--cpus-per-actor", "-1"], "cpus_per_actor"),
-                        ([*flags, "--vocabulary", str(many)], "vocabulary: 300 classes do not fit"),
+                        ([*flags, "--vocabulary", "synthetic", "--wait-for-lease", "-1"], "--wait-for-lease"),
                         ([*flags, "--vocabulary", "synthetic", "--precision", "fp8"], "labeler.precision"),
                         ([*flags], "vocabulary: required")]:
         with pytest.raises(ConfigError, match=field):
