@@ -207,7 +207,7 @@ def test_two_overlapping_runs_one_labels_the_other_exits_then_a_waiting_run_foll
     winner = next(out_ for out_, _, code in results if code == 0)
     assert "60 images labelled" in winner
 
-    waited_out, waited_err = waiter.communicate(timeout=900)
+    _, waited_err = waiter.communicate(timeout=900)
     assert waiter.returncode == 0, waited_err[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["shards_unchanged"], summary["images_labelled"]) == (6, 0)  # it came after, found all done
