@@ -30,6 +30,25 @@ def read_yaml_file(path: str, kind: str = "job file") -> object:
         raise ConfigError(f"--config: cannot read {kind} {path!r}: {exc}") from exc
 
 
+def apply_override(spec: dict, assignment: str) -> None:
+    """Set ``spec[a][b] = value`` for ``"a.b=value"`` (the value read as YAML), adding sections as needed."""
+    path, sep, text = assignment.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(keys):
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key, "
+                          "e.g. training.iterations=100")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML: {exc}") from exc
+    node = spec
+    for depth, key in enumerate(keys[:-1]):
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(keys[:depth + 1])} is not a section")
+    node[keys[-1]] = value
+
+
 def resolve_vocabulary(spec: str | list, synonyms: bool = False) -> list[list[str]]:
     """A vocabulary from a dataset name (``coco_stuff``), a class file path, or a comma-separated list / a list.
 

@@ -32,6 +32,7 @@ from denseclip.config import (
     ConfigError,
     LabelerConfig,
     add_labeler_arguments,
+    apply_override,
     read_yaml_file,
     resolve_vocabulary,
 )
@@ -65,6 +66,9 @@ class LabelJob:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="job file (YAML); flags override its values")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a job-file field by its dotted path, the value read as YAML "
+                        "(labeler.resize_to=[2048,512]; repeatable; flags still win)")
     parser.add_argument("--input", help="shards: a path, glob, folder or URL (s3://bucket/shards/*.tar)")
     parser.add_argument("--output", help="mask store root (a folder or URL)")
     parser.add_argument("--vocabulary", help="dataset name (voc, context, coco_stuff, synthetic), classes file "
@@ -87,21 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_job_file(path: str) -> dict:
-    spec = read_yaml_file(path, "job file")
+def _read_job_file(path: str | None, overrides: list[str]) -> dict:
+    """The job file at ``path`` (none: an empty one) with the ``--set`` overrides applied, checked."""
+    spec = read_yaml_file(path, "job file") if path else {}
+    where = path or "--set"
     if not isinstance(spec, dict):
-        raise ConfigError(f"{path}: a job file must be a mapping of {', '.join(JOB_FIELDS)}")
+        raise ConfigError(f"{where}: a job file must be a mapping of {', '.join(JOB_FIELDS)}")
+    for assignment in overrides:
+        apply_override(spec, assignment)
     unknown = sorted(set(spec) - set(JOB_FIELDS))
     if unknown:
-        raise ConfigError(f"{path}: {unknown[0]}: unknown field (known: {', '.join(JOB_FIELDS)})")
+        raise ConfigError(f"{where}: {unknown[0]}: unknown field (known: {', '.join(JOB_FIELDS)})")
     if not isinstance(spec.get("labeler", {}), dict):
-        raise ConfigError(f"{path}: labeler: must be a mapping of {', '.join(LABELER_FIELDS)}")
+        raise ConfigError(f"{where}: labeler: must be a mapping of {', '.join(LABELER_FIELDS)}")
     return spec
 
 
 def load_job(args: argparse.Namespace) -> LabelJob:
-    """Merge the job file and the flags and validate everything; raises ConfigError naming the field."""
-    spec = _read_job_file(args.config) if args.config else {}
+    """Merge the job file, the ``--set`` overrides and the flags and validate everything; raises ConfigError
+    naming the field."""
+    spec = _read_job_file(args.config, args.set)
     where = f"{args.config}: " if args.config else ""
     file_labeler = spec.get("labeler") or {}
     LabelerConfig.from_dict(file_labeler, where=f"{where}labeler")

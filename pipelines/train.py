@@ -18,9 +18,8 @@ import argparse
 import sys
 
 import ray
-import yaml
 
-from denseclip.config import ConfigError, read_yaml_file
+from denseclip.config import ConfigError, apply_override, read_yaml_file
 from denseclip.ray.labeling import ray_cluster
 from denseclip.ray.train import TrainJob, check_inputs, run_training
 
@@ -35,25 +34,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override a spec field by its dotted path (repeatable)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     return parser.parse_args(argv)
-
-
-def apply_override(spec: dict, assignment: str) -> None:
-    """Set ``spec[a][b] = value`` for ``"a.b=value"`` (the value read as YAML), adding sections as needed."""
-    path, sep, text = assignment.partition("=")
-    keys = path.strip().split(".")
-    if not sep or not all(keys):
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key, "
-                          "e.g. training.iterations=100")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML: {exc}") from exc
-    node = spec
-    for depth, key in enumerate(keys[:-1]):
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {assignment!r}: {'.'.join(keys[:depth + 1])} is not a section")
-    node[keys[-1]] = value
 
 
 def load_spec(path: str, overrides: list[str]) -> dict:

@@ -228,6 +228,11 @@ def test_job_file_and_flags_merge_and_bad_values_name_their_field(tmp_path):
     assert (loaded.labeler.mode, loaded.labeler.batch_size, loaded.labeler.upsample_topk) == ("slide", 2, None)
     assert (loaded.input, loaded.num_actors, loaded.classes) == ("a/*.tar", 3, CLASSES)
     flags = ["--input", "x", "--output", "y"]
+    overridden = label_cli.load_job(parse(["--config", str(job), "--set", "labeler.mode=whole", "--set",
+                                           "num_actors=5", "--set", "labeler.key_smoothing=0.5"]))
+    assert (overridden.labeler.mode, overridden.num_actors, overridden.labeler.key_smoothing) == ("whole", 5, 0.5)
+    with pytest.raises(ConfigError, match="labeler.sideways: unknown field"):
+        label_cli.load_job(parse([*flags, "--vocabulary", "synthetic", "--set", "labeler.sideways=1"]))
     many = tmp_path / "many.txt"
     many.write_text("".join(f"class {i}\n" for i in range(300)))
     assert len(label_cli.load_job(parse([*flags, "--vocabulary", str(many)])).classes) == 300  # 16-bit maps

@@ -1,0 +1,108 @@
+"""Real multi-process Ray clusters for tests: a head and more nodes on 127.0.0.1, each a ``ray start --block``
+process with free ports in its own session. Stopping or killing a node signals that process group only, so a
+test stops exactly the nodes it started and nobody else's Ray (never ``ray stop``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+# Ports every node opens; each gets a free one, since other clusters on this machine hold Ray's defaults and,
+# with --block, a node stops as a whole when any of its processes fails to bind.
+_NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
+               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")
+_HEAD_PORTS = ("--port", "--dashboard-port", "--ray-client-server-port")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayNode:
+    process: subprocess.Popen
+    temp_dir: str
+
+    def kill(self) -> None:
+        """SIGKILL the node: its raylet, object store and every worker on it, at once (a lost machine)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=60)
+        self.kill()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _start(args: list[str]) -> RayNode:
+    temp_dir = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ports = [x for flag in _NODE_PORTS for x in (flag, str(free_port()))]
+    process = subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir,
+                                "--disable-usage-stats", *ports, *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return RayNode(process, temp_dir)
+
+
+@dataclass
+class LocalCluster:
+    """``gcs``: the address drivers join (``ray.init(address=...)``, ``--address``); ``dashboard``: the job
+    submission and state API address."""
+
+    gcs: str
+    dashboard: str
+    head: RayNode
+    nodes: list[RayNode] = field(default_factory=list)
+
+    def alive_nodes(self) -> list:
+        """The state API's records (``node_id``, ``is_head_node``, ...) of the nodes alive now."""
+        from ray.util.state import list_nodes
+
+        return list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")])
+
+    def add_node(self, num_cpus: float, timeout: float = 180) -> RayNode:
+        """Start one more node and wait until the head counts it alive."""
+        before = len(self.alive_nodes())
+        node = _start(["--address", self.gcs, "--num-cpus", str(num_cpus)])
+        self.nodes.append(node)
+        deadline = time.monotonic() + timeout
+        while len(self.alive_nodes()) <= before:
+            assert node.process.poll() is None and time.monotonic() < deadline, "the Ray node did not come up"
+            time.sleep(1)
+        return node
+
+
+@contextlib.contextmanager
+def local_cluster(head_cpus: float = 2, timeout: float = 180) -> Iterator[LocalCluster]:
+    """A Ray head on 127.0.0.1 with ``head_cpus`` CPUs (add nodes with ``add_node``); every node it started is
+    stopped on exit."""
+    ports = {flag: str(free_port()) for flag in _HEAD_PORTS}
+    head = _start(["--head", *(x for item in ports.items() for x in item), "--num-cpus", str(head_cpus),
+                   "--dashboard-host", "127.0.0.1"])
+    cluster = LocalCluster(f"127.0.0.1:{ports['--port']}", f"http://127.0.0.1:{ports['--dashboard-port']}", head)
+    try:
+        deadline = time.monotonic() + timeout
+        while subprocess.run([RAY, "job", "list", "--address", cluster.dashboard], capture_output=True,
+                             check=False).returncode != 0:
+            assert head.process.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+        yield cluster
+    finally:
+        for node in [*cluster.nodes, head]:
+            node.stop()
