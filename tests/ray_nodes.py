@@ -36,6 +36,12 @@ class RayNode:
     process: subprocess.Popen
     temp_dir: str
 
+    def output(self) -> str:
+        """The tail of what ``ray start`` printed (why a node did not come up)."""
+        with contextlib.suppress(OSError):
+            return Path(self.temp_dir, "ray-start.log").read_text()[-3000:]
+        return ""
+
     def kill(self) -> None:
         """SIGKILL the node: its raylet, object store and every worker on it, at once (a lost machine)."""
         with contextlib.suppress(ProcessLookupError):
@@ -54,9 +60,12 @@ class RayNode:
 def _start(args: list[str]) -> RayNode:
     temp_dir = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths have a length limit
     ports = [x for flag in _NODE_PORTS for x in (flag, str(free_port()))]
-    process = subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir,
-                                "--disable-usage-stats", *ports, *args],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # A loaded CI machine starts the dashboard's modules slowly; past Ray's 30 s, the head gives up and exits.
+    env = dict(os.environ, RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT="300")
+    with open(os.path.join(temp_dir, "ray-start.log"), "w") as log:
+        process = subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir",
+                                    temp_dir, "--disable-usage-stats", *ports, *args],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     return RayNode(process, temp_dir)
 
 
@@ -73,36 +82,54 @@ class LocalCluster:
     def alive_nodes(self) -> list:
         """The state API's records (``node_id``, ``is_head_node``, ...) of the nodes alive now."""
         from ray.util.state import list_nodes
+        from ray.util.state.exception import ServerUnavailable
 
+        for _ in range(60):  # the dashboard answers slowly, or restarts, on a loaded machine
+            with contextlib.suppress(ServerUnavailable):
+                return list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")])
+            time.sleep(2)
         return list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")])
 
-    def add_node(self, num_cpus: float, timeout: float = 180) -> RayNode:
-        """Start one more node and wait until the head counts it alive."""
+    def add_node(self, num_cpus: float, timeout: float = 300) -> RayNode:
+        """Start one more node and wait until the head counts it alive. A node that gives up starting (on a
+        loaded machine its raylet can take more than Ray's fixed 30 s to register) is started again."""
         before = len(self.alive_nodes())
-        node = _start(["--address", self.gcs, "--num-cpus", str(num_cpus)])
-        self.nodes.append(node)
         deadline = time.monotonic() + timeout
-        while len(self.alive_nodes()) <= before:
-            assert node.process.poll() is None and time.monotonic() < deadline, "the Ray node did not come up"
-            time.sleep(1)
-        return node
+        while True:
+            node = _start(["--address", self.gcs, "--num-cpus", str(num_cpus)])
+            while node.process.poll() is None and len(self.alive_nodes()) <= before:
+                assert time.monotonic() < deadline, f"the Ray node did not come up:\n{node.output()}"
+                time.sleep(1)
+            if node.process.poll() is None:
+                self.nodes.append(node)
+                return node
+            assert time.monotonic() < deadline, f"the Ray node did not come up:\n{node.output()}"
+            node.stop()
 
 
 @contextlib.contextmanager
-def local_cluster(head_cpus: float = 2, timeout: float = 180) -> Iterator[LocalCluster]:
+def local_cluster(head_cpus: float = 2, timeout: float = 600) -> Iterator[LocalCluster]:
     """A Ray head on 127.0.0.1 with ``head_cpus`` CPUs (add nodes with ``add_node``); every node it started is
     stopped on exit."""
-    ports = {flag: str(free_port()) for flag in _HEAD_PORTS}
-    head = _start(["--head", *(x for item in ports.items() for x in item), "--num-cpus", str(head_cpus),
-                   "--dashboard-host", "127.0.0.1"])
-    cluster = LocalCluster(f"127.0.0.1:{ports['--port']}", f"http://127.0.0.1:{ports['--dashboard-port']}", head)
+    deadline = time.monotonic() + timeout
+    cluster = None
     try:
-        deadline = time.monotonic() + timeout
-        while subprocess.run([RAY, "job", "list", "--address", cluster.dashboard], capture_output=True,
-                             check=False).returncode != 0:
-            assert head.process.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
-            time.sleep(2)
+        while True:
+            ports = {flag: str(free_port()) for flag in _HEAD_PORTS}
+            head = _start(["--head", *(x for item in ports.items() for x in item), "--num-cpus", str(head_cpus),
+                           "--dashboard-host", "127.0.0.1"])
+            cluster = LocalCluster(f"127.0.0.1:{ports['--port']}", f"http://127.0.0.1:{ports['--dashboard-port']}",
+                                   head)
+            while head.process.poll() is None and subprocess.run(
+                    [RAY, "job", "list", "--address", cluster.dashboard], capture_output=True, check=False).returncode:
+                assert time.monotonic() < deadline, f"the Ray head did not come up:\n{head.output()}"
+                time.sleep(2)
+            if head.process.poll() is None:
+                break
+            assert time.monotonic() < deadline, f"the Ray head did not come up:\n{head.output()}"
+            head.stop()  # it gave up starting (see LocalCluster.add_node): start another
         yield cluster
     finally:
-        for node in [*cluster.nodes, head]:
-            node.stop()
+        if cluster is not None:
+            for node in [*cluster.nodes, cluster.head]:
+                node.stop()
