@@ -15,7 +15,8 @@ Measured here (no GPU needed):
 - Bytes per stored mask at 640x480 (label map and confidence PNGs): a prediction whose every feature cell of
   RN50's stride draws its own logits over the 171 classes (the most fragmented a prediction at this stride can
   be: an upper bound, used in the plan) and a real VOC annotation (a lower bound).
-- Per image, CPU time of one core: decoding a 640x480 JPEG (quality 90), encoding its two PNGs.
+- Per image, CPU time of one core: decoding a 640x480 JPEG (quality 90), encoding its two PNGs; and the rate at
+  which one core hashes local shards (SHA-256, the content fingerprint of re-runs).
 Assumed (flags): the GPU's peak dense fp16/bf16 rate and the fraction of it reached, the CPU cores beside each
 GPU, the mean JPEG size.
 """
@@ -23,6 +24,7 @@ GPU, the mean JPEG size.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import math
 import statistics
@@ -128,8 +130,11 @@ def cpu_costs(labels: np.ndarray, confidence: np.ndarray) -> dict[str, float]:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=90)
     jpeg = buf.getvalue()
+    block = np.random.default_rng(0).bytes(64 << 20)
+    hash_s = cpu_ms(lambda: hashlib.sha256(block).digest(), repeats=5) / 1e3
     return {"jpeg_bytes": float(len(jpeg)), "decode_ms": cpu_ms(decode_image, jpeg),
-            "encode_ms": cpu_ms(lambda: (encode_mask(labels), encode_png(confidence)))}
+            "encode_ms": cpu_ms(lambda: (encode_mask(labels), encode_png(confidence))),
+            "sha256_mb_s": len(block) / 1e6 / hash_s}
 
 
 def check_meta_count() -> None:
@@ -215,7 +220,8 @@ def main() -> None:
           f"{mask['confidence'] / 1e3:.1f} kB (independent logits per RN50 feature cell: upper bound); "
           f"a VOC annotation at 640x480 {mask['annotation'] / 1e3:.1f} kB (lower bound)")
     print(f"  one CPU core (CPU time): decode a 640x480 JPEG ({cpu['jpeg_bytes'] / 1e3:.0f} kB, q90) "
-          f"{cpu['decode_ms']:.1f} ms, encode its label + confidence PNGs {cpu['encode_ms']:.1f} ms")
+          f"{cpu['decode_ms']:.1f} ms, encode its label + confidence PNGs {cpu['encode_ms']:.1f} ms; SHA-256 of "
+          f"local shards (their content fingerprint) {cpu['sha256_mb_s']:.0f} MB/s")
     plan(args, measured)
 
 
