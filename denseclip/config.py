@@ -3,19 +3,28 @@ shared by the CLI, the Ray pipelines and the job specs."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from denseclip.protocols import ProtocolError, protocol_defaults, protocol_names
 from denseclip.vocabulary import parse_class_list, read_classes_file
 
 # Kept free of torch imports so a bad configuration fails in well under a second.
 TINY_MODEL = "denseclip-tiny-shapes"
+TINY_MODELS = (TINY_MODEL,)  # the shipped models, trained at one resolution: "auto" keeps images as they are
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 MODES = ("whole", "slide")
+# resize_to "auto": real CLIP models see images resized as the paper's VOC / COCO-Stuff protocol resizes them
+# (keep ratio, fit (2048, 512): a 512-pixel short side for ordinary photos, not a 24-megapixel forward).
+DEFAULT_RESIZE = (2048, 512)
+RESIZE_AUTO, RESIZE_NATIVE = "auto", "native"
+_RESIZE_FIELDS = ("resize_to", "short_side")
 
 
 class ConfigError(ValueError):
@@ -80,6 +89,8 @@ class LabelerConfig:
     model: str = TINY_MODEL
     pretrained: str | None = None
     templates: str | None = None  # None: "synthetic" for the tiny model, "denseclip85" otherwise
+    protocol: str | None = None  # the preset (protocols.json) that supplied the defaults, recorded
+    resize_to: tuple[int, int] | str | None = RESIZE_AUTO  # [long, short], "auto" or "native" (= null)
     mode: str = "whole"
     crop_size: int = 448
     crop_stride: int = 224
@@ -95,11 +106,25 @@ class LabelerConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_dict(cls, values: dict, where: str = "labeler") -> LabelerConfig:
+    def from_dict(cls, values: dict, where: str = "labeler", dataset: str | None = None) -> LabelerConfig:
+        """Build and validate from plain data. With ``protocol`` among ``values``, that preset's values for
+        ``dataset`` (None: a free vocabulary) are the defaults; the fields given in ``values`` win (giving
+        either ``resize_to`` or ``short_side`` replaces the preset's resize)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
+        defaults = {}
+        if values.get("protocol") is not None:
+            try:
+                defaults = protocol_defaults(values["protocol"], dataset)
+            except ProtocolError as exc:
+                raise ConfigError(f"{where}.protocol: {exc}") from exc
+            if any(values.get(name) is not None for name in _RESIZE_FIELDS):
+                defaults = {k: v for k, v in defaults.items() if k not in _RESIZE_FIELDS}
+        values = {**defaults, **values}
+        if isinstance(values.get("resize_to"), list):
+            values["resize_to"] = tuple(values["resize_to"])
         config = cls(**values)
         config.validate(where)
         return config
@@ -123,6 +148,15 @@ class LabelerConfig:
                 fail(name, "must be a positive integer")
         if self.short_side is not None and (not isinstance(self.short_side, int) or self.short_side <= 0):
             fail("short_side", "must be a positive integer or null")
+        if self.resize_to not in (RESIZE_AUTO, RESIZE_NATIVE, None):
+            if not (isinstance(self.resize_to, (tuple, list)) and len(self.resize_to) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.resize_to)):
+                fail("resize_to", f"must be [long, short] (two positive integers), {RESIZE_AUTO!r}, "
+                                  f"{RESIZE_NATIVE!r} or null")
+            if self.short_side is not None:
+                fail("resize_to", "give either resize_to or short_side, not both")
+        if self.protocol is not None and self.protocol not in protocol_names():
+            fail("protocol", f"must be one of {', '.join(protocol_names())} or null")
         if self.upsample_topk is not None and (not isinstance(self.upsample_topk, int) or self.upsample_topk <= 0):
             fail("upsample_topk", "must be a positive integer or null")
         if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
@@ -138,6 +172,21 @@ class LabelerConfig:
             fail("device", "must be cpu or cuda[:N]")
 
     @property
+    def effective_resize_to(self) -> tuple[int, int] | None:
+        """The keep-ratio resize ``(long, short)`` applied before inference, "auto" resolved: None (images as
+        they are, or ``short_side``) for the shipped tiny models, :data:`DEFAULT_RESIZE` for real CLIP."""
+        if self.resize_to == RESIZE_AUTO:
+            return None if self.short_side is not None or self.model in TINY_MODELS else DEFAULT_RESIZE
+        if self.resize_to in (RESIZE_NATIVE, None):
+            return None
+        return tuple(self.resize_to)
+
+    def resolved(self) -> LabelerConfig:
+        """A copy with every "auto" setting resolved to what it means for this model (for provenance)."""
+        resize = self.effective_resize_to
+        return dataclasses.replace(self, resize_to=None if resize is None else list(resize))
+
+    @property
     def template_set(self) -> str:
         if self.templates is not None:
             return self.templates
@@ -151,7 +200,8 @@ class LabelerConfig:
         clip = clip or load_clip(self.model, self.pretrained, device=self.device, precision=self.precision)
         return DenseCLIP(
             clip, classes, self.template_set, mode=self.mode, crop_size=self.crop_size,
-            crop_stride=self.crop_stride, short_side=self.short_side, temperature=self.temperature,
+            crop_stride=self.crop_stride, short_side=self.short_side, resize_to=self.effective_resize_to,
+            temperature=self.temperature,
             background_threshold=self.background_threshold, key_smoothing=self.key_smoothing,
             prompt_denoising=self.prompt_denoising, upsample_topk=self.upsample_topk, batch_size=self.batch_size,
         )
@@ -167,7 +217,13 @@ def add_labeler_arguments(parser) -> None:
     group.add_argument("--mode", default="whole", help="whole or slide")
     group.add_argument("--crop-size", type=int, default=448)
     group.add_argument("--crop-stride", type=int, default=224)
-    group.add_argument("--short-side", type=int, default=None, help="resize the short side before inference")
+    group.add_argument("--protocol", default=None, help="a named preset of the options below: "
+                       f"{', '.join(protocol_names())} (explicit flags win)")
+    group.add_argument("--resize-to", type=_resize_argument, default=RESIZE_AUTO,
+                       help="keep-ratio resize before inference: LONG,SHORT (fit both), 'native' (as is) or "
+                       "'auto' (default: 2048,512 for real CLIP models, native for the tiny ones)")
+    group.add_argument("--short-side", type=int, default=None, help="resize the short side before inference "
+                       "(instead of --resize-to)")
     group.add_argument("--temperature", type=float, default=100.0)
     group.add_argument("--background-threshold", type=float, default=None)
     group.add_argument("--key-smoothing", type=float, default=None, help="key-smoothing affinity threshold")
@@ -178,10 +234,35 @@ def add_labeler_arguments(parser) -> None:
     group.add_argument("--precision", default="fp32")
 
 
-def labeler_config_from_args(args) -> LabelerConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(LabelerConfig) if hasattr(args, f.name)}
+def _resize_argument(text: str) -> tuple[int, int] | str:
+    """``--resize-to`` values: ``auto``, ``native`` (or ``none``), or ``LONG,SHORT`` / ``LONGxSHORT``."""
+    if text.lower() in (RESIZE_AUTO, RESIZE_NATIVE, "none"):
+        return RESIZE_NATIVE if text.lower() == "none" else text.lower()
+    parts = text.replace("x", ",").split(",")
+    try:
+        long, short = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LONG,SHORT, 'auto' or 'native', got {text!r}") from None
+    return long, short
+
+
+def labeler_config_from_args(args, dataset: str | None = None) -> LabelerConfig:
+    """The LabelerConfig of parsed ``add_labeler_arguments`` flags; with ``--protocol``, that preset (for
+    ``dataset``) fills in every flag left at its default."""
+    fields = [f for f in dataclasses.fields(LabelerConfig) if f.name != "extra" and hasattr(args, f.name)]
+    values = {f.name: getattr(args, f.name) for f in fields}
     if values.get("upsample_topk") == 0:
         values["upsample_topk"] = None
-    config = LabelerConfig(**values)
-    config.validate("--")
-    return config
+    if values.get("protocol") is not None:
+        # Flags left at their defaults give way to the preset.
+        defaults = build_defaults()
+        values = {k: v for k, v in values.items() if k == "protocol" or v != defaults.get(k)}
+    return LabelerConfig.from_dict(values, where="--", dataset=dataset)
+
+
+@functools.cache
+def build_defaults() -> dict:
+    """The defaults of ``add_labeler_arguments``' flags, by LabelerConfig field name."""
+    parser = argparse.ArgumentParser()
+    add_labeler_arguments(parser)
+    return vars(parser.parse_args([]))

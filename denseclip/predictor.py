@@ -42,6 +42,9 @@ class DenseCLIP:
         mode: ``"whole"`` (one forward per image, padded to the stride) or ``"slide"`` (crop windows).
         crop_size, crop_stride: sliding-window size and step in pixels (multiples of the tower's stride).
         short_side: resize each image so its short side has this length before inference (None: as is).
+        resize_to: ``(long, short)``: instead, resize each image keeping its aspect ratio to fit both, by
+            ``min(long / max(h, w), short / min(h, w))`` (MMSegmentation's keep-ratio ``Resize``: a 500x375
+            image becomes 683x512 for (2048, 512)). Labels are returned at each input's own size either way.
         temperature: logit scale applied to cosine similarities before the softmax.
         background_threshold: prepend a ``background`` class that wins where no class has probability >= it.
         background_embedding: ``(D,)`` embedding (e.g. a learned one) for a prepended ``background`` class.
@@ -63,6 +66,7 @@ class DenseCLIP:
         crop_size: int = 448,
         crop_stride: int = 224,
         short_side: int | None = None,
+        resize_to: tuple[int, int] | None = None,
         temperature: float = 100.0,
         background_threshold: float | None = None,
         background_embedding: torch.Tensor | None = None,
@@ -78,12 +82,15 @@ class DenseCLIP:
         if mode == "slide" and (crop_size % self.stride or crop_stride % self.stride or crop_stride <= 0):
             raise ValueError(f"crop_size {crop_size} and crop_stride {crop_stride} must be positive multiples "
                              f"of the tower's stride {self.stride}")
+        if short_side is not None and resize_to is not None:
+            raise ValueError("give either short_side or resize_to, not both")
         if background_threshold is not None and background_embedding is not None:
             raise ValueError("use either background_threshold or background_embedding, not both")
         if background_threshold is not None and not 0 < background_threshold < 1:
             raise ValueError(f"background_threshold must be in (0, 1), got {background_threshold}")
         self.mode, self.crop_size, self.crop_stride = mode, crop_size, crop_stride
         self.short_side, self.temperature, self.batch_size = short_side, temperature, batch_size
+        self.resize_to = None if resize_to is None else tuple(resize_to)
         self.background_threshold = background_threshold
         self.key_smoothing, self.prompt_denoising, self.upsample_topk = key_smoothing, prompt_denoising, upsample_topk
 
@@ -144,13 +151,25 @@ class DenseCLIP:
         return [(lab.cpu().numpy().astype(label_dtype), conf.cpu().float().numpy()) for lab, conf in results]
 
     # ------------------------------------------------------------------------------------------ internals
+    def inference_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size ``(h, w)`` an ``height x width`` image is resized to before inference (``short_side`` or
+        ``resize_to``; rounded as MMSegmentation rounds: ``int(x * scale + 0.5)``)."""
+        if self.resize_to is not None:
+            long, short = self.resize_to
+            scale = min(long / max(height, width), short / min(height, width))
+        elif self.short_side is not None:
+            scale = self.short_side / min(height, width)
+        else:
+            return height, width
+        return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
     def _resize(self, image: torch.Tensor) -> torch.Tensor:
-        if self.short_side is None:
-            return image
         h, w = image.shape[-2:]
-        scale = self.short_side / min(h, w)
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1)[0]
+        size = self.inference_size(h, w)
+        if size == (h, w):
+            return image
+        return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
+                             antialias=size[0] < h)[0]
 
     def _name_logits(self, batch: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> class logits ``(B, C, H/s, W/s)`` (temperature * max-over-names cosine)."""

@@ -59,8 +59,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 SUMMARY_FILE = "summary.json"
 # Options that change the labels, hence part of the provenance (batch size and device do not).
-RESULT_OPTIONS = ("mode", "short_side", "temperature", "background_threshold", "key_smoothing",
-                  "prompt_denoising", "upsample_topk", "precision")
+RESULT_OPTIONS = ("protocol", "mode", "resize_to", "short_side", "temperature", "background_threshold",
+                  "key_smoothing", "prompt_denoising", "upsample_topk", "precision")
 SLIDE_OPTIONS = ("crop_size", "crop_stride")
 # A batch whose actor dies is retried on a restarted actor this often; a batch that kills every actor it
 # meets fails the job instead of looping forever. Actors themselves restart without limit (lost nodes).
@@ -148,6 +148,7 @@ def part_id(shard: str) -> str:
 def run_provenance(config: LabelerConfig, classes: list[list[str]]) -> dict:
     """Everything that determines the labels, except the weights' fingerprint (added by the actors)."""
     names = RESULT_OPTIONS + (SLIDE_OPTIONS if config.mode == "slide" else ())
+    config = config.resolved()
     return {"model": config.model, "pretrained": config.pretrained, "vocabulary": [list(c) for c in classes],
             "templates": load_templates(config.template_set), "options": {n: getattr(config, n) for n in names}}
 
