@@ -29,6 +29,7 @@ from denseclip.mask_store import code_version
 from denseclip.sources.sharding import MANIFEST
 
 STAGES = ("prepare", "label", "train", "evaluate")
+PROTOCOL = "paper"  # the preset (denseclip/data/protocols.json) reproductions label under by default
 SPEC_FIELDS = ("name", "workdir", "prepare", "label", "train", "evaluate")
 SYNTHETIC_FIELDS = ("seed", "num_images", "shard_size", "size")
 DATASET_FIELDS = ("root", "train_split", "val_split", "shard_size", "workers")
@@ -112,7 +113,7 @@ class Reproduction:
             apply_override(train_spec, f"{key}={json.dumps(value)}")
         reproduction = cls(path, spec["name"], spec["workdir"].rstrip("/"), prepare, sections["label"],
                            train_spec_path, train_spec, train_set, sections["evaluate"])
-        LabelerConfig.from_dict(reproduction.labeler, where=f"{path}: label.labeler")
+        LabelerConfig.from_dict(reproduction.labeler, where=f"{path}: label.labeler", dataset=reproduction.dataset)
         return reproduction
 
     # ------------------------------------------------------------------------------------ where things go
@@ -126,8 +127,9 @@ class Reproduction:
 
     @property
     def labeler(self) -> dict:
-        """The teacher of the train spec with the reproduction's ``label.labeler`` overrides."""
-        return {**(self.train_spec.get("labeler") or {}), **(self.label.get("labeler") or {})}
+        """The teacher of the train spec with the reproduction's ``label.labeler`` overrides, under the paper's
+        protocol unless they name another."""
+        return {"protocol": PROTOCOL, **(self.train_spec.get("labeler") or {}), **(self.label.get("labeler") or {})}
 
     @property
     def final_checkpoint(self) -> str:

@@ -36,7 +36,7 @@ from denseclip.config import (
     read_yaml_file,
     resolve_vocabulary,
 )
-from denseclip.datasets import DatasetError
+from denseclip.datasets import DATASET_NAMES, DatasetError
 from denseclip.vocabulary import VocabularyError
 
 JOB_FIELDS = ("input", "output", "vocabulary", "num_actors", "cpus_per_actor", "labeler")
@@ -112,15 +112,17 @@ def load_job(args: argparse.Namespace) -> LabelJob:
     naming the field."""
     spec = _read_job_file(args.config, args.set)
     where = f"{args.config}: " if args.config else ""
+    values = {name: getattr(args, name) if getattr(args, name) is not None else spec.get(name)
+              for name in ("input", "output", "vocabulary", "num_actors", "cpus_per_actor")}
+    # A protocol preset (labeler.protocol) takes the values it gives a dataset named as the vocabulary.
+    dataset = values["vocabulary"] if values["vocabulary"] in DATASET_NAMES else None
     file_labeler = spec.get("labeler") or {}
-    LabelerConfig.from_dict(file_labeler, where=f"{where}labeler")
+    LabelerConfig.from_dict(file_labeler, where=f"{where}labeler", dataset=dataset)
     flags = {name: getattr(args, name) for name in LABELER_FIELDS if getattr(args, name) is not None}
     if flags.get("upsample_topk") == 0:
         flags["upsample_topk"] = None  # --upsample-topk 0: upsample every class (exact)
-    labeler = LabelerConfig.from_dict({**file_labeler, **flags}, where="labeler")
+    labeler = LabelerConfig.from_dict({**file_labeler, **flags}, where="labeler", dataset=dataset)
 
-    values = {name: getattr(args, name) if getattr(args, name) is not None else spec.get(name)
-              for name in ("input", "output", "vocabulary", "num_actors", "cpus_per_actor")}
     for name in ("input", "output", "vocabulary"):
         if not values[name] or not isinstance(values[name], (str, list)):
             raise ConfigError(f"{name}: required (--{name} or '{name}:' in the job file), got {values[name]!r}")

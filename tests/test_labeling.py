@@ -231,6 +231,8 @@ def test_job_file_and_flags_merge_and_bad_values_name_their_field(tmp_path):
     overridden = label_cli.load_job(parse(["--config", str(job), "--set", "labeler.mode=whole", "--set",
                                            "num_actors=5", "--set", "labeler.key_smoothing=0.5"]))
     assert (overridden.labeler.mode, overridden.num_actors, overridden.labeler.key_smoothing) == ("whole", 5, 0.5)
+    preset = label_cli.load_job(parse([*flags, "--vocabulary", "context", "--set", "labeler.protocol=paper"]))
+    assert preset.labeler.resize_to == (520, 520)  # the paper preset's value for the dataset named as vocabulary
     with pytest.raises(ConfigError, match="labeler.sideways: unknown field"):
         label_cli.load_job(parse([*flags, "--vocabulary", "synthetic", "--set", "labeler.sideways=1"]))
     many = tmp_path / "many.txt"
