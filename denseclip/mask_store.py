@@ -266,13 +266,16 @@ class _KeyIndex:
             indexed = json.loads((self.file.schema_arrow.metadata or {}).get(INDEX_PARTS_KEY, b"{}"))
         self.covered = {p for p, entry in indexed.items() if self.listing.get(p) == entry["file"]}
         self.records: dict[str, dict | None] = {p: indexed[p]["record"] for p in self.covered}
-        self.recent: dict[str, list[tuple[str, int]]] = {}
+        recent = []  # index rows of the parts committed or replaced after the index was written
         for part in sorted(set(self.listing) - self.covered):
             parquet = store._open(store._url(MASKS_DIR, part))
             self.records[part] = part_record(parquet.schema_arrow.metadata)
-            for row, key in enumerate(parquet.read(columns=["key"]).column("key").to_pylist()):
-                self.recent.setdefault(key, []).append((part, row))
-        self.stale = bool(self.recent) or set(indexed) != set(self.listing)
+            keys = parquet.read(columns=["key"]).column("key")
+            recent.append(pa.table([keys, pa.array([part] * len(keys), pa.string()),
+                                    pa.array(range(len(keys)), pa.int32())], schema=INDEX_SCHEMA))
+        self.recent = pa.concat_tables(recent) if recent else INDEX_SCHEMA.empty_table()
+        self._recent_map: dict[str, list[tuple[str, int]]] | None = None
+        self.stale = self.recent.num_rows > 0 or set(indexed) != set(self.listing)
         # (min key, max key, row group) of the index's row groups, in key order.
         self._ranges: list[tuple[str, str, int]] = []
         if self.file is not None and self.covered:
@@ -290,7 +293,11 @@ class _KeyIndex:
     def locate(self, key: str) -> tuple[str, int] | None:
         """(part, row) of ``key``; a key in several parts (two shards holding it) is taken from the last part
         in sorted order."""
-        found = list(self.recent.get(key, ()))
+        if self._recent_map is None:
+            self._recent_map = {}
+            for k, part, row in zip(*(self.recent.column(n).to_pylist() for n in INDEX_SCHEMA.names)):
+                self._recent_map.setdefault(k, []).append((part, row))
+        found = list(self._recent_map.get(key, ()))
         i = bisect.bisect_left(self._maxs, key)  # the first group that may hold the key; duplicates may go on
         while i < len(self._ranges) and self._ranges[i][0] <= key:
             table = self._group(self._ranges[i][2])
@@ -309,7 +316,7 @@ class _KeyIndex:
             yield batch.filter(pc.is_in(batch.column("part"), value_set=covered))
 
     def keys(self) -> set[str]:
-        keys = set(self.recent)
+        keys = set(self.recent.column("key").to_pylist())
         for batch in self.indexed_rows():
             keys.update(batch.column("key").to_pylist())
         return keys
@@ -459,10 +466,8 @@ def write_key_index(root: str, **storage_options) -> bool:
     index = _KeyIndex(MaskStore(root, **storage_options))
     if not index.stale:
         return False
-    recent = [(key, part, row) for key, hits in index.recent.items() for part, row in hits]
     tables = [pa.Table.from_batches(list(index.indexed_rows()), INDEX_SCHEMA)] if index.covered else []
-    tables.append(pa.Table.from_pylist([dict(zip(INDEX_SCHEMA.names, r)) for r in recent], INDEX_SCHEMA))
-    table = pa.concat_tables(tables).sort_by([("key", "ascending"), ("part", "ascending")])
+    table = pa.concat_tables([*tables, index.recent]).sort_by([("key", "ascending"), ("part", "ascending")])
     parts = {p: {"file": file_id, "record": index.records.get(p)} for p, file_id in index.listing.items()}
     table = table.replace_schema_metadata({INDEX_PARTS_KEY: json.dumps(parts, sort_keys=True).encode()})
     storage.write_bytes(storage.join(root, INDEX_DIR, INDEX_FILE), _parquet_bytes(table, INDEX_ROW_GROUP_SIZE),
