@@ -27,14 +27,13 @@ import argparse
 import hashlib
 import io
 import math
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
-from mask_encoding import predicted_maps  # benchmarks/mask_encoding.py
+from mask_encoding import ms, predicted_maps  # benchmarks/mask_encoding.py
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -115,14 +114,8 @@ def mask_bytes() -> dict[str, np.ndarray | float]:
 
 
 def cpu_ms(fn, *args, repeats: int = 20) -> float:
-    """Median CPU time of this process per call (CPU time, not wall time: other jobs on the machine slow the
-    wall clock down, not the work)."""
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn(*args)
-        times.append(time.process_time() - start)
-    return 1e3 * statistics.median(times)
+    # CPU time, not wall time: other jobs on the machine slow the wall clock down, not the work.
+    return ms(fn, *args, repeats=repeats, clock=time.process_time)
 
 
 def cpu_costs(labels: np.ndarray, confidence: np.ndarray) -> dict[str, float]:

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
+from batches import ray_batch
 
 from denseclip import storage
 from denseclip.config import LabelerConfig, resolve_vocabulary
@@ -33,14 +33,6 @@ CONFIG = LabelerConfig(pretrained="random", batch_size=4)
 CLASSES = resolve_vocabulary("synthetic")
 
 
-def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    batch = {name: np.empty(len(rows), dtype=object) for name in rows[0]}
-    for i, row in enumerate(rows):
-        for name, value in row.items():
-            batch[name][i] = value
-    return batch
-
-
 def label_plan(plan, labeler: Labeler) -> None:
     """What label_shards does, without Ray: every shard (or the retried keys of one) through decode, the
     labeler (which encodes its own masks, as on CPU clusters) and the committer; then the key index."""
@@ -49,7 +41,7 @@ def label_plan(plan, labeler: Labeler) -> None:
     for shard, keys in work:
         rows = list(read_shard_rows(shard, keys=keys))
         if rows:
-            encoded = labeler(decode_batch(_batch(rows)))
+            encoded = labeler(decode_batch(ray_batch(rows)))
             committer.add(pa.Table.from_pydict({k: list(v) for k, v in encoded.items()}))
     committer.finish()
     write_key_index(plan.output)
@@ -132,7 +124,7 @@ def test_retry_errors_relabels_error_rows_and_merges_them_into_the_part(tmp_path
     plan = prepare_labeling(str(tmp_path / "in"), out, CONFIG, CLASSES)
     committer = ShardCommitter(plan)
     for shard in plan.todo:
-        encoded = labeler(decode_batch(_batch(list(read_shard_rows(shard)))))
+        encoded = labeler(decode_batch(ray_batch(list(read_shard_rows(shard)))))
         if shard == shards[1]:  # as an older version stored a passing fault: an error row for a good image
             encoded["error"][1] = "labeling failed: RuntimeError: CUDA error: an illegal memory access"
         committer.add(pa.Table.from_pydict({k: list(v) for k, v in encoded.items()}))

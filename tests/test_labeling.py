@@ -17,6 +17,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pytest
+from batches import ray_batch
 from PIL import Image
 from pipeline_scripts import load_pipeline
 
@@ -138,15 +139,6 @@ def test_actor_plan_leaves_cpus_for_the_tasks_feeding_the_pool():
     assert (growing.min_actors, growing.num_actors) == (1, 16)
 
 
-def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Rows -> a numpy batch as Ray Data hands it to map_batches (object columns hold arrays as they are)."""
-    batch = {name: np.empty(len(rows), dtype=object) for name in rows[0]}
-    for i, row in enumerate(rows):
-        for name, value in row.items():
-            batch[name][i] = value
-    return batch
-
-
 def test_stages_and_committer_commit_a_shard_only_when_all_its_rows_arrived(tmp_path):
     shards = write_shards(seed=3, n=5, out=str(tmp_path / "in"), shard_size=3, size=64)
     empty = str(tmp_path / "in" / "empty.tar")
@@ -155,12 +147,12 @@ def test_stages_and_committer_commit_a_shard_only_when_all_its_rows_arrived(tmp_
     rows = [r for s in shards for r in read_shard_rows(s)]
     rows[1]["data"] = b"not an image"
     labeler = Labeler(CONFIG, CLASSES)
-    encoded = encode_batch(labeler(decode_batch(_batch(rows))))
+    encoded = encode_batch(labeler(decode_batch(ray_batch(rows))))
     table = pa.Table.from_pydict({k: list(v) for k, v in encoded.items()})
     assert table.column("height").to_pylist() == [64, 0, 64, 64, 64]
     # An actor that encodes its own masks (CPU clusters) gives the rows the separate encode stage gives.
     labeler.encode = True  # the same (randomly initialised) weights
-    fused = labeler(decode_batch(_batch(rows)))
+    fused = labeler(decode_batch(ray_batch(rows)))
     assert pa.Table.from_pydict({k: list(v) for k, v in fused.items()}).equals(table)
 
     committer = ShardCommitter(plan)
@@ -186,7 +178,7 @@ def test_stages_and_committer_commit_a_shard_only_when_all_its_rows_arrived(tmp_
 
 def test_labeler_loses_only_the_image_that_fails():
     good = render_scene(1, 0, size=64).image
-    batch = _batch([{"key": k, "shard": "s", "shard_total": 0, "error": "", "image": im}
+    batch = ray_batch([{"key": k, "shard": "s", "shard_total": 0, "error": "", "image": im}
                     for k, im in (("a", good), ("b", good.astype(np.float32)), ("c", good))])
     out = Labeler(CONFIG, CLASSES)(batch)
     assert [bool(e) for e in out["error"]] == [False, True, False] and "labeling failed" in out["error"][1]
