@@ -13,8 +13,8 @@ zstd on label maps (6.6 kB vs 4.9 kB ground truth, 23 kB vs 22 kB a DenseCLIP-li
 smooth confidence maps (55 kB vs 74 kB); they decode in about 1 ms (zstd: 0.1 ms) and encode in 2-20 ms (zstd:
 under 1 ms). PNG wins on what matters downstream: every cell is a standard file any tool opens.
 
-The key index maps every key to its part and row, sorted by key in row groups whose min/max statistics lead a
-lookup to one group: ``get(key)`` reads one index row group and one row group of one part, however large the
+The key index maps every key to its part and row, sorted by key in small row groups whose min/max statistics lead
+a lookup to one group: ``get(key)`` reads one index row group and one row group of one part, however large the
 store. The index is rebuilt by :func:`write_key_index` at the end of each labeling run; parts committed or
 replaced after it (a run that was killed) are found by listing ``masks/`` and read directly, so lookups are
 always exact.
@@ -61,8 +61,9 @@ MASK_SCHEMA = pa.schema([
 ERROR_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("part", pa.string()), ("row", pa.int32())])
 ROW_GROUP_SIZE = 64  # a lookup by key reads one group of ~64 masks
-# A lookup reads one index group: 16k keys (~0.3 MB) is one object-store GET and about a millisecond to scan.
-INDEX_ROW_GROUP_SIZE = 16384
+# A lookup reads one index group: 2048 keys (about 40 kB) read and scanned in well under a millisecond; groups
+# of 16384 took 4x longer per lookup on a million keys (benchmarks/bench_store.py), smaller ones grow the footer.
+INDEX_ROW_GROUP_SIZE = 2048
 # Provenance fields that record who wrote a part rather than what its labels mean: parts of one store may differ
 # in them (a run resumed after an upgrade of this package).
 WRITER_FIELDS = ("code_version",)
