@@ -567,7 +567,8 @@ class ShardCommitter:
 
 # ------------------------------------------------------------------------------------------ pipeline
 def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[str]], actors: ActorPlan):
-    """The Ray Data pipeline over ``plan.todo``, lazily: encoded rows ready to commit."""
+    """The Ray Data pipeline over ``plan.todo`` (whole shards) and ``plan.retry`` (the error keys of committed
+    shards), lazily: encoded rows ready to commit."""
     work = [{"shard": s, "keys": []} for s in plan.todo] + [{"shard": s, "keys": k} for s, k in plan.retry.items()]
     shards = ray.data.from_items(work, override_num_blocks=len(work))
     # Batch-sized blocks (see BLOCK_BYTES): an actor task takes whole blocks.
