@@ -124,6 +124,9 @@ def local_cluster(head_cpus: float = 2, timeout: float = 600) -> Iterator[LocalC
                     [RAY, "job", "list", "--address", cluster.dashboard], capture_output=True, check=False).returncode:
                 assert time.monotonic() < deadline, f"the Ray head did not come up:\n{head.output()}"
                 time.sleep(2)
+            while head.process.poll() is None and not cluster.alive_nodes():  # the state API lists it late
+                assert time.monotonic() < deadline, f"the Ray head did not come up:\n{head.output()}"
+                time.sleep(1)
             if head.process.poll() is None:
                 break
             assert time.monotonic() < deadline, f"the Ray head did not come up:\n{head.output()}"
