@@ -5,6 +5,7 @@ test stops exactly the nodes it started and nobody else's Ray (never ``ray stop`
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -69,6 +70,11 @@ def _start(args: list[str]) -> RayNode:
     return RayNode(process, temp_dir)
 
 
+def is_head(node: dict) -> bool:
+    """Whether a ``ray.nodes()`` record is the head's."""
+    return "node:__internal_head__" in node["Resources"]
+
+
 @dataclass
 class LocalCluster:
     """``gcs``: the address drivers join (``ray.init(address=...)``, ``--address``); ``dashboard``: the job
@@ -79,25 +85,29 @@ class LocalCluster:
     head: RayNode
     nodes: list[RayNode] = field(default_factory=list)
 
-    def alive_nodes(self) -> list:
-        """The state API's records (``node_id``, ``is_head_node``, ...) of the nodes alive now."""
-        from ray.util.state import list_nodes
-        from ray.util.state.exception import ServerUnavailable
+    def alive_nodes(self) -> list[dict]:
+        """``ray.nodes()`` records (``NodeID``, ``Resources`` ...) of the nodes alive now, from the GCS: the
+        test process joins the cluster as a driver on first use (the dashboard's state API drops nodes from its
+        answers on a loaded machine)."""
+        import ray
 
-        for _ in range(60):  # the dashboard answers slowly, or restarts, on a loaded machine
-            with contextlib.suppress(ServerUnavailable):
-                return list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")])
-            time.sleep(2)
-        return list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")])
+        if not ray.is_initialized():
+            ray.init(address=self.gcs, logging_level=logging.ERROR, log_to_driver=False)
+        return [node for node in ray.nodes() if node["Alive"]]
+
+    def worker_node(self, exclude: tuple[str, ...] = ()) -> str:
+        """The id of an alive node other than the head and ``exclude``."""
+        return next(n["NodeID"] for n in self.alive_nodes()
+                    if not is_head(n) and n["NodeID"] not in exclude)
 
     def add_node(self, num_cpus: float, timeout: float = 300) -> RayNode:
         """Start one more node and wait until the head counts it alive. A node that gives up starting (on a
         loaded machine its raylet can take more than Ray's fixed 30 s to register) is started again."""
-        before = len(self.alive_nodes())
+        known = {n["NodeID"] for n in self.alive_nodes()}  # a node killed just before may still count as alive
         deadline = time.monotonic() + timeout
         while True:
             node = _start(["--address", self.gcs, "--num-cpus", str(num_cpus)])
-            while node.process.poll() is None and len(self.alive_nodes()) <= before:
+            while node.process.poll() is None and not {n["NodeID"] for n in self.alive_nodes()} - known:
                 assert time.monotonic() < deadline, f"the Ray node did not come up:\n{node.output()}"
                 time.sleep(1)
             if node.process.poll() is None:
@@ -124,15 +134,16 @@ def local_cluster(head_cpus: float = 2, timeout: float = 600) -> Iterator[LocalC
                     [RAY, "job", "list", "--address", cluster.dashboard], capture_output=True, check=False).returncode:
                 assert time.monotonic() < deadline, f"the Ray head did not come up:\n{head.output()}"
                 time.sleep(2)
-            while head.process.poll() is None and not cluster.alive_nodes():  # the state API lists it late
-                assert time.monotonic() < deadline, f"the Ray head did not come up:\n{head.output()}"
-                time.sleep(1)
             if head.process.poll() is None:
                 break
             assert time.monotonic() < deadline, f"the Ray head did not come up:\n{head.output()}"
             head.stop()  # it gave up starting (see LocalCluster.add_node): start another
         yield cluster
     finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
         if cluster is not None:
             for node in [*cluster.nodes, cluster.head]:
                 node.stop()

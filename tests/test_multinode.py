@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray_nodes import local_cluster
+from ray_nodes import is_head, local_cluster
 
 from denseclip.mask_store import MaskStore
 from denseclip.synthetic import write_shards
@@ -44,14 +44,15 @@ def test_labelling_across_two_nodes_survives_losing_one(tmp_path):
     log = tmp_path / "label.log"
     with local_cluster(head_cpus=1) as cluster:
         cluster.add_node(num_cpus=1)
-        head, second = sorted(cluster.alive_nodes(), key=lambda n: not n.is_head_node)
+        head = next(n["NodeID"] for n in cluster.alive_nodes() if is_head(n))
+        second = cluster.worker_node()
         job = _start(["pipelines/label.py", "--input", str(tmp_path / "in"), "--output", str(out), "--vocabulary",
                       "synthetic", "--pretrained", "random", "--batch-size", "2", "--num-actors", "2",
                       "--cpus-per-actor", "0.6", "--address", cluster.gcs], log)
 
         def labelled_on_both() -> bool:
             nodes = {n for r in MaskStore(str(out)).part_records().values() for n in (r or {}).get("nodes", ())}
-            return {head.node_id, second.node_id} <= nodes
+            return {head, second} <= nodes
 
         _wait(labelled_on_both, job, log)
         committed = len(MaskStore(str(out)).committed_parts())
@@ -62,7 +63,7 @@ def test_labelling_across_two_nodes_survives_losing_one(tmp_path):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images_labelled"] == 240 and summary["errors"] == 0
-    assert summary["images_by_node"][head.node_id] > 0 and summary["images_by_node"][second.node_id] > 0
+    assert summary["images_by_node"][head] > 0 and summary["images_by_node"][second] > 0
     store = MaskStore(str(out))
     keys = [k for part in sorted(store.committed_parts()) for k in store.read_part(part).column("key").to_pylist()]
     assert collections.Counter(keys) == collections.Counter(f"synthetic/s41/{i:06d}" for i in range(240))
@@ -96,18 +97,18 @@ def test_ray_train_with_one_worker_per_node_recovers_from_losing_a_node(tmp_path
         from ray.util.state import list_actors
 
         def worker_nodes() -> list[str]:
-            actors = list_actors(address=cluster.dashboard, filters=[("class_name", "=", "RayTrainWorker"),
-                                                                      ("state", "=", "ALIVE")])
+            actors = list_actors(address=cluster.dashboard, raise_on_missing_output=False,
+                                 filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             return sorted(a.node_id for a in actors)
 
         _wait(lambda: len(set(worker_nodes())) == 2, job, log)
-        assert worker_nodes() == sorted(n.node_id for n in cluster.alive_nodes())  # one worker on each node
+        assert worker_nodes() == sorted(n["NodeID"] for n in cluster.alive_nodes())  # one worker on each node
         _wait(lambda: (run / "checkpoint-000004").is_dir(), job, log)
         assert not (run / f"checkpoint-{ITERATIONS:06d}").exists()
-        lost = next(n.node_id for n in cluster.alive_nodes() if not n.is_head_node)
+        lost = cluster.worker_node()
         cluster.nodes[0].kill()
         cluster.add_node(num_cpus=1)
-        replacement = next(n.node_id for n in cluster.alive_nodes() if not n.is_head_node and n.node_id != lost)
+        replacement = cluster.worker_node(exclude=(lost,))
         # The worker group restarts from the last checkpoint with one worker on the head, one on the new node.
         _wait(lambda: replacement in worker_nodes(), job, log)
         assert job.wait(timeout=900) == 0, log.read_text()[-4000:]
