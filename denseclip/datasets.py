@@ -1,7 +1,12 @@
 """The dataset registry: class names, palettes, ignore index and the paper's zero-shot splits, looked up by name.
 
-Everything here is data (``data/datasets.json`` and the class files it names); this module only reads it.
-Train ids are contiguous: id ``i`` is ``classes[i]``; 255 is ignore.
+Everything here is data (``data/datasets.json`` and the class and palette files it names); this module only
+reads it. Train ids are contiguous: id ``i`` is ``classes[i]``; 255 is ignore.
+
+A registry entry's ``palette`` is ``"voc"`` (the default: the PASCAL VOC colour map, the objects in VOC's
+colours with or without a background class), ``"class_names"`` (colours from the names, as
+``visualize.class_palette`` gives them) or a JSON file of ``colors`` in train-id order. Background is black
+whichever it is.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from denseclip.visualize import default_palette
+from denseclip.visualize import class_palette, default_palette
 from denseclip.vocabulary import read_classes_file
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -48,7 +53,7 @@ class DatasetInfo:
         classes: K prompt name lists in train-id order (synonyms after the first name).
         class_names: K display names (the plain name; the background class is always "background").
         synonyms: K name lists of the synonym-enriched vocabulary (for name resolution and optional prompting).
-        palette: uint8 (K, 3), the PASCAL VOC colour map.
+        palette: uint8 (K, 3), the dataset's standard colours (background black).
         unseen: class names (from ``class_names``) of the paper's zero-shot unseen split.
         ignore_background_in_zero_shot: VOC drops background from the zero-shot evaluation.
         background_index: train id of background, or None (COCO-Stuff has none).
@@ -138,13 +143,25 @@ def _dataset(name: str, synonyms: bool) -> DatasetInfo:
         classes=enriched if synonyms else plain,
         class_names=class_names,
         synonyms=enriched,
-        palette=default_palette(k),
+        palette=_palette(entry, class_names),
         # The split is written in the paper's words; it is stored in this dataset's own names.
         unseen=[class_names[_resolve(n, name, class_names, enriched)] for n in entry["unseen"]],
         ignore_background_in_zero_shot=entry["ignore_background_in_zero_shot"],
         background_index=entry["background_index"],
         raw_unused_ids=tuple(entry["raw_unused_ids"]),
     )
+
+
+def _palette(entry: dict, class_names: list[str]) -> np.ndarray:
+    kind = entry.get("palette", "voc")
+    if kind == "class_names":
+        return class_palette(class_names)
+    if kind == "voc":
+        # VOC's colour map starts with background: without one, the first class takes VOC's first object colour.
+        first = 0 if entry["background_index"] == 0 else 1
+        return class_palette(class_names, default_palette(first + len(class_names))[first:])
+    colors = json.loads((DATA_DIR / kind).read_text(encoding="utf-8"))["colors"]
+    return class_palette(class_names, np.asarray(colors, dtype=np.uint8))
 
 
 def get_dataset(name: str, synonyms: bool = False) -> DatasetInfo:

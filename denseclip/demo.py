@@ -1,10 +1,11 @@
 """The offline demo: DenseCLIP and a short DenseCLIP+ in both of the paper's settings on the synthetic world,
 with the shipped tiny CLIP, on CPU, evaluated against baselines on a held-out set.
 
-Methods (the keys of ``report.json``): ``denseclip``; ``denseclip_plus`` (annotation-free, guided learning
-only); ``denseclip_plus_self_training`` (annotation-free, self-training after N_g: shows the drift);
-``denseclip_plus_zero_shot`` (transductive zero-shot, guided learning then self-training); ``all_background``;
-``random_weights`` (DenseCLIP with the tiny architecture, randomly initialised).
+Methods (:data:`METHODS`, the keys of ``report.json`` and the folders of their reports): ``all_background``;
+``random_weights`` (DenseCLIP with the tiny architecture, randomly initialised); ``denseclip``;
+``denseclip_plus`` (annotation-free, guided learning only); ``denseclip_plus_self_training`` (annotation-free,
+self-training after N_g: shows the drift); ``denseclip_plus_zero_shot`` (transductive zero-shot, guided
+learning then self-training). ``index.html`` compares them all side by side.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from denseclip.models import TINY_MODEL, LoadedCLIP, load_clip
 from denseclip.plus.pseudo_labels import DenseCLIPTeacher, label_training_set
 from denseclip.plus.target import SegmentationTarget, TargetConfig, build_target
 from denseclip.plus.training import InMemoryBatches, TrainingConfig, build_optimizer, train
-from denseclip.report import write_report
+from denseclip.report import write_comparison, write_report
 from denseclip.synthetic import TINY_CLIP_WORLD_SEED, Scene, render_dataset
 
 DATASET = "synthetic"
@@ -37,6 +38,26 @@ TRAIN_SEED = 7
 RESERVED_SEEDS = (TRAIN_SEED, TINY_CLIP_WORLD_SEED)
 
 LabelFn = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the demo's tables: ``key`` in report.json (and the folder of its report), ``label`` to show."""
+
+    key: str
+    label: str
+
+
+# The demo's methods, in the order every table shows them.
+METHODS: tuple[Method, ...] = (
+    Method("all_background", "all background"),
+    Method("random_weights", "DenseCLIP, random weights"),
+    Method("denseclip", "DenseCLIP (shipped tiny CLIP, no training)"),
+    Method("denseclip_plus", "DenseCLIP+ annotation-free (guided learning only)"),
+    Method("denseclip_plus_self_training", "DenseCLIP+ annotation-free + self-training"),
+    Method("denseclip_plus_zero_shot", "DenseCLIP+ transductive zero-shot"),
+)
+PAGE = "index.html"  # the page of every report folder, the comparison included
 
 
 def default_training() -> TrainingConfig:
@@ -222,6 +243,7 @@ def run_demo(config: DemoConfig, out: str | Path, on_log: Callable[[str, dict], 
         if config.monitor_images:
             record["held_out_miou"] = evaluate(_labels_only(model), held_images[monitored],
                                                held_labels[monitored], info)[0]["miou"]
+            record["held_out_images"] = monitored.stop
         if on_log is not None:
             on_log(run, record)
 
@@ -237,16 +259,29 @@ def run_demo(config: DemoConfig, out: str | Path, on_log: Callable[[str, dict], 
     inputs = {"held_out_seed": config.seed, "num_images": config.num_images, "train_seed": TRAIN_SEED,
               "train_images": config.train_images, "clip": clip.fingerprint}
     report: dict = {"unseen_classes": list(info.unseen)}
-    for name, (summary, conf, predictions) in results.items():
-        summary = {**summary, "dataset": DATASET, "method": name, "inputs": inputs}
-        samples = [(f"{name}/scene-{i:04d}", held_images[i], held_labels[i], predictions[i])
-                   for i in range(min(config.num_overlays, config.num_images))]
-        write_report(out / name, summary, conf, info.class_names, info.palette, samples)
-        report[name] = summary
+    methods = [m for m in METHODS if m.key in results]
+    scenes = range(min(config.num_overlays, config.num_images))
+    for method in methods:
+        summary, conf, predictions = results[method.key]
+        summary = {**summary, "dataset": DATASET, "method": method.key, "inputs": inputs}
+        samples = [(f"{method.key}/scene-{i:04d}", held_images[i], held_labels[i], predictions[i]) for i in scenes]
+        write_report(out / method.key, summary, conf, info.class_names, info.palette, samples)
+        report[method.key] = summary
     lap("write")
+    write_comparison(
+        out, {m.key: report[m.key] for m in methods}, info.class_names, info.palette,
+        [(f"scene-{i:04d}", held_images[i], held_labels[i], {m.key: results[m.key][2][i] for m in methods})
+         for i in scenes],
+        title="DenseCLIP demo: every method on the same held-out scenes",
+        labels={m.key: m.label for m in methods}, pages={m.key: f"{m.key}/{PAGE}" for m in methods},
+        notes=(f"{config.num_images} held-out scenes of world {config.seed}; DenseCLIP+ trained on "
+               f"{config.train_images} scenes of world {TRAIN_SEED}; tiny CLIP {clip.fingerprint}. Unseen classes "
+               f"(zero-shot split): {', '.join(info.unseen)}."),
+        tables=[("Timings", ["stage", "seconds"], [[stage, f"{t:.1f}"] for stage, t in timings.items()])])
     report["training"] = {"config": dataclasses.asdict(config.training), "history": runs.history,
                           "pseudo_label_quality": runs.pseudo_label_quality}
     report["inputs"] = inputs
     report["timings_s"] = timings
+    report["pages"] = {"comparison": PAGE, **{m.key: f"{m.key}/{PAGE}" for m in methods}}
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return report

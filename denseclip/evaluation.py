@@ -24,7 +24,7 @@ from denseclip.images import decode_image, decode_label_map
 from denseclip.mask_store import MASKS_DIR, MaskStore
 from denseclip.metrics import ConfusionMatrix, EvaluationInputError
 from denseclip.robustness import CLEAN, Condition, apply_condition
-from denseclip.shards import expand_shards, read_shard
+from denseclip.shards import expand_shards, read_shard, sanitize_key
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 
@@ -103,13 +103,23 @@ def iter_ground_truth(url: str) -> Iterator[GroundTruth]:
 
 def load_image(item: GroundTruth, images_url: str | None) -> np.ndarray | None:
     """The decoded uint8 (H, W, 3) image of ``item``: its own bytes, else ``<images_url>/<key>.jpg|jpeg|png``,
-    else None."""
+    else None. A key that would address a file outside ``images_url`` (``../``) is an EvaluationInputError."""
     encoded = item.image
     if encoded is None and images_url:
+        if not _is_safe_key(item.key):
+            raise EvaluationInputError(f"{item.key}: unsafe sample key (it would address a file outside "
+                                       f"--images {images_url}); its image is not looked up")
         fs, root = fsspec.core.url_to_fs(images_url)
         path = next((p for ext in IMAGE_EXTS if fs.isfile(p := posixpath.join(root, f"{item.key}.{ext}"))), None)
         encoded = fs.cat_file(path) if path else None
     return None if encoded is None else decode_image(encoded, item.key)
+
+
+def _is_safe_key(key: str) -> bool:
+    try:
+        return sanitize_key(key) == key
+    except ValueError:
+        return False
 
 
 def build_dense_clip(config: LabelerConfig, classes: list[list[str]]) -> ImageLabeler:

@@ -14,9 +14,10 @@ those whose content changed since they were committed, leaves the others alone a
 the input (their masks are kept); ``--retry-errors`` also relabels the error rows of committed shards. An output
 holding another model's or vocabulary's masks is refused unless ``--overwrite``. One run at a time writes an
 output: it holds the output's lease (``lease.json``), and a second run exits (or waits ``--wait-for-lease``
-seconds). Prints a summary and writes it as ``summary.json`` next to the masks. Exit codes: 0 done (bad images
-are listed in the store's errors table), 1 the job failed while running, 2 a bad configuration, input or output,
-3 another run holds the output's lease.
+seconds). Prints progress (shards committed) and a summary, also written as ``summary.json`` next to the masks;
+what Ray and the model libraries print goes to ``OUTPUT/logs/label-<UTC time>.log`` (``--verbose``: to the
+terminal). Exit codes: 0 done (bad images are listed in the store's errors table), 1 the job failed while
+running, 2 a bad configuration, input or output, 3 another run holds the output's lease.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ from denseclip.config import (
     resolve_vocabulary,
 )
 from denseclip.datasets import DATASET_NAMES, DatasetError
+from denseclip.runlog import Console, log_url, run_log
 from denseclip.vocabulary import VocabularyError
 
 JOB_FIELDS = ("input", "output", "vocabulary", "num_actors", "cpus_per_actor", "labeler")
@@ -44,6 +47,7 @@ LABELER_FIELDS = tuple(f.name for f in dataclasses.fields(LabelerConfig) if f.na
 # Label maps are 8-bit PNGs up to 255 classes (255 = ignore), 16-bit beyond (65535 = ignore).
 MAX_CLASSES = 65535
 EXIT_LEASE_HELD = 3
+PROGRESS_EVERY_S = 10.0  # at most one progress line this often (a job may hold thousands of shards)
 
 
 @dataclass
@@ -85,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="when another run holds the output's lease, wait this long for it (default: exit 3)")
     parser.add_argument("--lease-ttl", type=float, default=60.0, metavar="SECONDS",
                         help="how long the lease outlives this run if it dies (renewed every third of it)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show what Ray and the libraries print instead of writing it to OUTPUT/logs/")
     add_labeler_arguments(parser)
     # Unset labeler flags stay None, so a job file's values are only overridden by flags actually given.
     parser.set_defaults(**dict.fromkeys(LABELER_FIELDS))
@@ -146,7 +152,24 @@ def load_job(args: argparse.Namespace) -> LabelJob:
                     args.wait_for_lease, args.lease_ttl)
 
 
-def run(job: LabelJob) -> int:
+class Progress:
+    """One line per committed shard, at most every ``PROGRESS_EVERY_S`` seconds, and always the last."""
+
+    def __init__(self, console: Console, todo: int):
+        self.console, self.todo = console, todo
+        self.parts = self.masks = self.errors = 0
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, shard: str, masks: int, errors: int) -> None:
+        self.parts, self.masks, self.errors = self.parts + 1, self.masks + masks, self.errors + errors
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S or self.parts == self.todo:
+            self.last = now
+            self.console.print(f"label: {self.parts}/{self.todo} shards committed, {self.masks} images, "
+                               f"{self.errors} errors, {now - self.start:.0f} s")
+
+
+def run(job: LabelJob, console: Console) -> int:
     # Ray is imported only once the configuration is known to be good: a bad value fails in well under a second.
     from denseclip.lease import Lease, LeaseLost
     from denseclip.ray.labeling import label_shards, prepare_labeling, write_summary
@@ -155,22 +178,23 @@ def run(job: LabelJob) -> int:
         plan = prepare_labeling(job.input, job.output, job.labeler, job.classes, overwrite=job.overwrite,
                                 retry_errors=job.retry_errors, lease=lease)
         retry = f"; relabelling {sum(map(len, plan.retry.values()))} error rows" if job.retry_errors else ""
-        print(f"label: {len(plan.shards)} shards, {len(plan.unchanged)} already committed in {job.output} and "
-              f"unchanged, {len(plan.new)} new, {len(plan.changed)} changed since committed; "
-              f"{len(plan.missing)} committed shards missing from the input (kept){retry}", flush=True)
+        console.print(f"label: {len(plan.shards)} shards, {len(plan.unchanged)} already committed in {job.output} "
+                      f"and unchanged, {len(plan.new)} new, {len(plan.changed)} changed since committed; "
+                      f"{len(plan.missing)} committed shards missing from the input (kept){retry}")
         try:
             summary = label_shards(plan, job.labeler, job.classes, address=job.address, num_actors=job.num_actors,
-                                   cpus_per_actor=job.cpus_per_actor)
+                                   cpus_per_actor=job.cpus_per_actor,
+                                   on_commit=Progress(console, len(plan.todo) + len(plan.retry)))
         except LeaseLost:
             raise  # the output belongs to the run that took the lease over: write nothing more
         except Exception as exc:
             write_summary(job.output, {"status": "failed", "error": f"{type(exc).__name__}: {exc}"},
                           plan.storage_options)
             raise
-    print(f"label: {summary['images_labelled']} images labelled, {summary['errors']} errors, "
-          f"{summary['images_per_s']} images/s, {summary['wall_time_s']} s; "
-          f"{summary['shards_committed']} shards committed to {job.output}")
-    print(json.dumps(summary, sort_keys=True))
+    console.print(f"label: {summary['images_labelled']} images labelled, {summary['errors']} errors, "
+                  f"{summary['images_per_s']} images/s, {summary['wall_time_s']} s; "
+                  f"{summary['shards_committed']} shards committed to {job.output}")
+    console.print(json.dumps(summary, sort_keys=True))
     return 0
 
 
@@ -184,18 +208,27 @@ def main(argv: list[str] | None = None) -> int:
     from denseclip.lease import LeaseError, LeaseHeld
     from denseclip.ray.labeling import LabelingError
 
+    log = None if args.verbose else log_url(job.output, "label")
     try:
-        return run(job)
-    except LeaseHeld as exc:
-        print(f"label: not started: {exc}; re-run later or pass --wait-for-lease SECONDS", file=sys.stderr)
-        return EXIT_LEASE_HELD
-    except (LabelingError, LeaseError) as exc:
-        print(f"label: error: {exc}", file=sys.stderr)
+        with run_log(log) as console:
+            try:
+                code = run(job, console)
+            except LeaseHeld as exc:
+                console.error(f"label: not started: {exc}; re-run later or pass --wait-for-lease SECONDS")
+                return EXIT_LEASE_HELD
+            except (LabelingError, LeaseError) as exc:
+                console.error(f"label: error: {exc}")
+                return 2
+            except Exception as exc:  # noqa: BLE001 - any failure of the job: its traceback, then one line and exit 1
+                traceback.print_exc()
+                console.error(f"label: failed: {type(exc).__name__}: {exc}" + (f" (traceback in {log})" if log else ""))
+                return 1
+            if log:
+                console.print(f"label: log: {log}")
+            return code
+    except OSError as exc:  # the log file itself: the output is not writable
+        print(f"label: error: output {job.output}: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - any failure of the job: its traceback, then one line and exit 1
-        traceback.print_exc()
-        print(f"label: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -36,6 +36,11 @@ def _check_structure(report: dict, out: Path, num_overlays: int) -> None:
         assert len(list((out / method / "overlays").glob("*.png"))) == num_overlays
         assert json.loads((out / method / "report.json").read_text())["miou"] == summary["miou"]
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    # One page compares them all and links each method's own page.
+    page = (out / report["pages"]["comparison"]).read_text()
+    assert all(f'href="{method}/index.html"' in page and (out / report["pages"][method]).is_file()
+               for method in METHODS)
+    assert len(list((out / "scenes").glob("*.png"))) == num_overlays
 
 
 def test_small_demo_report(tmp_path):

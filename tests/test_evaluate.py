@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +254,23 @@ def test_model_on_the_fly_scores_like_its_stored_predictions(tmp_path, capsys):
     code = evaluate.main(["--model", "denseclip-tiny-shapes", "--gt", str(tmp_path / "gt"), "--dataset",
                           "synthetic", "--out", str(tmp_path / "no_images")])
     assert code == 2 and "error: synthetic/s2022/000000: no image to label" in capsys.readouterr().err
+
+
+def test_a_shard_key_never_reads_an_image_outside_the_images_folder(tmp_path, capsys):
+    """A sample without an image member is looked up under --images by its key: ``../`` must not escape."""
+    label_map = encode_png(np.zeros((4, 4), np.uint8))
+    outside = tmp_path / "secret.jpg"  # what "../secret" would reach from the images folder
+    Image.new("RGB", (4, 4), "red").save(outside)
+    (tmp_path / "images").mkdir()
+    with tarfile.open(tmp_path / "escape.tar", "w") as tar:  # write_shard refuses such names, as it should
+        info = tarfile.TarInfo("../secret.seg.png")
+        info.size = len(label_map)
+        tar.addfile(info, io.BytesIO(label_map))
+    code = evaluate.main(["--model", "denseclip-tiny-shapes", "--gt", str(tmp_path / "escape.tar"), "--images",
+                          str(tmp_path / "images"), "--dataset", "synthetic", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "error: ../secret: unsafe sample key" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.json").exists()
 
 
 def test_exactly_one_prediction_source(inputs, capsys):

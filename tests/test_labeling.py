@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 from batches import ray_batch
 from PIL import Image
-from pipeline_scripts import load_pipeline
+from pipeline_scripts import error_lines, load_pipeline
 
 from denseclip import storage
 from denseclip.config import ConfigError, LabelerConfig, resolve_vocabulary
@@ -282,6 +282,12 @@ def test_label_end_to_end_s3_in_s3_out(make_bucket):
     assert summary["status"] == "succeeded"
     assert (summary["images_labelled"], summary["errors"], summary["shards_committed"]) == (len(good), len(bad), 4)
     assert f"{len(good)} images labelled, {len(bad)} errors" in done.stdout
+    # A successful run prints no error-level line (bad images are rows of the errors table, not errors of the
+    # run); what Ray prints is in the run's log, which the last line names.
+    assert not error_lines(done.stdout + done.stderr), done.stdout + done.stderr
+    assert "4/4 shards committed" in done.stdout and done.stdout.splitlines()[-1].startswith("label: log: ")
+    with fsspec.open(done.stdout.splitlines()[-1].removeprefix("label: log: "), "r") as log:
+        assert "Dataset" in log.read()  # Ray Data's own lines
 
     fs, path = fsspec.core.url_to_fs(f"{bucket}/masks/masks")
     before = {p: fs.info(p)["ETag"] for p in fs.ls(path, refresh=True)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -19,7 +20,7 @@ import ray
 import ray.cloudpickle
 import torch
 from PIL import Image
-from pipeline_scripts import load_pipeline
+from pipeline_scripts import error_lines, load_pipeline
 
 from denseclip.config import ConfigError
 from denseclip.datasets import get_dataset
@@ -352,6 +353,32 @@ def test_explicit_resume_from_a_checkpoint_into_object_storage(killed_run, world
     assert "denseclip" not in result.report and result.report["num_images"] == 8
     model = load_target_checkpoint(result.checkpoint)
     assert model.num_classes == INFO.num_classes
+
+
+@pytest.mark.slow
+def test_a_short_run_of_the_shipped_spec_is_quiet(tmp_path):
+    """What a user sees from ``pipelines/train.py``: progress, a summary naming the reports, nothing else."""
+    write_shards(7, 40, str(tmp_path / "train"), shard_size=20)
+    write_shards(1, 10, str(tmp_path / "val"), shard_size=10)
+    overrides = [f"data.train={tmp_path}/train", f"data.val={tmp_path}/val", f"run.storage_path={tmp_path}/runs",
+                 "training.iterations=40"]
+    done = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), "--config",
+                           str(ROOT / "jobs" / "train_synthetic_zero_shot.yaml"),
+                           *(a for o in overrides for a in ("--set", o))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=3000, check=False,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    printed = done.stdout + done.stderr
+    assert done.returncode == 0, printed[-4000:]
+    assert not error_lines(printed), printed
+    lines = printed.splitlines()
+    assert len(lines) <= 60, printed
+    # log_every 25 and N_g 30 of the spec: steps 25 and 30 (validation at N_g), then the final step 40
+    assert [line.split(",")[0] for line in lines if line.startswith("train: step")] == [
+        "train: step 25/40 guided", "train: step 30/40 guided", "train: step 40/40 final"]
+    final = tmp_path / "runs" / "synthetic-zero-shot" / "checkpoint-000040"
+    assert any(str(final / "index.html") in line and "report.json" in line for line in lines)
+    log = Path(lines[-1].removeprefix("log: "))
+    assert log.parent == tmp_path / "runs" / "synthetic-zero-shot" / "logs" and log.stat().st_size > 0
 
 
 # ------------------------------------------------------------------------------------ the paper's claims

@@ -26,7 +26,7 @@ from ray.data import ActorPoolStrategy
 from denseclip.evaluation import Evaluation, GroundTruth, ImageLabeler, open_predictions, shard_ground_truth
 from denseclip.images import decode_image
 from denseclip.metrics import EvaluationInputError
-from denseclip.ray.labeling import ActorPlan, _objects
+from denseclip.ray.labeling import ActorPlan, _objects, plan_actors, ray_cluster
 from denseclip.robustness import CLEAN, Condition, apply_condition
 from denseclip.shards import read_shard
 
@@ -172,3 +172,13 @@ def evaluate_on_ray(shards: list[str], evaluation: Evaluation, actors: ActorPlan
             raise EvaluationInputError(row["error"])
         evaluation.merge(row["evaluation"])
     return evaluation
+
+
+def evaluate_shards(shards: list[str], evaluation: Evaluation, *, address: str | None = None, device: str = "cpu",
+                    num_actors: int | None = None, **source) -> Evaluation:
+    """:func:`evaluate_on_ray` on the cluster at ``address`` (else ``$RAY_ADDRESS``, else a private local Ray:
+    ``labeling.ray_cluster``), with scoring actors sized from its resources for ``device``; ``source`` as
+    there (``pred_url=`` or ``make_labeler=``, ``conditions=``, ``seed=``)."""
+    with ray_cluster(address):
+        actors = plan_actors(ray.cluster_resources(), device, num_actors)
+        return evaluate_on_ray(shards, evaluation, actors, **source)

@@ -23,7 +23,7 @@ import tarfile
 import time
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -51,6 +51,7 @@ from denseclip.mask_store import (
     provenance_differences,
     write_key_index,
 )
+from denseclip.runlog import environment
 from denseclip.shards import expand_shards, read_shard, sanitize_key
 from denseclip.vocabulary import load_templates
 
@@ -82,6 +83,7 @@ LISTED_MISSING = 100
 _NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 _NO_MAP = np.zeros((0, 0), dtype=np.uint8)
 _SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error)
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 class LabelingError(ValueError):
@@ -488,13 +490,18 @@ class _PendingShard:
     total: int | None = None
 
 
+CommitCallback = Callable[[str, int, int], None]  # (shard, masks, errors) of each committed part
+
+
 class ShardCommitter:
     """Collects encoded rows by input shard and commits each shard as one mask-store part (masks + errors,
     atomically) as soon as all of its rows have arrived. Rows may arrive in any order. A shard of
-    ``plan.retry`` brings only the rows of its error keys: they are merged into its committed part."""
+    ``plan.retry`` brings only the rows of its error keys: they are merged into its committed part.
+    ``on_commit`` hears of every part committed."""
 
-    def __init__(self, plan: LabelingPlan):
+    def __init__(self, plan: LabelingPlan, on_commit: CommitCallback | None = None):
         self.plan = plan
+        self.on_commit = on_commit
         self._pending: dict[str, _PendingShard] = {}
         self._writer: MaskStoreWriter | None = None
         self._done: set[str] = set()
@@ -539,6 +546,8 @@ class ShardCommitter:
             table, errors, nodes = self._merged(shard, table, errors, nodes)
         self._write(shard, table, errors, nodes, rows[0]["fingerprint"])
         log.info("committed %s: %d masks, %d errors", shard, len(good), len(errors))
+        if self.on_commit is not None:
+            self.on_commit(shard, len(good), len(errors))
 
     def _merged(self, shard: str, table: pa.Table, errors: list[dict],
                 nodes: set[str]) -> tuple[pa.Table, list[dict], set[str]]:
@@ -595,6 +604,10 @@ def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[
         compute=ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.num_actors),
         num_cpus=actors.cpus_per_actor,
         num_gpus=actors.gpus_per_actor,
+        # Ray Data hands each pool actor its context and this stage as object-store references, with or without
+        # constructor arguments, so with restarts on Ray core logs "constructor arguments in the object store and
+        # max_restarts > 0" once per driver at error level (ray-project/ray#53727). Ray Data holds those
+        # references for the whole run, so a restart finds them (tests/test_labeling.py kills an actor).
         max_restarts=-1,
         max_task_retries=MAX_TASK_RETRIES,
     )
@@ -611,13 +624,15 @@ def label_shards(
     address: str | None = None,
     num_actors: int | None = None,
     cpus_per_actor: float | None = None,
+    on_commit: CommitCallback | None = None,
 ) -> dict:
     """Label and commit the new, changed and retried shards of ``plan`` on Ray (see :func:`ray_cluster` for
-    ``address``; :func:`plan_actors` for the pool), bring the store's key index up to date, and return the
-    summary, also written as ``summary.json``: images labelled, errors, images/s and wall time of this run (Ray's
-    start included), shards new / changed / unchanged / missing, images labelled per Ray node."""
+    ``address``; :func:`plan_actors` for the pool; ``on_commit(shard, masks, errors)`` after each part), bring the
+    store's key index up to date, and return the summary, also written as ``summary.json``: images labelled,
+    errors, images/s and wall time of this run (Ray's start included), shards new / changed / unchanged /
+    missing, images labelled per Ray node."""
     start = time.perf_counter()
-    committer = ShardCommitter(plan)
+    committer = ShardCommitter(plan, on_commit)
     actors = None
     if plan.todo or plan.retry:
         with ray_cluster(address):
@@ -654,13 +669,18 @@ def ray_cluster(address: str | None = None) -> Iterator[None]:
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        # "local" always starts a new instance, never joins a cluster someone else started on this machine.
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
+    with contextlib.ExitStack() as settings:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            # A private one-node Ray has no autoscaler that could drain (preempt) its node, so Ray Train's
+            # preemption watcher has nothing to watch there; it is also an actor created with actor handles as
+            # arguments and restarts on, which Ray core reports as an error-level line (ray-project/ray#53727).
+            if PREEMPTION_WATCHER_ENV not in os.environ:
+                settings.enter_context(environment(PREEMPTION_WATCHER_ENV, "0"))
+            # "local" always starts a new instance, never joins a cluster someone else started on this machine.
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            yield
+        finally:
+            ray.shutdown()

@@ -11,6 +11,7 @@ A run is one validated :class:`TrainJob` (the YAML specs in ``jobs/train_*.yaml`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -18,6 +19,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 import ray.train.torch
+import ray.util.queue
 import safetensors.torch
 import torch
 import torch.distributed as dist
@@ -60,6 +63,9 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 META_FILE = "checkpoint.json"
 REPORT_FILE = "report.json"
+# What the evaluation writes next to the final checkpoint (denseclip.report.write_report).
+REPORT_FILES = (REPORT_FILE, "index.html", "tables.md", "confusion.png", "overlays/")
+TrainingFailedError = ray.train.TrainingFailedError
 EVAL_BATCH = 16
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -593,9 +599,20 @@ class TrainResult:
     metrics: dict
 
 
-def build_trainer(job: TrainJob, callbacks: Sequence[StepCallback] = ()) -> TorchTrainer:
+def _storage_path(job: TrainJob) -> str:
+    path = job.run.storage_path
+    return os.path.abspath(path) if storage.is_local(path) else path
+
+
+def run_folder(job: TrainJob) -> str:
+    """Where Ray Train keeps the run: ``<storage_path>/<name>`` (local paths made absolute)."""
+    return storage.join(_storage_path(job), job.run.name)
+
+
+def build_trainer(job: TrainJob, callbacks: Sequence[StepCallback] = (),
+                  run_callbacks: Sequence[ray.train.UserCallback] = ()) -> TorchTrainer:
     """The ``TorchTrainer`` of ``job`` on the connected Ray cluster (checking that the workers leave CPUs for
-    Ray Data)."""
+    Ray Data); ``callbacks`` run on every worker at every step, ``run_callbacks`` in Ray Train's controller."""
     cpus = float(ray.cluster_resources().get("CPU", 0))
     reserved = job.workers.num_workers * job.workers.cpus_per_worker
     if reserved + job.workers.data_cpus > cpus:
@@ -603,9 +620,6 @@ def build_trainer(job: TrainJob, callbacks: Sequence[StepCallback] = ()) -> Torc
             f"workers: {job.workers.num_workers} x {job.workers.cpus_per_worker:g} CPUs for training plus "
             f"{job.workers.data_cpus:g} for reading leave nothing of the cluster's {cpus:g} CPUs (Ray would "
             "wait forever): lower workers.cpus_per_worker or workers.data_cpus")
-    storage_path = job.run.storage_path
-    if storage.is_local(storage_path):
-        storage_path = os.path.abspath(storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "callbacks": list(callbacks)},
@@ -613,17 +627,69 @@ def build_trainer(job: TrainJob, callbacks: Sequence[StepCallback] = ()) -> Torc
             num_workers=job.workers.num_workers, use_gpu=job.workers.use_gpu,
             resources_per_worker={"CPU": job.workers.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=job.run.name, storage_path=storage_path,
+            name=job.run.name, storage_path=_storage_path(job),
             failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
+            callbacks=list(run_callbacks)),
         datasets=build_datasets(job),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
 
-def run_training(job: TrainJob, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
-    """Train on the connected Ray cluster and return the final checkpoint and its report."""
-    result = build_trainer(job, callbacks).fit()
+ReportCallback = Callable[[dict], None]
+
+
+class _ForwardReports(ray.train.UserCallback):
+    """In Ray Train's controller: hands rank 0's metrics of every report (with ``checkpoint``: the folder of
+    the checkpoint it carried) to the driver through ``queue``."""
+
+    def __init__(self, queue: ray.util.queue.Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if metrics:
+            self.queue.put({**metrics[0], **({"checkpoint": checkpoint.path} if checkpoint is not None else {})})
+
+
+@contextlib.contextmanager
+def _reports_to(on_report: ReportCallback | None) -> Iterator[list[ray.train.UserCallback]]:
+    """The controller callbacks that make ``on_report(record)`` run on this driver, in a thread, for every
+    report of the run (none when ``on_report`` is None); every record is delivered when the block ends."""
+    if on_report is None:
+        yield []
+        return
+    queue = ray.util.queue.Queue(actor_options={"num_cpus": 0})  # no CPU: it must never wait for the workers'
+    finished = threading.Event()
+
+    def deliver() -> None:
+        while True:
+            try:
+                record = queue.get(timeout=0.5)
+            except ray.util.queue.Empty:
+                if finished.is_set():
+                    return
+                continue
+            on_report(record)
+
+    thread = threading.Thread(target=deliver, name="train-reports", daemon=True)
+    thread.start()
+    try:
+        yield [_ForwardReports(queue)]
+    finally:
+        finished.set()
+        thread.join()
+        queue.shutdown()
+
+
+def run_training(job: TrainJob, callbacks: Sequence[StepCallback] = (),
+                 on_report: ReportCallback | None = None) -> TrainResult:
+    """Train on the connected Ray cluster and return the final checkpoint and its report. ``on_report(record)``
+    sees, on this driver, every metrics record the workers report (``step``, ``phase``, ``loss``, ``lr``,
+    ``val_*``; ``checkpoint``: its folder when one was saved)."""
+    # Every worker's pass over its data would draw a progress bar; the metrics already show progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    with _reports_to(on_report) as run_callbacks:
+        result = build_trainer(job, callbacks, run_callbacks).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {job.run.name} ended without a checkpoint")
     path = result.checkpoint.path
