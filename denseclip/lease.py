@@ -7,7 +7,8 @@ The lease is the object ``<output>/lease.json``::
 
 A run takes it when it is absent, released or expired, renews it every ``ttl / 3`` seconds from a background
 thread while it runs, and releases it (sets its expiry to now) when it ends; the lease of a run that died expires
-``ttl`` seconds after its last renewal and is then taken over. Every change is a compare-and-swap, so two runs
+``ttl`` seconds after its last renewal and is then taken over, at once when the holder ran on this machine (same
+host name, boot and process namespace) and its process is gone. Every change is a compare-and-swap, so two runs
 can never both believe they hold it: on S3 a conditional PUT (``If-None-Match: *`` to create, ``If-Match:
 <ETag>`` to replace), on local disk a read-modify-write under ``flock(2)`` on ``<output>/lease.lock``. Expiry
 times are wall-clock UTC: hosts sharing an output need clocks within a small fraction of ``ttl``.
@@ -27,6 +28,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import fsspec
@@ -62,6 +64,28 @@ class LeaseHeld(LeaseError):
 class LeaseLost(RuntimeError):
     """This run's lease expired or was taken over while it ran: it must stop writing (a failure of the run, not
     a reason it could not start)."""
+
+
+def _process_space() -> str:
+    """Where this process's id means something: the kernel's boot id and the pid namespace ("" off Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+def _died_here(record: dict) -> bool:
+    """The holder of ``record`` ran in this machine's process space and its process no longer exists."""
+    if not record.get("space") or record["space"] != _process_space() or record.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(record["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, owned by another user
+        return False
+    return False
 
 
 def _iso(t: float) -> str:
@@ -172,7 +196,7 @@ class Lease:
 
     def _record(self, acquired: float) -> dict:
         now = time.time()
-        return {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
+        return {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(), "space": _process_space(),
                 "acquired_at": _iso(acquired), "renewed_at": _iso(now), "expires_at": _iso(now + self.ttl_s),
                 "expires": now + self.ttl_s, "ttl_s": self.ttl_s, "token": uuid.uuid4().hex}
 
@@ -181,7 +205,8 @@ class Lease:
         start = time.monotonic()
         while True:
             current = self._backend.read()
-            held = current.record is not None and current.record["expires"] > time.time()
+            held = (current.record is not None and current.record["expires"] > time.time()
+                    and not _died_here(current.record))
             if not held:
                 mine = self._record(time.time())
                 if self._backend.swap(current, mine):
@@ -190,7 +215,7 @@ class Lease:
                         continue  # read back as another run's: a store whose conditional writes are not atomic
                     if current.record is not None and not current.record.get("released"):
                         self.taken_over = current.record
-                        log.warning("took over the expired lease of %s on %s (pid %s) on %s",
+                        log.warning("took over the lease of %s on %s (pid %s, no longer running) on %s",
                                     current.record["holder"], current.record["host"], current.record["pid"],
                                     self.url)
                     return

@@ -4,6 +4,8 @@ renewal, expiry and takeover, and a race of many takers."""
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -95,3 +97,20 @@ def test_of_many_racing_takers_exactly_one_wins(output):
 def test_outputs_without_conditional_writes_are_refused():
     with pytest.raises(LeaseError, match="local disk and S3 only"):
         Lease("memory://bucket/out")
+
+
+def test_the_lease_of_a_killed_run_on_this_machine_is_taken_over_at_once(output):
+    hold = ("import sys, time; from denseclip.lease import Lease; "
+            "Lease(sys.argv[1], ttl_s=600).acquire(); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, output], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseHeld):  # alive: held for its whole TTL
+            Lease(output, ttl_s=30).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    successor = Lease(output, ttl_s=30)
+    successor.acquire()  # its holder's process is gone: no need to wait the 600 s out
+    assert successor.taken_over["pid"] == holder.pid and _record(output)["holder"] == successor.holder
+    successor.release()
