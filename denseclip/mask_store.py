@@ -31,7 +31,6 @@ import re
 import subprocess
 from collections import OrderedDict
 from collections.abc import Iterator
-from importlib import metadata
 
 import fsspec
 import numpy as np
@@ -40,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from denseclip import storage
+from denseclip import __version__, storage
 from denseclip.images import decode_label_map, encode_png
 
 MASKS_DIR = "masks"
@@ -78,10 +77,7 @@ _CACHED_GROUPS = 8  # row groups (of parts and of the index) a store keeps decod
 def code_version() -> str:
     """This package's version, plus the git commit of its checkout when it runs from one
     (``0.1.0+g1a2b3c4d5e6f``, ``.dirty`` with uncommitted changes to tracked files)."""
-    try:
-        version = metadata.version("denseclip")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
+    version = __version__  # the package's own: a checkout run without installing it has no metadata
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True,
