@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,52 @@ def read_yaml_file(path: str, kind: str = "job file") -> object:
         return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"--config: cannot read {kind} {path!r}: {exc}") from exc
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied key by key, nested mappings merged rather than replaced."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_job_spec(path: str, seen: tuple[str, ...] = ()) -> dict:
+    """The job spec at ``path``; a spec with ``extends: other.yaml`` (relative to its own folder) is that spec
+    with this one's fields merged over it (a variant names only what it changes). ``seen``: the specs already
+    on the way here (a cycle is refused)."""
+    seen = seen or (os.path.normpath(path),)
+    spec = read_yaml_file(path, "job spec")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"--config {path}: a job spec must be a mapping of sections")
+    base = spec.pop("extends", None)
+    if base is None:
+        return spec
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"--config {path}: extends: must be the path of another job spec (got {base!r})")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+    if base_path in seen:
+        raise ConfigError(f"--config {path}: extends: {base} extends itself through {' -> '.join(seen)}")
+    return _merge(read_job_spec(base_path, (*seen, base_path)), spec)
+
+
+def apply_override(spec: dict, assignment: str) -> None:
+    """Set ``spec[a][b] = value`` for ``"a.b=value"`` (the value read as YAML), adding sections as needed."""
+    path, sep, text = assignment.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(keys):
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key, "
+                          "e.g. training.iterations=100")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML: {exc}") from exc
+    node = spec
+    for depth, key in enumerate(keys[:-1]):
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(keys[:depth + 1])} is not a section")
+    node[keys[-1]] = value
 
 
 def resolve_vocabulary(spec: str | list, synonyms: bool = False) -> list[list[str]]:

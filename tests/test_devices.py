@@ -9,9 +9,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from batches import ray_batch
 from pipeline_scripts import load_pipeline
 from torch.overrides import TorchFunctionMode
 
@@ -20,7 +20,7 @@ from denseclip.config import ConfigError, LabelerConfig, check_device, resolve_v
 from denseclip.evaluation import Evaluation
 from denseclip.plus.amp import MixedPrecision, resolve_precision
 from denseclip.ray.devices import assigned_device
-from denseclip.ray.labeling import Labeler, _objects, decode_batch, device_settings, read_shard_rows
+from denseclip.ray.labeling import Labeler, decode_batch, device_settings, read_shard_rows
 from denseclip.ray.train import TrainJob, build_worker, train_on
 from denseclip.ray.train_data import read_samples
 from denseclip.robustness import CLEAN
@@ -76,11 +76,6 @@ def shards(tmp_path_factory) -> list[str]:
     return write_shards(seed=8, n=4, out=str(tmp_path_factory.mktemp("audit")), shard_size=4, size=64)
 
 
-def _numpy_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Rows -> the numpy batch Ray Data hands a map_batches stage or a worker (object columns)."""
-    return {name: _objects([row[name] for row in rows]) for name in rows[0]}
-
-
 def _job(shards: list[str], precision: str) -> TrainJob:
     """A zero-shot job exercising every on-device path of a step: the teacher on the fly with refinement,
     a guided step then a self-training step, a learnt background, mixed precision."""
@@ -100,12 +95,12 @@ def test_worker_setup_steps_and_labeller_create_no_tensor_off_the_device(shards)
     labeller_rows = [row for shard in shards for row in read_shard_rows(shard)]
     with HostTensorAudit(PACKAGE) as audit:
         worker = build_worker(job, 0, 1, CPU)
-        losses = [train_on(worker, _numpy_batch(rows[2 * step:2 * step + 2]), step)[0] for step in range(2)]
+        losses = [train_on(worker, ray_batch(rows[2 * step:2 * step + 2]), step)[0] for step in range(2)]
         evaluation = Evaluation(job.info.num_classes, num_overlays=1)
         for labeler in (worker.model, worker.teacher.predictor):
             evaluation.add_labelled(labeler, CLEAN, [(r["key"], r["image"], r["label"]) for r in rows])
         out = Labeler(LabelerConfig(), resolve_vocabulary("synthetic")).label_batch(
-            decode_batch(_numpy_batch(labeller_rows)))
+            decode_batch(ray_batch(labeller_rows)))
     assert worker.precision.name == "fp16" and worker.precision.scaler is not None
     assert all(torch.isfinite(loss) for loss in losses) and evaluation.num_images == 2 * len(rows)
     assert not any(out["error"])

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import ray
-import ray.cloudpickle
+from batches import ray_batch
 from PIL import Image
 from pipeline_scripts import error_lines, load_pipeline
 
@@ -145,15 +145,6 @@ def test_actor_plan_leaves_cpus_for_the_tasks_feeding_the_pool():
     assert (growing.min_actors, growing.num_actors) == (1, 16)
 
 
-def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Rows -> a numpy batch as Ray Data hands it to map_batches (object columns hold arrays as they are)."""
-    batch = {name: np.empty(len(rows), dtype=object) for name in rows[0]}
-    for i, row in enumerate(rows):
-        for name, value in row.items():
-            batch[name][i] = value
-    return batch
-
-
 def test_stages_and_committer_commit_a_shard_only_when_all_its_rows_arrived(tmp_path):
     shards = write_shards(seed=3, n=5, out=str(tmp_path / "in"), shard_size=3, size=64)
     empty = str(tmp_path / "in" / "empty.tar")
@@ -162,12 +153,12 @@ def test_stages_and_committer_commit_a_shard_only_when_all_its_rows_arrived(tmp_
     rows = [r for s in shards for r in read_shard_rows(s)]
     rows[1]["data"] = b"not an image"
     labeler = Labeler(CONFIG, CLASSES)
-    encoded = encode_batch(labeler(decode_batch(_batch(rows))))
+    encoded = encode_batch(labeler(decode_batch(ray_batch(rows))))
     table = pa.Table.from_pydict({k: list(v) for k, v in encoded.items()})
     assert table.column("height").to_pylist() == [64, 0, 64, 64, 64]
     # An actor that encodes its own masks (CPU clusters) gives the rows the separate encode stage gives.
     labeler.encode = True  # the same (randomly initialised) weights
-    fused = labeler(decode_batch(_batch(rows)))
+    fused = labeler(decode_batch(ray_batch(rows)))
     assert pa.Table.from_pydict({k: list(v) for k, v in fused.items()}).equals(table)
 
     committer = ShardCommitter(plan)
@@ -195,7 +186,7 @@ def test_stages_and_committer_commit_a_shard_only_when_all_its_rows_arrived(tmp_
 
 def test_labeler_loses_only_the_image_that_fails():
     good = render_scene(1, 0, size=64).image
-    batch = _batch([{"key": k, "shard": "s", "shard_total": 0, "error": "", "image": im}
+    batch = ray_batch([{"key": k, "shard": "s", "shard_total": 0, "error": "", "image": im}
                     for k, im in (("a", good), ("b", good.astype(np.float32)), ("c", good))])
     out = Labeler(CONFIG, CLASSES)(batch)
     assert [bool(e) for e in out["error"]] == [False, True, False] and "unusable image" in out["error"][1]
@@ -239,7 +230,7 @@ def _failing_model(labeler: Labeler, fault, fails) -> list[int]:
 @pytest.mark.parametrize("fault", [_cpu_allocation_failure, _cuda_out_of_memory])
 def test_labeler_retries_out_of_memory_in_smaller_calls_then_reraises(fault):
     images = [render_scene(1, i, size=64).image for i in range(5)]
-    batch = _batch([{"key": f"k{i}", "shard": "s", "shard_total": 0, "error": "", "image": im}
+    batch = ray_batch([{"key": f"k{i}", "shard": "s", "shard_total": 0, "error": "", "image": im}
                     for i, im in enumerate(images)])
     labeler = Labeler(CONFIG, CLASSES)
     expected = labeler.label_batch(batch)
@@ -261,7 +252,7 @@ def test_labeler_retries_out_of_memory_in_smaller_calls_then_reraises(fault):
 
 def test_labeler_reraises_model_errors_instead_of_recording_them():
     good = render_scene(1, 0, size=64).image
-    batch = _batch([{"key": k, "shard": "s", "shard_total": 0, "error": "", "image": good} for k in "abc"])
+    batch = ray_batch([{"key": k, "shard": "s", "shard_total": 0, "error": "", "image": good} for k in "abc"])
     labeler = Labeler(CONFIG, CLASSES)
     calls = _failing_model(labeler, lambda: RuntimeError("CUDA error: an illegal memory access was encountered"),
                            lambda images: True)
@@ -305,10 +296,18 @@ def test_job_file_and_flags_merge_and_bad_values_name_their_field(tmp_path):
     assert (loaded.labeler.mode, loaded.labeler.batch_size, loaded.labeler.upsample_topk) == ("slide", 2, None)
     assert (loaded.input, loaded.num_actors, loaded.classes) == ("a/*.tar", 3, CLASSES)
     flags = ["--input", "x", "--output", "y"]
+    overridden = label_cli.load_job(parse(["--config", str(job), "--set", "labeler.mode=whole", "--set",
+                                           "num_actors=5", "--set", "labeler.key_smoothing=0.5"]))
+    assert (overridden.labeler.mode, overridden.num_actors, overridden.labeler.key_smoothing) == ("whole", 5, 0.5)
+    preset = label_cli.load_job(parse([*flags, "--vocabulary", "context", "--set", "labeler.protocol=paper"]))
+    assert preset.labeler.resize_to == (520, 520)  # the paper preset's value for the dataset named as vocabulary
+    with pytest.raises(ConfigError, match="labeler.sideways: unknown field"):
+        label_cli.load_job(parse([*flags, "--vocabulary", "synthetic", "--set", "labeler.sideways=1"]))
     many = tmp_path / "many.txt"
     many.write_text("".join(f"class {i}\n" for i in range(300)))
+    assert len(label_cli.load_job(parse([*flags, "--vocabulary", str(many)])).classes) == 300  # 16-bit maps
     for argv, field in [(["--config", str(job), "--cpus-per-actor", "-1"], "cpus_per_actor"),
-                        ([*flags, "--vocabulary", str(many)], "vocabulary: 300 classes do not fit"),
+                        ([*flags, "--vocabulary", "synthetic", "--wait-for-lease", "-1"], "--wait-for-lease"),
                         ([*flags, "--vocabulary", "synthetic", "--precision", "fp8"], "labeler.precision"),
                         ([*flags], "vocabulary: required")]:
         with pytest.raises(ConfigError, match=field):
@@ -332,7 +331,7 @@ def test_head_flag_reaches_the_labels_and_the_stored_provenance(tmp_path):
     labeler = Labeler(job.labeler, job.classes, encode=True)
     assert labeler.dense_clip.head == "naclip"
     committer = ShardCommitter(plan)
-    encoded = labeler(decode_batch(_batch(read_shard_rows(shards[0]))))
+    encoded = labeler(decode_batch(ray_batch(list(read_shard_rows(shards[0])))))
     committer.add(pa.Table.from_pydict({k: list(v) for k, v in encoded.items()}))
     committer.finish()
     provenance = MaskStore(job.output).provenance
