@@ -126,7 +126,7 @@ class TextClassifier(nn.Module):
             if background_index is None:
                 raise ValueError("learn_background needs a background_index")
             self.register_buffer("is_background", self.class_of_name == background_index)
-            self.background = nn.Parameter(torch.randn(embeddings.shape[1]))
+            self.background = nn.Parameter(torch.randn(embeddings.shape[1], device=embeddings.device))
 
     def weight(self) -> torch.Tensor:
         """``(N, D)`` normalised name embeddings, the learnable background substituted."""
