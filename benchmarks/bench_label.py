@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 
 from denseclip.config import LabelerConfig, resolve_vocabulary
 from denseclip.images import decode_image
 from denseclip.mask_store import MaskStoreWriter
-from denseclip.ray.labeling import label_shards, part_id, prepare_labeling, run_provenance
+from denseclip.ray.labeling import label_shards, part_id, prepare_labeling, ray_cluster, run_provenance
 from denseclip.shards import read_shard
 from denseclip.synthetic import render_scene, write_shards
 
@@ -53,7 +52,7 @@ def bare_loop(shards: list[str], output: str, config: LabelerConfig, classes: li
         rows = []
         for i in range(0, len(images), config.batch_size):
             for sample, (labels, confidence) in zip(samples[i:i + config.batch_size],
-                                                    dense_clip.label_images(images[i:i + config.batch_size])):
+                                                    dense_clip.label_maps(images[i:i + config.batch_size])):
                 rows.append({"key": sample["__key__"], "shard": shard, "mask": labels, "confidence": confidence})
         writer.write_part(part_id(shard), rows)
     return time.perf_counter() - start
@@ -67,25 +66,24 @@ def pipeline(shards: list[str], output: str, config: LabelerConfig, classes: lis
 def throughput(work: Path, sizes: tuple[int, int], config: LabelerConfig, classes: list[list[str]],
                repeats: int, image_size: int) -> None:
     shards = write_shards(11, max(sizes), str(work / "shards"), shard_size=SHARD_SIZE, size=image_size)
-    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
-    # The bare loop runs with one torch thread and with one per core; the faster one is the baseline (on a
-    # busy machine, threads of one process that wait for each other can be far slower than one thread).
-    ways = {f"bare, {n} thread{'s' * (n > 1)}": n for n in sorted({1, os.cpu_count()})} | {"pipeline": None}
-    seconds: dict[tuple[str, int], list[float]] = {}
-    # Round 0 warms up (text-embedding cache, page cache) and is not counted; the ways take turns.
-    for round_ in range(repeats + 1):
-        for n in (SHARD_SIZE,) if round_ == 0 else sizes:
-            subset = shards[: n // SHARD_SIZE]
-            for how, threads in ways.items():
-                out = str(work / f"{round_}-{how.replace(' ', '').replace(',', '-')}-{n}")
-                if threads is None:
-                    elapsed = pipeline(subset, out, config, classes)
-                else:
-                    torch.set_num_threads(threads)
-                    elapsed = bare_loop(subset, out, config, classes)
-                if round_:
-                    seconds.setdefault((how, n), []).append(elapsed)
-    ray.shutdown()
+    with ray_cluster():  # a private local Ray, started before the clock runs
+        # The bare loop runs with one torch thread and with one per core; the faster one is the baseline (on a
+        # busy machine, threads of one process that wait for each other can be far slower than one thread).
+        ways = {f"bare, {n} thread{'s' * (n > 1)}": n for n in sorted({1, os.cpu_count()})} | {"pipeline": None}
+        seconds: dict[tuple[str, int], list[float]] = {}
+        # Round 0 warms up (text-embedding cache, page cache) and is not counted; the ways take turns.
+        for round_ in range(repeats + 1):
+            for n in (SHARD_SIZE,) if round_ == 0 else sizes:
+                subset = shards[: n // SHARD_SIZE]
+                for how, threads in ways.items():
+                    out = str(work / f"{round_}-{how.replace(' ', '').replace(',', '-')}-{n}")
+                    if threads is None:
+                        elapsed = pipeline(subset, out, config, classes)
+                    else:
+                        torch.set_num_threads(threads)
+                        elapsed = bare_loop(subset, out, config, classes)
+                    if round_:
+                        seconds.setdefault((how, n), []).append(elapsed)
     small, large = sizes
     rates = {}
     for how in ways:

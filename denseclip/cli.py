@@ -1,4 +1,6 @@
-"""The ``denseclip`` command: ``denseclip predict`` labels image files with any vocabulary."""
+"""The ``denseclip`` command: ``denseclip predict`` labels image files with any vocabulary.
+
+It prints one line per image with the files it wrote (errors on stderr), then a summary."""
 
 from __future__ import annotations
 
@@ -8,12 +10,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from denseclip.config import ConfigError, add_labeler_arguments, labeler_config_from_args, resolve_vocabulary
 from denseclip.images import ImageDecodeError, decode_image, encode_png
 from denseclip.models import ModelLoadError
-from denseclip.visualize import default_palette, overlay
+from denseclip.visualize import class_palette, overlay
 from denseclip.vocabulary import VocabularyError, parse_class_list, read_classes_file
 
 USER_ERRORS = (ConfigError, ModelLoadError, VocabularyError, ImageDecodeError, FileNotFoundError)
@@ -30,6 +31,15 @@ def _unique_stems(paths: list[Path]) -> list[str]:
     return stems
 
 
+def _palette(vocabulary: str | None, class_names: list[str]) -> np.ndarray:
+    """A dataset's own colours for its vocabulary, else colours from the class names."""
+    from denseclip.datasets import DATASET_NAMES, get_dataset
+
+    if vocabulary in DATASET_NAMES and get_dataset(vocabulary).class_names == list(class_names):
+        return get_dataset(vocabulary).palette
+    return class_palette(class_names)
+
+
 def predict(args: argparse.Namespace) -> int:
     config = labeler_config_from_args(args)
     if args.classes is not None:
@@ -37,36 +47,40 @@ def predict(args: argparse.Namespace) -> int:
     elif args.classes_file is not None:
         classes = read_classes_file(args.classes_file)
     else:
-        classes = resolve_vocabulary(args.vocabulary)
+        classes = resolve_vocabulary(args.vocabulary, synonyms=config.synonyms)
     if len(classes) + (config.background_threshold is not None) > 255:
         raise ConfigError(f"vocabulary: {len(classes)} classes do not fit an 8-bit PNG label map (max 255)")
     labeler = config.build(classes)
-    palette = default_palette(labeler.num_classes)
+    palette = _palette(args.vocabulary, labeler.class_names)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in args.images]
     failures = 0
-    progress = tqdm(list(zip(paths, _unique_stems(paths))), unit="img", disable=len(paths) < 2, file=sys.stderr)
-    for path, stem in progress:
+    for path, stem in zip(paths, _unique_stems(paths)):
         try:
             image = decode_image(path.read_bytes(), key=str(path))
         except (OSError, ImageDecodeError) as exc:
             reason = exc.reason if isinstance(exc, ImageDecodeError) else (exc.strerror or str(exc))
-            tqdm.write(f"denseclip: error: {path}: {reason}", file=sys.stderr)
+            print(f"denseclip: error: {path}: {reason}", file=sys.stderr, flush=True)
             failures += 1
             continue
         labels, _ = labeler.label_images([image])[0]
-        (out / f"{stem}.png").write_bytes(encode_png(labels, palette))
-        overlay(image, labels, labeler.class_names, palette).convert("RGB").save(out / f"{stem}_overlay.jpg",
-                                                                             quality=90)
+        files = [out / f"{stem}.png", out / f"{stem}_overlay.jpg", out / f"{stem}.json"]
+        files[0].write_bytes(encode_png(labels, palette))
+        overlay(image, labels, labeler.class_names, palette).convert("RGB").save(files[1], quality=90)
+        present = [labeler.class_names[i] for i in np.unique(labels)]
         meta = {
             "image": str(path), "height": int(image.shape[0]), "width": int(image.shape[1]),
             "class_names": labeler.class_names, "classes": classes, "model": config.model,
             "pretrained": labeler.clip.pretrained, "fingerprint": labeler.clip.fingerprint,
+            "activation": labeler.clip.activation, "protocol": config.protocol, "head": config.head,
             "templates": config.template_set, "mode": config.mode,
-            "present": [labeler.class_names[i] for i in np.unique(labels)],
+            "present": present,
         }
-        (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
+        files[2].write_text(json.dumps(meta, indent=2))
+        print(f"{path} -> {', '.join(f.name for f in files)} ({', '.join(present)})", flush=True)
+    print(f"denseclip: {len(paths) - failures} of {len(paths)} images labelled into {out}/"
+          + (f", {failures} failed" if failures else ""))
     return 1 if failures else 0
 
 

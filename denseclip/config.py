@@ -6,17 +6,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from denseclip.protocols import ProtocolError, protocol_defaults, protocol_names
-from denseclip.vocabulary import parse_class_list, read_classes_file
+from denseclip.vocabulary import parse_class_list, read_classes_file, validate_classes
 
 # Kept free of torch imports so a bad configuration fails in well under a second.
 TINY_MODEL = "denseclip-tiny-shapes"
-TINY_MODELS = (TINY_MODEL,)  # the shipped models, trained at one resolution: "auto" keeps images as they are
+TINY_VIT_MODEL = "denseclip-tiny-shapes-vit"
+TINY_MODELS = (TINY_MODEL, TINY_VIT_MODEL)  # the shipped models, trained at one resolution: "auto" keeps images as they are
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTO = "auto"
 # precision "auto": half precision on a GPU; bf16 on CPUs that compute in it natively, where it measured 1.6-2x
@@ -29,10 +32,16 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of x86 CP
 CUDA_SIZE_BUCKET = 128
 
 MODES = ("whole", "slide")
+_DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
+# Dense heads (denseclip.dense): MaskCLIP/DenseCLIP's (the default, and the ResNet towers' only head), then the
+# training-free ViT heads that followed it: SCLIP's, ClearCLIP's and NACLIP's.
+HEADS = ("maskclip", "sclip", "clearclip", "naclip")
+DEFAULT_HEAD = "maskclip"
 # resize_to "auto": real CLIP models see images resized as the paper's VOC / COCO-Stuff protocol resizes them
 # (keep ratio, fit (2048, 512): a 512-pixel short side for ordinary photos, not a 24-megapixel forward).
 DEFAULT_RESIZE = (2048, 512)
 RESIZE_AUTO, RESIZE_NATIVE = "auto", "native"
+NO_PROTOCOL = "none"  # --protocol none: no preset, even where one is the default (evaluate.py --dataset)
 _RESIZE_FIELDS = ("resize_to", "short_side")
 
 
@@ -48,13 +57,65 @@ def read_yaml_file(path: str, kind: str = "job file") -> object:
         raise ConfigError(f"--config: cannot read {kind} {path!r}: {exc}") from exc
 
 
+def _merge(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied key by key, nested mappings merged rather than replaced."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_job_spec(path: str, seen: tuple[str, ...] = ()) -> dict:
+    """The job spec at ``path``; a spec with ``extends: other.yaml`` (relative to its own folder) is that spec
+    with this one's fields merged over it (a variant names only what it changes). ``seen``: the specs already
+    on the way here (a cycle is refused)."""
+    seen = seen or (os.path.normpath(path),)
+    spec = read_yaml_file(path, "job spec")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"--config {path}: a job spec must be a mapping of sections")
+    base = spec.pop("extends", None)
+    if base is None:
+        return spec
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"--config {path}: extends: must be the path of another job spec (got {base!r})")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+    if base_path in seen:
+        raise ConfigError(f"--config {path}: extends: {base} extends itself through {' -> '.join(seen)}")
+    return _merge(read_job_spec(base_path, (*seen, base_path)), spec)
+
+
+def apply_override(spec: dict, assignment: str) -> None:
+    """Set ``spec[a][b] = value`` for ``"a.b=value"`` (the value read as YAML), adding sections as needed."""
+    path, sep, text = assignment.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(keys):
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key, "
+                          "e.g. training.iterations=100")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML: {exc}") from exc
+    node = spec
+    for depth, key in enumerate(keys[:-1]):
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(keys[:depth + 1])} is not a section")
+    node[keys[-1]] = value
+
+
 def resolve_vocabulary(spec: str | list, synonyms: bool = False) -> list[list[str]]:
-    """A vocabulary from a dataset name (``coco_stuff``), a class file path, or a comma-separated list / a list.
+    """A vocabulary from a dataset name (``coco_stuff``), a class file path, or a comma-separated list / a list
+    of names / a list of name lists (one per class, synonyms after the first name).
 
     Returns one list of names per class (synonyms after the first name).
     """
     from denseclip.datasets import DATASET_NAMES, get_dataset
 
+    if isinstance(spec, list) and spec and all(isinstance(c, list) for c in spec):
+        classes = [[str(n).strip() for n in c if str(n).strip()] for c in spec]
+        if not all(classes):
+            raise ConfigError(f"vocabulary: class {classes.index([]) + 1} has no name")
+        return validate_classes(classes, "vocabulary")
     if isinstance(spec, list):
         return parse_class_list(", ".join(str(s) for s in spec), source="vocabulary")
     if spec in DATASET_NAMES:
@@ -78,7 +139,10 @@ class LabelerConfig:
 
     model: str = TINY_MODEL
     pretrained: str | None = None
-    templates: str | None = None  # None: "synthetic" for the tiny model, "denseclip85" otherwise
+    head: str = DEFAULT_HEAD  # the dense head (HEADS); ResNet towers have "maskclip" only
+    templates: str | None = None  # None: "synthetic" for the tiny models, "denseclip85" otherwise
+    synonyms: bool = False  # a dataset vocabulary's synonym-enriched class lists (get_dataset(..., synonyms=True))
+    name_softmax: bool = False  # class probabilities as the successors compute them (see DenseCLIP)
     protocol: str | None = None  # the preset (protocols.json) that supplied the defaults, recorded
     resize_to: tuple[int, int] | str | None = RESIZE_AUTO  # [long, short], "auto" or "native" (= null)
     mode: str = "whole"
@@ -100,7 +164,8 @@ class LabelerConfig:
     def from_dict(cls, values: dict, where: str = "labeler", dataset: str | None = None) -> LabelerConfig:
         """Build and validate from plain data. With ``protocol`` among ``values``, that preset's values for
         ``dataset`` (None: a free vocabulary) are the defaults; the fields given in ``values`` win (giving
-        either ``resize_to`` or ``short_side`` replaces the preset's resize)."""
+        either ``resize_to`` or ``short_side`` replaces the preset's resize; the shipped tiny models keep the
+        resolution they were trained at under any preset)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -111,7 +176,9 @@ class LabelerConfig:
                 defaults = protocol_defaults(values["protocol"], dataset)
             except ProtocolError as exc:
                 raise ConfigError(f"{where}.protocol: {exc}") from exc
-            if any(values.get(name) is not None for name in _RESIZE_FIELDS):
+            # The shipped tiny models see images at the size they were trained at, whatever the preset says.
+            if values.get("model", TINY_MODEL) in TINY_MODELS or any(
+                    values.get(name) is not None for name in _RESIZE_FIELDS):
                 defaults = {k: v for k, v in defaults.items() if k not in _RESIZE_FIELDS}
         values = {**defaults, **values}
         if isinstance(values.get("resize_to"), list):
@@ -132,6 +199,13 @@ class LabelerConfig:
                 fail(name, "must be a string or null")
         if self.mode not in MODES:
             fail("mode", f"must be one of {', '.join(MODES)}")
+        if self.head not in HEADS:
+            fail("head", f"must be one of {', '.join(HEADS)}")
+        if self.head != DEFAULT_HEAD and (self.model == TINY_MODEL or self.model.startswith("RN")):
+            fail("head", f"needs a ViT model; {self.model} is a ResNet, whose only head is {DEFAULT_HEAD!r}")
+        for name in ("synonyms", "name_softmax"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
         if self.precision not in PRECISIONS + (AUTO,):
             fail("precision", f"must be one of {', '.join(PRECISIONS + (AUTO,))}")
         if self.size_bucket not in (AUTO, None) and (not isinstance(self.size_bucket, int)
@@ -160,10 +234,10 @@ class LabelerConfig:
             if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
                 fail(name, "must be a number in (0, 1) or null")
         if self.key_smoothing is not None and not (isinstance(self.key_smoothing, (int, float))
-                                                   and -1 <= self.key_smoothing < 1):
-            fail("key_smoothing", "must be a number in [-1, 1) or null")
-        if not self.device.startswith(("cpu", "cuda")):
-            fail("device", "must be cpu or cuda[:N]")
+                                                   and 0 < self.key_smoothing <= 1):
+            fail("key_smoothing", "must be a probability threshold in (0, 1] (1: smooth everywhere) or null")
+        if not _DEVICE.match(self.device):
+            fail("device", "must be cpu, cuda or cuda:N")
 
     @property
     def effective_resize_to(self) -> tuple[int, int] | None:
@@ -207,22 +281,42 @@ class LabelerConfig:
     def template_set(self) -> str:
         if self.templates is not None:
             return self.templates
-        return "synthetic" if self.model == TINY_MODEL else "denseclip85"
+        return "synthetic" if self.model in TINY_MODELS else "denseclip85"
 
-    def build(self, classes: list[list[str]], clip=None):
-        """Load the model (unless ``clip`` is given) and return the ``DenseCLIP`` labeler for ``classes``."""
+    def build(self, classes: list[list[str]], clip=None, background_class: int | None = None):
+        """Load the model (unless ``clip`` is given) and return the ``DenseCLIP`` labeler for ``classes``.
+
+        ``background_class``: the class of ``classes`` that the background threshold falls to (None: the labeler
+        prepends a background class of its own)."""
         from denseclip.models import load_clip
         from denseclip.predictor import DenseCLIP
 
+        if clip is None:
+            check_device(self.device)
         clip = clip or load_clip(self.model, self.pretrained, device=self.device, precision=self.effective_precision)
         return DenseCLIP(
             clip, classes, self.template_set, mode=self.mode, crop_size=self.crop_size,
             crop_stride=self.crop_stride, short_side=self.short_side, resize_to=self.effective_resize_to,
-            temperature=self.temperature,
-            background_threshold=self.background_threshold, key_smoothing=self.key_smoothing,
+            temperature=self.temperature, background_threshold=self.background_threshold,
+            background_class=background_class, key_smoothing=self.key_smoothing,
             prompt_denoising=self.prompt_denoising, upsample_topk=self.upsample_topk,
-            size_bucket=self.effective_size_bucket, batch_size=self.batch_size,
+            size_bucket=self.effective_size_bucket, batch_size=self.batch_size, head=self.head, name_softmax=self.name_softmax,
         )
+
+
+def check_device(device: str, where: str = "device") -> None:
+    """Refuse a CUDA device this process cannot see (no GPU, or ``cuda:N`` beyond the GPUs present) with a
+    ConfigError naming it, before any model is loaded. Inside Ray actors the device is first mapped to the GPU
+    Ray assigned (``denseclip.ray.devices``), so a job spec's ``cuda:1`` never reaches this check there."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count()
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        present = "GPUs: " + ", ".join(f"cuda:{i}" for i in range(count)) if count else "it has no CUDA GPU"
+        raise ConfigError(f"{where}: {device} does not exist on this machine ({present})")
 
 
 def add_labeler_arguments(parser) -> None:
@@ -230,13 +324,20 @@ def add_labeler_arguments(parser) -> None:
     group = parser.add_argument_group("model and inference")
     group.add_argument("--model", default=TINY_MODEL, help="open_clip model name, e.g. RN50, RN50x16, ViT-B-16 "
                        f"(default: the shipped {TINY_MODEL})")
-    group.add_argument("--pretrained", default=None, help="open_clip tag (openai), checkpoint path or URL")
+    group.add_argument("--pretrained", default=None, help="open_clip tag, checkpoint path or URL, or 'random' "
+                       "(default: openai for open_clip models, the shipped weights for the tiny ones)")
+    group.add_argument("--head", default=DEFAULT_HEAD, choices=HEADS, help="dense head: maskclip (DenseCLIP's, "
+                       "the default) or, for ViT models, sclip, clearclip or naclip")
     group.add_argument("--templates", default=None, help="template set (denseclip85, imagenet80) or file")
+    group.add_argument("--synonyms", action="store_true", default=False,
+                       help="a dataset vocabulary with its synonym-enriched class lists (max over names)")
+    group.add_argument("--name-softmax", action="store_true", default=False,
+                       help="class probabilities as a softmax over every name, each class the max over its names")
     group.add_argument("--mode", default="whole", help="whole or slide")
     group.add_argument("--crop-size", type=int, default=448)
     group.add_argument("--crop-stride", type=int, default=224)
     group.add_argument("--protocol", default=None, help="a named preset of the options below: "
-                       f"{', '.join(protocol_names())} (explicit flags win)")
+                       f"{', '.join(protocol_names())} (explicit flags win), or '{NO_PROTOCOL}'")
     group.add_argument("--resize-to", type=_resize_argument, default=RESIZE_AUTO,
                        help="keep-ratio resize before inference: LONG,SHORT (fit both), 'native' (as is) or "
                        "'auto' (default: 2048,512 for real CLIP models, native for the tiny ones)")
@@ -244,7 +345,8 @@ def add_labeler_arguments(parser) -> None:
                        "(instead of --resize-to)")
     group.add_argument("--temperature", type=float, default=100.0)
     group.add_argument("--background-threshold", type=float, default=None)
-    group.add_argument("--key-smoothing", type=float, default=None, help="key-smoothing affinity threshold")
+    group.add_argument("--key-smoothing", type=float, default=None, help="key smoothing where the top class "
+                       "probability is below this threshold (1: everywhere, as the paper's configs)")
     group.add_argument("--prompt-denoising", type=float, default=None, help="prompt-denoising threshold")
     group.add_argument("--upsample-topk", type=int, default=3, help="0 upsamples every class (exact)")
     group.add_argument("--batch-size", type=int, default=8)
@@ -285,6 +387,8 @@ def labeler_config_from_args(args, dataset: str | None = None) -> LabelerConfig:
     values = {f.name: getattr(args, f.name) for f in fields}
     if values.get("upsample_topk") == 0:
         values["upsample_topk"] = None
+    if values.get("protocol") == NO_PROTOCOL:
+        values["protocol"] = None
     if values.get("protocol") is not None:
         # Flags left at their defaults give way to the preset.
         defaults = build_defaults()

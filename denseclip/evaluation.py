@@ -7,6 +7,7 @@ overlay sample and the scored keys; evaluations of disjoint images ``merge`` int
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import itertools
@@ -24,7 +25,7 @@ from denseclip.images import decode_image, decode_label_map
 from denseclip.mask_store import MASKS_DIR, MaskStore
 from denseclip.metrics import ConfusionMatrix, EvaluationInputError
 from denseclip.robustness import CLEAN, Condition, apply_condition
-from denseclip.shards import expand_shards, read_shard
+from denseclip.shards import expand_shards, read_shard, sanitize_key
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 
@@ -103,24 +104,45 @@ def iter_ground_truth(url: str) -> Iterator[GroundTruth]:
 
 def load_image(item: GroundTruth, images_url: str | None) -> np.ndarray | None:
     """The decoded uint8 (H, W, 3) image of ``item``: its own bytes, else ``<images_url>/<key>.jpg|jpeg|png``,
-    else None."""
+    else None. A key that would address a file outside ``images_url`` (``../``) is an EvaluationInputError."""
     encoded = item.image
     if encoded is None and images_url:
+        if not _is_safe_key(item.key):
+            raise EvaluationInputError(f"{item.key}: unsafe sample key (it would address a file outside "
+                                       f"--images {images_url}); its image is not looked up")
         fs, root = fsspec.core.url_to_fs(images_url)
         path = next((p for ext in IMAGE_EXTS if fs.isfile(p := posixpath.join(root, f"{item.key}.{ext}"))), None)
         encoded = fs.cat_file(path) if path else None
     return None if encoded is None else decode_image(encoded, item.key)
 
 
-def build_dense_clip(config: LabelerConfig, classes: list[list[str]]) -> ImageLabeler:
-    """DenseCLIP labelling into the evaluation's label ids (``classes[i]`` = id i). With a background threshold
-    DenseCLIP adds the background class itself, so the vocabulary's first class must be background."""
-    if config.background_threshold is not None:
-        if normalize_class_name(classes[0][0]) != "background":
-            raise ConfigError("--background-threshold: the vocabulary's first class (label 0) must be background, "
-                              f"got {classes[0][0]!r}")
-        classes = classes[1:]
-    return config.build(classes)
+def _is_safe_key(key: str) -> bool:
+    try:
+        return sanitize_key(key) == key
+    except ValueError:
+        return False
+
+
+def build_dense_clip(config: LabelerConfig, classes: list[list[str]], device: str | None = None,
+                     background_index: int | None = None, clip=None) -> ImageLabeler:
+    """DenseCLIP labelling into the evaluation's label ids (``classes[i]`` = id i), on ``device`` (default:
+    ``config.device``).
+
+    With a background threshold, background is either the threshold alone (the paper: the vocabulary's first
+    class, plain "background", is replaced by DenseCLIP's own background class) or, with ``config.synonyms``
+    and a dataset's ``background_index``, that class scored by its synonyms (VOC's "sky, wall, ...") which also
+    takes every pixel where no class reaches the threshold (the successors' protocol). ``clip``: an already
+    loaded model (else ``config``'s is loaded)."""
+    if device is not None:
+        config = dataclasses.replace(config, device=device)
+    if config.background_threshold is None:
+        return config.build(classes, clip)
+    if config.synonyms and background_index is not None:
+        return config.build(classes, clip, background_class=background_index)
+    if normalize_class_name(classes[0][0]) != "background":
+        raise ConfigError("--background-threshold: the vocabulary's first class (label 0) must be background, "
+                          f"got {classes[0][0]!r}")
+    return config.build(classes[1:], clip)
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -167,20 +189,31 @@ class KeySample:
 @dataclass
 class Evaluation:
     """Confusion matrices per condition (only ``clean`` without a sweep), the overlay sample of clean
-    ``(key, image | None, gt, pred)`` and the keys scored. Pickles, so workers can return one each."""
+    ``(key, image | None, gt, pred)`` and the keys scored. Pickles, so workers can return one each.
+
+    ``gt_lut`` / ``pred_lut``: uint8 (256,) maps applied to every ground truth / stored prediction before
+    scoring (``DatasetInfo.label_lut``: ``voc`` shards and masks scored as ``voc20``), or None.
+    """
 
     num_classes: int
     ignore_index: int = 255
     num_overlays: int = 8
     matrices: dict[Condition, ConfusionMatrix] = field(default_factory=dict)
     keys: set[str] = field(default_factory=set)
+    gt_lut: np.ndarray | None = None
+    pred_lut: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.overlays = KeySample(self.num_overlays)
 
     def empty(self) -> Evaluation:
-        """A new, empty evaluation with the same classes, ignore index and overlay count."""
-        return Evaluation(self.num_classes, self.ignore_index, self.num_overlays)
+        """A new, empty evaluation with the same classes, ignore index, overlay count and label maps."""
+        return Evaluation(self.num_classes, self.ignore_index, self.num_overlays, gt_lut=self.gt_lut,
+                          pred_lut=self.pred_lut)
+
+    @staticmethod
+    def _mapped(labels: np.ndarray, lut: np.ndarray | None) -> np.ndarray:
+        return labels if lut is None else lut[labels]
 
     def matrix(self, condition: Condition = CLEAN) -> ConfusionMatrix:
         if condition not in self.matrices:
@@ -189,10 +222,11 @@ class Evaluation:
 
     def add_prediction(self, item: GroundTruth, pred: np.ndarray, images_url: str | None = None) -> None:
         """Score a stored prediction (H, W) against ``item`` (clean condition)."""
-        self.matrix().update(pred, item.labels, item.key)
+        gt, pred = self._mapped(item.labels, self.gt_lut), self._mapped(pred, self.pred_lut)
+        self.matrix().update(pred, gt, item.key)
         self.keys.add(item.key)
         if self.overlays.wants(item.key):
-            self.overlays.offer(item.key, (item.key, load_image(item, images_url), item.labels, pred))
+            self.overlays.offer(item.key, (item.key, load_image(item, images_url), gt, pred))
 
     def add_labelled(self, labeler: ImageLabeler, condition: Condition,
                      batch: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> None:
@@ -203,6 +237,7 @@ class Evaluation:
         predictions = labeler.label_images([image for _, image, _ in batch])
         conf = self.matrix(condition)
         for (key, image, gt), (pred, _) in zip(batch, predictions):
+            gt = self._mapped(gt, self.gt_lut)
             conf.update(pred, gt, key)
             if condition.is_clean:
                 self.keys.add(key)

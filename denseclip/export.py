@@ -1,27 +1,31 @@
-"""Masks from the store to the formats annotation tools import: palette PNG label maps and COCO RLE JSON.
+"""Masks from the store to the formats annotation tools import: PNG label maps and COCO RLE JSON.
 
-Class ids in the PNGs are the train ids; COCO category ids are train id + 1 (COCO reserves 0).
-Every output path is derived from a sanitised key, so no key can write outside the output folder.
+Class ids in the PNGs are the train ids (palette PNGs for up to 255 classes, 16-bit grey PNGs beyond); COCO
+category ids are train id + 1 (COCO reserves 0). Both exports stream: one mask is in memory at a time, so a store
+of millions of images exports in constant memory. Every output path is derived from a sanitised key, so no key
+can write outside the output folder, and two keys never share a file (see :func:`file_stem`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from pycocotools import mask as coco_mask
 
 from denseclip import storage
-from denseclip.datasets import IGNORE_INDEX
 from denseclip.images import encode_png
-from denseclip.mask_store import MaskStore
+from denseclip.mask_store import MaskStore, encode_mask, ignore_label
 from denseclip.shards import sanitize_key
 from denseclip.visualize import default_palette
 
 COCO_FILE = "annotations.json"
 CLASSES_FILE = "classes.json"
+FILES_FILE = "files.jsonl"  # one {"key", "file"} per exported mask
 
 
 def class_names_from_provenance(provenance: dict | None) -> list[str] | None:
@@ -32,37 +36,48 @@ def class_names_from_provenance(provenance: dict | None) -> list[str] | None:
     return [names[0] if isinstance(names, list) else str(names) for names in vocabulary]
 
 
-def output_url(out: str, key: str, suffix: str) -> str:
-    """``out/<sanitised key><suffix>``; raises ValueError if the result would leave ``out``."""
-    url = storage.join(out, sanitize_key(key) + suffix)
-    if storage.is_local(out):
-        root = os.path.realpath(out)
-        if os.path.commonpath([root, os.path.realpath(url)]) != root:
-            raise ValueError(f"key {key!r} would be written outside {out}")
-    return url
+def file_stem(key: str) -> str:
+    """The name (without extension) ``key`` is exported under: the key itself when it is already a safe
+    relative name (letters, digits, ``_ -`` and ``/``), else its sanitised form plus ``.`` and 8 hex digits of a
+    hash of the key (``"a.b" -> "a_b.5c6f0e81"``, ``"a_b" -> "a_b"``). A safe name never holds a dot, so the
+    names of different keys never collide."""
+    try:
+        safe = sanitize_key(key)
+    except ValueError:
+        safe = "key"
+    return safe if safe == key else f"{safe}.{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
 def export_png(store: MaskStore, out: str, class_names: list[str] | None = None) -> int:
-    """Write ``out/<key>.png`` palette PNGs (index = train id, 255 = ignore in VOC's void colour) and, when
-    ``class_names`` are known, ``out/classes.json`` (id, name, colour). Returns the number of masks."""
+    """Write ``out/<file_stem(key)>.png`` label maps (palette PNGs, index = train id, 255 = ignore in VOC's void
+    colour; 16-bit grey PNGs for vocabularies of more than 255 classes, 65535 = ignore), ``out/files.jsonl``
+    (which key went to which file) and, when ``class_names`` are known, ``out/classes.json`` (id, name, colour).
+    Returns the number of masks."""
     palette = default_palette(256)
     count = 0
-    for key, mask in store.iter_masks():
-        storage.write_bytes(output_url(out, key, ".png"), encode_png(mask, palette))
-        count += 1
+    with storage.open_atomic(storage.join(out, FILES_FILE)) as files:
+        for key, mask in store.iter_masks():
+            name = file_stem(key) + ".png"
+            data = encode_png(mask, palette) if mask.dtype == np.uint8 else encode_mask(mask)
+            storage.write_bytes(storage.join(out, name), data)
+            files.write(json.dumps({"key": key, "file": name}).encode() + b"\n")
+            count += 1
     if class_names:
-        classes = [{"id": i, "name": n, "color": palette[i].tolist()} for i, n in enumerate(class_names)]
+        colours = default_palette(len(class_names))
+        classes = [{"id": i, "name": n, "color": colours[i].tolist()} for i, n in enumerate(class_names)]
         storage.write_bytes(storage.join(out, CLASSES_FILE), json.dumps(classes, indent=1).encode())
     return count
 
 
 def mask_annotations(mask: np.ndarray, image_id: int, first_id: int, num_classes: int,
                      skip_ids: Iterable[int] = ()) -> list[dict]:
-    """COCO annotations, one RLE per class present in ``mask`` (uint8 (H, W)); ids count up from ``first_id``.
+    """COCO annotations, one RLE per class present in ``mask`` (uint8 or uint16 (H, W)); ids count up from
+    ``first_id``.
 
-    Pixels equal to 255 are unlabelled; any other value >= ``num_classes`` raises ValueError.
+    Pixels equal to the map's ignore value (255, or 65535 in 16-bit maps) are unlabelled; any other value >=
+    ``num_classes`` raises ValueError.
     """
-    skip = set(skip_ids) | {IGNORE_INDEX}
+    skip = set(skip_ids) | {ignore_label(mask)}
     present = [int(c) for c in np.unique(mask) if c not in skip]
     if present and present[-1] >= num_classes:
         raise ValueError(f"image {image_id}: label {present[-1]} but only {num_classes} classes are named")
@@ -77,28 +92,56 @@ def mask_annotations(mask: np.ndarray, image_id: int, first_id: int, num_classes
     return annotations
 
 
+def _categories(class_names: list[str], skip: set[int]) -> list[dict]:
+    return [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate(class_names) if i not in skip]
+
+
+def _coco_images(store: MaskStore, class_names: list[str], image_ext: str,
+                 skip: set[int]) -> Iterator[tuple[dict, list[dict]]]:
+    """``(image, its annotations)`` for every mask of the store, ids counting up from 1."""
+    next_annotation = 1
+    for image_id, (key, mask) in enumerate(store.iter_masks(), start=1):
+        image = {"id": image_id, "file_name": f"{file_stem(key)}.{image_ext}", "height": int(mask.shape[0]),
+                 "width": int(mask.shape[1])}
+        try:
+            annotations = mask_annotations(mask, image_id, next_annotation, len(class_names), skip)
+        except ValueError as exc:
+            raise ValueError(f"mask {key!r}: {exc}") from exc
+        next_annotation += len(annotations)
+        yield image, annotations
+
+
 def coco_dataset(store: MaskStore, class_names: list[str], image_ext: str = "jpg",
                  skip_ids: Iterable[int] = ()) -> dict:
-    """The store as a COCO dict (images, categories, annotations with RLE masks per class and image).
+    """The store as a COCO dict (images, categories, annotations with RLE masks per class and image), in memory:
+    for small stores; :func:`export_coco` writes the same JSON streaming.
 
-    ``file_name`` is ``<sanitised key>.<image_ext>``, the image's name in the shards.
+    ``file_name`` is ``<file_stem(key)>.<image_ext>``, the image's name in the shards.
     """
     skip = set(skip_ids)
     images, annotations = [], []
-    for image_id, (key, mask) in enumerate(store.iter_masks(), start=1):
-        images.append({"id": image_id, "file_name": f"{sanitize_key(key)}.{image_ext}",
-                       "height": int(mask.shape[0]), "width": int(mask.shape[1])})
-        try:
-            annotations += mask_annotations(mask, image_id, len(annotations) + 1, len(class_names), skip)
-        except ValueError as exc:
-            raise ValueError(f"mask {key!r}: {exc}") from exc
-    categories = [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate(class_names) if i not in skip]
-    return {"images": images, "annotations": annotations, "categories": categories}
+    for image, found in _coco_images(store, class_names, image_ext, skip):
+        images.append(image)
+        annotations += found
+    return {"images": images, "annotations": annotations, "categories": _categories(class_names, skip)}
 
 
 def export_coco(store: MaskStore, out: str, class_names: list[str], image_ext: str = "jpg",
                 skip_ids: Iterable[int] = ()) -> str:
-    """Write :func:`coco_dataset` to ``out/annotations.json``; returns its URL."""
+    """Write :func:`coco_dataset` to ``out/annotations.json`` streaming (annotations as they are made, the
+    image entries spooled to a temporary file and appended after them); returns its URL."""
+    skip = set(skip_ids)
     url = storage.join(out, COCO_FILE)
-    storage.write_bytes(url, json.dumps(coco_dataset(store, class_names, image_ext, skip_ids)).encode())
+    with storage.open_atomic(url) as f, tempfile.TemporaryFile() as images:
+        f.write(b'{"categories": ' + json.dumps(_categories(class_names, skip)).encode() + b', "annotations": [')
+        separator = b""
+        for count, (image, annotations) in enumerate(_coco_images(store, class_names, image_ext, skip)):
+            images.write((b"," if count else b"") + json.dumps(image).encode())
+            for annotation in annotations:
+                f.write(separator + json.dumps(annotation).encode())
+                separator = b","
+        f.write(b'], "images": [')
+        images.seek(0)
+        shutil.copyfileobj(images, f)
+        f.write(b"]}")
     return url

@@ -116,12 +116,24 @@ def is_plain_jpeg(data: bytes, key: str = "", max_pixels: int = MAX_PIXELS) -> b
     return fmt == "JPEG" and mode in ("RGB", "L")
 
 
-def decode_label_map(data: bytes, key: str = "", max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """A single-channel label map (palette "P" or grey "L" PNG: the stored index is the label) -> uint8 (H, W).
+def check_rgb_image(image: np.ndarray) -> None:
+    """Raise ValueError unless ``image`` is what every labeller takes: a non-empty uint8 ``(H, W, 3)`` RGB
+    array."""
+    if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+            and image.size):
+        shape, dtype = getattr(image, "shape", None), getattr(image, "dtype", type(image).__name__)
+        raise ValueError(f"expected a non-empty (H, W, 3) uint8 RGB image, got {shape} {dtype}")
+
+
+def decode_label_map(data: bytes, key: str = "", max_pixels: int = MAX_PIXELS, wide: bool = False) -> np.ndarray:
+    """A single-channel label map (palette "P" or grey "L" PNG: the stored index is the label) -> uint8 (H, W);
+    with ``wide``, 16-bit grey PNGs too -> uint16 (H, W) (vocabularies of more than 255 classes).
 
     RGB-coloured maps are refused: their colours would need a palette lookup that is ambiguous in general.
     """
     image = _open(data, key, max_pixels)
+    if wide and image.mode in ("I;16", "I;16B", "I"):
+        return np.array(image).astype(np.uint16)
     if image.mode not in ("P", "L"):
         raise ImageDecodeError(key, f"label map must be a single-channel palette or grey PNG, got mode {image.mode}")
     return np.array(image, dtype=np.uint8)

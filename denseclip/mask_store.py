@@ -1,35 +1,54 @@
 """The mask store: dense labels as a Parquet dataset, one row per image, on a local path or an object store.
 
-Layout under ``ROOT``: ``masks/part-<id>.parquet`` (key, shard, height, width, mask, confidence) and
-``errors/part-<id>.parquet`` (key, shard, reason). A part is committed when its masks file exists: it is
-published in one atomic step (rename, or a single object upload) after its errors file, so readers never see
-half a part. Run provenance (model, pretrained, fingerprint, vocabulary, templates, code version) is stored
-as JSON in each part's schema metadata.
+Layout under ``ROOT``: ``masks/part-<id>.parquet`` (key, shard, height, width, mask, confidence),
+``errors/part-<id>.parquet`` (key, shard, reason) and ``index/keys.parquet`` (the key index). A part is committed
+when its masks file exists: it is published in one atomic step (rename, or a single object upload) after its
+errors file, so readers never see half a part. Each part carries in its schema metadata the run provenance
+(model, pretrained, fingerprint, vocabulary, templates, code version) and its part record (the input shard, the
+shard's content fingerprint when it was labelled, row and error counts, the Ray nodes that labelled it).
 
-Masks are single-channel PNGs. On 500x334 maps (benchmarks/mask_encoding.py) they are within 10% of raw
-uint8 + zstd on label maps (6.6 kB vs 4.9 kB ground truth, 23 kB vs 22 kB a DenseCLIP-like prediction) and
-smaller on smooth confidence maps (55 kB vs 74 kB); they decode in about 1 ms (zstd: 0.1 ms) and encode in
-2-20 ms (zstd: under 1 ms). PNG wins on what matters downstream: every cell is a standard file any tool opens.
+Masks are single-channel PNGs: 8-bit for vocabularies of up to 255 classes (255 = ignore), 16-bit for larger
+ones (65535 = ignore). On 500x334 maps (benchmarks/mask_encoding.py) 8-bit PNGs are within 10% of raw uint8 +
+zstd on label maps (6.6 kB vs 4.9 kB ground truth, 23 kB vs 22 kB a DenseCLIP-like prediction) and smaller on
+smooth confidence maps (55 kB vs 74 kB); they decode in about 1 ms (zstd: 0.1 ms) and encode in 2-20 ms (zstd:
+under 1 ms). PNG wins on what matters downstream: every cell is a standard file any tool opens.
+
+The key index maps every key to its part and row, sorted by key in small row groups whose min/max statistics lead
+a lookup to one group: ``get(key)`` reads one index row group and one row group of one part, however large the
+store. The index is rebuilt by :func:`write_key_index` at the end of each labeling run; parts committed or
+replaced after it (a run that was killed) are found by listing ``masks/`` and read directly, so lookups are
+always exact.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import io
 import json
+import os
 import re
+import subprocess
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from PIL import Image
 
-from denseclip import storage
+from denseclip import __version__, storage
 from denseclip.images import decode_label_map, encode_png
 
 MASKS_DIR = "masks"
 ERRORS_DIR = "errors"
+INDEX_DIR = "index"
+INDEX_FILE = "keys.parquet"
 PROVENANCE_KEY = b"denseclip.provenance"
+PART_RECORD_KEY = b"denseclip.part"
+INDEX_PARTS_KEY = b"denseclip.index.parts"
 MASK_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("shard", pa.string()),
@@ -39,19 +58,64 @@ MASK_SCHEMA = pa.schema([
     ("confidence", pa.binary()),
 ])
 ERROR_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
+INDEX_SCHEMA = pa.schema([("key", pa.string()), ("part", pa.string()), ("row", pa.int32())])
 ROW_GROUP_SIZE = 64  # a lookup by key reads one group of ~64 masks
+# A lookup reads one index group: 2048 keys (about 40 kB) read and scanned in well under a millisecond; groups
+# of 16384 took 4x longer per lookup on a million keys (benchmarks/bench_store.py), smaller ones grow the footer.
+INDEX_ROW_GROUP_SIZE = 2048
+# Provenance fields that record who wrote a part rather than what its labels mean: parts of one store may differ
+# in them (a run resumed after an upgrade of this package).
+WRITER_FIELDS = ("code_version",)
+IGNORE_8BIT, IGNORE_16BIT = 255, 65535
 _PART_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _PART_FILE = re.compile(r"^part-(.+)\.parquet$")
+_OPEN_PARTS = 16  # parts a store keeps open for lookups (each holds its parsed footer)
+_CACHED_GROUPS = 8  # row groups (of parts and of the index) a store keeps decoded for lookups
+
+
+@functools.cache
+def code_version() -> str:
+    """This package's version, plus the git commit of its checkout when it runs from one
+    (``0.1.0+g1a2b3c4d5e6f``, ``.dirty`` with uncommitted changes to tracked files)."""
+    version = __version__  # the package's own: a checkout run without installing it has no metadata
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout (an installed package)
+        return version
+    return f"{version}+g{commit}{'.dirty' if dirty else ''}" if commit else version
+
+
+def provenance_differences(existing: dict, expected: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Fields in which two provenances differ, leaving out :data:`WRITER_FIELDS` and ``ignore``."""
+    skip = set(WRITER_FIELDS) | set(ignore)
+    return sorted(k for k in (existing.keys() | expected.keys()) - skip if existing.get(k) != expected.get(k))
+
+
+def ignore_label(mask: np.ndarray) -> int:
+    """The "no label" value of a label map: 255 in 8-bit maps, 65535 in 16-bit maps."""
+    return IGNORE_8BIT if mask.dtype == np.uint8 else IGNORE_16BIT
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
-    """uint8 (H, W) label map -> single-channel PNG bytes."""
-    return encode_png(mask)
+    """Integer (H, W) label map -> single-channel PNG bytes: 8-bit for uint8 maps, 16-bit for any wider integer
+    type (the labeler returns int32 maps for vocabularies of more than 255 classes); values must fit 16 bits."""
+    mask = np.asarray(mask)
+    if mask.dtype == np.uint8:
+        return encode_png(mask)
+    if mask.size and (mask.min() < 0 or mask.max() > IGNORE_16BIT):
+        raise ValueError(f"label map values must lie in 0..{IGNORE_16BIT}, got {mask.min()}..{mask.max()}")
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint16)).save(out, format="PNG")
+    return out.getvalue()
 
 
 def decode_mask(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 (H, W) label map."""
-    return decode_label_map(data, "mask")
+    """PNG bytes -> uint8 (H, W) label map, or uint16 (H, W) for a 16-bit map."""
+    return decode_label_map(data, "mask", wide=True)
 
 
 def encode_confidence(confidence: np.ndarray) -> bytes:
@@ -69,29 +133,33 @@ def decode_confidence(data: bytes) -> np.ndarray:
 
 def _row(row: dict) -> dict:
     mask = np.asarray(row["mask"])
-    if mask.ndim != 2 or mask.size == 0 or mask.min() < 0 or mask.max() > 255:
-        raise ValueError(f"mask of {row['key']!r} must be a non-empty (H, W) label map with values in 0..255, "
-                         f"got shape {mask.shape}")
+    if mask.ndim != 2 or mask.size == 0 or not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"mask of {row['key']!r} must be a non-empty integer (H, W) label map, "
+                         f"got shape {mask.shape} {mask.dtype}")
     confidence = row.get("confidence")
     if confidence is not None and np.shape(confidence) != mask.shape:
         raise ValueError(f"confidence of {row['key']!r} has shape {np.shape(confidence)}, mask {mask.shape}")
+    try:
+        encoded = encode_mask(mask)
+    except ValueError as exc:
+        raise ValueError(f"mask of {row['key']!r}: {exc}") from exc
     return {"key": row["key"], "shard": row.get("shard", ""), "height": mask.shape[0], "width": mask.shape[1],
-            "mask": encode_mask(mask.astype(np.uint8)),
+            "mask": encoded,
             "confidence": None if confidence is None else encode_confidence(np.asarray(confidence))}
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
-    """``[{"key", "shard", "mask": uint8 (H, W), "confidence": float (H, W) in [0, 1] | None}]`` -> an
+    """``[{"key", "shard", "mask": integer (H, W), "confidence": float (H, W) in [0, 1] | None}]`` -> an
     encoded table in :data:`MASK_SCHEMA` (also usable to encode in a parallel stage and write elsewhere)."""
     return pa.Table.from_pylist([_row(r) for r in rows], schema=MASK_SCHEMA)
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def _parquet_bytes(table: pa.Table, row_group_size: int = ROW_GROUP_SIZE) -> bytes:
     buf = io.BytesIO()
     # PNG cells are already compressed; only the small columns are worth compressing again.
     compression = {"key": "zstd", "shard": "zstd", "height": "zstd", "width": "zstd", "reason": "zstd",
-                   "mask": "none", "confidence": "none"}
-    pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE,
+                   "part": "zstd", "row": "zstd", "mask": "none", "confidence": "none"}
+    pq.write_table(table, buf, row_group_size=row_group_size,
                    compression={c: compression[c] for c in table.column_names})
     return buf.getvalue()
 
@@ -100,11 +168,14 @@ class MaskStoreWriter:
     """Commits parts of the store at ``root`` (a path or fsspec URL), each tagged with ``provenance``.
 
     ``provenance``: a JSON-serialisable dict, by convention with ``model``, ``pretrained``, ``fingerprint``,
-    ``vocabulary``, ``templates``, ``code_version``. A store holds one run: writing parts with a provenance that
-    differs from the parts already committed raises ValueError.
+    ``vocabulary``, ``templates``; ``code_version`` is added (:func:`code_version`) unless given. A store holds
+    one run: writing parts with a provenance that differs from the parts already committed (in anything but
+    :data:`WRITER_FIELDS`) raises ValueError.
     """
 
     def __init__(self, root: str, provenance: dict, **storage_options):
+        provenance = {**provenance}
+        provenance.setdefault("code_version", code_version())
         try:
             self._provenance_json = json.dumps(provenance, sort_keys=True)
         except TypeError as exc:
@@ -113,17 +184,19 @@ class MaskStoreWriter:
         self.provenance = json.loads(self._provenance_json)
         self.storage_options = storage_options
         existing = MaskStore(root, **storage_options).provenance
-        if existing is not None and existing != self.provenance:
-            changed = sorted(k for k in existing.keys() | self.provenance.keys()
-                             if existing.get(k) != self.provenance.get(k))
+        changed = provenance_differences(existing, self.provenance) if existing is not None else []
+        if changed:
             raise ValueError(f"mask store {root} holds another run (provenance differs in {', '.join(changed)}); "
                              f"write to a new root")
 
-    def write_part(self, part_id: str, rows: list[dict] | pa.Table, errors: list[dict] = ()) -> str:
+    def write_part(self, part_id: str, rows: list[dict] | pa.Table, errors: list[dict] = (),
+                   record: dict | None = None) -> str:
         """Commit part ``part_id`` (letters, digits, ``_ . -``): its rows and ``errors``
         (``[{"key", "shard", "reason"}]``) replace any earlier part of that id. Returns the masks part URL.
 
-        ``rows``: dicts as for :func:`rows_to_table`, or a table already in :data:`MASK_SCHEMA`.
+        ``rows``: dicts as for :func:`rows_to_table`, or a table already in :data:`MASK_SCHEMA`. ``record``: what
+        the part was made from (JSON-serialisable, e.g. ``{"shard": url, "fingerprint": {...}}``), stored with
+        the part's ``rows`` and ``errors`` counts and read back by :meth:`MaskStore.part_records`.
         """
         if not _PART_ID.match(part_id):
             raise ValueError(f"part id {part_id!r} may hold only letters, digits and _ . - (not first)")
@@ -135,7 +208,10 @@ class MaskStoreWriter:
         keys = table.column("key").to_pylist()
         if len(set(keys)) != len(keys):
             raise ValueError(f"part {part_id}: duplicate keys")
-        table = table.sort_by("key").replace_schema_metadata({PROVENANCE_KEY: self._provenance_json.encode()})
+        errors = list(errors)
+        part = json.dumps({**(record or {}), "rows": table.num_rows, "errors": len(errors)}, sort_keys=True)
+        table = table.sort_by("key").replace_schema_metadata(
+            {PROVENANCE_KEY: self._provenance_json.encode(), PART_RECORD_KEY: part.encode()})
         error_table = pa.Table.from_pylist(
             [{"key": e["key"], "shard": e.get("shard", ""), "reason": e["reason"]} for e in errors],
             schema=ERROR_SCHEMA)
@@ -147,48 +223,195 @@ class MaskStoreWriter:
         return url
 
 
+def _file_id(info: dict) -> str:
+    """What identifies one version of a committed file in a listing: the object's ETag, or on local disk its
+    size, inode and modification time (a part is always replaced by renaming a new file over it)."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag).strip('"')
+    return f"{info.get('size')}-{info.get('ino', '')}-{info.get('mtime', info.get('LastModified', ''))}"
+
+
+class _LRU(OrderedDict):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+    def hit(self, key):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return None
+
+
+class _KeyIndex:
+    """Where each committed key lives: ``index/keys.parquet`` for the parts it covers that are still committed
+    and unchanged, plus an in-memory map of the parts committed or replaced since it was written."""
+
+    def __init__(self, store: MaskStore):
+        self.store = store
+        self.listing = store._listing()
+        self.file: pq.ParquetFile | None = None
+        indexed: dict[str, dict] = {}
+        index_url = storage.join(store.root, INDEX_DIR, INDEX_FILE)
+        if self.listing and storage.exists(index_url, **store.storage_options):
+            self.file = store._open(index_url)
+            indexed = json.loads((self.file.schema_arrow.metadata or {}).get(INDEX_PARTS_KEY, b"{}"))
+        self.covered = {p for p, entry in indexed.items() if self.listing.get(p) == entry["file"]}
+        self.records: dict[str, dict | None] = {p: indexed[p]["record"] for p in self.covered}
+        recent = []  # index rows of the parts committed or replaced after the index was written
+        for part in sorted(set(self.listing) - self.covered):
+            parquet = store._open(store._url(MASKS_DIR, part))
+            self.records[part] = part_record(parquet.schema_arrow.metadata)
+            keys = parquet.read(columns=["key"]).column("key")
+            recent.append(pa.table([keys, pa.array([part] * len(keys), pa.string()),
+                                    pa.array(range(len(keys)), pa.int32())], schema=INDEX_SCHEMA))
+        self.recent = pa.concat_tables(recent) if recent else INDEX_SCHEMA.empty_table()
+        self._recent_map: dict[str, list[tuple[str, int]]] | None = None
+        self.stale = self.recent.num_rows > 0 or set(indexed) != set(self.listing)
+        # (min key, max key, row group) of the index's row groups, in key order.
+        self._ranges: list[tuple[str, str, int]] = []
+        if self.file is not None and self.covered:
+            for g in range(self.file.num_row_groups):
+                stats = self.file.metadata.row_group(g).column(0).statistics
+                if stats is not None and stats.has_min_max:
+                    self._ranges.append((stats.min, stats.max, g))
+        self._maxs = [r[1] for r in self._ranges]
+        self._groups = _LRU(_CACHED_GROUPS)
+
+    def _group(self, g: int) -> pa.Table:
+        table = self._groups.hit(g)
+        return table if table is not None else self._groups.put(g, self.file.read_row_group(g))
+
+    def locate(self, key: str) -> tuple[str, int] | None:
+        """(part, row) of ``key``; a key in several parts (two shards holding it) is taken from the last part
+        in sorted order."""
+        if self._recent_map is None:
+            self._recent_map = {}
+            for k, part, row in zip(*(self.recent.column(n).to_pylist() for n in INDEX_SCHEMA.names)):
+                self._recent_map.setdefault(k, []).append((part, row))
+        found = list(self._recent_map.get(key, ()))
+        i = bisect.bisect_left(self._maxs, key)  # the first group that may hold the key; duplicates may go on
+        while i < len(self._ranges) and self._ranges[i][0] <= key:
+            table = self._group(self._ranges[i][2])
+            rows = pc.indices_nonzero(pc.equal(table.column("key"), key))
+            found += [(p, r) for p, r in zip(table.column("part").take(rows).to_pylist(),
+                                             table.column("row").take(rows).to_pylist()) if p in self.covered]
+            i += 1
+        return max(found) if found else None
+
+    def indexed_rows(self) -> Iterator[pa.RecordBatch]:
+        """The index's rows of the parts it still covers."""
+        if self.file is None or not self.covered:
+            return
+        covered = pa.array(sorted(self.covered))
+        for batch in self.file.iter_batches(batch_size=INDEX_ROW_GROUP_SIZE):
+            yield batch.filter(pc.is_in(batch.column("part"), value_set=covered))
+
+    def keys(self) -> set[str]:
+        keys = set(self.recent.column("key").to_pylist())
+        for batch in self.indexed_rows():
+            keys.update(batch.column("key").to_pylist())
+        return keys
+
+
+def part_record(metadata: dict | None) -> dict | None:
+    """The part record in a part's schema ``metadata`` (see :meth:`MaskStoreWriter.write_part`), or None."""
+    data = (metadata or {}).get(PART_RECORD_KEY)
+    return json.loads(data) if data else None
+
+
 class MaskStore:
-    """Reads the committed parts of the store at ``root`` (a path or fsspec URL)."""
+    """Reads the committed parts of the store at ``root`` (a path or fsspec URL).
+
+    Lookups (:meth:`get`, :meth:`get_confidence`) go through the key index, loaded on first use and kept, with a
+    few open parts and decoded row groups, for the life of the object; create a new one to see later commits.
+    """
 
     def __init__(self, root: str, **storage_options):
         self.root = root
         self.storage_options = storage_options
-        self._index: dict[str, str] | None = None
+        self._index: _KeyIndex | None = None
+        self._parts = _LRU(_OPEN_PARTS)
+        self._cells = _LRU(_CACHED_GROUPS)
 
     def _url(self, folder: str, part_id: str) -> str:
         return storage.join(self.root, folder, f"part-{part_id}.parquet")
+
+    def _open(self, url: str) -> pq.ParquetFile:
+        fs, path = fsspec.core.url_to_fs(url, **self.storage_options)
+        # Lookups read a few hundred kB at a time: no read-ahead of whole object-store blocks.
+        return pq.ParquetFile(fs.open(path, "rb", **({} if storage.is_local(url) else {"cache_type": "none"})))
 
     def _read(self, folder: str, part_id: str, **kwargs) -> pa.Table:
         fs, path = fsspec.core.url_to_fs(self._url(folder, part_id), **self.storage_options)
         return pq.read_table(path, filesystem=fs, **kwargs)
 
-    def committed_parts(self) -> set[str]:
-        names = storage.list_names(storage.join(self.root, MASKS_DIR), **self.storage_options)
-        return {m.group(1) for m in map(_PART_FILE.match, names) if m}
+    def _listing(self) -> dict[str, str]:
+        """Committed part id -> the identity of its current file (see :func:`_file_id`)."""
+        fs, path = fsspec.core.url_to_fs(storage.join(self.root, MASKS_DIR), **self.storage_options)
+        fs.invalidate_cache(path)
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        parts = {}
+        for entry in entries:
+            match = _PART_FILE.match(os.path.basename(entry["name"].rstrip("/")))
+            if match and entry["type"] == "file":
+                parts[match.group(1)] = _file_id(entry)
+        return parts
 
-    def _key_index(self) -> dict[str, str]:
-        """key -> part id; a key in several parts belongs to the last part in sorted order."""
+    def committed_parts(self) -> set[str]:
+        return set(self._listing())
+
+    def _key_index(self) -> _KeyIndex:
         if self._index is None:
-            self._index = {}
-            for part in sorted(self.committed_parts()):
-                for key in self._read(MASKS_DIR, part, columns=["key"]).column("key").to_pylist():
-                    self._index[key] = part
+            self._index = _KeyIndex(self)
         return self._index
+
+    def part_records(self) -> dict[str, dict | None]:
+        """Committed part id -> its part record (see :meth:`MaskStoreWriter.write_part`; None for parts written
+        without one), from the key index and the footers of the parts committed after it (re-reads the store)."""
+        self._index = None
+        return dict(self._key_index().records)
 
     def keys(self) -> set[str]:
         """Keys of all committed masks (re-reads the store)."""
         self._index = None
-        return set(self._key_index())
+        return self._key_index().keys()
+
+    def locate(self, key: str) -> tuple[str, int]:
+        """(part id, row) of ``key`` in the committed parts; KeyError naming it when absent."""
+        found = self._key_index().locate(key)
+        if found is None:
+            raise KeyError(f"no mask for key {key!r} in {self.root}")
+        return found
 
     def _cell(self, key: str, column: str) -> bytes | None:
-        part = self._key_index().get(key)
-        if part is None:
-            raise KeyError(f"no mask for key {key!r} in {self.root}")
-        table = self._read(MASKS_DIR, part, columns=[column], filters=[("key", "==", key)])
-        return table.column(column)[0].as_py()
+        part, row = self.locate(key)
+        opened = self._parts.hit(part)
+        if opened is None:
+            parquet = self._open(self._url(MASKS_DIR, part))
+            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            opened = self._parts.put(part, (parquet, np.cumsum([0] + sizes).tolist()))
+        parquet, starts = opened
+        group = bisect.bisect_right(starts, row) - 1
+        cells = self._cells.hit((part, group, column))
+        if cells is None:
+            cells = self._cells.put((part, group, column), parquet.read_row_group(group, columns=[column]).column(0))
+        return cells[row - starts[group]].as_py()
 
     def get(self, key: str) -> np.ndarray:
-        """The uint8 (H, W) label map of ``key``; KeyError naming it when absent."""
+        """The label map of ``key``: uint8 (H, W), or uint16 (H, W) for vocabularies of more than 255 classes;
+        KeyError naming the key when absent."""
         return decode_mask(self._cell(key, "mask"))
 
     def get_confidence(self, key: str) -> np.ndarray | None:
@@ -200,20 +423,29 @@ class MaskStore:
         """One committed part as an encoded table in :data:`MASK_SCHEMA`, rows sorted by key."""
         return self._read(MASKS_DIR, part_id)
 
-    def iter_masks(self) -> Iterator[tuple[str, np.ndarray]]:
-        """``(key, uint8 (H, W) label map)`` for every committed row, part by part, by key within a part."""
+    def read_errors(self, part_id: str) -> list[dict]:
+        """``[{"key", "shard", "reason"}]`` of one committed part."""
+        return self._read(ERRORS_DIR, part_id).to_pylist()
+
+    def iter_rows(self, columns: list[str]) -> Iterator[dict]:
+        """The committed rows, part by part (by key within a part), one row group in memory at a time:
+        ``{column: value}`` with the encoded cells of :data:`MASK_SCHEMA`."""
         for part in sorted(self.committed_parts()):
             fs, path = fsspec.core.url_to_fs(self._url(MASKS_DIR, part), **self.storage_options)
             with fs.open(path, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP_SIZE, columns=["key", "mask"]):
-                    for key, mask in zip(batch.column("key").to_pylist(), batch.column("mask").to_pylist()):
-                        yield key, decode_mask(mask)
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP_SIZE, columns=columns):
+                    yield from batch.to_pylist()
+
+    def iter_masks(self) -> Iterator[tuple[str, np.ndarray]]:
+        """``(key, label map (H, W))`` for every committed row, part by part, by key within a part."""
+        for row in self.iter_rows(["key", "mask"]):
+            yield row["key"], decode_mask(row["mask"])
 
     def errors(self) -> list[dict]:
         """``[{"key", "shard", "reason"}]`` of the committed parts."""
         rows: list[dict] = []
         for part in sorted(self.committed_parts()):
-            rows += self._read(ERRORS_DIR, part).to_pylist()
+            rows += self.read_errors(part)
         return rows
 
     @property
@@ -222,7 +454,22 @@ class MaskStore:
         parts = sorted(self.committed_parts())
         if not parts:
             return None
-        fs, path = fsspec.core.url_to_fs(self._url(MASKS_DIR, parts[0]), **self.storage_options)
-        with fs.open(path, "rb") as f:
-            metadata = pq.read_schema(f).metadata or {}
+        metadata = self._open(self._url(MASKS_DIR, parts[0])).schema_arrow.metadata or {}
         return json.loads(metadata[PROVENANCE_KEY]) if PROVENANCE_KEY in metadata else None
+
+
+def write_key_index(root: str, **storage_options) -> bool:
+    """Bring ``index/keys.parquet`` of the store at ``root`` up to date with its committed parts: the rows of
+    the parts it still covers are kept, the keys of new or replaced parts added, those of removed parts dropped.
+    Published atomically; returns False when it was already current. Run by one writer at a time (the labeling
+    run holding the output's lease)."""
+    index = _KeyIndex(MaskStore(root, **storage_options))
+    if not index.stale:
+        return False
+    tables = [pa.Table.from_batches(list(index.indexed_rows()), INDEX_SCHEMA)] if index.covered else []
+    table = pa.concat_tables([*tables, index.recent]).sort_by([("key", "ascending"), ("part", "ascending")])
+    parts = {p: {"file": file_id, "record": index.records.get(p)} for p, file_id in index.listing.items()}
+    table = table.replace_schema_metadata({INDEX_PARTS_KEY: json.dumps(parts, sort_keys=True).encode()})
+    storage.write_bytes(storage.join(root, INDEX_DIR, INDEX_FILE), _parquet_bytes(table, INDEX_ROW_GROUP_SIZE),
+                        **storage_options)
+    return True

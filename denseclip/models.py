@@ -1,28 +1,48 @@
 """Model loading: an open_clip model named by ``(name, pretrained)``, where pretrained is a tag, a path or a URL.
 
-``denseclip-tiny-shapes`` is the tiny CLIP this project trains on its synthetic world and ships in
-``denseclip/assets/tiny_clip``; it loads through exactly the same code as real open_clip weights.
+``denseclip-tiny-shapes`` (ResNet) and ``denseclip-tiny-shapes-vit`` (ViT) are the tiny CLIPs this project trains on
+its synthetic world and ships in ``denseclip/assets/``; they load through exactly the same code as real open_clip
+weights.
+
+Real weights are built as they were trained: a pretrained tag gets the activation its open_clip pretrained config
+declares (OpenAI's CLIP was trained with QuickGELU, which open_clip's plain ``RN50`` config does not use), and no
+model silently runs on random weights: without a tag a model gets the paper's ``openai`` weights, and random
+weights are used only when asked for by name (``random``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import fsspec
 import open_clip
 import torch
+from open_clip.transformer import QuickGELU
 from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
-from denseclip.config import TINY_MODEL
+from denseclip.config import TINY_MODEL, TINY_VIT_MODEL
 
-TINY_ASSETS = Path(__file__).parent / "assets" / "tiny_clip"
+# The shipped models' folders: ``<name>.json`` (open_clip config), ``model.safetensors``, ``training.json``.
+TINY_ASSETS = {
+    TINY_MODEL: Path(__file__).parent / "assets" / "tiny_clip",
+    TINY_VIT_MODEL: Path(__file__).parent / "assets" / "tiny_clip_vit",
+}
 DEFAULT_MODEL = TINY_MODEL
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RANDOM = "random"  # the pretrained value that asks for randomly initialised weights
+PAPER_TAG = "openai"  # the weights the paper used, and the default of every model open_clip has them for
+GELU, QUICK_GELU = "gelu", "quick_gelu"
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +56,8 @@ class LoadedCLIP:
     """An open_clip CLIP in eval mode plus what is needed to feed it.
 
     ``mean``/``std`` are per-channel RGB values for images in [0, 1]; ``fingerprint`` identifies the weights
-    (checkpoint sha256, or ``name/tag``) and keys every cache and provenance record.
+    (checkpoint sha256, ``name/tag``, or a digest of randomly drawn weights) and keys every cache and provenance
+    record; ``activation`` is the towers' GELU variant (``gelu`` or ``quick_gelu``).
     """
 
     model: nn.Module
@@ -47,6 +68,7 @@ class LoadedCLIP:
     name: str
     pretrained: str | None
     fingerprint: str
+    activation: str = GELU
 
     @property
     def device(self) -> torch.device:
@@ -69,14 +91,53 @@ logging.getLogger().addFilter(_QuietRandomInit())
 
 
 def _register_tiny() -> None:
-    if TINY_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(TINY_ASSETS / f"{TINY_MODEL}.json")
+    for name, folder in TINY_ASSETS.items():
+        if name not in open_clip.list_models():
+            open_clip.add_model_config(folder / f"{name}.json")
 
 
 def _is_checkpoint_reference(pretrained: str) -> bool:
     return "://" in pretrained or os.path.sep in pretrained or Path(pretrained).suffix != "" or Path(
         pretrained
     ).exists()
+
+
+def _check_model(model: str) -> None:
+    _register_tiny()
+    if model not in open_clip.list_models():
+        raise ModelLoadError(f"unknown model {model!r}; open_clip knows e.g. RN50, RN50x16, ViT-B-16, "
+                             f"RN50-quickgelu, {TINY_MODEL}")
+
+
+def resolve_pretrained(model: str, pretrained: str | None) -> str:
+    """The weights ``pretrained`` stands for: None means the shipped weights for the tiny model and the paper's
+    ``openai`` weights for any model open_clip has them for; any other model must name its weights (raises
+    ModelLoadError listing the choices). Unknown tags raise ModelLoadError too."""
+    _check_model(model)
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained is None:
+        if model in TINY_ASSETS:
+            return str(TINY_ASSETS[model] / "model.safetensors")
+        if PAPER_TAG in tags:
+            return PAPER_TAG
+        raise ModelLoadError(
+            f"model {model!r} has no {PAPER_TAG} weights: choose --pretrained from its open_clip tags "
+            f"({', '.join(tags) or 'none'}), a checkpoint path or URL, or {RANDOM!r} for random weights")
+    if pretrained == RANDOM or _is_checkpoint_reference(pretrained):
+        return pretrained
+    if pretrained not in tags:
+        raise ModelLoadError(f"unknown pretrained tag {pretrained!r} for {model!r}; known tags: "
+                             f"{', '.join(tags) or 'none'} (or give a checkpoint path / URL, or {RANDOM!r})")
+    return pretrained
+
+
+def weights_activation(model: str, pretrained: str | None) -> str:
+    """``quick_gelu`` or ``gelu``: the activation ``load_clip(model, pretrained)`` builds the towers with (a tag's
+    own declaration, else the model config's: ``RN50-quickgelu`` for a checkpoint of OpenAI's weights)."""
+    pretrained = resolve_pretrained(model, pretrained)
+    is_tag = pretrained != RANDOM and not _is_checkpoint_reference(pretrained)
+    declared = open_clip.get_pretrained_cfg(model, pretrained) if is_tag else open_clip.get_model_config(model)
+    return QUICK_GELU if declared.get("quick_gelu", False) else GELU
 
 
 def read_state_dict(url: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -96,8 +157,6 @@ def read_state_dict(url: str) -> tuple[dict[str, torch.Tensor], str]:
         if url.endswith(".safetensors"):
             state = load_safetensors_bytes(data)
         else:
-            import io
-
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelLoadError(f"checkpoint {url!r} is not a safetensors or weights-only torch file: {exc}") from exc
@@ -110,6 +169,134 @@ def read_state_dict(url: str) -> tuple[dict[str, torch.Tensor], str]:
     return state, digest
 
 
+# ------------------------------------------------------------------------------------- downloads
+def _hub_files(hf_hub: str) -> tuple[str, list[str]]:
+    """``(repo id, file names open_clip tries in order)`` of a pretrained config's ``hf_hub`` entry."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    repo, filename = os.path.split(hf_hub)  # "org/repo/" names the repo's default file
+    if not filename:
+        return repo, [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+    if filename.endswith((".bin", ".pth")):
+        return repo, [filename[:-4] + ".safetensors", filename]
+    return repo, [filename]
+
+
+def _cached_weights(cfg: dict) -> str | None:
+    """The local file of a pretrained config's weights when a previous download left it in the Hugging Face
+    cache (``HF_HUB_CACHE``) or open_clip's URL cache, else None; never touches the network."""
+    if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filenames = _hub_files(cfg["hf_hub"])
+        for filename in filenames:
+            path = try_to_load_from_cache(repo, filename)
+            if isinstance(path, str):
+                return path
+        return None
+    url_cache = Path("~/.cache/clip").expanduser() / os.path.basename(cfg.get("url", ""))
+    return str(url_cache) if cfg.get("url") and url_cache.is_file() else None
+
+
+def _weights_host(cfg: dict) -> str:
+    if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
+        from huggingface_hub import constants
+
+        return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    return urlparse(cfg.get("url", "")).hostname or ""
+
+
+def _unreachable(host: str) -> str | None:
+    """Why ``host`` surely cannot be reached (its name does not resolve), or None. Behind a proxy the proxy
+    resolves names, so nothing is concluded there. Without this, an offline download retries for a minute."""
+    if not host or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"{host} cannot be reached: {exc.strerror or exc}"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_hub_logging() -> Iterator[None]:
+    """Hugging Face's client logs every retry of a failing download; the one error raised here says it all."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
+
+
+def _no_weights(model: str, tag: str, reason: str) -> ModelLoadError:
+    # A checkpoint is built with its model name's activation: QuickGELU weights need the -quickgelu name.
+    named = f"{model}-quickgelu"
+    quick = open_clip.get_pretrained_cfg(model, tag).get("quick_gelu", False)
+    named = named if quick and named in open_clip.list_models() else model
+    return ModelLoadError(
+        f"cannot download the weights {model}/{tag} ({reason}); give a local copy instead: --model {named} "
+        f"--pretrained PATH_OR_URL (open_clip's {model}/{tag} weights as .safetensors or a torch state dict, "
+        "downloaded on a connected machine)")
+
+
+def weights_file(model: str, tag: str) -> str:
+    """The local file of open_clip's pretrained weights ``model``/``tag``: from the cache, else downloaded.
+    Raises ModelLoadError in one line (model, tag, why, and how to give a local checkpoint) when it cannot be had.
+    """
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    cached = _cached_weights(cfg)
+    if cached:
+        return cached
+    problem = _unreachable(_weights_host(cfg))
+    if problem:
+        raise _no_weights(model, tag, problem)
+    try:
+        with _quiet_hub_logging():
+            return open_clip.download_pretrained(cfg)
+    except Exception as exc:  # any download failure becomes the one line above
+        raise _no_weights(model, tag, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def check_weights(model: str, pretrained: str | None) -> None:
+    """Fail early, before any cluster work, when ``load_clip(model, pretrained)`` surely cannot find its weights:
+    an unknown model or tag, a missing checkpoint, or a tag neither cached nor downloadable from here (offline).
+    Raises ModelLoadError."""
+    pretrained = resolve_pretrained(model, pretrained)
+    if pretrained == RANDOM:
+        return
+    if _is_checkpoint_reference(pretrained):
+        try:
+            fs, path = fsspec.core.url_to_fs(pretrained)
+            exists = fs.exists(path)
+        except (OSError, ValueError, ImportError) as exc:
+            raise ModelLoadError(f"cannot read checkpoint {pretrained!r}: {exc}") from exc
+        if not exists:
+            raise ModelLoadError(f"cannot read checkpoint {pretrained!r}: no such file")
+        return
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not _cached_weights(cfg):
+        problem = _unreachable(_weights_host(cfg))
+        if problem:
+            raise _no_weights(model, pretrained, problem)
+
+
+# ------------------------------------------------------------------------------------- loading
+def _weights_digest(module: nn.Module) -> str:
+    """A short digest of a module's weights (names, shapes and the first values of every tensor): randomly
+    drawn weights get an identity of their own, so two random models never share a cache entry."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _activation(model: nn.Module) -> str:
+    return QUICK_GELU if any(isinstance(m, QuickGELU) for m in model.modules()) else GELU
+
+
 def load_clip(
     model: str = DEFAULT_MODEL,
     pretrained: str | None = None,
@@ -119,26 +306,24 @@ def load_clip(
     """Build an open_clip CLIP and load its weights.
 
     Args:
-        model: an open_clip model name (``RN50``, ``RN50x16``, ``ViT-B-16`` ...) or ``denseclip-tiny-shapes``.
-        pretrained: an open_clip pretrained tag (``openai``; downloads through open_clip's cache), a local
-            checkpoint path or an fsspec URL (``s3://...``), or ``"random"``; ``None`` loads the shipped weights
-            for the tiny model and leaves any other model randomly initialised (for tests and baselines).
+        model: an open_clip model name (``RN50``, ``RN50x16``, ``ViT-B-16``, ``RN50-quickgelu`` ...) or
+            ``denseclip-tiny-shapes``.
+        pretrained: an open_clip pretrained tag (``openai``; from open_clip's cache or downloaded, built with
+            the activation the tag declares: QuickGELU for OpenAI's weights), a local checkpoint path or an
+            fsspec URL (``s3://...``; built with the model config's activation, so a checkpoint of OpenAI's
+            weights is loaded as ``RN50-quickgelu``), or ``"random"`` (random weights drawn from torch's RNG).
+            None: the shipped weights for the tiny model, ``openai`` for any other model that has them.
         precision: ``fp32``, ``bf16`` or ``fp16``. In bf16 and fp16 the model is converted as open_clip's own
             precision options convert it: convolutions, linear layers and attention in that dtype, normalisation
             layers (BatchNorm, LayerNorm), embeddings and the logit scale in fp32.
     """
-    _register_tiny()
-    if model not in open_clip.list_models():
-        raise ModelLoadError(f"unknown model {model!r}; open_clip knows e.g. RN50, RN50x16, ViT-B-16, {TINY_MODEL}")
     if precision not in PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
-    if pretrained is None and model == TINY_MODEL:
-        pretrained = str(TINY_ASSETS / "model.safetensors")
-
-    if pretrained in (None, "random"):
-        pretrained = None
+    pretrained = resolve_pretrained(model, pretrained)
+    preprocess: dict = {}
+    if pretrained == RANDOM:
         clip = open_clip.create_model(model, pretrained=None)
-        fingerprint = f"{model}/random-init"
+        fingerprint = f"{model}/random-init/{_weights_digest(clip)}"
     elif _is_checkpoint_reference(pretrained):
         clip = open_clip.create_model(model, pretrained=None)
         state, digest = read_state_dict(pretrained)
@@ -150,16 +335,14 @@ def load_clip(
             raise ModelLoadError(f"checkpoint {pretrained!r} does not fit model {model!r}: {exc}") from exc
         fingerprint = f"{model}/sha256:{digest[:16]}"
     else:
-        tags = open_clip.list_pretrained_tags_by_model(model)
-        if pretrained not in tags:
-            raise ModelLoadError(
-                f"unknown pretrained tag {pretrained!r} for {model!r}; known tags: {', '.join(tags) or 'none'}"
-                " (or give a checkpoint path / URL)"
-            )
+        cfg = open_clip.get_pretrained_cfg(model, pretrained)
+        path = weights_file(model, pretrained)
+        clip = open_clip.create_model(model, pretrained=None, force_quick_gelu=bool(cfg.get("quick_gelu")))
         try:
-            clip = open_clip.create_model(model, pretrained=pretrained)
+            open_clip.load_checkpoint(clip, path, strict=True, weights_only=True)
         except Exception as exc:
-            raise ModelLoadError(f"could not fetch weights {model}/{pretrained}: {exc}") from exc
+            raise ModelLoadError(f"weights {model}/{pretrained} at {path} could not be loaded: {exc}") from exc
+        preprocess = {k: cfg[k] for k in ("mean", "std") if k in cfg}
         fingerprint = f"{model}/{pretrained}"
 
     clip = clip.to(device=device).eval()
@@ -167,7 +350,7 @@ def load_clip(
         open_clip.model.convert_weights_to_lp(clip, PRECISIONS[precision])
     for p in clip.parameters():
         p.requires_grad_(False)
-    cfg = open_clip.get_model_preprocess_cfg(clip)
+    cfg = {**open_clip.get_model_preprocess_cfg(clip), **preprocess}
     size = cfg.get("size", clip.visual.image_size)
     size = size[0] if isinstance(size, (tuple, list)) else size
     return LoadedCLIP(
@@ -179,4 +362,5 @@ def load_clip(
         name=model,
         pretrained=pretrained,
         fingerprint=fingerprint,
+        activation=_activation(clip),
     )

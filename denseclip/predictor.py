@@ -2,8 +2,9 @@
 
 Scores are the cosine similarity between L2-normalised dense features (see ``dense.py``) and prompt-ensemble
 class embeddings (see ``text.py``), scaled by a temperature. Everything is computed at feature resolution and
-upsampled once, straight to each image's own size. The image tower runs as :mod:`denseclip.engine` prepares it;
-a batch goes to the host once, after its last image (no per-image host synchronisation on a GPU).
+upsampled once, straight to each image's own size. The image tower runs as :mod:`denseclip.engine` prepares it
+(BatchNorm folded, channels_last, fused oneDNN kernels on CPU); everything after it stays on the model's device,
+and a batch of label maps reaches the host in one synchronisation.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from denseclip.dense import dense_features, dense_features_and_keys, output_stride
+from denseclip.dense import DEFAULT_HEAD, check_head, dense_features, dense_features_and_keys, output_stride
 from denseclip.engine import inference_tower, input_memory_format
+from denseclip.images import check_rgb_image
 from denseclip.models import LoadedCLIP
 from denseclip.text import class_embeddings
 from denseclip.vocabulary import load_templates
@@ -26,11 +28,14 @@ _MASKED = -1e4  # logit of a class removed by prompt denoising (finite, so inter
 
 @dataclass
 class _Canvas:
-    """Class logits of one image at feature resolution: ``logits (C, hc, wc)``; ``extent`` = the image's size
-    in feature cells (the rest of the canvas is padding)."""
+    """Name logits of one image at feature resolution: ``logits (N, hc, wc)``, one channel per class name;
+    ``extent`` = the image's size in feature cells (the rest of the canvas is padding); ``count`` = windows
+    that covered each cell; ``keys (Dk, hc, wc)``: the final attention's keys (only kept for key smoothing)."""
 
     logits: torch.Tensor
+    count: torch.Tensor
     extent: tuple[float, float]
+    keys: torch.Tensor | None = None
 
 
 class DenseCLIP:
@@ -38,7 +43,8 @@ class DenseCLIP:
 
     Args:
         clip: the loaded model (``denseclip.models.load_clip``).
-        classes: one list of names per class; a class scores the max over its names.
+        classes: one list of names per class; a class scores the max over its names (windows average the
+            names' logits first).
         templates: a template set name / file, or a list of templates with ``{}``.
         mode: ``"whole"`` (one forward per image, padded to the stride) or ``"slide"`` (crop windows).
         crop_size, crop_stride: sliding-window size and step in pixels (multiples of the tower's stride).
@@ -48,17 +54,27 @@ class DenseCLIP:
             image becomes 683x512 for (2048, 512)). Labels are returned at each input's own size either way.
         temperature: logit scale applied to cosine similarities before the softmax.
         background_threshold: prepend a ``background`` class that wins where no class has probability >= it.
+        background_class: with ``background_threshold``, instead of prepending one: the index of the vocabulary
+            class that stands for background (scored by its own names, e.g. "sky, wall, ..."); it wins wherever
+            no class reaches the threshold (the successors' protocol).
         background_embedding: ``(D,)`` embedding (e.g. a learned one) for a prepended ``background`` class.
-        key_smoothing: affinity threshold in [-1, 1) for the paper's key smoothing (None: off).
+        key_smoothing: probability threshold of the paper's key smoothing (None: off): after prompt denoising,
+            at every location whose top class probability is below it, the probabilities become the average of
+            all locations' probabilities weighted by key similarity (keys L2-normalised over positions, as the
+            official code does; 1.0 as in its configs smooths everywhere).
         prompt_denoising: probability threshold; classes whose max probability over an image stays below it
             are removed for that image (None: off).
         upsample_topk: upsample only the classes that rank in the top-k at some location of the image
             (near-exact labels, far cheaper for large vocabularies); None upsamples every class.
         size_bucket: whole mode pads each image (bottom and right, with the mean colour) to a multiple of this
-            many pixels (rounded up to the tower's stride), so that images of nearly the same size share a
-            forward pass; None pads to the stride only. An image's labels depend on its own size only, never on
-            the other images of its batch.
+            many pixels (rounded up to the tower's stride), so that images of nearly the same size share a forward
+            pass; None pads to the stride only. An image's labels depend on its own size only, never on the other
+            images of its batch.
         batch_size: images (whole) or windows, of any images (slide), per forward pass.
+        head: the dense head (``denseclip.dense.HEADS``; ViT towers only for all but ``maskclip``).
+        name_softmax: class probabilities as the successors of DenseCLIP compute them: a softmax over every name,
+            each class the max of its names' probabilities (a class's synonyms share its probability mass, so
+            probabilities of classes with synonyms sum to less than 1). False: a softmax over the classes' scores.
     """
 
     def __init__(
@@ -74,14 +90,19 @@ class DenseCLIP:
         resize_to: tuple[int, int] | None = None,
         temperature: float = 100.0,
         background_threshold: float | None = None,
+        background_class: int | None = None,
         background_embedding: torch.Tensor | None = None,
         key_smoothing: float | None = None,
         prompt_denoising: float | None = None,
         upsample_topk: int | None = 3,
         size_bucket: int | None = None,
         batch_size: int = 8,
+        head: str = DEFAULT_HEAD,
+        name_softmax: bool = False,
     ) -> None:
         self.clip = clip
+        check_head(clip.model, head)
+        self.head, self.name_softmax = head, name_softmax
         self.stride = output_stride(clip.model)
         if mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
@@ -94,28 +115,30 @@ class DenseCLIP:
             raise ValueError("use either background_threshold or background_embedding, not both")
         if background_threshold is not None and not 0 < background_threshold < 1:
             raise ValueError(f"background_threshold must be in (0, 1), got {background_threshold}")
+        if background_class is not None and (background_threshold is None
+                                             or not 0 <= background_class < len(classes)):
+            raise ValueError(f"background_class {background_class} needs a background_threshold and must index "
+                             f"one of the {len(classes)} classes")
         if size_bucket is not None and size_bucket <= 0:
             raise ValueError(f"size_bucket must be a positive number of pixels or None, got {size_bucket}")
         self.mode, self.crop_size, self.crop_stride = mode, crop_size, crop_stride
         self.short_side, self.temperature, self.batch_size = short_side, temperature, batch_size
         self.resize_to = None if resize_to is None else tuple(resize_to)
-        self.background_threshold = background_threshold
+        self.background_threshold, self.background_class = background_threshold, background_class
         self.key_smoothing, self.prompt_denoising, self.upsample_topk = key_smoothing, prompt_denoising, upsample_topk
         self.pad_multiple = self.stride * math.ceil((size_bucket or self.stride) / self.stride)
 
         self.templates = load_templates(templates) if isinstance(templates, str) else list(templates)
         self.classes = [list(c) for c in classes]
         embeddings, class_of_name = class_embeddings(clip, self.classes, self.templates)
-        self.has_background_slot = background_threshold is not None or background_embedding is not None
+        self.has_background_slot = (background_threshold is not None and background_class is None
+                                    or background_embedding is not None)
         if self.has_background_slot:
             class_of_name = class_of_name + 1
             if background_embedding is not None:
                 bg = F.normalize(background_embedding.detach().float().reshape(1, -1), dim=-1).to(embeddings.device)
                 embeddings = torch.cat([bg, embeddings])
                 class_of_name = torch.cat([torch.zeros(1, dtype=torch.long), class_of_name])
-        # Score slots: one per class with embeddings, plus an empty slot 0 for a threshold background.
-        self.num_slots = int(class_of_name.max()) + 1
-        self._one_name_per_slot = torch.equal(class_of_name, torch.arange(self.num_slots))
         self.name_embeddings = embeddings.float().to(clip.device)  # (N, D)
         self.class_of_name = class_of_name.to(clip.device)  # (N,)
         self.class_names = (["background"] if self.has_background_slot else []) + [c[0] for c in self.classes]
@@ -148,49 +171,71 @@ class DenseCLIP:
         Returns:
             ``(B, K, H, W)`` (a list of ``(K, H_i, W_i)`` for list input); softmax over K gives probabilities.
         """
-        canvases = self._canvases(images)
-        out = [self._upsample(self._finalize(c), c.extent, tuple(img.shape[-2:])) for c, img in zip(canvases, images)]
+        out = [self.upsample(self._finalize(c), c.extent, tuple(img.shape[-2:]))
+               for c, img in zip(self._canvases(images), images)]
         return torch.stack(out) if isinstance(images, torch.Tensor) else out
+
+    @torch.inference_mode()
+    def feature_log_probs(self, images: torch.Tensor | list[torch.Tensor]
+                          ) -> list[tuple[torch.Tensor, tuple[float, float]]]:
+        """Per-location class log-probabilities at feature resolution, before any upsampling.
+
+        Args:
+            images: ``(B, 3, H, W)`` normalised, or a list of ``(3, H_i, W_i)``.
+        Returns:
+            per image ``(log_probs (K, hc, wc), extent)``: the canvas may extend past the image (padding to the
+            stride); ``extent`` = the image's size (as resized for inference) in feature cells, as
+            :meth:`upsample` takes it.
+        """
+        return [(self._finalize(canvas), canvas.extent) for canvas in self._canvases(images)]
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor | list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Label maps and confidences on the model's device, one pair per image of ``images`` (normalised
         ``(B, 3, H, W)`` or a list of ``(3, H_i, W_i)``): ``labels (H, W)`` uint8 (int32 beyond 255 classes)
-        and ``confidence (H, W)`` uint8, the winning probability x 255, rounded."""
-        return self._predict(images, normalised=True)
+        and ``confidence (H, W)`` float32 in [0, 1], the winning class's probability."""
+        return [(labels, confidence.exp()) for labels, confidence in self._predict(images, normalised=True)]
 
     def _predict(self, images, normalised: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`predict`'s work, with the winning log-probability as the confidence."""
         return [self._labels(self._finalize(canvas), canvas.extent, tuple(image.shape[-2:]))
                 for canvas, image in zip(self._canvases(images, normalised), images)]
 
     @torch.inference_mode()
     def label_maps(self, images: list[np.ndarray | torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(H, W, 3)`` uint8 RGB images (or ``(3, H, W)`` uint8 tensors on any device) -> ``(labels (H, W)
-        uint8|int32, confidence (H, W) uint8)`` each, with confidence as :meth:`predict` (and the mask store)
-        keeps it. The batch reaches the host in one sync."""
-        on_device = self._predict([self._pixels(image) for image in images], normalised=False)
-        on_host = [(labels.to("cpu", non_blocking=True), confidence.to("cpu", non_blocking=True))
-                   for labels, confidence in on_device]
+        """``(H, W, 3)`` uint8 RGB images (or ``(3, H, W)`` uint8 tensors on any device, as torchvision decodes)
+        -> ``(labels (H, W) uint8|int32, confidence (H, W) uint8)`` each, confidence = the winning probability
+        x 255, rounded (as the mask store keeps it). Computed on the device; the batch reaches the host in one
+        synchronisation."""
+        on_device = [(labels, log_conf.exp_().mul_(255).round_().to(torch.uint8))
+                     for labels, log_conf in self._predict([self._pixels(image) for image in images], False)]
+        return self._to_host(on_device)
+
+    @torch.inference_mode()
+    def label_images(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(H, W, 3)`` uint8 RGB images -> ``(labels (H, W) uint8|int32, confidence (H, W) float32)`` each,
+        confidence the winning class's probability; the batch reaches the host in one synchronisation."""
+        on_device = [(labels, log_conf.exp_())
+                     for labels, log_conf in self._predict([self._pixels(image) for image in images], False)]
+        return self._to_host(on_device)
+
+    def _to_host(self, maps: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Device tensors -> numpy arrays, copied without waiting one by one; a GPU is synchronised once."""
+        on_host = [tuple(t.to("cpu", non_blocking=True) for t in pair) for pair in maps]
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return [(labels.numpy(), confidence.numpy()) for labels, confidence in on_host]
 
-    def label_images(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(H, W, 3)`` uint8 RGB images -> ``(labels (H, W) uint8|int32, confidence (H, W) float32)`` each;
-        confidence in [0, 1] in steps of 1/255 (see :meth:`label_maps`)."""
-        return [(labels, confidence.astype(np.float32) / 255) for labels, confidence in self.label_maps(images)]
-
     # ------------------------------------------------------------------------------------------ internals
     def _pixels(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """``(H, W, 3)`` uint8 RGB array (or a ``(3, H, W)`` uint8 tensor, as torchvision decodes) -> ``(3, H, W)``
-        uint8 on the model's device; an array becomes a view in its own pixel-interleaved layout (the layout of
-        a channels_last batch: filling one is a plain copy)."""
+        """``(H, W, 3)`` uint8 RGB array (or a ``(3, H, W)`` uint8 tensor) -> ``(3, H, W)`` uint8 on the model's
+        device; an array becomes a view in its own pixel-interleaved layout (the layout of a channels_last batch:
+        filling one is a plain copy). Pinned and copied without blocking on a GPU."""
         if isinstance(image, torch.Tensor):
-            if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+            if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8 or not image.numel():
                 raise ValueError(f"expected a (3, H, W) uint8 RGB tensor, got {tuple(image.shape)} {image.dtype}")
             return image.to(self.device, non_blocking=True)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+        check_rgb_image(image)
         # torch refuses to wrap read-only arrays (as Ray hands them out) without a warning; those are copied.
         pixels = torch.from_numpy(image if image.flags.writeable else image.copy())
         if self.device.type == "cuda":
@@ -217,34 +262,48 @@ class DenseCLIP:
         return F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False,
                              antialias=size[0] < h)[0]
 
-    def _name_logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> class logits ``(B, C, H/s, W/s)`` float32 (temperature * max-over-names cosine)."""
+    def _name_logits(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, 3, H, W)`` -> name logits ``(B, N, H/s, W/s)`` (temperature * cosine) and, for key smoothing,
+        the keys ``(B, Dk, H/s, W/s)`` (else None)."""
         if self.key_smoothing is None:
-            features, keys = dense_features(self.tower, batch), None
+            features, keys = dense_features(self.tower, batch, self.head), None
         else:
-            features, keys = dense_features_and_keys(self.tower, batch)
+            features, keys = dense_features_and_keys(self.tower, batch, self.head)
+            keys = keys.float()
         features = F.normalize(features.float(), dim=1)
         cosine = torch.einsum("bdhw,nd->bnhw", features, self.name_embeddings)
-        if keys is not None:
-            cosine = self._smooth_by_keys(cosine, keys.float())
-        if self._one_name_per_slot:
-            return self.temperature * cosine
-        b, _, h, w = cosine.shape
-        index = self.class_of_name.view(1, -1, 1, 1).expand_as(cosine)
-        per_class = torch.full((b, self.num_slots, h, w), -2.0, device=cosine.device).scatter_reduce(
-            1, index, cosine, reduce="amax"
-        )
-        return self.temperature * per_class
+        return self.temperature * cosine, keys
 
-    def _smooth_by_keys(self, cosine: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Key smoothing: each location's scores become the affinity-weighted mean over locations whose key
-        features have cosine affinity >= the threshold (always including itself)."""
-        b, n, h, w = cosine.shape
-        k = F.normalize(keys.flatten(2), dim=1)  # (B, C, hw)
-        affinity = k.transpose(1, 2) @ k  # (B, hw, hw)
-        weights = affinity.clamp_min(0) * (affinity >= self.key_smoothing)
-        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-6)
-        return (cosine.flatten(2) @ weights).view(b, n, h, w)
+    def _class_log_probs(self, name_logits: torch.Tensor) -> torch.Tensor:
+        """``(N, h, w)`` name logits -> ``(K, h, w)`` class log-probabilities: the max over each class's names,
+        then a softmax over the classes (``name_softmax``: a softmax over the names, then the max); -inf for the
+        background slot, which has no names."""
+        if self.name_softmax:
+            name_logits = name_logits.log_softmax(dim=0)
+        index = self.class_of_name.view(-1, 1, 1).expand_as(name_logits)
+        shape = (self.num_classes,) + tuple(name_logits.shape[1:])
+        best = name_logits.new_full(shape, -math.inf).scatter_reduce(0, index, name_logits, reduce="amax")
+        return best if self.name_softmax else best.log_softmax(dim=0)
+
+    def _smooth_by_keys(self, probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The paper's key smoothing, as the official code does it: ``probs (K, h, w)`` class probabilities and
+        ``keys (Dk, h, w)`` -> ``(K, h, w)`` where every location whose top probability is below the threshold
+        takes ``sum_j w_ij p_j / sum_j w_ij``, with ``w_ij = k_i . k_j`` for keys L2-normalised over positions
+        (each key channel a unit vector over the image).
+
+        The official code keeps the unnormalised ``sum_j w_ij p_j``; dividing by ``sum_j w_ij`` (one positive
+        number per location) leaves each location's ranking of the classes as it is and keeps its scores
+        probabilities (a location whose weights do not sum to a positive number keeps its own). Computed as
+        ``(P K^T) K``, never forming the (hw, hw) weights.
+        """
+        k, h, w = probs.shape
+        p = probs.flatten(1)  # (K, hw)
+        key = F.normalize(keys.flatten(1), dim=1)  # (Dk, hw)
+        smoothed = (p @ key.t()) @ key  # (K, hw)
+        total = key.sum(dim=1) @ key  # (hw,) = sum_j w_ij = the column sums of `smoothed`
+        smooth = (p.max(dim=0).values < self.key_smoothing) & (total > 0)
+        smoothed = (smoothed / total.clamp_min(1e-12)).clamp_min(0)
+        return torch.where(smooth, smoothed, p).view(k, h, w)
 
     def _canvases(self, images, normalised: bool = True) -> list[_Canvas]:
         """Canvases of ``images``: ``(3, H_i, W_i)``, normalised or (``normalised=False``) pixels in 0-255."""
@@ -254,9 +313,9 @@ class DenseCLIP:
         return self._slide(resized, normalised)
 
     def _batch(self, crops: list[torch.Tensor], height: int, width: int, normalised: bool) -> torch.Tensor:
-        """``(n, 3, height, width)`` in the tower's dtype and layout, ``crops[i]`` (``(3, h_i, w_i)``, at most that
-        size; normalised here unless it is already) in the top-left corner of row i and zeros (the mean colour, in
-        normalised space) around it. Each crop is written once, normalised and cast on the way."""
+        """``(n, 3, height, width)`` in the tower's dtype and memory format: ``crops[i]`` (``(3, h_i, w_i)``, at
+        most that size; normalised here unless it is already) in the top-left corner of row i, zeros (the mean
+        colour, in normalised space) around it. Each crop is written once, normalised and cast on the way."""
         batch = torch.empty((len(crops), 3, height, width), dtype=self.dtype, device=self.device,
                             memory_format=self._memory_format)
         if any(c.shape[-2:] != (height, width) for c in crops):
@@ -270,17 +329,19 @@ class DenseCLIP:
         return batch
 
     def _whole(self, images: list[torch.Tensor], normalised: bool) -> list[_Canvas]:
+        """One forward per ``batch_size`` images of the same padded size (each padded to ``size_bucket``)."""
         m, s = self.pad_multiple, self.stride
         canvases: list[_Canvas | None] = [None] * len(images)
-        by_size: dict[tuple[int, int], list[int]] = {}
+        by_shape: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
-            by_size.setdefault((math.ceil(im.shape[1] / m) * m, math.ceil(im.shape[2] / m) * m), []).append(i)
-        for (height, width), indices in by_size.items():
+            by_shape.setdefault((math.ceil(im.shape[1] / m) * m, math.ceil(im.shape[2] / m) * m), []).append(i)
+        for (height, width), indices in by_shape.items():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                logits = self._name_logits(self._batch([images[i] for i in chunk], height, width, normalised))
-                for i, lg in zip(chunk, logits):
-                    canvases[i] = _Canvas(lg, (images[i].shape[1] / s, images[i].shape[2] / s))
+                logits, keys = self._name_logits(self._batch([images[i] for i in chunk], height, width, normalised))
+                for j, (i, lg) in enumerate(zip(chunk, logits)):
+                    extent = (images[i].shape[1] / s, images[i].shape[2] / s)
+                    canvases[i] = _Canvas(lg, torch.ones_like(lg[:1]), extent, None if keys is None else keys[j])
         return canvases
 
     def _window_starts(self, size: int) -> list[int]:
@@ -288,39 +349,56 @@ class DenseCLIP:
 
     def _slide(self, images: list[torch.Tensor], normalised: bool) -> list[_Canvas]:
         """Windows of every image, ``batch_size`` at a time whatever image they come from, averaged per cell."""
-        s, crop = self.stride, self.crop_size
-        windows, sums, counts = [], [], []
+        s, crop, step = self.stride, self.crop_size, self.crop_stride
+        windows, canvases = [], []
         for i, im in enumerate(images):
             # Pad so windows tile the image exactly on the stride grid: every window lands on whole feature cells.
-            h, w = (crop + math.ceil(max(d - crop, 0) / self.crop_stride) * self.crop_stride for d in im.shape[-2:])
+            # The padding is implicit: a window reaching past the image is zero-filled by _batch.
+            h, w = (crop + math.ceil(max(d - crop, 0) / step) * step for d in im.shape[-2:])
             windows += [(i, y, x) for y in self._window_starts(h) for x in self._window_starts(w)]
-            sums.append(torch.zeros(self.num_slots, h // s, w // s, device=self.device))
-            counts.append(torch.zeros(1, h // s, w // s, device=self.device))
+            hc, wc = h // s, w // s
+            canvases.append(_Canvas(torch.zeros(len(self.class_of_name), hc, wc, device=self.device),
+                                    torch.zeros(1, hc, wc, device=self.device), (im.shape[1] / s, im.shape[2] / s)))
         for start in range(0, len(windows), self.batch_size):
             chunk = windows[start:start + self.batch_size]
-            crops = [images[i][:, y:y + crop, x:x + crop] for i, y, x in chunk]
-            batch = self._batch(crops, crop, crop, normalised)
-            for (i, y, x), lg in zip(chunk, self._name_logits(batch)):
-                sums[i][:, y // s:(y + crop) // s, x // s:(x + crop) // s] += lg
-                counts[i][:, y // s:(y + crop) // s, x // s:(x + crop) // s] += 1
-        return [_Canvas(total / count, (im.shape[1] / s, im.shape[2] / s))
-                for total, count, im in zip(sums, counts, images)]
+            batch = self._batch([images[i][:, y:y + crop, x:x + crop] for i, y, x in chunk], crop, crop, normalised)
+            logits, keys = self._name_logits(batch)
+            for j, (i, y, x) in enumerate(chunk):
+                c, cells = canvases[i], (slice(None), slice(y // s, (y + crop) // s), slice(x // s, (x + crop) // s))
+                c.logits[cells] += logits[j]
+                c.count[cells] += 1
+                if keys is not None:
+                    # Key smoothing runs once over the whole image (the official code smooths within each
+                    # window): overlapping windows' keys are averaged like their logits.
+                    if c.keys is None:
+                        c.keys = keys.new_zeros(keys.shape[1], *c.count.shape[1:])
+                    c.keys[cells] += keys[j]
+        for c in canvases:
+            c.logits /= c.count
+            if c.keys is not None:
+                c.keys /= c.count
+        return canvases
 
     def _finalize(self, canvas: _Canvas) -> torch.Tensor:
-        """Canvas class logits -> ``(K, hc, wc)`` log-probabilities (prompt denoising, background slot)."""
+        """Canvas name logits -> ``(K, hc, wc)`` class log-probabilities (prompt denoising, background)."""
         logits = canvas.logits
-        if self.background_threshold is not None:
-            logits = logits[1:]  # the background slot has no embedding; it is added below as a fixed score
+        hv, wv = math.ceil(canvas.extent[0]), math.ceil(canvas.extent[1])
         if self.prompt_denoising is not None:
-            hv, wv = math.ceil(canvas.extent[0]), math.ceil(canvas.extent[1])
-            peak = logits[:, :hv, :wv].softmax(dim=0).flatten(1).max(dim=1).values
-            drop = peak < self.prompt_denoising
+            peak = self._class_log_probs(logits[:, :hv, :wv]).exp().flatten(1).max(dim=1).values
+            drop = (peak < self.prompt_denoising)[self.class_of_name]  # per name: its class is dropped
             drop &= ~drop.all()  # a vocabulary is never emptied (decided on the device: no host sync)
             logits = logits.masked_fill(drop[:, None, None], _MASKED)
-        log_probs = logits.log_softmax(dim=0)
+        log_probs = self._class_log_probs(logits)
+        if self.key_smoothing is not None:
+            # After prompt denoising, on probabilities, over the image's own cells (not the padding).
+            probs = log_probs.exp()
+            probs[:, :hv, :wv] = self._smooth_by_keys(probs[:, :hv, :wv], canvas.keys[:, :hv, :wv])
+            log_probs = probs.clamp_min(1e-30).log()
         if self.background_threshold is not None:
-            bg = torch.full_like(log_probs[:1], math.log(self.background_threshold))
-            log_probs = torch.cat([bg, log_probs])
+            # Background wins exactly where no class reaches the threshold: the background slot (no names)
+            # scores the threshold itself; a background class of the vocabulary scores at least that much.
+            bg = 0 if self.background_class is None else self.background_class
+            log_probs[bg] = log_probs[bg].clamp_min(math.log(self.background_threshold))
         return log_probs
 
     @staticmethod
@@ -330,16 +408,16 @@ class DenseCLIP:
         n, m = (min(cells, math.ceil(e) + 1) for cells, e in zip(scores.shape[-2:], extent))
         return scores[:, :n, :m]
 
-    @classmethod
-    def _upsample(cls, scores: torch.Tensor, extent: tuple[float, float], size: tuple[int, int]) -> torch.Tensor:
-        """Bilinear resampling ``(K, hc, wc) -> (K, H, W)`` (align_corners=False, border values beyond the canvas)
-        of a canvas of which the image covers ``extent`` cells, to the image's own ``size``.
+    def upsample(self, log_probs: torch.Tensor, extent: tuple[float, float], size: tuple[int, int]) -> torch.Tensor:
+        """Bilinear resampling (align_corners=False, border values beyond the canvas) of a feature canvas
+        ``(K, hc, wc)`` of which the image covers ``extent`` cells to the image's ``size`` ``(K, H, W)``; equals
+        ``F.interpolate`` when there is no padding.
 
         Only what :meth:`_reach` keeps is read, with the scale given explicitly, so that a partly covered canvas
         maps exactly as a full one would.
         """
         scales = [n / e for n, e in zip(size, extent)]
-        return torch.ops.aten.upsample_bilinear2d(cls._reach(scores, extent)[None], list(size), False, *scales)[0]
+        return torch.ops.aten.upsample_bilinear2d(self._reach(log_probs, extent)[None], list(size), False, *scales)[0]
 
     @staticmethod
     def _possible_winners(scores: torch.Tensor) -> torch.Tensor:
@@ -355,7 +433,7 @@ class DenseCLIP:
         return (high >= low.max(dim=0).values).flatten(1).any(dim=1)
 
     def _labels(self, log_probs: torch.Tensor, extent, size) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(K, hc, wc)`` log-probabilities -> ``(labels (H, W) uint8|int32, confidence (H, W) uint8)``.
+        """``(K, hc, wc)`` log-probabilities -> ``(labels (H, W) uint8|int32, best log-probability (H, W))``.
 
         Only the candidate classes (``upsample_topk``) compete. A CPU upsamples only those of them that can win
         somewhere (:meth:`_possible_winners`: often one, on a smooth map); a GPU upsamples every class with the
@@ -368,18 +446,15 @@ class DenseCLIP:
             top = log_probs[:, :hv, :wv].topk(self.upsample_topk, dim=0).indices
             is_candidate = torch.zeros_like(is_candidate)
             is_candidate[top.flatten()] = True
-        if self._gather_candidates:
-            scores = self._reach(log_probs, extent)
-            candidates = is_candidate.nonzero()[:, 0]
-            ids = candidates[self._possible_winners(scores[candidates])]
-            upsampled = self._upsample(scores[ids], extent, size)
-            if len(ids) == 1:
-                best, labels = upsampled[0], torch.full(size, int(ids[0]), dtype=label_dtype)
-            else:
-                best, index = upsampled.max(dim=0)
-                labels = ids.to(label_dtype)[index]
-        else:
+        if not self._gather_candidates:
             masked = log_probs.masked_fill(~is_candidate[:, None, None], _MASKED)
-            best, labels = self._upsample(masked, extent, size).max(dim=0)
-            labels = labels.to(label_dtype)
-        return labels, best.exp_().mul_(255).round_().to(torch.uint8)
+            best, labels = self.upsample(masked, extent, size).max(dim=0)
+            return labels.to(label_dtype), best
+        scores = self._reach(log_probs, extent)
+        candidates = is_candidate.nonzero()[:, 0]
+        ids = candidates[self._possible_winners(scores[candidates])]
+        upsampled = self.upsample(scores[ids], extent, size)
+        if len(ids) == 1:
+            return torch.full(size, int(ids[0]), dtype=label_dtype), upsampled[0]
+        best, index = upsampled.max(dim=0)
+        return ids.to(label_dtype)[index], best

@@ -1,9 +1,10 @@
 """Evaluation reports: report.json, Markdown tables in the paper's layout, a confusion heatmap, overlay grids
 and one self-contained HTML page that shows them all offline; the robustness sweep's tables and plot.
 
-``write_report`` is the one entry point; the evaluation pipeline, the training stage and the demo all call it
-with a ``summary`` from ``denseclip.metrics.summarize`` (optionally with extra keys: ``dataset`` and ``method``
-name the row in the paper tables, ``inputs`` is a dict shown as run information).
+``write_report`` is the one entry point for one method's evaluation; the evaluation pipeline, the training stage
+and the demo all call it with a ``summary`` from ``denseclip.metrics.summarize`` (optionally with extra keys:
+``dataset`` and ``method`` name the row in the paper tables, ``inputs`` is a dict shown as run information).
+``write_comparison`` puts several methods' summaries and the same scenes under each of them on one page.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from matplotlib.figure import Figure
 
 from denseclip.metrics import ConfusionMatrix
 from denseclip.shards import sanitize_key
-from denseclip.visualize import colorize, comparison_grid
+from denseclip.visualize import colorize, comparison_grid, label_panels
 
 Sample = tuple[str, "np.ndarray | None", np.ndarray, np.ndarray]  # (key, image (H,W,3) | None, gt (H,W), pred (H,W))
+# (key, image (H,W,3), gt (H,W), {method: pred (H,W)}): one scene under several methods
+Scene = tuple[str, np.ndarray, np.ndarray, Mapping[str, np.ndarray]]
+Table = tuple[str, list[str], list[list[str]]]  # (heading, header, rows) of plain text cells
 
 _HEADLINE = [("miou", "mIoU"), ("miou_seen", "mIoU(S)"), ("miou_unseen", "mIoU(U)"), ("hiou", "hIoU"),
              ("pixel_accuracy", "pAcc"), ("pixel_accuracy_seen", "pAcc(S)"), ("pixel_accuracy_unseen", "pAcc(U)"),
@@ -30,13 +34,15 @@ _HEADLINE = [("miou", "mIoU"), ("miou_seen", "mIoU(S)"), ("miou_unseen", "mIoU(U
 
 
 def write_report(out_dir: str | Path, summary: dict, conf: ConfusionMatrix, class_names: Sequence[str],
-                 palette: np.ndarray, samples: Iterable[Sample] = ()) -> dict[str, Path]:
+                 palette: np.ndarray, samples: Iterable[Sample] = (),
+                 reference: str = "ground truth") -> dict[str, Path]:
     """Write ``report.json``, ``tables.md``, ``confusion.png``, ``overlays/<key>.png`` and ``index.html``
     under ``out_dir`` and return their paths by name (``overlays`` maps to the list of grid files).
 
     ``summary``: from ``metrics.summarize`` (+ optional ``dataset``, ``method``, ``inputs``); ``conf``: the
     matrix it was computed from; ``palette``: uint8 (K, 3); ``samples``: images to draw as
-    image | ground truth | prediction grids (keys are sanitised, so none escapes ``out_dir/overlays``).
+    image | ground truth | prediction grids (keys are sanitised, so none escapes ``out_dir/overlays``);
+    ``reference``: what the scores compare with (the middle panel's title), when it is not ground truth.
     """
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
@@ -54,9 +60,39 @@ def write_report(out_dir: str | Path, summary: dict, conf: ConfusionMatrix, clas
     plot_confusion(conf, class_names, paths["confusion"])
     for key, image, gt, pred in samples:
         path = out / "overlays" / (sanitize_key(key).replace("/", "__") + ".png")
-        comparison_grid(image, gt, pred, class_names, palette).save(path)
+        comparison_grid(image, gt, pred, class_names, palette, summary.get("unseen_classes", ()),
+                        reference).save(path)
         paths["overlays"].append(path)
-    paths["html"].write_text(_html_page(summary, class_names, palette, paths), encoding="utf-8")
+    paths["html"].write_text(_html_page(summary, class_names, palette, paths, reference), encoding="utf-8")
+    return paths
+
+
+def write_comparison(out_dir: str | Path, summaries: Mapping[str, dict], class_names: Sequence[str],
+                     palette: np.ndarray, scenes: Iterable[Scene] = (), *, title: str,
+                     labels: Mapping[str, str] | None = None, pages: Mapping[str, str] | None = None,
+                     notes: str = "", tables: Sequence[Table] = ()) -> dict[str, Path]:
+    """One page comparing methods: ``out_dir/index.html`` with the headline table (each method linking to its
+    own page in ``pages``, relative to ``out_dir``), the per-class IoU of every method (seen and unseen), the
+    same ``scenes`` under every method (pictures written to ``out_dir/scenes/``), then ``tables``.
+
+    ``summaries``: method -> summary (``metrics.summarize``, with ``unseen_classes``), in display order;
+    ``labels``: method -> display name (default: the method key); ``notes``: a paragraph of plain text under the
+    title. Returns the paths by name (``html``, ``scenes``: the list of pictures).
+    """
+    out = Path(out_dir)
+    (out / "scenes").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "scenes").glob("*.png"):
+        stale.unlink()
+    labels = {m: (labels or {}).get(m, m) for m in summaries}
+    unseen = set().union(*(s.get("unseen_classes", ()) for s in summaries.values()))
+    paths: dict = {"html": out / "index.html", "scenes": []}
+    for key, image, gt, predictions in scenes:
+        path = out / "scenes" / (sanitize_key(key).replace("/", "__") + ".png")
+        maps = {"ground truth": gt, **{labels[m]: predictions[m] for m in summaries if m in predictions}}
+        label_panels(image, maps, class_names, palette, unseen).save(path)
+        paths["scenes"].append(path)
+    paths["html"].write_text(_comparison_page(summaries, class_names, palette, labels, pages or {}, paths["scenes"],
+                                              title, notes, tables, out), encoding="utf-8")
     return paths
 
 
@@ -209,25 +245,79 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |\n" for line in lines)
 
 
+def _comparison_page(summaries: Mapping[str, dict], class_names: Sequence[str], palette: np.ndarray,
+                     labels: Mapping[str, str], pages: Mapping[str, str], scenes: list[Path], title: str,
+                     notes: str, tables: Sequence[Table], out: Path) -> str:
+    swatch_label = _swatch_labeller(class_names, palette)
+    headline = ("miou", "miou_seen", "miou_unseen", "hiou", "pixel_accuracy")
+
+    def method_cell(method: str) -> str:
+        name = html.escape(labels[method])
+        return f'<a href="{html.escape(pages[method])}">{name}</a>' if method in pages else name
+
+    header = ["Method"] + [label for key, label in _HEADLINE if key in headline]
+    rows = [[method_cell(m)] + [html.escape(_fmt(s.get(k))) for k in headline] for m, s in summaries.items()]
+    first = next(iter(summaries.values()))
+    per_class = [[swatch_label(name), html.escape(_split(first, name))]
+                 + [html.escape(_fmt(s["per_class_iou"].get(name))) for s in summaries.values()]
+                 for name in first["per_class_iou"]]
+    figures = "".join(f'<figure><img src="{html.escape(p.relative_to(out).as_posix())}" alt="{html.escape(p.stem)}">'
+                      f"<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in scenes)
+    extra = "".join(f"<h2>{html.escape(heading)}</h2>\n{_html_table(head, body)}\n" for heading, head, body in tables)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{html.escape(title)}</title>
+{_STYLE}</head><body>
+<h1>{html.escape(title)}</h1>
+<p>{html.escape(notes)}</p>
+<h2>Methods (mIoU in percent; each links to its own report)</h2>
+{_raw_html_table(header, rows)}
+<h2>IoU per class (percent)</h2>
+{_raw_html_table(["Class", "Split"] + [html.escape(labels[m]) for m in summaries], per_class)}
+<h2>The same scenes under each method</h2>
+{figures or "<p>no scenes</p>"}
+{extra}</body></html>
+"""
+
+
+def _raw_html_table(header: list[str], rows: list[list[str]]) -> str:
+    """An HTML table of cells that are already markup (escaped by the caller)."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def _png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def _html_table(header: list[str], rows: list[list[str]], raw_first: bool = False) -> str:
     """An HTML table; every cell is escaped except the first column when ``raw_first`` (already markup)."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{c if raw_first and i == 0 else html.escape(c)}</td>" for i, c in enumerate(row))
-        + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return _raw_html_table([html.escape(h) for h in header],
+                           [[c if raw_first and i == 0 else html.escape(c) for i, c in enumerate(row)] for row in rows])
 
 
-def _html_page(summary: dict, class_names: Sequence[str], palette: np.ndarray, paths: dict) -> str:
+_STYLE = """<style>
+body { font-family: sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #bbb; padding: 3px 8px; text-align: right; }
+td:first-child, th:first-child { text-align: left; white-space: nowrap; }
+.sw { display: inline-block; width: 12px; height: 12px; margin-right: 6px; border: 1px solid #333; }
+img { max-width: 100%; }
+figure { display: inline-block; margin: 0 1em 1em 0; }
+</style>"""
+
+
+def _swatch_labeller(class_names: Sequence[str], palette: np.ndarray) -> Callable[[str], str]:
+    """``name -> HTML``: the class's colour swatch and its escaped name."""
     colours = colorize(np.arange(len(class_names))[None], palette)[0]
     swatches = {name: "rgb({},{},{})".format(*(int(v) for v in colours[i])) for i, name in enumerate(class_names)}
+    return lambda name: f'<span class="sw" style="background:{swatches[name]}"></span>{html.escape(name)}'
 
-    def swatch_label(name: str) -> str:
-        return f'<span class="sw" style="background:{swatches[name]}"></span>{html.escape(name)}'
+
+def _html_page(summary: dict, class_names: Sequence[str], palette: np.ndarray, paths: dict,
+               reference: str = "ground truth") -> str:
+    swatch_label = _swatch_labeller(class_names, palette)
 
     dataset, method = summary.get("dataset", "custom"), summary.get("method", "this run")
     info = [[str(k), v if isinstance(v, str) else json.dumps(v)] for k, v in summary.get("inputs", {}).items()]
@@ -238,15 +328,7 @@ def _html_page(summary: dict, class_names: Sequence[str], palette: np.ndarray, p
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Evaluation: {html.escape(str(dataset))}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-th, td {{ border: 1px solid #bbb; padding: 3px 8px; text-align: right; }}
-td:first-child, th:first-child {{ text-align: left; }}
-.sw {{ display: inline-block; width: 12px; height: 12px; margin-right: 6px; border: 1px solid #333; }}
-img {{ max-width: 100%; }}
-figure {{ display: inline-block; margin: 0 1em 1em 0; }}
-</style></head><body>
+{_STYLE}</head><body>
 <h1>Evaluation: {html.escape(str(method))} on {html.escape(str(dataset))}</h1>
 <h2>Headline (percent)</h2>
 {_html_table(*_headline(summary))}
@@ -256,7 +338,7 @@ figure {{ display: inline-block; margin: 0 1em 1em 0; }}
 {_html_table(*_per_class(summary, swatch_label), raw_first=True)}
 <h2>Confusion matrix</h2>
 <img src="{_png_data_uri(paths["confusion"])}" alt="confusion matrix">
-<h2>Samples (image | ground truth | prediction)</h2>
+<h2>Samples (image | {html.escape(reference)} | prediction)</h2>
 {overlays or "<p>no samples</p>"}
 <h2>Run</h2>
 {_html_table(["", "value"], info)}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import fsspec
 
@@ -38,6 +41,33 @@ def write_bytes(url: str, data: bytes, **storage_options) -> None:
     else:
         fs, path = fsspec.core.url_to_fs(url, **storage_options)
         fs.pipe_file(path, data)
+
+
+@contextlib.contextmanager
+def open_atomic(url: str, **storage_options) -> Iterator[BinaryIO]:
+    """A binary file to stream a large object into; published at ``url`` as a whole when the block ends without
+    an exception, never in part (as :func:`write_bytes`, without holding the object in memory)."""
+    if is_local(url):
+        path = fsspec.core.url_to_fs(url)[1]
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    f = fs.open(path, "wb")
+    try:
+        yield f
+    except BaseException:
+        f.discard()  # object stores publish on close; an aborted upload publishes nothing
+        raise
+    f.close()
 
 
 def read_bytes(url: str, **storage_options) -> bytes:

@@ -12,6 +12,7 @@ import json
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -162,3 +163,18 @@ def write_shards(seed: int, n: int, out: str, shard_size: int = 1000, size: int 
         write_shard(url, samples)
         urls.append(url)
     return urls
+
+
+def write_images(seed: int, n: int, out: str, size: int = 128) -> list[Path]:
+    """Render ``n`` scenes as plain JPEG files ``out/scene-000000.jpg ...`` (a local folder, like a folder of
+    photos: no labels, ready for ``pipelines/prepare.py --dataset folder``); returns the paths."""
+    if n < 1:
+        raise ValueError(f"need n >= 1, got n={n}")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(n):
+        path = folder / f"scene-{index:06d}.jpg"
+        path.write_bytes(scene_sample(render_scene(seed, index, size), path.stem, seed, index)["jpg"])
+        paths.append(path)
+    return paths

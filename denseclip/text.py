@@ -63,8 +63,9 @@ def name_embeddings(
     clip: LoadedCLIP, names: list[str], templates: list[str], cache: bool = True
 ) -> torch.Tensor:
     """``(N, D)`` prompt-ensemble embeddings, one per name: each template filled with the name, encoded,
-    L2-normalised, averaged over templates, re-normalised. Cached on disk by (model, weights, templates, names)."""
-    key = json.dumps([clip.name, clip.fingerprint, str(clip.dtype), templates, names])
+    L2-normalised, averaged over templates, re-normalised. Cached on disk by (model, weights, activation, dtype,
+    templates, names)."""
+    key = json.dumps([clip.name, clip.fingerprint, clip.activation, str(clip.dtype), templates, names])
     path = _cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
     if cache and path.exists():
         return load_file(path)["embeddings"].to(clip.device)

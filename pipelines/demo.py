@@ -2,8 +2,10 @@
 
     python pipelines/demo.py --seed 1 --num-images 200 --out runs/demo
 
-Writes ``DIR/report.json`` (one entry per method, plus ``unseen_classes``) and ``DIR/<method>/`` (report,
-tables, confusion matrix, overlays, index.html), and prints the unseen split and the headline numbers.
+Writes ``DIR/index.html`` (every method side by side: the table, IoU per class, the same scenes under each
+method), ``DIR/report.json`` (one entry per method, plus ``unseen_classes``, timings and the training logs) and
+``DIR/<method>/`` (report, tables, confusion matrix, overlays, index.html); prints training progress, the unseen
+split, the headline numbers, the timings and the report files.
 """
 
 from __future__ import annotations
@@ -11,15 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 import torch
 
 from denseclip.config import ConfigError
-from denseclip.demo import RESERVED_SEEDS, DemoConfig, default_training, run_demo
+from denseclip.demo import METHODS, RESERVED_SEEDS, DemoConfig, default_training, run_demo
 from denseclip.models import ModelLoadError
-
-METHODS = ("all_background", "random_weights", "denseclip", "denseclip_plus", "denseclip_plus_self_training",
-           "denseclip_plus_zero_shot")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                         num_overlays=args.num_overlays, clip_weights=args.clip_weights)
 
     def progress(run: str, record: dict) -> None:
-        held_out = f", held-out mIoU {record['held_out_miou']:.1f}" if "held_out_miou" in record else ""
+        held_out = ""
+        if "held_out_miou" in record:
+            held_out = (f", mIoU {record['held_out_miou']:.1f} on the first {record['held_out_images']} of the "
+                        f"{args.num_images} held-out scenes")
         print(f"  {run}: step {record['step']} ({record['phase']}) loss {record['loss']:.3f}{held_out}",
               flush=True)
 
@@ -64,13 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"unseen classes (zero-shot split): {', '.join(report['unseen_classes'])}")
-    print(f"{'method':32s} {'mIoU':>6s} {'seen':>6s} {'unseen':>6s} {'pAcc':>6s}")
+    print(f"\nunseen classes (zero-shot split): {', '.join(report['unseen_classes'])}")
+    print(f"all {args.num_images} held-out scenes, in %:")
+    width = max(len(m.label) for m in METHODS)
+    print(f"{'method':{width}s} {'mIoU':>6s} {'seen':>6s} {'unseen':>6s} {'pAcc':>6s}")
     for method in METHODS:
-        r = report[method]
+        r = report[method.key]
         cells = [r[k] for k in ("miou", "miou_seen", "miou_unseen", "pixel_accuracy")]
-        print(f"{method:32s} " + " ".join("     -" if v is None else f"{v:6.2f}" for v in cells))
-    print(f"report: {args.out}/report.json (timings {report['timings_s']})")
+        print(f"{method.label:{width}s} " + " ".join("     -" if v is None else f"{v:6.2f}" for v in cells))
+    print("\ntimings:")
+    for stage, seconds in report["timings_s"].items():
+        print(f"  {stage:24s} {seconds:8.1f} s")
+    print(f"  {'total':24s} {sum(report['timings_s'].values()):8.1f} s")
+    out = Path(args.out)
+    print(f"\nall methods side by side: {out / report['pages']['comparison']}")
+    print(f"each method: {out}/<method>/index.html ({', '.join(m.key for m in METHODS)})")
+    print(f"numbers: {out / 'report.json'}")
     return 0
 
 

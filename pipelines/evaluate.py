@@ -2,17 +2,24 @@
 
     python pipelines/evaluate.py (--pred DIR_OR_STORE | --model NAME [--pretrained TAG_OR_PATH] [labeler options]
         | --checkpoint DENSECLIP_PLUS_DIR) \\
-        --gt DIR_OR_SHARDS (--dataset voc|context|coco_stuff|synthetic | --classes-file FILE) \\
+        --gt DIR_OR_SHARDS (--dataset voc|voc20|context|context59|coco_stuff|synthetic | --classes-file FILE) \\
         [--unseen "name, name"] [--ignore-index 255] [--corruptions all [--severities 1,2,3,4,5]] [--ray] --out DIR
 
 --pred: a folder of ``<key>.png`` label maps (keys may hold '/') or a Parquet mask store (a folder with
 ``masks/``). --model: label the ground truth's images on the fly with DenseCLIP (the model and inference options
-as for ``denseclip predict``; the vocabulary is the evaluation's). --checkpoint: label them with a trained
+as for ``denseclip predict``; the vocabulary is the evaluation's; with --dataset, the inference protocol is the
+dataset's preset of --protocol, by default ``paper``: the paper's resize and whole-image inference; ``--protocol
+none`` for none). --checkpoint: label them with a trained
 DenseCLIP+ target network (a checkpoint folder of pipelines/train.py, trained on the same classes).
 --gt: a folder of ``<key>.png`` label maps (the images, for labelling or the overlays, from --images) or
 WebDataset shards (``seg.png`` and the image). Every ground-truth key must have a prediction of the same size,
 otherwise the run stops with exit code 2 and a one-line error naming the key: a silently skipped image would
 bias the numbers. Writes DIR/report.json (percent), tables.md, confusion.png, overlays/*.png and index.html.
+
+--dataset voc20 / context59: the paper's annotation-free evaluation. The ground truth of ``voc`` / ``context``
+shards is read without background (MMSegmentation's reduce_zero_label: 0 -> ignored, k -> k - 1), and so are
+predictions in a mask store labelled with the background-aware ``voc`` / ``context`` vocabulary (a background
+prediction is then a miss).
 
 --corruptions (with --model or --checkpoint): the robustness sweep of the paper's Tables 4-5. Every image is
 also labelled after each ImageNet-C corruption (all 8, or a comma-separated list) at each --severities, seeded
@@ -36,9 +43,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from denseclip.config import add_labeler_arguments, labeler_config_from_args
+from denseclip.config import add_labeler_arguments, check_device, labeler_config_from_args
 from denseclip.corruptions import CORRUPTIONS
-from denseclip.datasets import get_dataset, normalize_class_name
+from denseclip.datasets import DATASET_NAMES, get_dataset, normalize_class_name
 from denseclip.evaluation import (
     Evaluation,
     ImageLabeler,
@@ -53,7 +60,7 @@ from denseclip.metrics import EvaluationInputError, summarize
 from denseclip.report import write_report, write_robustness_report
 from denseclip.robustness import CLEAN, robustness_summary, sweep_conditions
 from denseclip.shards import expand_shards
-from denseclip.visualize import default_palette
+from denseclip.visualize import class_palette
 from denseclip.vocabulary import read_classes_file
 
 
@@ -67,6 +74,10 @@ class Vocabulary:
     palette: np.ndarray  # uint8 (K, 3)
     unseen: list[str]
     ignore_classes: list[str]
+    synonyms: list[list[str]] | None = None  # a dataset's synonym-enriched classes (labeller option synonyms)
+    background_index: int | None = None
+    label_lut: np.ndarray | None = None  # ground truth (and background-aware masks) -> these ids (voc20)
+    reduced_from: str | None = None  # the background-aware dataset the label_lut reads (voc for voc20)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", help="DenseCLIP+ checkpoint folder: label the images with it on the fly")
     parser.add_argument("--gt", required=True, help="folder of <key>.png label maps, or shards (dir, glob, .tar)")
     vocab = parser.add_mutually_exclusive_group(required=True)
-    vocab.add_argument("--dataset", help="registered dataset: voc, context, coco_stuff, synthetic")
+    vocab.add_argument("--dataset", choices=DATASET_NAMES, help="registered dataset (voc20, context59: the "
+                       "paper's annotation-free evaluation without background)")
     vocab.add_argument("--classes-file", help="one class per line (label id = line number), synonyms after ','")
     parser.add_argument("--unseen", help='unseen class names, "name, name" (overrides the dataset split)')
     parser.add_argument("--ignore-classes", help='classes left out of scoring, "name, name" (overrides the '
@@ -117,10 +129,23 @@ def load_vocabulary(args: argparse.Namespace) -> Vocabulary:
             drop = info.ignore_background_in_zero_shot and unseen and info.background_index is not None
             ignore = [info.class_names[info.background_index]] if drop else []
         return Vocabulary(args.dataset, [list(c) for c in info.classes], list(info.class_names),
-                          np.asarray(info.palette, np.uint8), unseen, ignore)
+                          np.asarray(info.palette, np.uint8), unseen, ignore, [list(c) for c in info.synonyms],
+                          info.background_index, info.label_lut, info.reduced_from)
     classes = read_classes_file(args.classes_file)
-    return Vocabulary(Path(args.classes_file).stem, classes, [names[0] for names in classes],
-                      default_palette(len(classes)), unseen or [], ignore or [])
+    class_names = [names[0] for names in classes]
+    return Vocabulary(Path(args.classes_file).stem, classes, class_names, class_palette(class_names),
+                      unseen or [], ignore or [])
+
+
+def prediction_lut(vocab: Vocabulary, provenance: dict | None) -> np.ndarray | None:
+    """How stored predictions map into the evaluation's ids: through ``vocab.label_lut`` when a mask store was
+    labelled with the background-aware vocabulary of the dataset scored here without background (``voc`` masks
+    scored as ``voc20``: a background prediction becomes a miss), else as they are."""
+    labelled = (provenance or {}).get("vocabulary")
+    if vocab.reduced_from is None or not isinstance(labelled, list):
+        return None
+    parent = [normalize_class_name(names[0]) for names in get_dataset(vocab.reduced_from).classes]
+    return vocab.label_lut if [normalize_class_name(names[0]) for names in labelled] == parent else None
 
 
 def conditions_from_args(args: argparse.Namespace) -> list:
@@ -136,13 +161,25 @@ def conditions_from_args(args: argparse.Namespace) -> list:
 
 
 def labeler_source(args: argparse.Namespace, vocab: Vocabulary, inputs: dict
-                   ) -> tuple[Callable[[], ImageLabeler], str, str]:
-    """The on-the-fly prediction source of --model or --checkpoint: a picklable factory of the labeler, its
-    device and the method name; records what it is in ``inputs``."""
+                   ) -> tuple[Callable[[str], ImageLabeler], str, str]:
+    """The on-the-fly prediction source of --model or --checkpoint: a picklable factory of the labeler (called
+    with the device to build it on), the device asked for and the method name; records what it is in
+    ``inputs``. Without --ray a CUDA device this machine does not have is refused here (ConfigError); on Ray
+    each actor uses the GPU Ray gave it."""
+    if not args.ray:
+        check_device(args.device, "--device")
     if args.checkpoint is None:
-        config = labeler_config_from_args(args)
-        inputs["labeler"] = {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"}
-        return functools.partial(build_dense_clip, config, vocab.classes), config.device, f"DenseCLIP {config.model}"
+        from denseclip.models import check_weights, weights_activation
+
+        if args.protocol is None and args.dataset:
+            args.protocol = "paper"  # a dataset is evaluated under the paper's protocol unless told otherwise
+        config = labeler_config_from_args(args, dataset=args.dataset)
+        check_weights(config.model, config.pretrained)  # offline: one line now, not a traceback from a worker
+        inputs["labeler"] = {k: v for k, v in dataclasses.asdict(config.resolved()).items() if k != "extra"}
+        inputs["labeler"]["activation"] = weights_activation(config.model, config.pretrained)
+        classes = vocab.synonyms if config.synonyms and vocab.synonyms else vocab.classes
+        make = functools.partial(build_dense_clip, config, classes, background_index=vocab.background_index)
+        return make, config.device, f"DenseCLIP {config.model}" + (f" {config.head}" if config.head != "maskclip" else "")
     from denseclip.ray.train import load_target_checkpoint, read_checkpoint_meta
 
     trained = read_checkpoint_meta(args.checkpoint).get("class_names", [])
@@ -151,36 +188,35 @@ def labeler_source(args: argparse.Namespace, vocab: Vocabulary, inputs: dict
                          f", ...), not on the {len(vocab.class_names)} classes of {vocab.name}")
     inputs["checkpoint"] = args.checkpoint
     method = f"DenseCLIP+ {Path(args.checkpoint.rstrip('/')).name}"
-    return functools.partial(load_target_checkpoint, args.checkpoint, args.device), args.device, method
+    return functools.partial(load_target_checkpoint, args.checkpoint), args.device, method
 
 
 def run_on_ray(args: argparse.Namespace, evaluation: Evaluation, device: str = "cpu", **source) -> Evaluation:
-    """Score on Ray Data; ``source``: ``pred_url=`` or ``make_labeler=``, ``conditions=``, ``seed=``."""
-    import ray
-
-    from denseclip.ray.evaluation import evaluate_on_ray
-    from denseclip.ray.labeling import plan_actors, ray_cluster
+    """Score on Ray Data, labelling on ``device`` (each actor's GPU for cuda); ``source``: ``pred_url=`` or
+    ``make_labeler=``, ``conditions=``, ``seed=``."""
+    from denseclip.ray.evaluation import evaluate_shards
 
     if is_label_map_folder(args.gt):
         raise ValueError(f"--gt {args.gt}: --ray reads ground truth from shards, not a folder of label maps")
-    shards = expand_shards(args.gt)
-    with ray_cluster(args.address):
-        actors = plan_actors(ray.cluster_resources(), device, args.num_actors)
-        return evaluate_on_ray(shards, evaluation, actors, **source)
+    return evaluate_shards(expand_shards(args.gt), evaluation, address=args.address, device=device,
+                           num_actors=args.num_actors, **source)
 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict, dict | None]:
     """Run the evaluation and write its reports; returns (report summary, robustness summary or None)."""
     vocab = load_vocabulary(args)
     conditions = conditions_from_args(args)
-    evaluation = Evaluation(len(vocab.class_names), args.ignore_index, args.num_overlays)
+    evaluation = Evaluation(len(vocab.class_names), args.ignore_index, args.num_overlays, gt_lut=vocab.label_lut)
     inputs: dict = {"gt": args.gt, "ignore_index": args.ignore_index}
     progress = functools.partial(tqdm, desc="evaluate", unit="img", disable=None)
     predictions = None
     if args.pred is not None:
         predictions = open_predictions(args.pred)
         method = Path(args.pred.rstrip("/")).name
-        inputs.update(pred=args.pred, pred_provenance=getattr(predictions, "provenance", None))
+        provenance = getattr(predictions, "provenance", None)
+        evaluation.pred_lut = prediction_lut(vocab, provenance)
+        inputs.update(pred=args.pred, pred_provenance=provenance,
+                      pred_reduced_from=vocab.reduced_from if evaluation.pred_lut is not None else None)
         if args.ray:
             run_on_ray(args, evaluation, pred_url=args.pred)
         else:
@@ -191,13 +227,13 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict | None]:
             run_on_ray(args, evaluation, device, make_labeler=make_labeler, conditions=conditions,
                        seed=args.corruption_seed)
         else:
-            score_labeler(progress(iter_ground_truth(args.gt)), make_labeler(), evaluation, conditions,
+            score_labeler(progress(iter_ground_truth(args.gt)), make_labeler(device), evaluation, conditions,
                           args.corruption_seed, args.batch_size, args.images)
     if evaluation.num_images == 0:
         raise EvaluationInputError(f"--gt {args.gt}: no ground-truth samples")
     clean = evaluation.matrix(CLEAN)
     summary = summarize(clean, vocab.class_names, unseen=vocab.unseen, ignore_classes=vocab.ignore_classes)
-    labels = {"dataset": vocab.name, "method": args.method or method}
+    labels = {"dataset": vocab.name, "method": args.method or method, "protocol": _protocol(inputs)}
     if predictions is not None:
         unmatched = len(predictions.keys() - evaluation.keys)
         inputs["unmatched_predictions"] = unmatched
@@ -226,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"robustness: clean {_fmt(robustness['clean'])} | mean corrupted "
               f"{_fmt(robustness['mean_corrupted'])} -> {Path(args.out) / 'robustness.json'}")
     return 0
+
+
+def _protocol(inputs: dict) -> str | None:
+    """The inference protocol preset the predictions were made under (None: none, or not known)."""
+    if "labeler" in inputs:
+        return inputs["labeler"].get("protocol")
+    return ((inputs.get("pred_provenance") or {}).get("options") or {}).get("protocol")
 
 
 def _fmt(value: float | None) -> str:

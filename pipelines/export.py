@@ -3,8 +3,9 @@
     python pipelines/export.py --store runs/voc-val/masks --format png --out exported/png
     python pipelines/export.py --store s3://bucket/run --format coco --out exported/coco --dataset voc
 
-``png``: ``<key>.png`` palette label maps (+ ``classes.json``); ``coco``: ``annotations.json`` with one RLE
-mask per class and image (FiftyOne, CVAT and Label Studio import it).
+``png``: ``<key>.png`` palette label maps (16-bit grey past 255 classes), ``files.jsonl`` (key -> file: keys
+that sanitise to the same name get distinct files) and ``classes.json``; ``coco``: ``annotations.json`` with one
+RLE mask per class and image (FiftyOne, CVAT and Label Studio import it), written streaming.
 """
 
 from __future__ import annotations

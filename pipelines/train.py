@@ -8,7 +8,13 @@ target network and schedule, the workers, and the run (name + storage path, loca
 overrides any field by its dotted path; the value is read as YAML (``--set run.resume_from=null``). The spec
 and its inputs are checked before Ray starts. Re-running the same run name and storage path resumes from its
 latest checkpoint. Without ``--address`` or ``$RAY_ADDRESS`` a private local Ray is started and stopped.
-The run ends by evaluating on the validation shards and writes report.json next to the final checkpoint.
+A spec may ``extends: other.yaml`` and name only what it changes (jobs/train_*_rn50x16.yaml).
+``dataset: custom`` with ``data.classes`` (a class file) trains annotation-free DenseCLIP+ for any vocabulary on
+unlabelled shards (pipelines/prepare.py --dataset folder); ``training.setting: seen_only`` is the paper's
+Table 2a baseline. The run ends by evaluating on the validation shards (against the ground truth, or, for a
+custom vocabulary, against the DenseCLIP teacher) and writes report.json next to the final checkpoint.
+Prints one line per ``run.log_every`` steps and a summary naming the report files; what Ray and the model
+libraries print goes to ``<storage_path>/<name>/logs/train-<UTC time>.log`` (``--verbose``: to the terminal).
 Exit codes: 0 done, 1 training failed, 2 a bad spec or input.
 """
 
@@ -16,13 +22,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+import traceback
 
-import ray
-import yaml
-
-from denseclip.config import ConfigError, read_yaml_file
+from denseclip import storage
+from denseclip.config import ConfigError, apply_override, read_job_spec
 from denseclip.ray.labeling import ray_cluster
-from denseclip.ray.train import TrainJob, check_inputs, run_training
+from denseclip.ray.train import (
+    REPORT_FILES,
+    TrainingFailedError,
+    TrainJob,
+    check_inputs,
+    run_folder,
+    run_training,
+)
+from denseclip.runlog import Console, log_url, run_log
 
 HEADLINE = ("miou", "miou_seen", "miou_unseen", "hiou", "pixel_accuracy")
 
@@ -34,33 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec field by its dotted path (repeatable)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show what Ray and the libraries print instead of writing it to the run's logs/")
     return parser.parse_args(argv)
 
 
-def apply_override(spec: dict, assignment: str) -> None:
-    """Set ``spec[a][b] = value`` for ``"a.b=value"`` (the value read as YAML), adding sections as needed."""
-    path, sep, text = assignment.partition("=")
-    keys = path.strip().split(".")
-    if not sep or not all(keys):
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key, "
-                          "e.g. training.iterations=100")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML: {exc}") from exc
-    node = spec
-    for depth, key in enumerate(keys[:-1]):
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {assignment!r}: {'.'.join(keys[:depth + 1])} is not a section")
-    node[keys[-1]] = value
-
-
 def load_spec(path: str, overrides: list[str]) -> dict:
-    """The job spec at ``path`` with the ``--set`` overrides applied."""
-    spec = read_yaml_file(path, "job spec")
-    if not isinstance(spec, dict):
-        raise ConfigError(f"--config {path}: a job spec must be a mapping of sections")
+    """The job spec at ``path`` (and any spec it ``extends``) with the ``--set`` overrides applied."""
+    spec = read_job_spec(path)
     for assignment in overrides:
         apply_override(spec, assignment)
     return spec
@@ -68,6 +63,49 @@ def load_spec(path: str, overrides: list[str]) -> dict:
 
 def _cells(summary: dict) -> str:
     return " | ".join(f"{k} {'-' if summary[k] is None else format(summary[k], '.2f')}" for k in HEADLINE)
+
+
+def progress_line(record: dict, iterations: int) -> str:
+    """One line of a metrics record reported by the workers (see ``run_training``'s ``on_report``)."""
+    parts = [f"train: step {record['step']}/{iterations} {record.get('phase', record.get('val_phase', ''))}".rstrip()]
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.3f} lr {record['lr']:.2g}")
+    if "val_miou" in record:
+        parts.append(f"val mIoU {record['val_miou']:.2f} seen {record['val_miou_seen']:.2f} unseen "
+                     + ("-" if record["val_miou_unseen"] is None else f"{record['val_miou_unseen']:.2f}"))
+    if "checkpoint" in record:
+        parts.append(f"saved {record['checkpoint'].rstrip('/').rsplit('/', 1)[-1]}")
+    return ", ".join(parts)
+
+
+def train(job: TrainJob, address: str | None, console: Console) -> int:
+    start = time.monotonic()
+    console.print(f"train: {job.run.name}, DenseCLIP+ {job.training.setting}, {job.training.iterations} steps "
+                  f"on {job.workers.num_workers} workers, run folder {run_folder(job)}")
+    try:
+        with ray_cluster(address):
+            result = run_training(job, on_report=lambda record: console.print(
+                progress_line(record, job.training.iterations)))
+    except ConfigError as exc:
+        console.error(f"error: {exc}")
+        return 2
+    except TrainingFailedError as exc:
+        traceback.print_exc()
+        console.error(f"error: training failed: {exc}")
+        return 1
+    console.print(f"train: done in {time.monotonic() - start:.0f} s")
+    report = result.report
+    if job.has_ground_truth:
+        console.print(f"{report['method']}: {_cells(report)}")
+    else:
+        console.print(f"DenseCLIP+ on {job.info.num_classes} classes, agreement with the DenseCLIP teacher: "
+                      f"pixels {report['pixel_agreement']:.2f}, mIoU {report['miou_agreement']:.2f}")
+    if "denseclip" in report:
+        console.print(f"DenseCLIP teacher: {_cells(report['denseclip'])}")
+    console.print(f"final checkpoint: {result.checkpoint}")
+    console.print(f"reports in the final checkpoint: {', '.join(REPORT_FILES)} "
+                  f"(open {storage.join(result.checkpoint, 'index.html')})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,22 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        with ray_cluster(args.address):
-            # Every worker's pass over its data would draw a progress bar; the metrics already show progress.
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            result = run_training(job)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ray.train.TrainingFailedError as exc:
-        print(f"error: training failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"DenseCLIP+ {job.training.setting}: {_cells(result.report)}")
-    if "denseclip" in result.report:
-        print(f"DenseCLIP teacher: {_cells(result.report['denseclip'])}")
-    print(f"final checkpoint: {result.checkpoint} (report.json beside it)")
-    return 0
+    log = None if args.verbose else log_url(run_folder(job), "train")
+    with run_log(log) as console:
+        code = train(job, args.address, console)
+        if log:
+            console.print(f"log: {log}")
+        return code
 
 
 if __name__ == "__main__":

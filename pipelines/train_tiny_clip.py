@@ -1,9 +1,12 @@
-"""Train the shipped tiny CLIP ("denseclip-tiny-shapes") on captions of the synthetic world, on CPU.
+"""Train a shipped tiny CLIP on captions of the synthetic world, on CPU.
 
-    python pipelines/train_tiny_clip.py --out denseclip/assets/tiny_clip [--steps 600 --seed 0]
+    python pipelines/train_tiny_clip.py [--model denseclip-tiny-shapes-vit] [--steps 600 --seed 0]
 
-Writes ``model.safetensors`` (fp16 state dict of the open_clip ``CLIP``), the model config and
-``training.json`` (command, seeds, steps, wall time, final loss) into ``--out``.
+``--model`` is ``denseclip-tiny-shapes`` (ResNet, the default) or ``denseclip-tiny-shapes-vit`` (ViT, patch 8);
+their open_clip configs live in ``denseclip/assets/``. Writes ``model.safetensors`` (fp16 state dict of the
+open_clip ``CLIP``), the model config and ``training.json`` (command, seeds, steps, wall time, final loss) into
+``--out`` (default ``runs/tiny_clip/<model>``). Replacing the shipped weights in ``denseclip/assets/`` takes
+``--overwrite-shipped``.
 """
 
 from __future__ import annotations
@@ -23,16 +26,20 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from denseclip.config import TINY_MODEL, TINY_MODELS
+from denseclip.models import TINY_ASSETS
 from denseclip.synthetic import TINY_CLIP_WORLD_SEED, render_scene
 
-MODEL_NAME = "denseclip-tiny-shapes"
-CONFIG_PATH = Path(__file__).resolve().parents[1] / "denseclip" / "assets" / "tiny_clip" / f"{MODEL_NAME}.json"
-# The world seed the captions are rendered from; evaluate on any other seed.
+SHIPPED_ASSETS = Path(TINY_ASSETS[TINY_MODEL]).parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output folder for model.safetensors, config and training.json")
+    parser.add_argument("--model", default=TINY_MODEL, choices=TINY_MODELS, help="which tiny CLIP to train")
+    parser.add_argument("--out", default=None, help="output folder for model.safetensors, config and training.json "
+                        "(default: runs/tiny_clip/<model>)")
+    parser.add_argument("--overwrite-shipped", action="store_true",
+                        help=f"allow --out inside {SHIPPED_ASSETS} (replaces the weights the package ships)")
     parser.add_argument("--steps", type=int, default=600, help="optimisation steps")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear warm-up, cosine decay)")
@@ -45,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.lr <= 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
+    args.out = Path(args.out or Path("runs") / "tiny_clip" / args.model)
+    if args.out.resolve().is_relative_to(SHIPPED_ASSETS.resolve()) and not args.overwrite_shipped:
+        parser.error(f"--out {args.out} would replace the shipped weights in {SHIPPED_ASSETS}; "
+                     "add --overwrite-shipped to mean it")
     return args
 
 
@@ -82,9 +93,10 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    open_clip.add_model_config(CONFIG_PATH)
-    model = open_clip.create_model(MODEL_NAME)
-    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+    config_path = TINY_ASSETS[args.model] / f"{args.model}.json"
+    open_clip.add_model_config(config_path)
+    model = open_clip.create_model(args.model)
+    tokenizer = open_clip.get_tokenizer(args.model)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -113,14 +125,14 @@ def main(argv: list[str] | None = None) -> None:
                   f"{(step + 1) / elapsed:.3f} steps/s", flush=True)
     wall = time.time() - start_time
 
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "model": MODEL_NAME})
-    if (out / CONFIG_PATH.name).resolve() != CONFIG_PATH:
-        shutil.copyfile(CONFIG_PATH, out / CONFIG_PATH.name)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "model": args.model})
+    if (out / config_path.name).resolve() != config_path.resolve():
+        shutil.copyfile(config_path, out / config_path.name)
     record = {
-        "model": MODEL_NAME, "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
+        "model": args.model, "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
         "seed": args.seed, "world_seed": args.world_seed, "steps": args.steps, "batch_size": args.batch_size,
         "lr": args.lr, "wall_seconds": round(wall, 1), "steps_per_second": round(args.steps / wall, 4),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),

@@ -45,3 +45,23 @@ def make_bucket(s3_endpoint: str):
         return f"s3://{name}"
 
     return make
+
+
+OFFLINE_HUB = "https://offline.invalid"  # RFC 2606: a name that never resolves, so no download can start
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """No weights can be downloaded, on any machine: the Hugging Face hub's endpoint does not resolve and its
+    cache is an empty folder, in this process (``huggingface_hub.constants``) and in the environment that
+    subprocesses get (returned)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "ENDPOINT", OFFLINE_HUB)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return {"HF_ENDPOINT": OFFLINE_HUB, "HF_HUB_CACHE": str(cache)}

@@ -1,8 +1,10 @@
-"""Load a ``pipelines/<name>.py`` script as a module, for tests that drive a command line in-process."""
+"""Load a ``pipelines/<name>.py`` script as a module, for tests that drive a command line in-process; find the
+error-level lines in what a command printed."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -20,3 +22,12 @@ def load_pipeline(name: str) -> ModuleType:
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
     return sys.modules[module_name]
+
+
+# Python's ERROR records and tracebacks, and Ray's C++ error lines ("[2026-01-01 00:00:00,000 E 123 456] ...").
+_ERROR_LINE = re.compile(r"ERROR|Traceback|\[\d{4}-\d\d-\d\d [\d:,.]+ E \d+ \d+\]")
+
+
+def error_lines(printed: str) -> list[str]:
+    """The lines of ``printed`` (a command's stdout and stderr) that are error-level."""
+    return [line for line in printed.splitlines() if _ERROR_LINE.search(line)]

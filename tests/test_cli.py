@@ -29,6 +29,11 @@ def test_predict_odd_sized_jpeg_and_a_broken_one(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("denseclip: error:")]
     assert len(errors) == 1 and "broken.jpg" in errors[0]
     assert "Traceback" not in result.stderr
+    # One line per image with the files written, then a summary naming the folder.
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout
+    assert lines[0].startswith(f"{photo} -> street scene.png, street scene_overlay.jpg, street scene.json (")
+    assert lines[1] == f"denseclip: 1 of 2 images labelled into {out}/, 1 failed"
     labels = Image.open(out / "street scene.png")
     assert labels.mode == "P" and labels.size == (500, 375)
     values = np.unique(np.array(labels))
@@ -67,3 +72,16 @@ def test_user_errors_are_one_line(tmp_path):
         result = run_predict(image, *extra, "--out", str(tmp_path / "o"))
         assert result.returncode == 2, (extra, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr, (extra, result.stderr)
+
+
+def test_predict_offline_without_weights_fails_in_one_line(tmp_path, offline_hub):
+    # --model RN50 means the paper's openai weights, never random ones; offline they cannot be had.
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "denseclip.cli", "predict", str(SAMPLES / "2008_004015.jpg"),
+                             "--classes", "red car, road", "--model", "RN50", "--out", str(out)],
+                            capture_output=True, text=True, check=False, timeout=300,
+                            env={**os.environ, **offline_hub, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "RN50/openai" in result.stderr and "--pretrained PATH_OR_URL" in result.stderr
+    assert not out.exists() or not list(out.iterdir())

@@ -13,15 +13,16 @@ PAPER_UNSEEN = {
                    "road", "wall concrete", "tree", "grass", "river", "clouds", "playingfield"],
     "synthetic": ["red star", "green triangle", "blue circle", "yellow square"],
 }
+PAPER_UNSEEN.update(voc20=PAPER_UNSEEN["voc"], context59=PAPER_UNSEEN["context"])
 # Official COCO category ids (1-based, with the 11 unused thing ids) of some things and stuff.
 COCO_CATEGORY_IDS = {"person": 1, "stop sign": 13, "giraffe": 25, "suitcase": 33, "frisbee": 34,
                      "toothbrush": 90, "banner": 92, "playingfield": 145, "wall-concrete": 172, "wood": 182}
 COCO_UNUSED_IDS = [12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91]
 
 
-def test_registry_lists_the_four_datasets_with_their_class_counts():
+def test_registry_lists_the_datasets_with_their_class_counts():
     counts = {name: get_dataset(name).num_classes for name in DATASET_NAMES}
-    assert counts == {"voc": 21, "context": 60, "coco_stuff": 171, "synthetic": 17}
+    assert counts == {"voc": 21, "voc20": 20, "context": 60, "context59": 59, "coco_stuff": 171, "synthetic": 17}
     for name in DATASET_NAMES:
         info = get_dataset(name)
         assert len(info.classes) == len(info.synonyms) == info.num_classes
@@ -53,6 +54,19 @@ def test_voc_ids_colours_and_split_match_the_benchmark():
     assert voc.unseen_ids == [16, 17, 18, 19, 20]
     assert voc.ignore_background_in_zero_shot and voc.background_index == 0
     assert voc.palette[1].tolist() == [128, 0, 0] and voc.palette[15].tolist() == [192, 128, 128]
+
+
+@pytest.mark.parametrize("name, full", [("voc20", "voc"), ("context59", "context")])
+def test_annotation_free_presets_drop_background_as_reduce_zero_label(name, full):
+    reduced, aware = get_dataset(name), get_dataset(full)
+    assert reduced.class_names == aware.class_names[1:] and reduced.background_index is None
+    assert "background" not in [n for names in reduced.classes for n in names]  # never prompted
+    assert reduced.unseen == aware.unseen
+    assert reduced.palette.tolist() == aware.palette[1:].tolist()  # each class keeps its colour
+    # MMSegmentation's reduce_zero_label on the background-aware ids: 0 -> 255, k -> k - 1, 255 stays.
+    raw = np.array([[0, 1, 2], [aware.num_classes - 1, 255, 0]], dtype=np.uint8)
+    assert reduced.label_lut[raw].tolist() == [[255, 0, 1], [aware.num_classes - 2, 255, 255]]
+    assert aware.label_lut is None and reduced.reduced_from == full
 
 
 def test_context_keeps_background_and_coco_stuff_has_none():

@@ -1,11 +1,15 @@
-"""Dense head checked against a separate implementation of the reference head on random open_clip towers."""
+"""Dense heads checked against separate implementations of their formulas on random open_clip towers."""
+
+import itertools
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 
-from denseclip.dense import dense_features, output_stride
+from denseclip.config import HEADS
+from denseclip.dense import dense_features, dense_features_and_keys, neighbourhood_bias, output_stride
+from denseclip.models import TINY_VIT_MODEL, load_clip
 
 torch.set_num_threads(2)
 
@@ -46,10 +50,9 @@ def reference_resnet_head(model, images):
     return out.permute(0, 2, 1).reshape(b, -1, h, w)
 
 
-def reference_vit_head(model, images):
-    """The value path written independently: the last block's own MultiheadAttention with a mask that lets each
-    token attend only to itself, on a tower whose positional embedding is resized to the input grid."""
-    visual = model.visual
+def tokens_entering_last_block(visual, images):
+    """``(B, 1 + gh*gw, C)``: the ViT's tokens before its last block, the positional embedding resized to the
+    input grid by size."""
     p = visual.patch_size[0]
     gh, gw = images.shape[2] // p, images.shape[3] // p
     pos = visual.positional_embedding
@@ -60,10 +63,19 @@ def reference_vit_head(model, images):
     x = visual.conv1(images).flatten(2).transpose(1, 2)
     x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + new_pos
     x = visual.ln_pre(x)
-    blocks = list(visual.transformer.resblocks)
-    for blk in blocks[:-1]:
+    for blk in list(visual.transformer.resblocks)[:-1]:
         x = blk(x)
-    last = blocks[-1]
+    return x
+
+
+def reference_vit_head(model, images):
+    """The value path written independently: the last block's own MultiheadAttention with a mask that lets each
+    token attend only to itself, on a tower whose positional embedding is resized to the input grid."""
+    visual = model.visual
+    p = visual.patch_size[0]
+    gh, gw = images.shape[2] // p, images.shape[3] // p
+    x = tokens_entering_last_block(visual, images)
+    last = visual.transformer.resblocks[-1]
     n = x.shape[1]
     self_only = torch.full((n, n), float("-inf"))
     self_only.fill_diagonal_(0.0)
@@ -129,3 +141,108 @@ def test_bf16_close_to_fp32(vit_b16):
     vit_b16.float()
     assert half.dtype == torch.bfloat16
     assert F.cosine_similarity(half.float(), ref, dim=1).mean() > 0.99
+
+
+# ---------------------------------------------------------------------------------------------- ViT heads
+def reference_heads(model, images):
+    """Every ViT head written from its equations (issue 15), per attention head with explicit einsums over the
+    q, k, v of the last block's in_proj: ``{head: (B, D, gh, gw)}``.
+
+    x: tokens entering the last block (class token first), h = ln_1(x), s = head_dim ** -0.5,
+    o(A) = out_proj(A @ v); maskclip: x + out_proj(v), then + mlp(ln_2(.)); sclip: x + o(softmax(s q q^T) +
+    softmax(s k k^T)), then the MLP; clearclip: o(softmax(s q q^T)); naclip: o(softmax(s k k^T + G)),
+    G_ij = exp(-|p_i - p_j|^2 / (2 * 5^2)) over patch positions, 0 in the class token's row and column.
+    Every head ends with ln_post(.)[:, 1:] @ proj.
+    """
+    visual = model.visual
+    p = visual.patch_size[0]
+    gh, gw = images.shape[2] // p, images.shape[3] // p
+    x = tokens_entering_last_block(visual, images)
+    last = visual.transformer.resblocks[-1]
+    b, t, c = x.shape
+    heads = last.attn.num_heads
+    d = c // heads
+    s = d ** -0.5
+    w, bias = last.attn.in_proj_weight, last.attn.in_proj_bias
+    h = last.ln_1(x)
+    q, k, v = ((h @ w[i * c:(i + 1) * c].T + bias[i * c:(i + 1) * c]).reshape(b, t, heads, d) for i in range(3))
+
+    def softmax_logits(a, key, extra=0.0):
+        return (s * torch.einsum("bihd,bjhd->bhij", a, key) + extra).softmax(dim=-1)
+
+    def o(attention):  # (B, heads, T, T) -> out_proj(A @ v), (B, T, C)
+        return last.attn.out_proj(torch.einsum("bhij,bjhd->bihd", attention, v).reshape(b, t, c))
+
+    def with_mlp(y):
+        return y + last.mlp(last.ln_2(y))
+
+    gauss = torch.zeros(t, t)
+    cells = list(itertools.product(range(gh), range(gw)))
+    for (i, (yi, xi)), (j, (yj, xj)) in itertools.product(enumerate(cells), repeat=2):
+        gauss[1 + i, 1 + j] = torch.exp(torch.tensor(-((yi - yj) ** 2 + (xi - xj) ** 2) / (2 * 5.0**2)))
+    tokens = {
+        "maskclip": with_mlp(x + last.attn.out_proj(v.reshape(b, t, c))),
+        "sclip": with_mlp(x + o(softmax_logits(q, q) + softmax_logits(k, k))),
+        "clearclip": o(softmax_logits(q, q)),
+        "naclip": o(softmax_logits(k, k, gauss)),
+    }
+    return {name: (visual.ln_post(y)[:, 1:] @ visual.proj).transpose(1, 2).reshape(b, -1, gh, gw)
+            for name, y in tokens.items()}
+
+
+def _agreement(ours, ref):
+    """(min per-location cosine, relative error ||ours - ref|| / ||ref||)."""
+    return F.cosine_similarity(ours, ref, dim=1).min().item(), ((ours - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("size", [(224, 224), (224, 320)])
+def test_every_vit_head_matches_its_formula(vit_b16, size):
+    torch.manual_seed(3)
+    images = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        refs = reference_heads(vit_b16, images)
+        ours = {head: dense_features(vit_b16, images, head=head) for head in HEADS}
+        default = dense_features(vit_b16, images)
+    assert torch.equal(default, ours["maskclip"]), "without head, dense_features is maskclip"
+    for head in HEADS:
+        cosine, rel = _agreement(ours[head], refs[head])
+        assert cosine >= 0.9999 and rel <= 1e-4, f"{head} at {size}: cosine {cosine:.6f}, relative error {rel:.2e}"
+    # The bar tells the heads apart: each head misses every other head's reference.
+    for head, other in itertools.permutations(HEADS, 2):
+        cosine, rel = _agreement(ours[head], refs[other])
+        assert cosine < 0.9999 or rel > 1e-4, f"{head} is indistinguishable from {other}'s reference"
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    torch.manual_seed(0)
+    return load_clip(TINY_VIT_MODEL, "random").model
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_batched_equals_one_image_at_a_time(tiny_vit, head):
+    torch.manual_seed(4)
+    images = torch.randn(3, 3, 96, 160)
+    with torch.no_grad():
+        features, keys = dense_features_and_keys(tiny_vit, images, head=head)
+        singles = [dense_features_and_keys(tiny_vit, image[None], head=head) for image in images]
+    width = tiny_vit.visual.transformer.width
+    assert features.shape == (3, 128, 12, 20) and keys.shape == (3, width, 12, 20)
+    torch.testing.assert_close(features, torch.cat([f for f, _ in singles]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(keys, torch.cat([k for _, k in singles]), rtol=1e-5, atol=1e-5)
+
+
+def test_neighbourhood_bias_is_cached_per_grid_and_skips_the_class_token():
+    first = neighbourhood_bias((3, 4))
+    assert neighbourhood_bias((3, 4)) is first and neighbourhood_bias((4, 3)) is not first
+    assert first.shape == (13, 13)
+    assert torch.all(first[0] == 0) and torch.all(first[:, 0] == 0)
+    assert torch.allclose(first[1:, 1:].diagonal(), torch.ones(12))
+
+
+def test_resnet_towers_refuse_vit_heads(rn50):
+    images = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match="'naclip' needs a ViT tower"):
+        dense_features(rn50, images, head="naclip")
+    with pytest.raises(ValueError, match="unknown dense head 'segclip'"):
+        dense_features(rn50, images, head="segclip")

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,8 @@ def inputs(tmp_path) -> dict:
             "classes": classes, "out": tmp_path / "out"}
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+def run_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, str(ROOT / "pipelines" / "evaluate.py"), *map(str, args)],
                           check=False, capture_output=True, text=True, env=env, timeout=300)
 
@@ -220,6 +221,61 @@ def test_voc_zero_shot_ignores_background_on_a_real_pair(tmp_path, keep_backgrou
     assert grid.width > 3 * gt.shape[1]  # the photo was found through --images
 
 
+def _voc20_report(tmp_path, pred_source: list[str]) -> dict:
+    out = tmp_path / "out"
+    assert evaluate.main([*pred_source, "--gt", str(VOC / "SegmentationClass"), "--dataset", "voc20",
+                          "--out", str(out)]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_voc20_ignores_background_pixels(tmp_path):
+    # The paper's annotation-free VOC: 20 classes, background pixels of the (voc) ground truth not scored.
+    gt = np.asarray(Image.open(VOC / "SegmentationClass" / "2007_000129.png"))
+    bicycle, person = gt == 2, gt == 15
+    upper = (np.arange(gt.shape[0])[:, None] < gt.shape[0] // 2) & bicycle
+    pred = np.zeros_like(gt)  # voc20 ids: "airplane" on every background and void pixel, which must not count
+    pred[bicycle], pred[person], pred[upper] = 1, 14, 14  # the bicycle's upper half called person
+    write_maps(tmp_path / "pred", {"2007_000129": pred})
+    report = _voc20_report(tmp_path, ["--pred", str(tmp_path / "pred")])
+    iou = report["per_class_iou"]
+    assert len(iou) == 20 and "background" not in iou and iou["airplane"] is None
+    assert iou["bicycle"] == pytest.approx(100 * (bicycle.sum() - upper.sum()) / bicycle.sum())
+    assert iou["person"] == pytest.approx(100 * person.sum() / (person.sum() + upper.sum()))
+    assert report["num_pixels"] == bicycle.sum() + person.sum()
+    assert (report["dataset"], report["protocol"]) == ("voc20", None)
+
+
+def test_voc20_scores_a_background_aware_mask_store(tmp_path):
+    # Masks labelled with the voc vocabulary (background included) scored as voc20: a pixel labelled
+    # background is a miss; background pixels of the ground truth are still not scored.
+    from denseclip.datasets import get_dataset
+    from denseclip.mask_store import MaskStoreWriter
+
+    gt = np.asarray(Image.open(VOC / "SegmentationClass" / "2007_000129.png"))
+    bicycle, person = gt == 2, gt == 15
+    upper = (np.arange(gt.shape[0])[:, None] < gt.shape[0] // 2) & bicycle
+    pred = np.where(gt == 255, 0, gt).astype(np.uint8)
+    pred[upper] = 0  # the bicycle's upper half called background
+    store = str(tmp_path / "store")
+    provenance = {"model": "RN50", "vocabulary": [list(c) for c in get_dataset("voc").classes],
+                  "options": {"protocol": "paper"}}
+    MaskStoreWriter(store, provenance).write_part("0", [{"key": "2007_000129", "mask": pred}])
+    report = _voc20_report(tmp_path, ["--pred", store])
+    iou = report["per_class_iou"]
+    assert iou["bicycle"] == pytest.approx(100 * (bicycle.sum() - upper.sum()) / bicycle.sum())
+    assert iou["person"] == 100.0 and report["num_pixels"] == bicycle.sum() + person.sum()
+    assert report["inputs"]["pred_reduced_from"] == "voc" and report["protocol"] == "paper"
+
+
+def test_offline_model_fails_in_one_line(inputs, offline_hub):
+    done = run_cli("--model", "RN50", "--gt", inputs["gt"], "--classes-file", inputs["classes"],
+                   "--out", inputs["out"], env=offline_hub)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "RN50/openai" in done.stderr and "--pretrained PATH_OR_URL" in done.stderr
+    assert not inputs["out"].exists()
+
+
 def test_model_on_the_fly_scores_like_its_stored_predictions(tmp_path, capsys):
     from denseclip.config import LabelerConfig
     from denseclip.datasets import get_dataset
@@ -230,7 +286,9 @@ def test_model_on_the_fly_scores_like_its_stored_predictions(tmp_path, capsys):
     write_shards(seed=2022, n=6, out=shards, shard_size=4, size=64)
     truths = list(iter_ground_truth(shards))
     images = [decode_image(t.image) for t in truths]
-    labeler = build_dense_clip(LabelerConfig(), get_dataset("synthetic").classes)
+    # --dataset labels under the paper's protocol preset (for the tiny CLIP: its own resolution, exact upsampling).
+    paper = LabelerConfig.from_dict({"protocol": "paper"}, dataset="synthetic")
+    labeler = build_dense_clip(paper, get_dataset("synthetic").classes)
     write_maps(tmp_path / "pred", {t.key: labels for t, (labels, _) in zip(truths, labeler.label_images(images))})
     for t in truths:  # the same ground truth as a folder of label maps, the images beside it
         write_maps(tmp_path / "gt", {t.key: t.labels})
@@ -244,15 +302,34 @@ def test_model_on_the_fly_scores_like_its_stored_predictions(tmp_path, capsys):
     for name, args in runs.items():
         assert evaluate.main([*args, "--dataset", "synthetic", "--out", str(tmp_path / name)]) == 0
         reports[name] = json.loads((tmp_path / name / "report.json").read_text())
-    scores = [{k: v for k, v in r.items() if k not in ("inputs", "method")} for r in reports.values()]
+    scores = [{k: v for k, v in r.items() if k not in ("inputs", "method", "protocol")} for r in reports.values()]
     assert scores[0]["num_images"] == 6 and 0 < scores[0]["miou"] < 100
     assert scores[1] == scores[0] and scores[2] == scores[0]
     assert reports["model"]["method"] == "DenseCLIP denseclip-tiny-shapes"
     assert reports["model"]["inputs"]["labeler"]["model"] == "denseclip-tiny-shapes"
+    assert reports["model"]["protocol"] == "paper" and reports["model"]["inputs"]["labeler"]["upsample_topk"] is None
+    assert reports["model"]["inputs"]["labeler"]["activation"] == "gelu"
 
     code = evaluate.main(["--model", "denseclip-tiny-shapes", "--gt", str(tmp_path / "gt"), "--dataset",
                           "synthetic", "--out", str(tmp_path / "no_images")])
     assert code == 2 and "error: synthetic/s2022/000000: no image to label" in capsys.readouterr().err
+
+
+def test_a_shard_key_never_reads_an_image_outside_the_images_folder(tmp_path, capsys):
+    """A sample without an image member is looked up under --images by its key: ``../`` must not escape."""
+    label_map = encode_png(np.zeros((4, 4), np.uint8))
+    outside = tmp_path / "secret.jpg"  # what "../secret" would reach from the images folder
+    Image.new("RGB", (4, 4), "red").save(outside)
+    (tmp_path / "images").mkdir()
+    with tarfile.open(tmp_path / "escape.tar", "w") as tar:  # write_shard refuses such names, as it should
+        info = tarfile.TarInfo("../secret.seg.png")
+        info.size = len(label_map)
+        tar.addfile(info, io.BytesIO(label_map))
+    code = evaluate.main(["--model", "denseclip-tiny-shapes", "--gt", str(tmp_path / "escape.tar"), "--images",
+                          str(tmp_path / "images"), "--dataset", "synthetic", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "error: ../secret: unsafe sample key" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.json").exists()
 
 
 def test_exactly_one_prediction_source(inputs, capsys):
@@ -299,3 +376,19 @@ def test_denseclip_plus_checkpoint_on_the_fly(tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(checkpoint), "--gt", shards, "--dataset", "voc",
                           "--out", str(tmp_path / "voc")]) == 2
     assert "trained on 17 classes (background, red circle" in capsys.readouterr().err
+
+
+def test_report_records_the_head_and_the_protocol(tmp_path):
+    from denseclip.synthetic import write_shards
+
+    shards = str(tmp_path / "shards")
+    write_shards(seed=2022, n=2, out=shards, shard_size=2, size=64)
+    args = ["--model", "denseclip-tiny-shapes-vit", "--pretrained", "random", "--gt", shards, "--dataset",
+            "synthetic", "--num-overlays", "0"]
+    assert evaluate.main([*args, "--head", "clearclip", "--out", str(tmp_path / "clear")]) == 0
+    report = json.loads((tmp_path / "clear" / "report.json").read_text())
+    assert report["inputs"]["labeler"]["head"] == "clearclip" and report["method"].endswith("clearclip")
+    assert evaluate.main([*args, "--head", "naclip", "--protocol", "successors", "--out", str(tmp_path / "succ")]) == 0
+    labeler = json.loads((tmp_path / "succ" / "report.json").read_text())["inputs"]["labeler"]
+    assert (labeler["head"], labeler["protocol"], labeler["synonyms"], labeler["temperature"]) == (
+        "naclip", "successors", True, 40)

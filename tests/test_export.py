@@ -9,7 +9,7 @@ from PIL import Image
 from pipeline_scripts import load_pipeline
 from pycocotools import mask as coco_mask
 
-from denseclip.export import coco_dataset
+from denseclip.export import coco_dataset, export_coco, file_stem
 from denseclip.mask_store import MaskStore, MaskStoreWriter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +35,10 @@ def test_png_export_writes_palette_label_maps_inside_the_folder(tmp_path, store)
     root, masks = store
     out = tmp_path / "nested" / "png"
     assert export_pipeline.main(["--store", root, "--format", "png", "--out", str(out)]) == 0
-    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
-    assert written == ["deep/a/b.png", "escape.png", "val/0001.png", "val/0002.png"]
+    files = {row["key"]: row["file"] for row in map(json.loads, (out / "files.jsonl").read_text().splitlines())}
+    assert files == {"deep/a/b": "deep/a/b.png", "val/0001": "val/0001.png", "val/0002": "val/0002.png",
+                     "../../escape": f"escape.{file_stem('../../escape')[-8:]}.png"}
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == sorted(files.values())
     assert not list((tmp_path / "nested").glob("*.png")) and not list(tmp_path.glob("*.png"))
     image = Image.open(out / "val" / "0002.png")
     assert image.mode == "P"
@@ -56,10 +58,11 @@ def test_coco_export_decodes_back_to_the_masks(tmp_path, store):
     assert [c["name"] for c in coco["categories"]] == ["background", "cat", "dog", "sofa"]
     assert [c["id"] for c in coco["categories"]] == [1, 2, 3, 4]
     by_file = {image["file_name"]: image for image in coco["images"]}
-    assert set(by_file) == {"val/0001.jpg", "val/0002.jpg", "escape.jpg", "deep/a/b.jpg"}
+    assert set(by_file) == {"val/0001.jpg", "val/0002.jpg", file_stem("../../escape") + ".jpg", "deep/a/b.jpg"}
     assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
+    assert coco == coco_dataset(MaskStore(root), ["background", "cat", "dog", "sofa"])  # streamed = in memory
     for key, mask in masks.items():
-        image = by_file[key.replace("../../", "") + ".jpg"]
+        image = by_file[file_stem(key) + ".jpg"]
         assert (image["height"], image["width"]) == mask.shape
         rebuilt = np.full(mask.shape, 255, np.uint8)
         for ann in (a for a in coco["annotations"] if a["image_id"] == image["id"]):
@@ -91,3 +94,36 @@ def test_labels_outside_the_vocabulary_are_reported(store):
 def test_empty_store_is_a_clear_error(tmp_path, capsys):
     assert export_pipeline.main(["--store", str(tmp_path), "--format", "png", "--out", str(tmp_path / "o")]) == 2
     assert "no committed mask parts" in capsys.readouterr().err
+
+
+def test_keys_that_sanitise_alike_get_distinct_files_and_the_mapping_says_which(tmp_path):
+    keys = ["a.b", "a_b", "a b", "x/../a_b", "a_b.5c6f0e81"]  # the last mimics a hashed name: still distinct
+    rng = np.random.default_rng(1)
+    masks = {k: rng.integers(0, 4, (5, 7), dtype=np.uint8) for k in keys}
+    root = str(tmp_path / "store")
+    MaskStoreWriter(root, {"model": "RN50", "vocabulary": VOCABULARY}).write_part(
+        "0", [{"key": k, "mask": m} for k, m in masks.items()])
+    out = tmp_path / "png"
+    assert export_pipeline.main(["--store", root, "--format", "png", "--out", str(out)]) == 0
+    files = {row["key"]: row["file"] for row in map(json.loads, (out / "files.jsonl").read_text().splitlines())}
+    assert set(files) == set(keys) and len(set(files.values())) == len(keys) and files["a_b"] == "a_b.png"
+    assert len(list(out.rglob("*.png"))) == len(keys)
+    for key, name in files.items():
+        np.testing.assert_array_equal(np.array(Image.open(out / name)), masks[key])
+    coco = json.loads(Path(export_coco(MaskStore(root), str(tmp_path / "coco"), ["a", "b", "c", "d"])).read_text())
+    assert len({image["file_name"] for image in coco["images"]}) == len(keys)
+
+
+def test_16_bit_maps_export_as_16_bit_pngs_and_coco_classes_past_255(tmp_path):
+    names = [f"class {i}" for i in range(1203)]
+    mask = np.array([[0, 300, 1202], [65535, 300, 7]], dtype=np.int32)
+    root = str(tmp_path / "store")
+    MaskStoreWriter(root, {"model": "RN50", "vocabulary": [[n] for n in names]}).write_part(
+        "0", [{"key": "lvis/1", "mask": mask}])
+    out = tmp_path / "png"
+    assert export_pipeline.main(["--store", root, "--format", "png", "--out", str(out)]) == 0
+    image = Image.open(out / "lvis" / "1.png")
+    assert image.mode.startswith("I") and np.array_equal(np.array(image), mask)
+    assert len(json.loads((out / "classes.json").read_text())) == 1203
+    coco = coco_dataset(MaskStore(root), names)
+    assert sorted(a["category_id"] for a in coco["annotations"]) == [1, 8, 301, 1203]  # 65535: unlabelled

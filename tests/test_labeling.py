@@ -3,6 +3,7 @@ script on a local Ray with S3 (moto) input and output, a SIGKILL and a resume, a
 
 import collections
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -17,12 +18,15 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
+from batches import ray_batch
 from PIL import Image
-from pipeline_scripts import load_pipeline
+from pipeline_scripts import error_lines, load_pipeline
 
 from denseclip import storage
 from denseclip.config import ConfigError, LabelerConfig, resolve_vocabulary
 from denseclip.mask_store import MaskStore, MaskStoreWriter
+from denseclip.ray import labeling
 from denseclip.ray.labeling import (
     Labeler,
     LabelingError,
@@ -31,6 +35,7 @@ from denseclip.ray.labeling import (
     Throughput,
     decode_batch,
     encode_batch,
+    label_shards,
     measure_throughput,
     part_id,
     plan_actors,
@@ -43,6 +48,8 @@ from denseclip.synthetic import CLASS_NAMES, render_scene, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 label_cli = load_pipeline("label")
+# The fault-injecting labeler below runs in Ray's actor processes, which cannot import this test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 CONFIG = LabelerConfig(pretrained="random", batch_size=4)
 CLASSES = resolve_vocabulary("synthetic")
@@ -168,31 +175,22 @@ def test_jpegs_decoded_by_the_actor_are_labelled_as_decoded_by_the_tasks():
     rows = [{"key": f"k{i}", "shard": "s", "shard_total": 0, "error": "", "data": _encoded(Image.fromarray(im), fmt)}
             for i, (im, fmt) in enumerate(zip(scenes, ("JPEG", "PNG", "JPEG")))]
     rows.append({"key": "bad", "shard": "s", "shard_total": 0, "error": "", "data": jpeg[:200]})
-    deferred = decode_batch(_batch(rows), defer_jpeg=True)
+    deferred = decode_batch(ray_batch(rows), defer_jpeg=True)
     assert [bool(j) for j in deferred["jpeg"]] == [True, False, True, False]  # the cut JPEG has no readable header
     assert deferred["image"][0].size == 0 and deferred["image"][1].shape == (64, 64, 3)
     assert "bad" in deferred["key"] and deferred["error"][3]
     labeler = Labeler(CONFIG, CLASSES)
     on_actor = labeler.label_batch(deferred)
-    on_tasks = labeler.label_batch(decode_batch(_batch(rows)))
+    on_tasks = labeler.label_batch(decode_batch(ray_batch(rows)))
     assert list(on_actor["error"]) == list(on_tasks["error"])
     for a, b in zip(on_actor["labels"][:3], on_tasks["labels"][:3]):
         assert a.shape == (64, 64) and np.mean(a == b) > 0.99
     # A JPEG whose data breaks after a good header: decoded by Pillow after the device decoder refuses it,
     # or recorded with Pillow's reason.
     broken = dict(rows[0], key="cut", data=jpeg[: len(jpeg) // 2])
-    out = labeler.label_batch(decode_batch(_batch([rows[0], broken]), defer_jpeg=True))
+    out = labeler.label_batch(decode_batch(ray_batch([rows[0], broken]), defer_jpeg=True))
     assert not out["error"][0] and out["labels"][0].shape == (64, 64)
     assert out["error"][1] or out["labels"][1].shape == (64, 64)
-
-
-def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Rows -> a numpy batch as Ray Data hands it to map_batches (object columns hold arrays as they are)."""
-    batch = {name: np.empty(len(rows), dtype=object) for name in rows[0]}
-    for i, row in enumerate(rows):
-        for name, value in row.items():
-            batch[name][i] = value
-    return batch
 
 
 def test_stages_and_committer_commit_a_shard_only_when_all_its_rows_arrived(tmp_path):
@@ -203,12 +201,12 @@ def test_stages_and_committer_commit_a_shard_only_when_all_its_rows_arrived(tmp_
     rows = [r for s in shards for r in read_shard_rows(s)]
     rows[1]["data"] = b"not an image"
     labeler = Labeler(CONFIG, CLASSES)
-    encoded = encode_batch(labeler(decode_batch(_batch(rows))))
+    encoded = encode_batch(labeler(decode_batch(ray_batch(rows))))
     table = pa.Table.from_pydict({k: list(v) for k, v in encoded.items()})
     assert table.column("height").to_pylist() == [64, 0, 64, 64, 64]
     # An actor that encodes its own masks (CPU clusters) gives the rows the separate encode stage gives.
     labeler.encode = True  # the same (randomly initialised) weights
-    fused = labeler(decode_batch(_batch(rows)))
+    fused = labeler(decode_batch(ray_batch(rows)))
     assert pa.Table.from_pydict({k: list(v) for k, v in fused.items()}).equals(table)
 
     committer = ShardCommitter(plan)
@@ -223,7 +221,9 @@ def test_stages_and_committer_commit_a_shard_only_when_all_its_rows_arrived(tmp_
     assert store.committed_parts() == {part_id(s) for s in shards + [empty]}
     assert sorted(store.keys()) == [f"synthetic/s3/{i:06d}" for i in (0, 2, 3, 4)]
     assert [(e["key"], e["shard"]) for e in store.errors()] == [("synthetic/s3/000001", shards[0])]
-    assert store.provenance["fingerprint"] == "denseclip-tiny-shapes/random-init"
+    assert store.provenance["fingerprint"] == labeler.fingerprint
+    assert labeler.fingerprint.startswith("denseclip-tiny-shapes/random-init/")
+    assert store.provenance["activation"] == "gelu"
     assert store.get("synthetic/s3/000003").max() < len(CLASS_NAMES)
 
     unfinished = ShardCommitter(plan)
@@ -234,11 +234,79 @@ def test_stages_and_committer_commit_a_shard_only_when_all_its_rows_arrived(tmp_
 
 def test_labeler_loses_only_the_image_that_fails():
     good = render_scene(1, 0, size=64).image
-    batch = _batch([{"key": k, "shard": "s", "shard_total": 0, "error": "", "image": im}
+    batch = ray_batch([{"key": k, "shard": "s", "shard_total": 0, "error": "", "image": im}
                     for k, im in (("a", good), ("b", good.astype(np.float32)), ("c", good))])
     out = Labeler(CONFIG, CLASSES)(batch)
-    assert [bool(e) for e in out["error"]] == [False, True, False] and "labeling failed" in out["error"][1]
+    assert [bool(e) for e in out["error"]] == [False, True, False] and "unusable image" in out["error"][1]
     assert out["labels"][0].shape == (64, 64) and out["labels"][1].size == 0
+
+
+def _cpu_allocation_failure() -> RuntimeError:
+    """What torch raises when the CPU allocator cannot serve a request (a real one: 4 EiB)."""
+    import torch
+
+    try:
+        torch.empty(1 << 62, dtype=torch.uint8)
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("a 4 EiB allocation succeeded")
+
+
+def _cuda_out_of_memory() -> Exception:
+    import torch
+
+    # Injected: no GPU here. The message is the one torch's CUDA caching allocator gives.
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.77 GiB total capacity)")
+
+
+def _failing_model(labeler: Labeler, fault, fails) -> list[int]:
+    """Make ``labeler``'s model raise ``fault()`` on the calls for which ``fails(images)`` holds; returns the
+    list the number of images of every call is appended to."""
+    calls: list[int] = []
+    real = labeler.dense_clip.label_maps
+
+    def label_maps(images):
+        calls.append(len(images))
+        if fails(images):
+            raise fault()
+        return real(images)
+
+    labeler.dense_clip.label_maps = label_maps
+    return calls
+
+
+@pytest.mark.parametrize("fault", [_cpu_allocation_failure, _cuda_out_of_memory])
+def test_labeler_retries_out_of_memory_in_smaller_calls_then_reraises(fault):
+    images = [render_scene(1, i, size=64).image for i in range(5)]
+    batch = ray_batch([{"key": f"k{i}", "shard": "s", "shard_total": 0, "error": "", "image": im}
+                    for i, im in enumerate(images)])
+    labeler = Labeler(CONFIG, CLASSES)
+    expected = labeler.label_batch(batch)
+    real_model = labeler.dense_clip.label_maps
+    calls = _failing_model(labeler, fault, lambda images: len(images) > 2)
+    out = labeler.label_batch(batch)
+    assert calls == [5, 2, 2, 1]  # the batch of 5 ran out of memory: halved until it fits, at the same settings
+    assert not any(out["error"])
+    for name in ("labels", "confidence"):
+        for got, want in zip(out[name], expected[name]):
+            np.testing.assert_array_equal(got, want)
+
+    labeler.dense_clip.label_maps = real_model
+    calls = _failing_model(labeler, fault, lambda images: True)
+    with pytest.raises(RuntimeError, match="memory"):  # not even one image fits: the actor must go
+        labeler.label_batch(batch)
+    assert calls == [5, 2, 1]
+
+
+def test_labeler_reraises_model_errors_instead_of_recording_them():
+    good = render_scene(1, 0, size=64).image
+    batch = ray_batch([{"key": k, "shard": "s", "shard_total": 0, "error": "", "image": good} for k in "abc"])
+    labeler = Labeler(CONFIG, CLASSES)
+    calls = _failing_model(labeler, lambda: RuntimeError("CUDA error: an illegal memory access was encountered"),
+                           lambda images: True)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        labeler.label_batch(batch)
+    assert calls == [3]  # no retry in smaller pieces: only running out of memory is helped by that
 
 
 def test_prepare_refuses_another_run_unless_overwrite_and_finds_what_is_left(tmp_path):
@@ -276,10 +344,18 @@ def test_job_file_and_flags_merge_and_bad_values_name_their_field(tmp_path):
     assert (loaded.labeler.mode, loaded.labeler.batch_size, loaded.labeler.upsample_topk) == ("slide", 2, None)
     assert (loaded.input, loaded.num_actors, loaded.classes) == ("a/*.tar", 3, CLASSES)
     flags = ["--input", "x", "--output", "y"]
+    overridden = label_cli.load_job(parse(["--config", str(job), "--set", "labeler.mode=whole", "--set",
+                                           "num_actors=5", "--set", "labeler.key_smoothing=0.5"]))
+    assert (overridden.labeler.mode, overridden.num_actors, overridden.labeler.key_smoothing) == ("whole", 5, 0.5)
+    preset = label_cli.load_job(parse([*flags, "--vocabulary", "context", "--set", "labeler.protocol=paper"]))
+    assert preset.labeler.resize_to == (520, 520)  # the paper preset's value for the dataset named as vocabulary
+    with pytest.raises(ConfigError, match="labeler.sideways: unknown field"):
+        label_cli.load_job(parse([*flags, "--vocabulary", "synthetic", "--set", "labeler.sideways=1"]))
     many = tmp_path / "many.txt"
     many.write_text("".join(f"class {i}\n" for i in range(300)))
+    assert len(label_cli.load_job(parse([*flags, "--vocabulary", str(many)])).classes) == 300  # 16-bit maps
     for argv, field in [(["--config", str(job), "--cpus-per-actor", "-1"], "cpus_per_actor"),
-                        ([*flags, "--vocabulary", str(many)], "vocabulary: 300 classes do not fit"),
+                        ([*flags, "--vocabulary", "synthetic", "--wait-for-lease", "-1"], "--wait-for-lease"),
                         ([*flags, "--vocabulary", "synthetic", "--precision", "fp8"], "labeler.precision"),
                         ([*flags], "vocabulary: required")]:
         with pytest.raises(ConfigError, match=field):
@@ -290,6 +366,29 @@ def test_job_file_and_flags_merge_and_bad_values_name_their_field(tmp_path):
     job.write_text("inputs: a\n")
     with pytest.raises(ConfigError, match="inputs: unknown field"):
         label_cli.load_job(parse(["--config", str(job)]))
+
+
+def test_head_flag_reaches_the_labels_and_the_stored_provenance(tmp_path):
+    shards = write_shards(seed=3, n=2, out=str(tmp_path / "in"), shard_size=2, size=64)
+    assert len(shards) == 1
+    args = label_cli.build_parser().parse_args(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                                                "--vocabulary", "synthetic", "--model", "denseclip-tiny-shapes-vit",
+                                                "--pretrained", "random", "--head", "naclip"])
+    job = label_cli.load_job(args)
+    plan = prepare_labeling(job.input, job.output, job.labeler, job.classes)
+    labeler = Labeler(job.labeler, job.classes, encode=True)
+    assert labeler.dense_clip.head == "naclip"
+    committer = ShardCommitter(plan)
+    encoded = labeler(decode_batch(ray_batch(list(read_shard_rows(shards[0])))))
+    committer.add(pa.Table.from_pydict({k: list(v) for k, v in encoded.items()}))
+    committer.finish()
+    provenance = MaskStore(job.output).provenance
+    assert provenance["options"]["head"] == "naclip" and provenance["model"] == "denseclip-tiny-shapes-vit"
+    assert provenance["fingerprint"] == "denseclip-tiny-shapes-vit/random-init"
+    # Resuming with another head is another run.
+    other = dataclasses.replace(job.labeler, head="sclip")
+    with pytest.raises(LabelingError, match="differs in options"):
+        prepare_labeling(job.input, job.output, other, job.classes)
 
 
 def test_a_bad_value_fails_fast_before_torch_or_ray_are_imported(tmp_path):
@@ -304,6 +403,18 @@ def test_a_bad_value_fails_fast_before_torch_or_ray_are_imported(tmp_path):
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert imported and not imported & {"torch", "ray", "open_clip"}
     assert elapsed < 10, elapsed  # < 1 s on an idle machine; this only guards against a model or Ray start
+
+
+def test_offline_without_weights_fails_in_one_line_before_ray_starts(tmp_path, offline_hub):
+    write_shards(seed=2, n=2, out=str(tmp_path / "in"), size=32)
+    done = subprocess.run([sys.executable, str(ROOT / "pipelines" / "label.py"), "--input", str(tmp_path / "in"),
+                           "--output", str(tmp_path / "out"), "--vocabulary", "red car, road", "--model", "RN50"],
+                          cwd=ROOT, env={**os.environ, **offline_hub, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, check=False, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "RN50/openai" in done.stderr and "--pretrained PATH_OR_URL" in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------- on a local Ray
@@ -325,11 +436,18 @@ def test_label_end_to_end_s3_in_s3_out(make_bucket):
     assert {e["shard"] for e in errors if e["key"].startswith("bad/")} == {f"{bucket}/shards/shard-odd.tar"}
     assert len(store.committed_parts()) == 4
     provenance = store.provenance
-    assert provenance["vocabulary"] == CLASSES and provenance["fingerprint"] == "denseclip-tiny-shapes/random-init"
+    assert provenance["vocabulary"] == CLASSES and provenance["activation"] == "gelu"
+    assert provenance["fingerprint"].startswith("denseclip-tiny-shapes/random-init/")
     summary = json.loads(storage.read_bytes(f"{bucket}/masks/summary.json"))
     assert summary["status"] == "succeeded"
     assert (summary["images_labelled"], summary["errors"], summary["shards_committed"]) == (len(good), len(bad), 4)
     assert f"{len(good)} images labelled, {len(bad)} errors" in done.stdout
+    # A successful run prints no error-level line (bad images are rows of the errors table, not errors of the
+    # run); what Ray prints is in the run's log, which the last line names.
+    assert not error_lines(done.stdout + done.stderr), done.stdout + done.stderr
+    assert "4/4 shards committed" in done.stdout and done.stdout.splitlines()[-1].startswith("label: log: ")
+    with fsspec.open(done.stdout.splitlines()[-1].removeprefix("label: log: "), "r") as log:
+        assert "Dataset" in log.read()  # Ray Data's own lines
 
     fs, path = fsspec.core.url_to_fs(f"{bucket}/masks/masks")
     before = {p: fs.info(p)["ETag"] for p in fs.ls(path, refresh=True)}
@@ -403,3 +521,74 @@ def test_sigkill_of_the_job_and_of_an_actor_then_every_image_exactly_once(tmp_pa
     assert set(keys) == {f"synthetic/s4/{i:06d}" for i in range(240)}
     for part, data in first.items():  # what was committed before the kill is kept as it was
         assert storage.read_bytes(storage.join(out, "masks", f"part-{part}.parquet")) == data
+
+
+def _faulty_stage(fault: str, calls_dir: Path) -> type[Labeler]:
+    """The pipeline's Labeler with a model that fails: ``"oom"``, a real CPU allocation failure on every call
+    of more than one image; ``"error"``, a CUDA-like RuntimeError on any call holding a 48-pixel image. Each
+    call appends ``"<images> ok|fail"`` to ``calls_dir/<pid>.log``."""
+
+    class FaultyLabeler(Labeler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            real = self.dense_clip.label_maps
+
+            def label_images(images):
+                fails = len(images) > 1 if fault == "oom" else any(im.shape[0] == 48 for im in images)
+                with open(calls_dir / f"{os.getpid()}.log", "a") as log:
+                    log.write(f"{len(images)} {'fail' if fails else 'ok'}\n")
+                if fails and fault == "oom":
+                    raise _cpu_allocation_failure()
+                if fails:
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+                return real(images)
+
+            self.dense_clip.label_maps = label_images
+
+    return FaultyLabeler
+
+
+# Half a CPU: after the failed run below, Ray may still be restarting that run's actor while the next run starts.
+ONE_ACTOR = {"num_actors": 1, "cpus_per_actor": 0.5}
+
+
+def _calls(calls_dir: Path) -> dict[int, list[str]]:
+    return {int(log.stem): log.read_text().splitlines() for log in calls_dir.glob("*.log")}
+
+
+@pytest.mark.slow
+def test_model_faults_on_a_real_ray_retry_on_a_fresh_actor_and_never_become_error_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(labeling, "MAX_TASK_RETRIES", 1)  # one retry: enough to see it, half the actor starts
+    shards = write_shards(seed=6, n=4, out=str(tmp_path / "in"), shard_size=2, size=64)
+    poisoned = write_shards(seed=7, n=2, out=str(tmp_path / "poisoned"), shard_size=2, size=48)
+    out = str(tmp_path / "out")
+    oom_calls, error_calls = tmp_path / "oom", tmp_path / "error"
+    oom_calls.mkdir()
+    error_calls.mkdir()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        # Out of memory on every call of two or more images: labelled one by one, nothing lost, no error row.
+        plan = prepare_labeling(shards, out, CONFIG, CLASSES)
+        summary = label_shards(plan, CONFIG, CLASSES, **ONE_ACTOR, labeler=_faulty_stage("oom", oom_calls))
+        assert (summary["images_labelled"], summary["errors"], summary["shards_committed"]) == (4, 0, 2)
+        calls = [call for log in _calls(oom_calls).values() for call in log]
+        assert "2 fail" in calls and calls.count("1 ok") == 4
+
+        # Another model error: the actor ends, a fresh one retries the batch, then the job fails; the
+        # poisoned shard is not committed and nothing became an error row.
+        plan = prepare_labeling(shards + poisoned, out, CONFIG, CLASSES)
+        assert plan.todo == poisoned
+        with pytest.raises(ray.exceptions.RayError):
+            label_shards(plan, CONFIG, CLASSES, **ONE_ACTOR, labeler=_faulty_stage("error", error_calls))
+        attempts = _calls(error_calls)
+        assert len(attempts) == 2 and all(log == ["2 fail"] for log in attempts.values())  # two actors, one try each
+        store = MaskStore(out)
+        assert store.committed_parts() == {part_id(s) for s in shards} and store.errors() == []
+
+        # Once the model works again, a re-run labels what is left: every image exactly once.
+        plan = prepare_labeling(shards + poisoned, out, CONFIG, CLASSES)
+        assert label_shards(plan, CONFIG, CLASSES, **ONE_ACTOR)["images_labelled"] == 2
+    finally:
+        ray.shutdown()
+    keys = all_keys(out)
+    assert len(keys) == len(set(keys)) == 6 and MaskStore(out).errors() == []

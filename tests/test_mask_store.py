@@ -1,12 +1,16 @@
 """The Parquet mask store on a local folder and on a real S3 API (moto): round trips, commits, provenance."""
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import denseclip
 from denseclip.mask_store import (
     MASK_SCHEMA,
     MaskStore,
@@ -15,7 +19,9 @@ from denseclip.mask_store import (
     decode_mask,
     encode_confidence,
     encode_mask,
+    ignore_label,
     rows_to_table,
+    write_key_index,
 )
 
 PROVENANCE = {"model": "RN50", "pretrained": "openai", "fingerprint": "abc123", "vocabulary": [["background"],
@@ -110,8 +116,8 @@ def test_encoded_tables_are_accepted_and_bad_rows_refused(tmp_path):
         writer.write_part("1", rows_to_table(rows).drop_columns(["mask"]))
     with pytest.raises(ValueError, match=r"\(H, W\) label map"):
         writer.write_part("1", [{"key": "k", "mask": np.zeros((2, 2, 3))}])
-    with pytest.raises(ValueError, match="values in 0..255"):
-        writer.write_part("1", [{"key": "k", "mask": np.full((2, 2), 300)}])
+    with pytest.raises(ValueError, match="values must lie in 0..65535"):
+        writer.write_part("1", [{"key": "k", "mask": np.full((2, 2), 70000)}])
     with pytest.raises(ValueError, match="duplicate keys"):
         writer.write_part("1", rows + rows)
     with pytest.raises(ValueError, match="part id '../x'"):
@@ -129,3 +135,89 @@ def test_mask_and_confidence_codecs():
     confidence = np.linspace(-0.5, 1.5, 64).reshape(8, 8)
     restored = decode_confidence(encode_confidence(confidence))
     np.testing.assert_allclose(restored, np.clip(confidence, 0, 1), atol=0.5 / 255 + 1e-7)
+
+
+def test_vocabularies_over_255_classes_are_stored_as_16_bit_maps(tmp_path):
+    rng = np.random.default_rng(3)
+    wide = rng.integers(0, 1203, (24, 31)).astype(np.int32)  # an LVIS-size vocabulary, as the labeler returns it
+    wide[0, 0] = 65535  # the 16-bit "no label"
+    narrow = rng.integers(0, 3, (5, 6), dtype=np.uint8)
+    MaskStoreWriter(str(tmp_path), PROVENANCE).write_part("0", [{"key": "w", "mask": wide}, {"key": "n", "mask": narrow}])
+    store = MaskStore(str(tmp_path))
+    assert store.get("w").dtype == np.uint16 and store.get("n").dtype == np.uint8
+    np.testing.assert_array_equal(store.get("w"), wide)
+    np.testing.assert_array_equal(store.get("n"), narrow)
+    assert ignore_label(store.get("w")) == 65535 and ignore_label(store.get("n")) == 255
+
+
+def _opened(store: MaskStore) -> list[str]:
+    """Record the files ``store`` opens for reading (its one way of opening Parquet files)."""
+    opened = []
+    original = store._open
+
+    def spy(url):
+        opened.append(url.rsplit("/", 1)[-1])
+        return original(url)
+
+    store._open = spy
+    return opened
+
+
+def test_lookups_go_through_the_key_index_and_stay_exact_after_later_commits(tmp_path):
+    root = str(tmp_path)
+    writer = MaskStoreWriter(root, PROVENANCE)
+    parts = {f"p{i}": make_rows(i, 30, f"k{i}") for i in range(6)}
+    for i, (part, rows) in enumerate(parts.items()):
+        writer.write_part(part, rows, record={"shard": f"{part}.tar", "fingerprint": {"size": i}})
+    assert write_key_index(root) is True and write_key_index(root) is False  # the second time it is current
+    store = MaskStore(root)
+    opened = _opened(store)
+    np.testing.assert_array_equal(store.get("k4/0017"), parts["p4"][17]["mask"])
+    np.testing.assert_array_equal(store.get("k1/0003"), parts["p1"][3]["mask"])
+    assert opened == ["keys.parquet", "part-p4.parquet", "part-p1.parquet"]  # not one part read per key
+    assert store.part_records()["p2"] == {"shard": "p2.tar", "fingerprint": {"size": 2}, "rows": 30, "errors": 0}
+
+    # After the index was written: a part replaced, a part added, a part deleted. Lookups see exactly that.
+    replaced, added = make_rows(40, 3, "k1"), make_rows(41, 2, "new")
+    writer.write_part("p1", replaced)
+    writer.write_part("p9", added)
+    os.remove(tmp_path / "masks" / "part-p5.parquet")
+    store = MaskStore(root)
+    expected = {r["key"] for p in ("p0", "p2", "p3", "p4") for r in parts[p]} | {r["key"] for r in replaced + added}
+    assert store.keys() == expected
+    np.testing.assert_array_equal(store.get("k1/0002"), replaced[2]["mask"])
+    np.testing.assert_array_equal(store.get("new/0001"), added[1]["mask"])
+    for gone in ("k1/0003", "k5/0000"):
+        with pytest.raises(KeyError, match=gone):
+            store.get(gone)
+    assert write_key_index(root) is True
+    store = MaskStore(root)
+    opened = _opened(store)
+    assert store.keys() == expected and opened == ["keys.parquet"]  # the rebuilt index covers every part
+    np.testing.assert_array_equal(store.get("new/0000"), added[0]["mask"])
+
+
+def test_a_key_in_two_parts_is_taken_from_the_last_part(tmp_path):
+    writer = MaskStoreWriter(str(tmp_path), PROVENANCE)
+    first, second = make_rows(0, 2, "same"), make_rows(1, 2, "same")
+    writer.write_part("a", first)
+    writer.write_part("b", second)
+    for indexed in (False, True):
+        if indexed:
+            write_key_index(str(tmp_path))
+        np.testing.assert_array_equal(MaskStore(str(tmp_path)).get("same/0001"), second[1]["mask"])
+
+
+def test_parts_record_the_code_version_and_a_newer_version_may_resume_a_store(tmp_path):
+    here = Path(__file__).resolve().parent
+    commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    provenance = {k: v for k, v in PROVENANCE.items() if k != "code_version"}
+    MaskStoreWriter(str(tmp_path), provenance).write_part("0", make_rows(0, 1, "a"))
+    written = MaskStore(str(tmp_path)).provenance["code_version"]
+    assert written.startswith(f"{denseclip.__version__}+g{commit}")
+    old = tmp_path / "old"
+    MaskStoreWriter(str(old), {**provenance, "code_version": "0.0.1"}).write_part("0", make_rows(0, 1, "a"))
+    MaskStoreWriter(str(old), provenance).write_part("1", make_rows(1, 1, "b"))  # not refused: same labels
+    part = pq.ParquetFile(old / "masks" / "part-1.parquet")
+    assert json.loads(part.schema_arrow.metadata[b"denseclip.provenance"])["code_version"] == written

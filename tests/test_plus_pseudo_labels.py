@@ -41,15 +41,17 @@ def test_pseudo_labels_argmax_among_allowed_classes_with_threshold():
     assert labels[0, 0, 0] == 0 and labels[0, 1, 1] == IGNORE
 
 
-def test_zero_shot_merge_keeps_seen_truth_and_fills_the_rest_with_unseen_pseudo_labels():
+def test_zero_shot_merge_fills_only_unseen_pixels_and_keeps_void_ignored():
+    # The check of the issue: void (255) stays ignored, seen truth stays, unseen pixels take the pseudo label.
+    assert zero_shot_merge(torch.tensor([0, 1, 255, 2]), torch.ones(4, dtype=torch.long), [1]).tolist() == \
+        [0, 1, 255, 2]
     gt = torch.tensor([[[0, 1, 2], [4, 255, 3]]])
-    pseudo = torch.tensor([[[4, 4, 4], [2, 2, 1]]])  # 1 is seen: it may not fill a pixel
-    merged = zero_shot_merge(gt, pseudo, UNSEEN, IGNORE)
-    assert merged.tolist() == [[[0, 1, 4], [2, 2, 3]]]
+    pseudo = torch.tensor([[[4, 4, 4], [2, 2, 1]]])
+    assert zero_shot_merge(gt, pseudo, UNSEEN, IGNORE).tolist() == [[[0, 1, 4], [2, 255, 3]]]
     assert hide_unseen(gt, UNSEEN, IGNORE).tolist() == [[[0, 1, 255], [255, 255, 3]]]
-    gt_no_void = torch.tensor([[[0, 1, 2], [4, 3, 3]]])
-    assert zero_shot_merge(gt_no_void, torch.tensor([[[0, 0, 1], [1, 1, 1]]]), UNSEEN).tolist() == \
-        [[[0, 1, 255], [255, 3, 3]]]
+    # A seen-class pseudo label never fills an unseen pixel (it would teach a seen class there).
+    assert zero_shot_merge(gt, torch.tensor([[[0, 0, 1], [3, 1, 1]]]), UNSEEN).tolist() == \
+        [[[0, 1, 255], [255, 255, 3]]]
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +81,9 @@ def _recorded_targets(monkeypatch, teacher, gt: torch.Tensor, config: TrainingCo
     """Run real training steps and return every target map the loss received."""
     seen: list[torch.Tensor] = []
 
-    def spy(logits, targets, ignore_index=255):
+    def spy(logits, targets, ignore_index=255, average="all_pixels"):
         seen.append(targets.clone())
-        return segmentation_loss(logits, targets, ignore_index)
+        return segmentation_loss(logits, targets, ignore_index, average)
 
     monkeypatch.setattr(training, "segmentation_loss", spy)
     torch.manual_seed(config.seed)
@@ -101,19 +103,31 @@ ZERO_SHOT = TrainingConfig(setting="zero_shot", iterations=4, guided_iterations=
 
 def test_unseen_ground_truth_never_reaches_the_loss(monkeypatch, teacher):
     gt = _ground_truth()
-    # The same scenes annotated differently only in their unseen pixels: another unseen class, or void.
+    gt[0, 0:4, :] = IGNORE  # void: a boundary band
+    # The same scenes annotated differently only in which unseen class their unseen pixels carry.
     relabelled = gt.clone()
     relabelled[gt == 2] = 4
-    relabelled[gt == 4] = IGNORE
+    relabelled[gt == 4] = 2
     first = _recorded_targets(monkeypatch, teacher, gt, ZERO_SHOT)
     second = _recorded_targets(monkeypatch, teacher, relabelled, ZERO_SHOT)
     assert len(first) == ZERO_SHOT.iterations
-    seen_pixels = (gt != 2) & (gt != 4)
-    unseen_pixels = ~seen_pixels
+    void = gt == IGNORE
+    unseen_pixels = (gt == 2) | (gt == 4)
+    seen_pixels = ~unseen_pixels & ~void
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)  # guided and self-training steps alike
         torch.testing.assert_close(a[seen_pixels], gt[seen_pixels])
         assert set(a[unseen_pixels].unique().tolist()) <= set(UNSEEN)  # filled by pseudo labels, never empty
+        assert (a[void] == IGNORE).all()  # void is never pseudo-labelled
+
+
+def test_seen_only_baseline_trains_on_seen_ground_truth_alone(monkeypatch, teacher):
+    config = dataclasses.replace(ZERO_SHOT, setting="seen_only", self_training=False)
+    gt = _ground_truth()
+    expected = hide_unseen(gt, UNSEEN, IGNORE)
+    for targets in _recorded_targets(monkeypatch, teacher, gt, config):
+        torch.testing.assert_close(targets, expected)  # every step: no pseudo label anywhere
+    assert training.phase(0, config) == "seen_only"
 
 
 def test_annotation_free_targets_never_use_ground_truth(monkeypatch, teacher):
@@ -124,7 +138,7 @@ def test_annotation_free_targets_never_use_ground_truth(monkeypatch, teacher):
     for a, b in zip(with_truth, other_truth):
         torch.testing.assert_close(a, b)
     # Guided learning throughout: the loss sees DenseCLIP's argmax at every step.
-    expected, _ = pseudo_labels(teacher.log_probs(_batch(gt)["image"]))
+    expected, _ = teacher.pseudo_labels(_batch(gt)["image"])
     for targets in with_truth:
         torch.testing.assert_close(targets, expected)
 
@@ -135,7 +149,7 @@ def test_self_training_targets_are_the_models_own_predictions(teacher):
                          clip=teacher.predictor.clip)
     batch = _batch(_ground_truth())
     own, _ = model.predict(batch["image"])
-    guided, _ = pseudo_labels(teacher.log_probs(batch["image"]))
+    guided, _ = teacher.pseudo_labels(batch["image"])
     torch.testing.assert_close(make_targets(batch, 1, config, model, teacher), guided)
     torch.testing.assert_close(make_targets(batch, 2, config, model, teacher), own)
     off = dataclasses.replace(config, self_training=False)
@@ -174,17 +188,65 @@ def test_refinement_snaps_blobby_labels_to_image_edges():
     assert after > before + 0.1
 
 
-def test_teacher_refinement_and_precomputed_training_set(teacher):
+def _exact(teacher, images: torch.Tensor, class_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference the teacher approximates: every class's log-probabilities upsampled to full size, then
+    the argmax (among ``class_ids``)."""
+    p = teacher.predictor
+    return pseudo_labels(p.logits((images - p.mean) / p.std), class_ids)
+
+
+def test_teacher_labels_at_feature_resolution_upsampling_only_the_candidates(monkeypatch, teacher):
+    images = torch.rand(3, 3, 40, 56, generator=torch.Generator().manual_seed(2))  # not a multiple of the stride
+    p = teacher.predictor
+    upsampled: list[int] = []
+    real_upsample = type(p).upsample
+
+    def spy(self, log_probs, extent, size):
+        upsampled.append(log_probs.shape[0])
+        return real_upsample(self, log_probs, extent, size)
+
+    monkeypatch.setattr(type(p), "upsample", spy)
+    for topk, class_ids in ((None, None), (None, UNSEEN), (1, None), (1, UNSEEN)):
+        monkeypatch.setattr(p, "upsample_topk", topk)
+        reference, reference_confidence = _exact(teacher, images, class_ids)
+        upsampled.clear()
+        labels, confidence = teacher.pseudo_labels(images, class_ids)
+        allowed = len(CLASSES) if class_ids is None else len(class_ids)
+        assert labels.shape == confidence.shape == (3, 40, 56) and 0 <= float(confidence.min())
+        assert float(confidence.max()) <= 1
+        if class_ids is not None:
+            assert set(labels.unique().tolist()) <= set(UNSEEN)
+        if topk is None:  # every allowed class upsampled: exactly the full-resolution computation
+            torch.testing.assert_close(labels, reference)
+            torch.testing.assert_close(confidence, reference_confidence)
+            assert upsampled == [3 * allowed]
+        else:  # the top-1 classes only: near-exact, on fewer maps
+            assert (labels == reference).float().mean() > 0.95
+            assert upsampled[0] < 3 * allowed
+    threshold = float(confidence.median())
+    cut, _ = teacher.pseudo_labels(images, UNSEEN, threshold=threshold)
+    torch.testing.assert_close(cut, labels.masked_fill(confidence < threshold, IGNORE))
+
+
+def test_teacher_refinement_and_precomputed_training_set(monkeypatch, teacher):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 32, 48, 3), dtype=np.uint8)
     labels, confidence = label_training_set(teacher, images, batch_size=2)
     assert labels.shape == (3, 32, 48) and labels.dtype == np.uint8 and confidence.dtype == np.float32
     batch = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    expected, _ = pseudo_labels(teacher.log_probs(batch))
+    expected, expected_confidence = teacher.pseudo_labels(batch)
     np.testing.assert_array_equal(labels, expected.numpy())
+    np.testing.assert_allclose(confidence, expected_confidence.numpy(), atol=1e-6)
     unseen_labels, _ = label_training_set(teacher, images, UNSEEN)
     assert set(np.unique(unseen_labels)) <= set(UNSEEN)
-    refined = DenseCLIPTeacher(teacher.predictor, refine_iterations=5).log_probs(batch)
-    assert refined.shape == (3, len(CLASSES), 32, 48)
-    torch.testing.assert_close(refined.exp().sum(dim=1), torch.ones(3, 32, 48), atol=1e-4, rtol=0)
-    assert not torch.allclose(refined, teacher.log_probs(batch))
+    refiner = DenseCLIPTeacher(teacher.predictor, refine_iterations=5)
+    refined, refined_confidence = refiner.pseudo_labels(batch)
+    assert refined.shape == (3, 32, 48) and 0 <= float(refined_confidence.min()) <= 1
+    assert not torch.allclose(refined_confidence, expected_confidence)  # the probabilities were refined
+    # Refinement averages each class's probabilities on its own: refining only the candidate classes gives
+    # what refining every class gives wherever a candidate wins; exactly that with every class a candidate.
+    p = teacher.predictor
+    full = refine_with_image(p.logits((batch - p.mean) / p.std).exp(), batch, 5).argmax(dim=1)
+    assert (full == refined).float().mean() > 0.95
+    monkeypatch.setattr(p, "upsample_topk", None)
+    torch.testing.assert_close(refiner.pseudo_labels(batch)[0], full)

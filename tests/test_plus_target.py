@@ -1,5 +1,6 @@
-"""The DenseCLIP+ target: shapes, the fixed text classifier, the learnable background, trunk initialisation,
-DeepLab backbones and their weights-by-path loading."""
+"""The DenseCLIP+ target: shapes, the fixed text classifier (official dot product, or cosine), the learnable
+background, trunk initialisation, the official DeepLabv2 branches, DeepLab backbones (ResNetV1c included) and
+their weights-by-path loading."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 from torchvision.models import resnet50
 
 from denseclip.models import TINY_MODEL, ModelLoadError, load_clip
-from denseclip.plus.target import ClipTrunk, TargetConfig, TextClassifier, build_target
+from denseclip.plus.target import ClipTrunk, DeepLabV2Head, TargetConfig, TextClassifier, build_target
 
 torch.set_num_threads(1)
 K, D = 5, 128
@@ -66,16 +67,28 @@ def test_clip_dense_head_starts_from_denseclips_features(clip, embeddings):
     assert any(p is model.backbone.dense[0].weight for p in backbone)  # pretrained: the backbone's rate
 
 
-def test_classifier_is_temperature_times_cosine_max_over_names():
+def test_classifier_is_a_dot_product_or_temperature_times_cosine_max_over_names():
     torch.manual_seed(2)
     names = torch.randn(4, 8)
     class_of_name = torch.tensor([0, 1, 1, 2])  # class 1 has two names
-    classifier = TextClassifier(names, class_of_name, temperature=30.0)
-    features = torch.randn(2, 8, 3, 5)
-    cosine = torch.einsum("bdhw,nd->bnhw", F.normalize(features, dim=1), F.normalize(names, dim=1))
-    expected = 30.0 * torch.stack([cosine[:, 0], cosine[:, 1:3].amax(dim=1), cosine[:, 3]], dim=1)
-    torch.testing.assert_close(classifier(features), expected)
-    assert classifier.num_classes == 3 and not list(classifier.parameters())
+    features = 5 * torch.randn(2, 8, 3, 5)
+
+    def per_class(scores):
+        return torch.stack([scores[:, 0], scores[:, 1:3].amax(dim=1), scores[:, 3]], dim=1)
+
+    # The official head: features as they come, unit text embeddings, no temperature.
+    official = TextClassifier(names, class_of_name)
+    dot = torch.einsum("bdhw,nd->bnhw", features, F.normalize(names, dim=1))
+    torch.testing.assert_close(official(features), per_class(dot))
+    assert official.kind == "dot_product" and TargetConfig().classifier == "dot_product"
+    assert (official(features).abs().amax() > 2)  # not squeezed into [-1, 1]: nothing normalised the features
+    cosine = TextClassifier(names, class_of_name, kind="cosine", temperature=30.0)
+    cos = torch.einsum("bdhw,nd->bnhw", F.normalize(features, dim=1), F.normalize(names, dim=1))
+    torch.testing.assert_close(cosine(features), 30.0 * per_class(cos))
+    for classifier in (official, cosine):
+        assert classifier.num_classes == 3 and not list(classifier.parameters())
+    with pytest.raises(ValueError, match="kind"):
+        TextClassifier(names, kind="softmax")
 
 
 def test_training_moves_the_network_but_never_the_text_classifier_or_the_clip(clip, embeddings):
@@ -99,9 +112,15 @@ def test_random_trunk_is_not_the_clip(clip, embeddings):
 
 
 def test_learnable_background_trains_only_the_background_embedding(clip, embeddings):
+    torch.manual_seed(4)
     model = build_target(tiny(learn_background=True, background_index=0), embeddings, clip=clip)
-    before = model.classifier.weight().clone()
-    torch.testing.assert_close(before, embeddings)  # initialised from the text embedding
+    before = model.classifier.weight().detach().clone()
+    # Randomly initialised as the official cls_bg (unit length when used), not the background's text embedding.
+    torch.testing.assert_close(before[1:], embeddings[1:])
+    assert float(before[0].norm()) == pytest.approx(1.0) and abs(float(before[0] @ embeddings[0])) < 0.5
+    torch.manual_seed(4)
+    again = build_target(tiny(learn_background=True, background_index=0), embeddings, clip=clip)
+    torch.testing.assert_close(again.classifier.weight(), before)  # reproducible from the seed
     optimizer = torch.optim.SGD([model.classifier.background], lr=1.0)
     F.cross_entropy(model(torch.rand(2, 3, 64, 64)), torch.zeros(2, 64, 64, dtype=torch.long)).backward()
     optimizer.step()
@@ -150,7 +169,7 @@ def test_backbone_weights_errors_name_the_file(tmp_path, embeddings, clip):
     save_file({"conv1.weight": torch.zeros(64, 3, 7, 7)}, str(partial))
     with pytest.raises(ValueError, match="partial.safetensors"):
         build_target(TargetConfig(backbone="resnet50", backbone_weights=str(partial)), embeddings)
-    with pytest.raises(TypeError, match="ResNet CLIP"):
+    with pytest.raises(TypeError, match="needs a loaded ResNet or ViT CLIP"):
         build_target(tiny(), embeddings, clip=None)
 
 
@@ -167,3 +186,88 @@ def test_frozen_backbone_keeps_weights_and_statistics(clip, embeddings):
     for key, value in model.backbone.state_dict().items():
         torch.testing.assert_close(value, backbone_state[key])  # weights and batch-norm running statistics
     assert not torch.equal(model.head.refine[-1].weight, head_before)
+
+
+def test_vit_trunk_starts_from_the_teachers_dense_head():
+    from denseclip.dense import dense_features
+    from denseclip.models import TINY_VIT_MODEL
+
+    torch.manual_seed(0)
+    vit = load_clip(TINY_VIT_MODEL, "random")
+    model = build_target(tiny(head="clip_dense", freeze_backbone=True), F.normalize(torch.randn(K, D), dim=-1),
+                         clip=vit, clip_head="naclip").eval()
+    images = torch.rand(2, 3, 64, 96)
+    normalised = (images - model.mean) / model.std
+    features = model.backbone(normalised)
+    assert features["low"].shape == (2, 48, 16, 24) and features["dense"].shape == (2, D, 8, 12)
+    with torch.no_grad():
+        teacher = dense_features(vit.model, normalised, head="naclip")
+    torch.testing.assert_close(features["dense"], teacher)
+    upsampled = F.interpolate(features["dense"], size=(16, 24), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(model.head(features), upsampled)  # the refinement starts at zero
+    assert model(images).shape == (2, K, 64, 96)
+    fresh = build_target(tiny(head="clip_dense", backbone_weights=None), torch.randn(K, D), clip=vit)
+    assert not torch.equal(fresh.backbone.visual.proj, vit.model.visual.proj)
+    assert not torch.equal(fresh.backbone.visual.transformer.resblocks[0].attn.in_proj_weight,
+                           vit.model.visual.transformer.resblocks[0].attn.in_proj_weight)
+
+
+def test_deeplabv2_branches_are_built_as_the_official_head_builds_them():
+    torch.manual_seed(5)
+    head = DeepLabV2Head(64, 96, (1, 6)).eval()
+    one, six = head.branches
+    assert one[0].kernel_size == (1, 1) and one[0].padding == (0, 0)  # rate 1: a 1x1 convolution
+    assert six[0].kernel_size == (3, 3) and six[0].dilation == (6, 6) and six[0].padding == (6, 6)
+    for branch in head.branches:
+        conv, norm, act = branch
+        assert conv.bias is None and isinstance(norm, torch.nn.BatchNorm2d) and isinstance(act, torch.nn.ReLU)
+        assert conv.out_channels == 96  # straight into CLIP's space: the text embedding's width
+    # mmcv's ConvModule initialisation: Kaiming normal with fan out, std = sqrt(2 / (out x k x k)).
+    assert float(six[0].weight.detach().std()) == pytest.approx((2 / (96 * 9)) ** 0.5, rel=0.05)
+    x = torch.randn(2, 64, 9, 11)
+
+    def branch_by_hand(branch):
+        conv, norm, _ = branch
+        y = F.conv2d(x, conv.weight, None, padding=conv.padding, dilation=conv.dilation)
+        return F.relu(F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, norm.bias))
+
+    out = head({"high": x})
+    torch.testing.assert_close(out, branch_by_hand(one) + branch_by_hand(six))
+    assert out.shape == (2, 96, 9, 11) and (out >= 0).all()
+
+
+def _mmseg_resnet50_v1c_state() -> dict[str, torch.Tensor]:
+    """A state dict in the layout of MMSegmentation's ResNetV1c checkpoints (open-mmlab://resnet50_v1c): a deep
+    stem ``stem.{0,3,6}`` convolutions (3->32 stride 2, 32->32, 32->64) with batch norms ``stem.{1,4,7}``, and
+    layers named as torchvision names them."""
+    torch.manual_seed(6)
+    state = {}
+    for conv, norm, (c_out, c_in) in (("0", "1", (32, 3)), ("3", "4", (32, 32)), ("6", "7", (64, 32))):
+        state[f"stem.{conv}.weight"] = torch.randn(c_out, c_in, 3, 3)
+        state[f"stem.{norm}.weight"], state[f"stem.{norm}.bias"] = torch.rand(c_out), torch.randn(c_out)
+        state[f"stem.{norm}.running_mean"], state[f"stem.{norm}.running_var"] = torch.randn(c_out), torch.rand(c_out)
+        state[f"stem.{norm}.num_batches_tracked"] = torch.tensor(7)
+    layers = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in resnet50().state_dict().items()
+              if k.startswith("layer")}
+    return {**state, **layers}
+
+
+def test_resnet_v1c_has_the_deep_stem_and_loads_mmsegmentation_checkpoints(tmp_path, embeddings):
+    state = _mmseg_resnet50_v1c_state()
+    path = tmp_path / "resnet50_v1c.pth"
+    torch.save({"meta": {"mmcv_version": "1.4.0"}, "state_dict": state}, path)  # as mmcv writes checkpoints
+    config = TargetConfig(backbone="resnet50_v1c", head="deeplabv2", backbone_weights=str(path), output_stride=8)
+    model = build_target(config, embeddings).eval()
+    loaded = model.backbone.body.state_dict()
+    assert not any(k.startswith(("conv1.", "bn1.")) for k in loaded)  # no 7x7 stem
+    for key, value in state.items():
+        torch.testing.assert_close(loaded[key], value, msg=key)
+    assert model.backbone.body.stem[0].stride == (2, 2) and model.backbone.body.stem[0].kernel_size == (3, 3)
+    features = model.backbone(torch.rand(1, 3, 64, 64))
+    assert features["low"].shape == (1, 256, 16, 16) and features["high"].shape == (1, 2048, 8, 8)
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1, K, 64, 64)
+    # A torchvision checkpoint lacks the deep stem: refused, naming the file and the missing tensors.
+    plain = tmp_path / "resnet50.safetensors"
+    save_file({k: v.contiguous() for k, v in resnet50().state_dict().items()}, str(plain))
+    with pytest.raises(ValueError, match=r"resnet50.safetensors.*stem\.0\.weight"):
+        build_target(TargetConfig(backbone="resnet50_v1c", backbone_weights=str(plain)), embeddings)

@@ -43,6 +43,12 @@ def test_config_from_dict_and_defaults():
     assert config.resize_to is None and config.photometric_distortion is False  # today's augmentation
     mmseg = TrainingConfig.from_dict({"resize_to": [2048, 512], "photometric_distortion": True})
     assert mmseg.resize_to == (2048, 512) and mmseg.photometric_distortion is True
+    # The official recipe by default: one learning rate, poly down to 1e-4, MMSegmentation's loss average,
+    # the raw dot-product classifier.
+    assert (config.head_lr_multiplier, config.min_lr, config.loss_average) == (1.0, 1e-4, "all_pixels")
+    assert config.target.classifier == "dot_product" and config.uses_pseudo_labels
+    baseline = TrainingConfig.from_dict({"setting": "seen_only"})
+    assert not baseline.uses_pseudo_labels and not baseline.self_training
 
 
 @pytest.mark.parametrize("values, field", [
@@ -69,20 +75,34 @@ def test_config_from_dict_and_defaults():
     ({"resize_to": "2048x512"}, "training.resize_to"),
     ({"resize_to": 512}, "training.resize_to"),
     ({"photometric_distortion": "yes"}, "training.photometric_distortion"),
+    ({"loss_average": "mean"}, "training.loss_average"),
+    ({"min_lr": -1e-4}, "training.min_lr"),
+    ({"lr": 1e-5, "min_lr": 1e-4}, "training.min_lr"),
+    ({"setting": "seen_only", "self_training": True}, "training.self_training"),
+    ({"target": {"classifier": "softmax"}}, "training.target.classifier"),
+    ({"target": {"backbone": "resnet152_v1c"}}, "training.target.backbone"),
 ])
 def test_config_errors_name_the_field(values, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         TrainingConfig.from_dict(values)
 
 
-def test_poly_schedule_and_head_multiplier():
+def test_poly_schedule_min_lr_and_head_multiplier():
     assert poly_lr(0.01, 0, 100) == 0.01 and poly_lr(0.01, 100, 100) == 0.0
     assert poly_lr(0.01, 50, 100, power=1.0) == pytest.approx(0.005)
     values = [poly_lr(0.01, s, 100) for s in range(101)]
     assert all(a > b for a, b in itertools.pairwise(values))
+    # mmcv's poly with min_lr: (lr - min_lr) * (1 - t) ** p + min_lr, from lr down to min_lr.
+    assert poly_lr(0.01, 0, 100, min_lr=1e-4) == pytest.approx(0.01)
+    assert poly_lr(0.01, 100, 100, min_lr=1e-4) == pytest.approx(1e-4)
+    assert poly_lr(0.004, 50, 100, 1.0, 1e-4) == pytest.approx((0.004 - 1e-4) / 2 + 1e-4)
     clip = load_clip(TINY_MODEL, "random")
-    config = TrainingConfig(iterations=100, lr=0.02, head_lr_multiplier=10.0, target=TINY_TARGET)
-    model = build_target(config.target, torch.randn(3, 128), clip=clip)
+    model = build_target(TINY_TARGET, torch.randn(3, 128), clip=clip)
+    official = TrainingConfig(iterations=100, lr=0.02, target=TINY_TARGET)
+    optimizer = build_optimizer(model, official)
+    assert set_learning_rate(optimizer, 100, official) == pytest.approx(1e-4)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-4])  # one rate for all
+    config = TrainingConfig(iterations=100, lr=0.02, head_lr_multiplier=10.0, min_lr=0.0, target=TINY_TARGET)
     optimizer = build_optimizer(model, config)
     assert set_learning_rate(optimizer, 50, config) == pytest.approx(poly_lr(0.02, 50, 100))
     backbone_lr, head_lr = (g["lr"] for g in optimizer.param_groups)
@@ -234,13 +254,23 @@ def test_in_memory_batches_depend_only_on_seed_and_step():
 def test_loss_ignores_pixels_and_survives_an_all_ignored_batch():
     logits = torch.randn(2, 4, 5, 5, requires_grad=True)
     targets = torch.randint(0, 4, (2, 5, 5))
-    torch.testing.assert_close(segmentation_loss(logits, targets), F.cross_entropy(logits, targets))
+    for average in ("all_pixels", "labelled_pixels"):
+        torch.testing.assert_close(segmentation_loss(logits, targets, average=average),
+                                   F.cross_entropy(logits, targets))
     masked = targets.clone()
     masked[0] = 255
-    torch.testing.assert_close(segmentation_loss(logits, masked), F.cross_entropy(logits[1:], targets[1:]))
-    empty = segmentation_loss(logits, torch.full_like(targets, 255))
-    empty.backward()
-    assert empty.item() == 0 and torch.isfinite(logits.grad).all()
+    # Over the labelled pixels only, or (MMSegmentation 0.x) over every pixel, an ignored one counting 0.
+    labelled = F.cross_entropy(logits[1:], targets[1:])
+    torch.testing.assert_close(segmentation_loss(logits, masked, average="labelled_pixels"), labelled)
+    torch.testing.assert_close(segmentation_loss(logits, masked), labelled / 2)
+    per_pixel = F.cross_entropy(logits, masked, ignore_index=255, reduction="none")
+    torch.testing.assert_close(segmentation_loss(logits, masked, average="all_pixels"), per_pixel.mean())
+    for average in ("all_pixels", "labelled_pixels"):
+        empty = segmentation_loss(logits, torch.full_like(targets, 255), average=average)
+        empty.backward()
+        assert empty.item() == 0 and torch.isfinite(logits.grad).all()
+    with pytest.raises(ValueError, match="average"):
+        segmentation_loss(logits, targets, average="sum")
 
 
 def test_short_training_run_learns_its_pseudo_labels():

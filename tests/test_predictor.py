@@ -17,7 +17,7 @@ CLASSES = [["cat"], ["dog"], ["sofa", "couch"], ["grass"], ["sky"]]
 @pytest.fixture(scope="module")
 def clip():
     torch.manual_seed(0)
-    return load_clip("RN50")
+    return load_clip("RN50", "random")
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +112,60 @@ def test_prompt_denoising_removes_weak_classes(clip, images):
     assert all(len(np.unique(b)) <= len(np.unique(a)) for (a, _), (b, _) in zip(plain, denoised))
 
 
-def test_key_smoothing_changes_scores_consistently(clip, images):
-    x = make(clip).preprocess(images[1][:64, :64])[None]
-    plain = make(clip).logits(x)
-    smooth_all = make(clip, key_smoothing=-1.0).logits(x)
-    # Threshold -1: every location averages over all locations -> one score vector everywhere.
-    assert not torch.allclose(plain, smooth_all)
-    flat = smooth_all[0].flatten(1)
-    assert torch.allclose(flat, flat[:, :1].expand_as(flat), atol=1e-4)
+def _official_refine(logits: torch.Tensor, keys: torch.Tensor, ks_thresh: float, pd_thresh: float) -> torch.Tensor:
+    """The reference implementation's refinement (MaskCLIP's ``refine_output``), restated here on one image:
+    ``logits (C, h, w)`` = 100 x cosine, ``keys (Dk, h, w)`` -> ``(h*w, C)`` scores."""
+    output = logits[None].clone()
+    n, c, h, w = output.shape
+    if pd_thresh > 0:  # classes never confident anywhere are removed (-100 on the cosine: -1e4 on the logits)
+        weak = output.softmax(dim=1).view(n, c, -1).max(dim=-1)[0] < pd_thresh
+        output[weak[:, :, None, None].expand(n, c, h, w)] = -1e4
+    output = output.softmax(dim=1).view(n, c, -1).transpose(-2, -1)  # (1, hw, C) probabilities
+    k = F.normalize(keys.flatten(1).t()[None], p=2)  # (1, hw, Dk): default dim=1, i.e. over positions
+    weight = k @ k.transpose(-2, -1)
+    selected = (output.max(dim=-1, keepdim=True)[0] < ks_thresh).expand(-1, -1, c)
+    weighted = weight @ output
+    output[selected] = weighted[selected]
+    return output[0]
+
+
+def _class_logits(predictor, canvas) -> torch.Tensor:
+    """A canvas's class logits ``(C, h, w)``: the max over each class's names (the official code has one
+    embedding per class)."""
+    return torch.stack([canvas.logits[predictor.class_of_name == c].max(dim=0).values
+                        for c in range(predictor.num_classes)])
+
+
+@pytest.mark.parametrize("denoise", [False, True])
+def test_key_smoothing_is_the_official_refinement(clip, images, denoise):
+    image = np.kron(images[2][:40, :40], np.ones((4, 4, 1), dtype=np.uint8))  # 160x160: 5x5 cells, no padding
+    x = make(clip).preprocess(image)[None]
+    prompt_denoising = None
+    if denoise:  # a threshold that removes all but the two classes most confident somewhere (then smoothing)
+        reference = make(clip)
+        peaks = _class_logits(reference, reference._canvases(x)[0]).softmax(dim=0).flatten(1).max(dim=1).values
+        peaks = peaks.sort().values
+        prompt_denoising = float(peaks[-3:-1].mean())
+    plain = make(clip, prompt_denoising=prompt_denoising)
+    canvas = plain._canvases(x)[0]
+    _, keys = plain._name_logits(x)
+    assert keys is None  # keys are only kept when smoothing
+    top = plain._finalize(canvas).exp().flatten(1).max(dim=0).values
+    middle = top.sort().values[len(top) // 2 - 1:len(top) // 2 + 1].mean()  # between two locations' values
+    for threshold in (1.0, float(middle)):  # everywhere, then about half the locations
+        smooth = make(clip, key_smoothing=threshold, prompt_denoising=prompt_denoising)
+        canvas = smooth._canvases(x)[0]
+        ours = smooth._finalize(canvas).exp().flatten(1).t()  # (hw, C) probabilities
+        official = _official_refine(_class_logits(smooth, canvas), canvas.keys, threshold, prompt_denoising or 0)
+        selected = top < threshold
+        assert selected.any() and (threshold == 1.0) == bool(selected.all())
+        # Smoothed locations: the official scores, normalised per location (the same ranking of classes) ...
+        assert torch.equal(ours[selected].argmax(dim=1), official[selected].argmax(dim=1))
+        expected = official[selected] / official[selected].sum(dim=1, keepdim=True)
+        assert torch.allclose(ours[selected], expected, atol=1e-5)
+        # ... the others keep their probabilities.
+        assert torch.allclose(ours[~selected], official[~selected], atol=1e-5)
+        assert not torch.allclose(ours, plain._finalize(plain._canvases(x)[0]).exp().flatten(1).t(), atol=1e-3)
 
 
 def test_invalid_options(clip):
@@ -127,6 +173,75 @@ def test_invalid_options(clip):
         make(clip, mode="slide", crop_size=100)
     with pytest.raises(ValueError, match="mode must be"):
         make(clip, mode="tiles")
+
+
+def test_class_probabilities_from_name_logits_both_ways(clip, images):
+    x = make(clip).preprocess(images[1][:64, :64])[None]
+    name_logits = make(clip)._name_logits(x)[0][0]  # (N names, h, w); names: cat, dog, sofa, couch, grass, sky
+
+    def per_class(values):
+        return torch.stack([values[0], values[1], values[2:4].max(dim=0).values, values[4], values[5]])
+
+    for name_softmax, expected in [(False, per_class(name_logits).softmax(dim=0)),
+                                   (True, per_class(name_logits.softmax(dim=0)))]:
+        predictor = make(clip, name_softmax=name_softmax)
+        probs = predictor._finalize(predictor._canvases(x)[0]).exp()
+        assert torch.allclose(probs, expected, atol=1e-6)
+    assert probs.sum(dim=0).max() < 1  # the successors': "sofa" and "couch" share one class's mass
+
+
+def test_background_class_takes_what_no_class_reaches(clip, images):
+    """The successors' background: a vocabulary class named by its own synonyms, which also takes every location
+    where no class reaches the threshold (no class is prepended)."""
+    vocabulary = [["sky", "wall"], ["cat", "kitten"], ["dog", "puppy"], ["sofa", "couch"]]
+    plain = DenseCLIP(clip, vocabulary, templates=["a photo of a {}."], name_softmax=True)
+    x = [plain.preprocess(image) for image in images]
+    probs = [plain._finalize(canvas).exp() for canvas in plain._canvases(x)]  # (K, hc, wc) each
+    # A threshold half-way between two neighbouring confidences of the non-background locations, near their
+    # median: it turns some of them into background, and no location sits exactly on it.
+    ranked = torch.cat([p.max(dim=0).values[p.argmax(dim=0) != 0] for p in probs]).sort().values
+    threshold = float(ranked[len(ranked) // 2: len(ranked) // 2 + 2].mean())
+    thresholded = DenseCLIP(clip, vocabulary, templates=["a photo of a {}."], background_threshold=threshold,
+                            background_class=0, name_softmax=True)
+    assert thresholded.class_names == plain.class_names and thresholded.num_classes == 4
+    background = []
+    for p, canvas in zip(probs, thresholded._canvases(x)):
+        confidence, best = p.max(dim=0)
+        expected = torch.where(confidence < threshold, 0, best)
+        assert torch.equal(thresholded._finalize(canvas).argmax(dim=0), expected)
+        background.append((expected == 0) & (best != 0))
+    assert any(b.any() for b in background), "the threshold should turn some locations into background"
+    with pytest.raises(ValueError, match="background_class 4 needs a background_threshold"):
+        DenseCLIP(clip, vocabulary, templates=["a {}."], background_threshold=0.3, background_class=4)
+
+
+def test_resnet_towers_refuse_a_vit_head(clip):
+    with pytest.raises(ValueError, match="'sclip' needs a ViT tower"):
+        make(clip, head="sclip")
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    from denseclip.models import TINY_VIT_MODEL
+
+    torch.manual_seed(0)
+    return load_clip(TINY_VIT_MODEL, "random")
+
+
+@pytest.mark.parametrize("head", ["maskclip", "sclip", "clearclip", "naclip"])
+def test_every_head_labels_windows_of_several_images_in_one_forward(tiny_vit, images, head):
+    predictor = make(tiny_vit, head=head, mode="slide", crop_size=64, crop_stride=32, batch_size=5)
+    calls = []
+    predictor._name_logits = lambda batch, forward=predictor._name_logits: calls.append(len(batch)) or forward(batch)
+    together = predictor.label_images(images)
+    assert max(calls) == 5  # windows of different images share a forward
+    for image, (labels, conf) in zip(images, together):
+        alone_labels, alone_conf = predictor.label_images([image])[0]
+        np.testing.assert_array_equal(labels, alone_labels)
+        np.testing.assert_allclose(conf, alone_conf, atol=1e-5)
+    x = predictor.preprocess(images[1][:64, :64])[None]
+    if head != "maskclip":
+        assert not torch.allclose(predictor.logits(x), make(tiny_vit, head="maskclip").logits(x))
 
 
 # ------------------------------------------------------------------ the fast path against the straightforward one
@@ -242,7 +357,8 @@ def test_label_maps_keep_confidence_as_uint8(tiny, scenes):
     (labels_f, confidence_f), = labeler.label_images(scenes[:1])
     np.testing.assert_array_equal(labels, labels_f)
     assert confidence_f.dtype == np.float32
-    np.testing.assert_array_equal(confidence_f, confidence.astype(np.float32) / 255)
+    # label_images keeps the exact probability; label_maps rounds it to the store's 1/255 steps.
+    np.testing.assert_array_equal(confidence, np.round(confidence_f * 255).astype(np.uint8))
 
 
 def test_slide_windows_batched_across_images_equal_one_at_a_time(tiny):
@@ -319,13 +435,15 @@ def test_only_classes_that_can_win_are_upsampled_and_labels_stay_exact(tiny):
     pruned = 0
     for trial in range(40):
         scale = 0.5 if trial % 2 else 5.0  # flat and peaked maps
-        log_probs = (scale * torch.randn(6, 5, 7, generator=generator)).log_softmax(dim=0)
+        scores = scale * torch.randn(6, 5, 7, generator=generator)
+        scores[trial % 6] -= 4 * scale  # one class far behind the others (the others compete everywhere)
+        log_probs = scores.log_softmax(dim=0)
         extent, size = (4.3, 6.0), (37, 51)
         labels, confidence = labeler._labels(log_probs, extent, size)
-        full = labeler._upsample(log_probs, extent, size)
+        full = labeler.upsample(log_probs, extent, size)
         top2 = full.topk(2, dim=0).values
         tie = (top2[0] - top2[1]) < 1e-5
         assert torch.equal(labels.long()[~tie], full.argmax(dim=0)[~tie])
-        assert torch.equal(confidence, full.max(dim=0).values.exp().mul(255).round().to(torch.uint8))
+        assert torch.equal(confidence, full.max(dim=0).values)
         pruned += 6 - int(labeler._possible_winners(labeler._reach(log_probs, extent)).sum())
     assert pruned > 0  # the test saw classes dropped, not only the full path

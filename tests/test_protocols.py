@@ -80,3 +80,60 @@ def test_labels_come_back_at_the_input_size_after_a_resize(monkeypatch, tmp_path
     # 75x100 fits (256, 64) at 64x85, padded to the tower's stride of 32.
     assert predictor.inference_size(75, 100) == (64, 85) and tuple(seen[0]) == (64, 96)
     assert labels.shape == confidence.shape == (75, 100)
+
+
+def test_successors_protocol_as_their_configs_set_it():
+    assert "successors" in protocol_names()
+    voc = LabelerConfig.from_dict({"model": "ViT-B-16", "protocol": "successors"}, dataset="voc")
+    assert (voc.mode, voc.crop_size, voc.crop_stride, voc.effective_resize_to) == ("slide", 224, 112, (2048, 336))
+    assert (voc.templates, voc.synonyms, voc.temperature, voc.background_threshold) == ("imagenet80", True, 65, 0.1)
+    assert voc.name_softmax and not LabelerConfig().name_softmax
+    coco = LabelerConfig.from_dict({"model": "ViT-B-16", "protocol": "successors"}, dataset="coco_stuff")
+    assert (coco.effective_resize_to, coco.temperature, coco.background_threshold) == ((2048, 448), 40, None)
+    free = LabelerConfig.from_dict({"model": "ViT-B-16", "protocol": "successors", "head": "naclip"})
+    assert (free.head, free.temperature, free.background_threshold, free.upsample_topk) == ("naclip", 40, None, None)
+
+
+def test_head_and_synonyms_are_validated_fields():
+    assert LabelerConfig().head == "maskclip" and LabelerConfig().synonyms is False
+    with pytest.raises(ConfigError, match=r"labeler\.head: must be one of maskclip, sclip, clearclip, naclip"):
+        LabelerConfig.from_dict({"model": "ViT-B-16", "head": "segclip"})
+    with pytest.raises(ConfigError, match=r"labeler\.head: needs a ViT model; RN50 is a ResNet"):
+        LabelerConfig.from_dict({"model": "RN50", "head": "sclip"})
+    with pytest.raises(ConfigError, match=r"labeler\.synonyms: must be true or false"):
+        LabelerConfig.from_dict({"synonyms": "yes"})
+    parser = argparse.ArgumentParser()
+    add_labeler_arguments(parser)
+    config = labeler_config_from_args(parser.parse_args(["--model", "ViT-B-16", "--head", "clearclip",
+                                                         "--protocol", "successors"]), dataset="context")
+    assert (config.head, config.synonyms, config.temperature, config.background_threshold) == (
+        "clearclip", True, 50, 0.1)
+
+
+def test_every_paper_dataset_has_its_preset_and_tiny_models_keep_their_resolution():
+    fits = {d: protocol_defaults("paper", d)["resize_to"] for d in ("voc", "voc20", "coco_stuff", "context",
+                                                                    "context59", "synthetic")}
+    assert fits == {"voc": [2048, 512], "voc20": [2048, 512], "coco_stuff": [2048, 512], "context": [520, 520],
+                    "context59": [520, 520], "synthetic": None}
+    assert all(protocol_defaults("paper", d)["upsample_topk"] is None for d in fits)
+    tiny = LabelerConfig.from_dict({"protocol": "paper"}, dataset="voc")
+    assert (tiny.protocol, tiny.effective_resize_to, tiny.upsample_topk) == ("paper", None, None)
+
+
+def test_voc_preset_feeds_a_500x375_image_to_the_network_at_683x512(monkeypatch, tmp_path):
+    monkeypatch.setenv("DENSECLIP_CACHE", str(tmp_path))
+    templates = tmp_path / "one.txt"
+    templates.write_text("a photo of a {}.\n")
+    config = LabelerConfig.from_dict({"model": "RN50", "pretrained": "random", "protocol": "paper",
+                                      "templates": str(templates)}, dataset="voc")
+    predictor = config.build([["cat"], ["dog"]])
+    seen = []
+    hook = predictor.tower.conv1.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
+    image = np.random.default_rng(0).integers(1, 255, (375, 500, 3), dtype=np.uint8)
+    labels, _ = predictor.label_images([image])[0]
+    hook.remove()
+    network_input = seen[0][0]
+    # 683x512, then padded with zeros (the mean colour) to 704 columns, the tower's stride of 32.
+    assert network_input.shape == (3, 512, 704)
+    assert network_input[:, :, 683:].abs().max() == 0 and network_input[:, :, 682].abs().max() > 0
+    assert labels.shape == (375, 500)

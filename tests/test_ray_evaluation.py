@@ -88,7 +88,7 @@ def test_labeler_sweep_matches_single_process(world, cluster):
     make_labeler = functools.partial(build_dense_clip, LabelerConfig(batch_size=4),
                                      get_dataset("synthetic").classes)
     conditions = [CLEAN, Condition("gaussian_noise", 2), Condition("jpeg_compression", 5)]
-    single = score_labeler(iter_ground_truth(world["shards"]), make_labeler(), Evaluation(NUM_CLASSES),
+    single = score_labeler(iter_ground_truth(world["shards"]), make_labeler("cpu"), Evaluation(NUM_CLASSES),
                            conditions, seed=3, batch_size=4)
     distributed = evaluate_on_ray(expand_shards(world["shards"]), Evaluation(NUM_CLASSES), cluster,
                                   make_labeler=make_labeler, conditions=conditions, seed=3, rows_per_call=6)

@@ -14,7 +14,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="module")
 def clip():
     torch.manual_seed(0)
-    return load_clip("RN50")
+    return load_clip("RN50", "random")
 
 
 def test_shipped_template_sets():

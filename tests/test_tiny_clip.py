@@ -1,4 +1,5 @@
-"""The shipped tiny CLIP: small, loads strictly into open_clip, and has learned the synthetic world's captions."""
+"""The shipped tiny CLIPs (ResNet and ViT): small, load strictly into open_clip, and have learned the synthetic
+world's captions; retraining them writes elsewhere unless told to replace them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import pytest
 import torch
 import torch.nn.functional as F
 from pipeline_scripts import load_pipeline
@@ -15,15 +17,16 @@ from safetensors.torch import load_file
 from denseclip.synthetic import CLASS_NAMES, render_scene
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT / "denseclip" / "assets" / "tiny_clip"
+ASSETS = {"denseclip-tiny-shapes": ROOT / "denseclip" / "assets" / "tiny_clip",
+          "denseclip-tiny-shapes-vit": ROOT / "denseclip" / "assets" / "tiny_clip_vit"}
 MODEL_NAME = "denseclip-tiny-shapes"
 HELD_OUT_SEED = 424242  # never used for training (training.json records the training world seed)
 
 
-def _tiny_clip() -> torch.nn.Module:
-    open_clip.add_model_config(ASSETS / f"{MODEL_NAME}.json")
-    model = open_clip.create_model(MODEL_NAME)
-    state = {k: v.float() for k, v in load_file(ASSETS / "model.safetensors").items()}
+def _tiny_clip(name: str) -> torch.nn.Module:
+    open_clip.add_model_config(ASSETS[name] / f"{name}.json")
+    model = open_clip.create_model(name)
+    state = {k: v.float() for k, v in load_file(ASSETS[name] / "model.safetensors").items()}
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -35,20 +38,22 @@ def _images(scenes) -> torch.Tensor:
     return (images - mean) / std
 
 
-def test_checkpoint_is_small_and_documented():
-    assert (ASSETS / "model.safetensors").stat().st_size <= 20 * 1024 * 1024
-    record = json.loads((ASSETS / "training.json").read_text())
-    assert record["model"] == MODEL_NAME and record["world_seed"] != HELD_OUT_SEED
+@pytest.mark.parametrize("name", ASSETS)
+def test_checkpoint_is_small_and_documented(name):
+    assert (ASSETS[name] / "model.safetensors").stat().st_size <= 20 * 1024 * 1024
+    record = json.loads((ASSETS[name] / "training.json").read_text())
+    assert record["model"] == name and record["world_seed"] != HELD_OUT_SEED
     assert record["command"].startswith("python pipelines/train_tiny_clip.py")
 
 
-def test_checkpoint_loads_strictly_and_retrieves_single_object_captions():
+@pytest.mark.parametrize("name", ASSETS)
+def test_checkpoint_loads_strictly_and_retrieves_single_object_captions(name):
     torch.set_num_threads(1)
-    model = _tiny_clip()
-    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+    model = _tiny_clip(name)
+    tokenizer = open_clip.get_tokenizer(name)
     scenes = [s for s in (render_scene(HELD_OUT_SEED, i) for i in range(160)) if len(s.objects) == 1][:40]
     truth = torch.tensor([s.objects[0]["label"] for s in scenes])
-    prompts = [f"there is a {name}." for name in CLASS_NAMES]
+    prompts = [f"there is a {cls}." for cls in CLASS_NAMES]
     with torch.no_grad():
         image_features = F.normalize(model.encode_image(_images(scenes)), dim=-1)
         text_features = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
@@ -60,12 +65,25 @@ def test_checkpoint_loads_strictly_and_retrieves_single_object_captions():
 def test_training_script_writes_a_loadable_checkpoint(tmp_path):
     train = load_pipeline("train_tiny_clip")
     torch.set_num_threads(1)
-    train.main(["--out", str(tmp_path), "--steps", "2", "--batch-size", "8", "--log-every", "1"])
+    name = "denseclip-tiny-shapes-vit"
+    train.main(["--model", name, "--out", str(tmp_path), "--steps", "2", "--batch-size", "8", "--log-every", "1"])
     record = json.loads((tmp_path / "training.json").read_text())
-    assert record["steps"] == 2 and np.isfinite(record["final_loss"])
-    open_clip.add_model_config(tmp_path / f"{MODEL_NAME}.json")
-    model = open_clip.create_model(MODEL_NAME)
+    assert record["steps"] == 2 and np.isfinite(record["final_loss"]) and record["model"] == name
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    model = open_clip.create_model(name)
     model.load_state_dict({k: v.float() for k, v in load_file(tmp_path / "model.safetensors").items()}, strict=True)
+
+
+def test_retraining_writes_elsewhere_unless_told_to_replace_the_shipped_weights(capsys):
+    train = load_pipeline("train_tiny_clip")
+    assert train.parse_args([]).out == Path("runs/tiny_clip/denseclip-tiny-shapes")
+    assert train.parse_args(["--model", "denseclip-tiny-shapes-vit"]).out == Path(
+        "runs/tiny_clip/denseclip-tiny-shapes-vit")
+    shipped = str(ASSETS["denseclip-tiny-shapes"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", shipped])
+    assert "would replace the shipped weights" in capsys.readouterr().err
+    assert train.parse_args(["--out", shipped, "--overwrite-shipped"]).out == Path(shipped)
 
 
 def test_soft_targets_treat_repeated_captions_as_positives():

@@ -7,6 +7,7 @@ pixels the loss must skip, class scores ``(B, K, H, W)`` log-probabilities (or l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,11 +23,13 @@ REFINE_DILATIONS = (1, 2, 4, 6, 12)
 
 
 class DenseCLIPTeacher:
-    """A frozen DenseCLIP giving pseudo-label scores for training batches (on the fly, so they stay aligned
-    with whatever augmentation the batch went through, or once for a whole training set).
+    """A frozen DenseCLIP giving pseudo labels for training batches (on the fly, so they stay aligned with
+    whatever augmentation the batch went through, or once for a whole training set), refined along image
+    edges by :func:`refine_with_image` when ``refine_iterations`` > 0.
 
-    ``log_probs(images)``: ``(B, 3, H, W)`` float RGB in [0, 1] -> ``(B, K, H, W)`` log-probabilities,
-    refined along image edges by :func:`refine_with_image` when ``refine_iterations`` > 0.
+    Class probabilities are computed at feature resolution, and only the classes that rank in the top
+    ``predictor.upsample_topk`` somewhere in the batch (all with None), as the labeller does, are upsampled to
+    the image and refined: a crop labelled with a 171-class vocabulary never holds 171 full-size score maps.
     """
 
     def __init__(self, predictor: DenseCLIP, refine_iterations: int = 0) -> None:
@@ -35,14 +38,49 @@ class DenseCLIPTeacher:
         self.refine_iterations = refine_iterations
 
     @torch.no_grad()
-    def log_probs(self, images: torch.Tensor) -> torch.Tensor:
+    def pseudo_labels(self, images: torch.Tensor, class_ids: Sequence[int] | None = None,
+                      threshold: float | None = None,
+                      ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+        """DenseCLIP's argmax labels of ``images``, optionally among ``class_ids`` only.
+
+        With ``predictor.upsample_topk`` None this is exactly :func:`pseudo_labels` of every class's
+        log-probabilities upsampled to full size (and refined); otherwise only the candidate classes are, and
+        a class that ranks in no location's top-k never wins.
+
+        Args:
+            images: ``(B, 3, H, W)`` float RGB in [0, 1], all of one size (a training batch).
+            class_ids: the classes the argmax may choose (the unseen ones in the zero-shot setting).
+            threshold: pixels whose confidence is below it become ``ignore_index``.
+        Returns:
+            ``(labels (B, H, W) int64, confidence (B, H, W) float in [0, 1])`` on the device of ``images``;
+            the confidence is the winner's (refined) probability renormalised among the classes upsampled
+            (as :func:`pseudo_labels` renormalises among ``class_ids``).
+        """
         p = self.predictor
-        images = images.to(p.mean.device)
-        log_probs = p.logits((images - p.mean) / p.std)
+        size = tuple(images.shape[-2:])
+        pixels = images.to(p.mean.device)
+        per_image = p.feature_log_probs((pixels - p.mean) / p.std)
+        extent = per_image[0][1]
+        log_probs = torch.stack([lp for lp, _ in per_image])  # (B, K, hc, wc)
+        classes = torch.arange(log_probs.shape[1], device=log_probs.device)
+        if class_ids is not None:
+            classes = torch.as_tensor(list(class_ids), dtype=torch.long, device=log_probs.device)
+            log_probs = log_probs.index_select(1, classes)
+        topk = p.upsample_topk
+        if topk is not None and topk < len(classes):
+            rows, cols = math.ceil(extent[0]), math.ceil(extent[1])
+            # One host sync per batch: the number of candidate classes decides the upsampled tensor's size.
+            candidates = log_probs[:, :, :rows, :cols].topk(topk, dim=1).indices.unique()
+            log_probs, classes = log_probs.index_select(1, candidates), classes[candidates]
+        b, c = log_probs.shape[:2]
+        log_probs = p.upsample(log_probs.flatten(0, 1), extent, size).view(b, c, *size)
         if self.refine_iterations:
-            probs = refine_with_image(log_probs.exp(), images, self.refine_iterations)
-            log_probs = probs.clamp_min(1e-8).log()
-        return log_probs.to(images.device)
+            log_probs = refine_with_image(log_probs.exp(), pixels, self.refine_iterations).clamp_min(1e-8).log()
+        index, confidence = pseudo_labels(log_probs)  # among the upsampled classes
+        labels = classes[index]
+        if threshold is not None:
+            labels = labels.masked_fill(confidence < threshold, ignore_index)
+        return labels.to(images.device), confidence.to(images.device)
 
 
 def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, height: int, width: int) -> torch.Tensor:
@@ -124,17 +162,25 @@ def keep_classes(labels: torch.Tensor, class_ids: Sequence[int], ignore_index: i
 
 def zero_shot_merge(ground_truth: torch.Tensor, unseen_labels: torch.Tensor, unseen_ids: Sequence[int],
                     ignore_index: int = 255) -> torch.Tensor:
-    """Transductive zero-shot targets: seen-class pixels keep their ground truth; every other pixel (unseen
-    class or unannotated) takes its pseudo label if that is an unseen class, else ``ignore_index``.
+    """Transductive zero-shot targets, as the official code builds them: seen-class pixels keep their ground
+    truth; pixels annotated with an unseen class take their pseudo label if that is an unseen class, else
+    ``ignore_index``; unannotated pixels (``ignore_index``: VOC's object boundaries, COCO-Stuff's
+    "unlabelled") stay ignored.
+
+    The annotation says only *that* a pixel is unseen (the official data pipeline turns every unseen class
+    into one "unlabelled" value before the head sees it), never *which* unseen class: the result is the same
+    whichever unseen class the ground truth names.
 
     Args:
-        ground_truth: ``(B, H, W)`` int64 full annotation; its unseen classes are hidden here, so no unseen
-            ground truth can reach the loss.
+        ground_truth: ``(B, H, W)`` int64 full annotation.
         unseen_labels: ``(B, H, W)`` int64 pseudo labels, normally ``pseudo_labels(scores, unseen_ids)``.
+    Returns:
+        ``(B, H, W)`` int64 targets; ``ignore_index`` wherever ``ground_truth`` is ``ignore_index``.
     """
-    seen_truth = hide_unseen(ground_truth, unseen_ids, ignore_index)
+    unseen = torch.isin(ground_truth, torch.as_tensor(list(unseen_ids), dtype=ground_truth.dtype,
+                                                      device=ground_truth.device))
     fill = keep_classes(unseen_labels, unseen_ids, ignore_index)
-    return torch.where(seen_truth != ignore_index, seen_truth, fill)
+    return torch.where(unseen, fill, ground_truth)
 
 
 def label_training_set(teacher: DenseCLIPTeacher, images: np.ndarray, class_ids: Sequence[int] | None = None,
@@ -152,7 +198,7 @@ def label_training_set(teacher: DenseCLIPTeacher, images: np.ndarray, class_ids:
     labels, confidence = [], []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 255
-        lab, conf = pseudo_labels(teacher.log_probs(batch), class_ids)
+        lab, conf = teacher.pseudo_labels(batch, class_ids)
         labels.append(lab.cpu().numpy().astype(label_dtype))
         confidence.append(conf.cpu().numpy().astype(np.float32))
     return np.concatenate(labels), np.concatenate(confidence)

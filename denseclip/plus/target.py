@@ -1,30 +1,36 @@
 """The DenseCLIP+ target: a segmentation network whose classifier is fixed to the DenseCLIP text embeddings.
 
-A backbone (torchvision ResNet-50/101 or the CLIP ResNet image tower itself, dilated) feeds a head (DeepLab v2
-ASPP, v3+ ASPP with a decoder, or CLIP's own dense head with a refinement) that projects into CLIP's joint
-space; the features are L2-normalised and scored against the normalised class embeddings by a 1x1
-convolution, times a temperature. The classifier weights are buffers (never trained), so the trained network
-stays open-vocabulary.
+A backbone (torchvision ResNet-50/101, the same with MMSegmentation's ResNetV1c deep stem, or the CLIP image
+tower itself: a ResNet dilated, or a ViT with its dense head) feeds a head (DeepLabv2 ASPP, v3+ ASPP with a
+decoder, or CLIP's own dense head with a refinement) that projects into CLIP's joint space; a 1x1 convolution
+with the class embeddings scores it: a raw dot product as the official head does, or a temperature-scaled
+cosine. The classifier weights are buffers (never trained), so the trained network stays open-vocabulary.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import VisionTransformer
 from torch import nn
 from torchvision.models import resnet50, resnet101
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
+from denseclip.dense import dense_features
+from denseclip.images import check_rgb_image
 from denseclip.models import LoadedCLIP, read_state_dict
 
-BACKBONES = ("clip", "resnet50", "resnet101")
+BACKBONES = ("clip", "resnet50", "resnet101", "resnet50_v1c", "resnet101_v1c")
 HEADS = ("deeplabv2", "deeplabv3plus", "clip_dense")
+CLASSIFIERS = ("dot_product", "cosine")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _LOW_LEVEL_CHANNELS = 48  # DeepLabv3+'s reduction of the stride-4 features
@@ -35,23 +41,28 @@ class TargetConfig:
     """Which target network to build (validated by ``denseclip.plus.training.TrainingConfig``).
 
     Attributes:
-        backbone: ``clip`` (the CLIP ResNet image tower itself, see ``ClipTrunk``), ``resnet50`` or
-            ``resnet101``.
+        backbone: ``clip`` (the CLIP image tower itself: ``ClipTrunk`` for ResNets, ``ClipViTTrunk`` for ViTs),
+            ``resnet50`` / ``resnet101`` (torchvision's, 7x7 stem) or ``resnet50_v1c`` / ``resnet101_v1c`` (the
+            same with MMSegmentation's ResNetV1c deep stem of three 3x3 convolutions, as the official configs
+            use; its ``open-mmlab://resnet101_v1c`` checkpoint loads by path, see ``ResNetTrunk``).
         head: ``deeplabv2`` (sum of dilated 3x3 convolutions), ``deeplabv3plus`` (ASPP + stride-4 decoder) or
             ``clip_dense`` (CLIP's own dense head + a stride-4 refinement, so training starts from DenseCLIP's
             predictions; needs backbone ``clip``).
         backbone_weights: ``None`` random init; ``"clip"`` copy the given CLIP's tower (backbone ``clip``);
             otherwise a local path / URL of a state dict (safetensors or weights-only torch), e.g. ImageNet
             ResNet weights; nothing is downloaded.
-        output_stride: 8 or 16, stride of the backbone's last features (dilation instead of striding).
+        output_stride: 8 or 16, stride of the backbone's last features (dilation instead of striding; a ViT
+            tower keeps its patch size).
         aspp_rates: dilation rates of the ASPP branches (None: DeepLab's defaults for the head and stride).
         head_channels: width of the v3+ ASPP and decoder, and of the ``clip_dense`` refinement.
-        temperature: logit scale on the cosine similarities.
+        classifier: ``dot_product`` (the official head: features . text embeddings, no normalisation, no
+            temperature) or ``cosine`` (``temperature`` x cosine similarity).
+        temperature: logit scale of the ``cosine`` classifier.
         freeze_backbone: keep the backbone's weights and normalisation statistics as initialised (only the
             head learns); with the CLIP trunk this keeps what CLIP knows from being overwritten by noisy
             labels.
-        learn_background: replace the background class's text embedding with a learnable one (initialised
-            from it); needs ``background_index``.
+        learn_background: replace the background class's text embedding with a learnable one, randomly
+            initialised (the official ``cls_bg``); needs ``background_index``.
         background_index: class id of background, or None.
     """
 
@@ -61,6 +72,7 @@ class TargetConfig:
     output_stride: int = 8
     aspp_rates: tuple[int, ...] | None = None
     head_channels: int = 256
+    classifier: str = "dot_product"
     temperature: float = 50.0
     freeze_backbone: bool = False
     learn_background: bool = False
@@ -77,36 +89,44 @@ class TargetConfig:
 
 
 class TextClassifier(nn.Module):
-    """Fixed open-vocabulary classifier: ``(B, D, h, w)`` features -> ``(B, K, h, w)`` logits.
+    """Fixed open-vocabulary classifier: ``(B, D, h, w)`` features -> ``(B, K, h, w)`` logits, max over each
+    class's names.
 
-    Scores are ``temperature * cos(feature, name embedding)``, max over each class's names.
+    ``kind="dot_product"`` (the official head): ``logit = feature . name embedding``, the features as the head
+    gives them, no temperature; ``kind="cosine"``: ``temperature * cos(feature, name embedding)``.
+    The name embeddings are L2-normalised either way (as the official text embeddings are).
 
     Args:
-        embeddings: ``(N, D)`` text embeddings, one per name (normalised here).
+        embeddings: ``(N, D)`` text embeddings, one per name.
         class_of_name: ``(N,)`` int64 class id of each name (None: one name per class).
-        temperature: logit scale.
-        learn_background: the names of class ``background_index`` share one learnable embedding.
+        kind: one of :data:`CLASSIFIERS`.
+        temperature: logit scale of ``cosine``.
+        learn_background: the names of class ``background_index`` share one learnable embedding, randomly
+            initialised (``torch.randn``, as the official ``bg_embeddings``) and L2-normalised when used.
     """
 
     def __init__(self, embeddings: torch.Tensor, class_of_name: torch.Tensor | None = None,
-                 temperature: float = 50.0, learn_background: bool = False,
+                 kind: str = "dot_product", temperature: float = 50.0, learn_background: bool = False,
                  background_index: int | None = 0) -> None:
         super().__init__()
+        if kind not in CLASSIFIERS:
+            raise ValueError(f"classifier kind must be one of {', '.join(CLASSIFIERS)}, got {kind!r}")
         embeddings = F.normalize(embeddings.detach().float(), dim=-1)
         if class_of_name is None:
-            class_of_name = torch.arange(len(embeddings))
+            class_of_name = torch.arange(len(embeddings), device=embeddings.device)
         self.register_buffer("embeddings", embeddings.clone())
         self.register_buffer("class_of_name", class_of_name.detach().long().clone())
         self.num_classes = int(self.class_of_name.max()) + 1
-        self.one_name_per_class = torch.equal(self.class_of_name, torch.arange(self.num_classes))
-        self.temperature = temperature
+        # The buffers may already be on a GPU (a DenseCLIP teacher's embeddings): compare on their device.
+        one_per_class = torch.arange(self.num_classes, device=self.class_of_name.device)
+        self.one_name_per_class = torch.equal(self.class_of_name, one_per_class)
+        self.kind, self.temperature = kind, temperature
         self.background = None
         if learn_background:
             if background_index is None:
                 raise ValueError("learn_background needs a background_index")
-            is_background = self.class_of_name == background_index
-            self.register_buffer("is_background", is_background)
-            self.background = nn.Parameter(embeddings[is_background].mean(dim=0))
+            self.register_buffer("is_background", self.class_of_name == background_index)
+            self.background = nn.Parameter(torch.randn(embeddings.shape[1], device=embeddings.device))
 
     def weight(self) -> torch.Tensor:
         """``(N, D)`` normalised name embeddings, the learnable background substituted."""
@@ -116,13 +136,15 @@ class TextClassifier(nn.Module):
         return torch.where(self.is_background[:, None], background, self.embeddings)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        cosine = F.conv2d(F.normalize(features, dim=1), self.weight()[:, :, None, None])
-        if self.one_name_per_class:
-            return self.temperature * cosine
-        b, _, h, w = cosine.shape
-        index = self.class_of_name.view(1, -1, 1, 1).expand_as(cosine)
-        per_class = cosine.new_full((b, self.num_classes, h, w), -2.0)
-        return self.temperature * per_class.scatter_reduce(1, index, cosine, reduce="amax")
+        if self.kind == "cosine":
+            features = F.normalize(features, dim=1)
+        scores = F.conv2d(features, self.weight()[:, :, None, None])
+        if not self.one_name_per_class:
+            b, _, h, w = scores.shape
+            index = self.class_of_name.view(1, -1, 1, 1).expand_as(scores)
+            scores = scores.new_zeros((b, self.num_classes, h, w)).scatter_reduce(
+                1, index, scores, reduce="amax", include_self=False)
+        return self.temperature * scores if self.kind == "cosine" else scores
 
 
 class ClipTrunk(nn.Module):
@@ -172,33 +194,89 @@ class ClipTrunk(nn.Module):
         return features
 
 
+class ClipViTTrunk(nn.Module):
+    """A CLIP ViT tower as a segmentation backbone: its dense features with the given dense head (the teacher's,
+    so ``clip_dense`` starts from the teacher's predictions) at the patch stride, and as low-level features the
+    image's 4x4 pixel blocks (space-to-depth; a ViT has no stride-4 maps, and the refinement learns edges from
+    them).
+    ``forward``: ``(B, 3, H, W)`` normalised, H and W multiples of the patch size and of 4 ->
+    ``{"low": (B, 48, H/4, W/4), "high": (B, D, H/p, W/p), "dense": the same features}``.
+    """
+
+    def __init__(self, visual: VisionTransformer, head: str) -> None:
+        super().__init__()
+        self.visual = copy.deepcopy(visual).float()
+        self.head = head
+        self.low_channels, self.high_channels = 3 * 4 * 4, visual.output_dim
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        dense = dense_features(self.visual, x, head=self.head)
+        return {"low": F.pixel_unshuffle(x, 4), "high": dense, "dense": dense}
+
+
 class ResNetTrunk(nn.Module):
-    """A torchvision ResNet-50/101, dilated to ``output_stride``: same output dict as :class:`ClipTrunk`."""
+    """A torchvision ResNet-50/101 dilated to ``output_stride``: same output dict as :class:`ClipTrunk`.
+
+    torchvision's dilation keeps the first block of a dilated layer at the previous rate, which is what
+    MMSegmentation's ``contract_dilation=True`` does, so ``resnet101`` at stride 8 is the official
+    ``ResNetV1c`` (dilations 1, 1, 2, 4) except for the stem. The ``_v1c`` names swap torchvision's 7x7
+    stem for ResNetV1c's deep one (3x3 convolutions 3->32 (stride 2) -> 32 -> 64, each with batch norm and
+    ReLU), under the module names of MMSegmentation's checkpoints (``stem.0``, ``stem.1``, ..., ``stem.7``;
+    the layers already share torchvision's names), so ``open-mmlab://resnet101_v1c`` loads by path as it is.
+    """
 
     def __init__(self, name: str, output_stride: int = 8) -> None:
         super().__init__()
+        depth = name.removesuffix("_v1c")
         dilation = [False, output_stride == 8, True]
-        net = {"resnet50": resnet50, "resnet101": resnet101}[name](weights=None,
-                                                                    replace_stride_with_dilation=dilation)
-        self.body = IntermediateLayerGetter(net, return_layers={"layer1": "low", "layer4": "high"})
+        net = {"resnet50": resnet50, "resnet101": resnet101}[depth](weights=None,
+                                                                     replace_stride_with_dilation=dilation)
+        if name.endswith("_v1c"):
+            stem = [("stem", _deep_stem())]
+        else:
+            stem = [("conv1", net.conv1), ("bn1", net.bn1), ("relu", net.relu)]
+        layers = [(n, getattr(net, n)) for n in ("maxpool", "layer1", "layer2", "layer3", "layer4")]
+        self.body = IntermediateLayerGetter(nn.Sequential(OrderedDict(stem + layers)),
+                                            return_layers={"layer1": "low", "layer4": "high"})
         self.low_channels, self.high_channels = 256, 2048
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(self.body(x))
 
 
+def _deep_stem(channels: int = 64) -> nn.Sequential:
+    widths = [3, channels // 2, channels // 2, channels]
+    layers: list[nn.Module] = []
+    for i, (c_in, c_out) in enumerate(itertools.pairwise(widths)):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2 if i == 0 else 1, padding=1, bias=False),
+                   nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
 class DeepLabV2Head(nn.Module):
-    """DeepLabv2's ASPP: the sum of dilated 3x3 convolutions of the last features, here into CLIP's space.
-    ``{"high": (B, C, h, w)}`` -> ``(B, D, h, w)``."""
+    """DeepLabv2's ASPP as the official head (MMSegmentation's ``ASPPHeadV2`` under ``MaskClipPlusHead``) builds
+    it: one branch per rate, each a convolution (3x3 dilated by the rate; 1x1 for rate 1) without bias,
+    batch norm and ReLU, straight into CLIP's space (its width is the text embedding's); the branches are
+    summed. ``{"high": (B, C, h, w)}`` -> ``(B, D, h, w)``."""
 
     def __init__(self, in_channels: int, embed_dim: int, rates: tuple[int, ...]) -> None:
         super().__init__()
-        self.branches = nn.ModuleList(nn.Conv2d(in_channels, embed_dim, 3, padding=r, dilation=r)
-                                      for r in rates)
+        self.branches = nn.ModuleList(_aspp_branch(in_channels, embed_dim, r) for r in rates)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         high = features["high"]
         return sum(branch(high) for branch in self.branches)
+
+
+def _aspp_branch(in_channels: int, out_channels: int, rate: int) -> nn.Sequential:
+    kernel = 1 if rate == 1 else 3
+    conv = nn.Conv2d(in_channels, out_channels, kernel, padding=0 if rate == 1 else rate, dilation=rate,
+                     bias=False)
+    # mmcv's ConvModule initialisation: Kaiming normal (fan out, ReLU gain); batch norm starts at 1 / 0.
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 class DeepLabV3PlusHead(nn.Module):
@@ -270,8 +348,9 @@ class SegmentationTarget(nn.Module):
                  mean: tuple[float, ...], std: tuple[float, ...], freeze_backbone: bool = False) -> None:
         super().__init__()
         self.backbone, self.head, self.classifier = backbone, head, classifier
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        device = classifier.embeddings.device
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1))
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
@@ -318,9 +397,7 @@ class SegmentationTarget(nn.Module):
         results = []
         for start in range(0, len(images), batch_size):
             for image in images[start:start + batch_size]:
-                if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                    raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} "
-                                     f"{image.dtype}")
+                check_rgb_image(image)
             chunk = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float() / 255
                      for im in images[start:start + batch_size]]
             same_size = all(c.shape == chunk[0].shape for c in chunk)
@@ -332,10 +409,25 @@ class SegmentationTarget(nn.Module):
         return results
 
 
-def _clip_visual(clip: LoadedCLIP | None) -> ModifiedResNet:
+def _clip_visual(clip: LoadedCLIP | None) -> ModifiedResNet | VisionTransformer:
     visual = getattr(clip.model, "visual", None) if clip is not None else None
-    if not isinstance(visual, ModifiedResNet):
-        raise TypeError("backbone 'clip' needs a loaded ResNet CLIP (e.g. RN50 or denseclip-tiny-shapes)")
+    if not isinstance(visual, (ModifiedResNet, VisionTransformer)):
+        raise TypeError("backbone 'clip' needs a loaded ResNet or ViT CLIP (e.g. RN50, denseclip-tiny-shapes, "
+                        "ViT-B-16 or denseclip-tiny-shapes-vit)")
+    return visual
+
+
+def _reinitialised(visual: nn.Module) -> nn.Module:
+    """A copy of a CLIP tower with every weight drawn anew: its architecture, none of what it learnt."""
+    visual = copy.deepcopy(visual)
+    for module in visual.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            module._reset_parameters()
+        elif isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.LayerNorm)):
+            module.reset_parameters()
+    for name in ("class_embedding", "positional_embedding", "proj"):  # a ViT's parameters outside its layers
+        if isinstance(getattr(visual, name, None), nn.Parameter):
+            nn.init.normal_(getattr(visual, name), std=visual.transformer.width ** -0.5)
     return visual
 
 
@@ -349,19 +441,20 @@ def _load_backbone_weights(backbone: nn.Module, url: str) -> None:
 
 def build_target(config: TargetConfig, class_embeddings: torch.Tensor,
                  class_of_name: torch.Tensor | None = None,
-                 clip: LoadedCLIP | None = None) -> SegmentationTarget:
+                 clip: LoadedCLIP | None = None, clip_head: str = "maskclip") -> SegmentationTarget:
     """The target network for ``config`` with its classifier fixed to ``class_embeddings`` ``(N, D)``
     (one row per name; ``class_of_name (N,)`` maps names to classes, None: one name per class).
 
-    ``clip`` supplies the trunk (backbone ``clip``) and its mean/std; unused otherwise.
+    ``clip`` supplies the trunk (backbone ``clip``) and its mean/std; unused otherwise. ``clip_head``: the dense
+    head of a ViT trunk (``denseclip.dense.HEADS``).
     """
-    if config.backbone == "clip":
-        visual = _clip_visual(clip)
-        if config.backbone_weights is None:
-            visual = copy.deepcopy(visual)
-            for module in visual.modules():
-                if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
-                    module.reset_parameters()
+    visual = _clip_visual(clip) if config.backbone == "clip" else None
+    if visual is not None and config.backbone_weights is None:
+        visual = _reinitialised(visual)
+    if isinstance(visual, VisionTransformer):
+        backbone = ClipViTTrunk(visual, clip_head)
+        mean, std = clip.mean, clip.std
+    elif visual is not None:
         backbone = ClipTrunk(visual, config.output_stride, dense=config.head == "clip_dense")
         mean, std = clip.mean, clip.std
     else:
@@ -377,6 +470,6 @@ def build_target(config: TargetConfig, class_embeddings: torch.Tensor,
     else:
         head = DeepLabV3PlusHead(backbone.low_channels, backbone.high_channels, embed_dim, config.rates(),
                                  config.head_channels)
-    classifier = TextClassifier(class_embeddings, class_of_name, config.temperature, config.learn_background,
-                                config.background_index)
+    classifier = TextClassifier(class_embeddings, class_of_name, config.classifier, config.temperature,
+                                config.learn_background, config.background_index)
     return SegmentationTarget(backbone, head, classifier, mean, std, config.freeze_backbone)

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from denseclip.config import ConfigError
-from denseclip.plus.losses import segmentation_loss
-from denseclip.plus.pseudo_labels import DenseCLIPTeacher, pseudo_labels, zero_shot_merge
-from denseclip.plus.target import BACKBONES, HEADS, SegmentationTarget, TargetConfig
+from denseclip.plus.amp import FP32, TRAINING_PRECISIONS, MixedPrecision
+from denseclip.plus.losses import LOSS_AVERAGES, segmentation_loss
+from denseclip.plus.pseudo_labels import DenseCLIPTeacher, hide_unseen, pseudo_labels, zero_shot_merge
+from denseclip.plus.target import BACKBONES, CLASSIFIERS, HEADS, SegmentationTarget, TargetConfig
 
-SETTINGS = ("annotation_free", "zero_shot")
+SETTINGS = ("annotation_free", "zero_shot", "seen_only")
 PSEUDO_LABEL_SOURCES = ("on_the_fly", "precomputed")
 IGNORE_INDEX = 255
 PAD_VALUE = 0.5  # image value of padding (mid grey); padded pixels are never supervised
@@ -37,8 +38,10 @@ class TrainingConfig:
     """One DenseCLIP+ run: setting, pseudo labels, schedule and augmentation.
 
     Attributes:
-        setting: ``annotation_free`` (pseudo labels only) or ``zero_shot`` (transductive: seen-class ground
-            truth + pseudo labels among the unseen classes elsewhere).
+        setting: ``annotation_free`` (pseudo labels only), ``zero_shot`` (transductive: seen-class ground
+            truth + pseudo labels among the unseen classes on the pixels annotated unseen) or ``seen_only``
+            (the paper's Table 2a baseline: seen-class ground truth alone, unseen pixels ignored, no pseudo
+            labels; the fixed text classifier still scores every class).
         iterations: optimisation steps in total.
         guided_iterations: N_g, steps of guided learning on DenseCLIP pseudo labels (None: iterations // 10).
         self_training: after N_g, train on the target's own predictions (else keep the DenseCLIP guidance).
@@ -55,10 +58,17 @@ class TrainingConfig:
         photometric_distortion: MMSegmentation's ``PhotoMetricDistortion`` (default strengths) on the image
             after crop and flip, never on the label maps: brightness, contrast, saturation and hue, each with
             probability 0.5 (see ``photometric_distortion``).
-        lr, head_lr_multiplier: base learning rate of the backbone and the factor for the new layers.
+        lr, head_lr_multiplier: base learning rate of the backbone and the factor for the new layers (1: one
+            rate for all, as the official configs train).
         momentum, weight_decay: SGD's.
-        poly_power: the poly schedule ``lr * (1 - step / iterations) ** power``.
+        poly_power, min_lr: the poly schedule ``(lr - min_lr) * (1 - step / iterations) ** power + min_lr``
+            (mmcv's, which the official configs use with ``min_lr=1e-4``).
+        loss_average: ``all_pixels`` (MMSegmentation 0.x, the official code: the summed cross-entropy over
+            every pixel of the batch, ignored and padded ones included) or ``labelled_pixels`` (over the
+            pixels that carry a label); see ``losses.segmentation_loss``.
         seed: seed of initialisation and augmentation.
+        precision: the training step's autocast: ``bf16``, ``fp16`` (with loss scaling), ``fp32``, or ``auto``
+            (bf16 on GPUs that have it, else fp16; fp32 on CPUs). See ``denseclip.plus.amp``.
         target: the target network (see ``TargetConfig``).
     """
 
@@ -76,11 +86,14 @@ class TrainingConfig:
     resize_to: tuple[int, int] | None = None
     photometric_distortion: bool = False
     lr: float = 0.01
-    head_lr_multiplier: float = 10.0
+    head_lr_multiplier: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
     poly_power: float = 0.9
+    min_lr: float = 1e-4
+    loss_average: str = "all_pixels"
     seed: int = 0
+    precision: str = "auto"
     target: TargetConfig = field(default_factory=TargetConfig)
 
     @classmethod
@@ -101,6 +114,11 @@ class TrainingConfig:
         config = cls(**values, target=TargetConfig(**target))
         config.validate(where)
         return config
+
+    @property
+    def uses_pseudo_labels(self) -> bool:
+        """Whether DenseCLIP's pseudo labels train the target (all but the seen-only baseline)."""
+        return self.setting != "seen_only"
 
     @property
     def num_guided(self) -> int:
@@ -125,8 +143,12 @@ class TrainingConfig:
 
         if self.setting not in SETTINGS:
             fail("setting", f"must be one of {', '.join(SETTINGS)}")
+        if self.setting == "seen_only" and self.self_training is not False:
+            fail("self_training", "must be false with setting seen_only (it trains on ground truth alone)")
         if self.pseudo_labels not in PSEUDO_LABEL_SOURCES:
             fail("pseudo_labels", f"must be one of {', '.join(PSEUDO_LABEL_SOURCES)}")
+        if self.loss_average not in LOSS_AVERAGES:
+            fail("loss_average", f"must be one of {', '.join(LOSS_AVERAGES)}")
         for name in ("iterations", "batch_size", "crop_size"):
             if not (integer(getattr(self, name)) and getattr(self, name) > 0):
                 fail(name, "must be a positive integer")
@@ -147,16 +169,22 @@ class TrainingConfig:
             fail("resize_to", "must be two positive integers [long, short] or null")
         if not isinstance(self.photometric_distortion, bool):
             fail("photometric_distortion", "must be true or false")
+        if self.precision not in TRAINING_PRECISIONS:
+            fail("precision", f"must be one of {', '.join(TRAINING_PRECISIONS)}")
         for name in ("lr", "head_lr_multiplier", "poly_power"):
             if not (number(getattr(self, name)) and getattr(self, name) > 0):
                 fail(name, "must be a number > 0")
         for name in ("momentum", "weight_decay"):
             if not (number(getattr(self, name)) and getattr(self, name) >= 0):
                 fail(name, "must be a number >= 0")
+        if not (number(self.min_lr) and 0 <= self.min_lr <= self.lr):
+            fail("min_lr", f"must be a number in [0, lr={self.lr}]")
         if target.backbone not in BACKBONES:
             fail_target("backbone", f"must be one of {', '.join(BACKBONES)}")
         if target.head not in HEADS:
             fail_target("head", f"must be one of {', '.join(HEADS)}")
+        if target.classifier not in CLASSIFIERS:
+            fail_target("classifier", f"must be one of {', '.join(CLASSIFIERS)}")
         if target.output_stride not in (8, 16):
             fail_target("output_stride", "must be 8 or 16")
         if target.head == "clip_dense" and target.backbone != "clip":
@@ -237,9 +265,13 @@ def augment(image: torch.Tensor, maps: dict[str, torch.Tensor], rng: np.random.G
     """Random resize (``resize_factor``), crop and flip applied jointly to an image and its per-pixel maps,
     then, if ``config.photometric_distortion``, ``photometric_distortion`` of the image alone.
 
+    Everything happens on the device of ``image`` and ``maps`` (a training worker's GPU); only the random
+    parameters come from ``rng`` on the host, so no step waits for the device.
+
     Args:
         image: ``(3, H, W)`` float in [0, 1].
-        maps: ``(H, W)`` label maps (integer: padded with 255), confidences (float: padded with 0) or masks.
+        maps: ``(H, W)`` label maps (integer: padded with 255), confidences (float: padded with 0) or masks, on
+            the image's device.
         rng: the source of randomness (seed it per sample for reproducible runs).
     Returns:
         ``image (3, c, c)`` float in [0, 1] (padding ``PAD_VALUE`` before any photometric distortion),
@@ -248,7 +280,7 @@ def augment(image: torch.Tensor, maps: dict[str, torch.Tensor], rng: np.random.G
     height, width = image.shape[-2:]
     scale = resize_factor(height, width, rng, config)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    maps = {**maps, "valid": torch.ones((height, width), dtype=torch.bool)}
+    maps = {**maps, "valid": torch.ones((height, width), dtype=torch.bool, device=image.device)}
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
                           antialias=scale < 1)[0]
     maps = {k: F.interpolate(v[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(v.dtype)
@@ -316,33 +348,46 @@ def in_self_training(step: int, config: TrainingConfig) -> bool:
     return config.self_training and step >= config.num_guided
 
 
+def phase(step: int, config: TrainingConfig) -> str:
+    """What trains the target at ``step``: ``guided`` (DenseCLIP's pseudo labels), ``self_training`` (its own)
+    or ``seen_only`` (ground truth of the seen classes alone)."""
+    if not config.uses_pseudo_labels:
+        return "seen_only"
+    return "self_training" if in_self_training(step, config) else "guided"
+
+
 @torch.no_grad()
-def _own_scores(model: SegmentationTarget, images: torch.Tensor) -> torch.Tensor:
+def _own_scores(model: SegmentationTarget, images: torch.Tensor, precision: MixedPrecision) -> torch.Tensor:
     was_training = model.training
     model.eval()
-    logits = model(images)
+    with precision.autocast():
+        logits = model(images)
     model.train(was_training)
     return logits
 
 
 def make_targets(batch: Batch, step: int, config: TrainingConfig, model: SegmentationTarget,
-                 teacher: DenseCLIPTeacher | None = None, unseen_ids: Sequence[int] = ()) -> torch.Tensor:
+                 teacher: DenseCLIPTeacher | None = None, unseen_ids: Sequence[int] = (),
+                 precision: MixedPrecision = FP32) -> torch.Tensor:
     """The label map the loss sees at ``step``: ``(B, H, W)`` int64, 255 = ignored.
 
     Pseudo labels come from ``teacher`` (on the fly) or the batch's ``pseudo_label`` (precomputed) during
-    guided learning, from ``model`` itself during self-training. Annotation-free: the pseudo labels (pixels
-    under the confidence threshold ignored). Zero-shot: seen-class ground truth, and pseudo labels restricted
-    to ``unseen_ids`` wherever the annotation has no seen class.
+    guided learning, from ``model`` itself (its forward pass in ``precision``) during self-training.
+    Annotation-free: the pseudo labels (pixels under the confidence threshold ignored). Zero-shot: seen-class
+    ground truth, and pseudo labels restricted to ``unseen_ids`` on the pixels annotated with an unseen class
+    (``zero_shot_merge``). Seen-only: the seen-class ground truth, nothing else.
     """
+    if not config.uses_pseudo_labels:
+        return hide_unseen(batch["label"], unseen_ids, IGNORE_INDEX).masked_fill(~batch["valid"], IGNORE_INDEX)
     zero_shot = config.setting == "zero_shot"
     class_ids = list(unseen_ids) if zero_shot else None
     threshold = config.confidence_threshold
     if in_self_training(step, config):
-        labels, _ = pseudo_labels(_own_scores(model, batch["image"]), class_ids, threshold)
+        labels, _ = pseudo_labels(_own_scores(model, batch["image"], precision), class_ids, threshold)
     elif config.pseudo_labels == "on_the_fly":
         if teacher is None:
             raise ValueError("on-the-fly pseudo labels need a DenseCLIP teacher")
-        labels, _ = pseudo_labels(teacher.log_probs(batch["image"]), class_ids, threshold)
+        labels, _ = teacher.pseudo_labels(batch["image"], class_ids, threshold)
     else:
         labels = batch["pseudo_label"]
         if threshold is not None and "pseudo_confidence" in batch:
@@ -353,14 +398,16 @@ def make_targets(batch: Batch, step: int, config: TrainingConfig, model: Segment
 
 
 # ----------------------------------------------------------------------------------------- optimisation
-def poly_lr(base_lr: float, step: int, iterations: int, power: float = 0.9) -> float:
-    """DeepLab's poly schedule: ``base_lr * (1 - step / iterations) ** power``."""
-    return base_lr * (1 - min(step, iterations) / iterations) ** power
+def poly_lr(base_lr: float, step: int, iterations: int, power: float = 0.9, min_lr: float = 0.0) -> float:
+    """DeepLab's poly schedule as mmcv runs it: ``(base_lr - min_lr) * (1 - step / iterations) ** power +
+    min_lr``."""
+    return (base_lr - min_lr) * (1 - min(step, iterations) / iterations) ** power + min_lr
 
 
 def build_optimizer(model: SegmentationTarget, config: TrainingConfig) -> torch.optim.SGD:
-    """SGD with momentum and weight decay; the new layers (head, learnable background) at
-    ``head_lr_multiplier`` times the backbone's rate (a frozen backbone has no group)."""
+    """SGD with momentum and weight decay on every parameter (batch norm and the learnable background
+    included, as the official configs have no per-parameter settings); the new layers (head, learnable
+    background) at ``head_lr_multiplier`` times the backbone's rate (a frozen backbone has no group)."""
     backbone, new = model.parameter_groups()
     groups = [{"params": backbone, "lr_scale": 1.0}, {"params": new, "lr_scale": config.head_lr_multiplier}]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr, momentum=config.momentum,
@@ -368,22 +415,27 @@ def build_optimizer(model: SegmentationTarget, config: TrainingConfig) -> torch.
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, config: TrainingConfig) -> float:
-    """Apply the poly schedule for ``step`` to every parameter group; returns the backbone's rate."""
-    lr = poly_lr(config.lr, step, config.iterations, config.poly_power)
+    """Apply the poly schedule for ``step`` to every parameter group (each decays from its own initial rate
+    to ``min_lr``, as mmcv's hook does); returns the backbone's rate."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    return lr
+        group["lr"] = poly_lr(config.lr * group.get("lr_scale", 1.0), step, config.iterations,
+                              config.poly_power, config.min_lr)
+    return poly_lr(config.lr, step, config.iterations, config.poly_power, config.min_lr)
 
 
 def train_step(model: SegmentationTarget, optimizer: torch.optim.Optimizer, batch: Batch,
-               targets: torch.Tensor) -> float:
-    """One SGD step of cross-entropy between ``model(batch["image"])`` and ``targets (B, H, W)``; the loss."""
+               targets: torch.Tensor, precision: MixedPrecision = FP32,
+               loss_average: str = "all_pixels") -> torch.Tensor:
+    """One SGD step of cross-entropy between ``model(batch["image"])`` (its forward pass in ``precision``) and
+    ``targets (B, H, W)`` (averaged as ``loss_average`` says). Returns the loss, a detached scalar tensor on the
+    model's device: reading its value waits for the device, so callers read losses only when they log them."""
     model.train()
-    loss = segmentation_loss(model(batch["image"]), targets, IGNORE_INDEX)
+    with precision.autocast():
+        logits = model(batch["image"])
+    loss = segmentation_loss(logits.float(), targets, IGNORE_INDEX, loss_average)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+    precision.step(loss, optimizer)
+    return loss.detach()
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -403,10 +455,10 @@ def train(model: SegmentationTarget, optimizer: torch.optim.Optimizer, batch_at:
         batch = _to_device(batch_at(step), device)
         lr = set_learning_rate(optimizer, step, config)
         targets = make_targets(batch, step, config, model, teacher, unseen_ids)
-        losses.append(train_step(model, optimizer, batch, targets))
+        losses.append(train_step(model, optimizer, batch, targets, loss_average=config.loss_average))
         if (step + 1) % log_every == 0 or step + 1 == steps.stop:
-            phase = "self_training" if in_self_training(step, config) else "guided"
-            record = {"step": step + 1, "phase": phase, "lr": lr, "loss": float(np.mean(losses))}
+            record = {"step": step + 1, "phase": phase(step, config), "lr": lr,
+                      "loss": float(torch.stack(losses).mean())}
             history.append(record)
             losses = []
             if on_log is not None:

@@ -26,7 +26,8 @@ from ray.data import ActorPoolStrategy
 from denseclip.evaluation import Evaluation, GroundTruth, ImageLabeler, open_predictions, shard_ground_truth
 from denseclip.images import decode_image
 from denseclip.metrics import EvaluationInputError
-from denseclip.ray.labeling import ActorPlan, _objects
+from denseclip.ray.devices import actor_device
+from denseclip.ray.labeling import ActorPlan, _objects, plan_actors, ray_cluster
 from denseclip.robustness import CLEAN, Condition, apply_condition
 from denseclip.shards import read_shard
 
@@ -86,12 +87,14 @@ def _result(evaluation: Evaluation, errors: list[str]) -> dict[str, np.ndarray]:
 
 
 class LabelScorer:
-    """Ray Data callable class: labels the rows of ``expand_conditions`` with the labeler ``make_labeler()``
-    (built once per actor) and scores them into one Evaluation per call."""
+    """Ray Data callable class: labels the rows of ``expand_conditions`` with the labeler
+    ``make_labeler(device)`` (built once per actor, on the device Ray assigned it for ``device``) and scores them
+    into one Evaluation per call."""
 
-    def __init__(self, make_labeler: Callable[[], ImageLabeler], evaluation: Evaluation, torch_threads: int = 1):
+    def __init__(self, make_labeler: Callable[[str], ImageLabeler], evaluation: Evaluation, torch_threads: int = 1,
+                 device: str = "cpu"):
         torch.set_num_threads(torch_threads)
-        self.labeler = make_labeler()
+        self.labeler = make_labeler(actor_device(device))
         self.template = evaluation
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -138,14 +141,15 @@ class StoredScorer:
 
 
 def evaluate_on_ray(shards: list[str], evaluation: Evaluation, actors: ActorPlan, *, pred_url: str | None = None,
-                    make_labeler: Callable[[], ImageLabeler] | None = None,
+                    make_labeler: Callable[[str], ImageLabeler] | None = None, device: str = "cpu",
                     conditions: Sequence[Condition] = (CLEAN,), seed: int = 0, rows_per_call: int = 64
                     ) -> Evaluation:
     """Score the ground-truth ``shards`` on the connected Ray cluster into ``evaluation`` (empty; it fixes the
     classes, ignore index and overlay count) and return it.
 
-    Predictions: the store / folder ``pred_url``, or ``make_labeler()`` (a picklable factory, run once per
-    actor) under every condition of ``conditions`` seeded by ``seed``. ``actors`` sizes the scoring actors
+    Predictions: the store / folder ``pred_url``, or ``make_labeler(device)`` (a picklable factory, run once
+    per actor with ``device`` mapped to the GPU Ray assigned, see ``denseclip.ray.devices``) under every
+    condition of ``conditions`` seeded by ``seed``. ``actors`` sizes the scoring actors
     and the read / decode tasks (``denseclip.ray.labeling.plan_actors``). Raises EvaluationInputError naming
     the key of the first bad input met. ``rows_per_call``: rows (image x condition) per scoring call, each
     returning one Evaluation (K x (K + 1) counts per condition) to the driver.
@@ -162,7 +166,8 @@ def evaluate_on_ray(shards: list[str], evaluation: Evaluation, actors: ActorPlan
         rows = rows.map_batches(expand_conditions, fn_kwargs={"conditions": list(conditions), "seed": seed},
                                 batch_size=max(1, rows_per_call // len(conditions)), num_cpus=actors.task_cpus)
         scorer = LabelScorer
-        kwargs = {"make_labeler": make_labeler, "evaluation": evaluation, "torch_threads": actors.torch_threads}
+        kwargs = {"make_labeler": make_labeler, "evaluation": evaluation, "torch_threads": actors.torch_threads,
+                  "device": device}
     scored = rows.map_batches(
         scorer, fn_constructor_kwargs=kwargs, batch_size=rows_per_call,
         compute=ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.num_actors),
@@ -172,3 +177,13 @@ def evaluate_on_ray(shards: list[str], evaluation: Evaluation, actors: ActorPlan
             raise EvaluationInputError(row["error"])
         evaluation.merge(row["evaluation"])
     return evaluation
+
+
+def evaluate_shards(shards: list[str], evaluation: Evaluation, *, address: str | None = None, device: str = "cpu",
+                    num_actors: int | None = None, **source) -> Evaluation:
+    """:func:`evaluate_on_ray` on the cluster at ``address`` (else ``$RAY_ADDRESS``, else a private local Ray:
+    ``labeling.ray_cluster``), with scoring actors sized from its resources for ``device``; ``source`` as
+    there (``pred_url=`` or ``make_labeler=``, ``conditions=``, ``seed=``)."""
+    with ray_cluster(address):
+        actors = plan_actors(ray.cluster_resources(), device, num_actors)
+        return evaluate_on_ray(shards, evaluation, actors, device=device, **source)

@@ -20,30 +20,41 @@ import math
 import os
 import posixpath
 import re
+import sys
 import tarfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy
 
 from denseclip import storage
 from denseclip.config import LabelerConfig
-from denseclip.images import ImageDecodeError, decode_image, is_plain_jpeg
+from denseclip.images import ImageDecodeError, check_rgb_image, decode_image, is_plain_jpeg
+from denseclip.lease import Lease
 from denseclip.mask_store import (
     ERRORS_DIR,
+    INDEX_DIR,
     MASK_SCHEMA,
     MASKS_DIR,
     MaskStore,
     MaskStoreWriter,
     encode_confidence,
     encode_mask,
+    part_record,
+    provenance_differences,
+    write_key_index,
 )
+from denseclip.ray.devices import actor_device
+from denseclip.runlog import environment
 from denseclip.shards import expand_shards, read_shard, sanitize_key
 from denseclip.vocabulary import load_templates
 
@@ -52,12 +63,18 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 SUMMARY_FILE = "summary.json"
 # Options that change the labels, hence part of the provenance (batch size and device do not).
-RESULT_OPTIONS = ("protocol", "mode", "resize_to", "short_side", "temperature", "background_threshold",
-                  "key_smoothing", "prompt_denoising", "upsample_topk", "precision", "size_bucket")
+RESULT_OPTIONS = ("protocol", "head", "synonyms", "name_softmax", "mode", "resize_to", "short_side",
+                  "temperature", "background_threshold", "key_smoothing", "prompt_denoising", "upsample_topk",
+                  "precision", "size_bucket")
 SLIDE_OPTIONS = ("crop_size", "crop_stride")
 # A batch whose actor dies is retried on a restarted actor this often; a batch that kills every actor it
 # meets fails the job instead of looping forever. Actors themselves restart without limit (lost nodes).
+# A model failure that is not the image's fault (see Labeler) ends the actor on purpose, to the same effect.
 MAX_TASK_RETRIES = 3
+# TF32 for what runs in fp32 on Ampere and newer GPUs (matmuls and convolutions, with a 10-bit mantissa):
+# several times faster, but labels are then not bit-identical to a CPU's or an older GPU's, so the setting is
+# part of the provenance (see device_settings) and the actors apply it rather than inherit torch's defaults.
+ALLOW_TF32 = True
 # Blocks of about a batch of decoded images (8 MiB: eight 640x480 images), which the actor pool bundles back
 # into batches. Shard-sized blocks would leave an actor idle while another works through a whole shard (above
 # all at the end of a run); one-image blocks cost more in object-store traffic and scheduling than they save
@@ -67,6 +84,11 @@ BLOCK_BYTES = 8 << 20
 # waiting to be committed), per actor: a few batches of large images each, enough to keep every actor fed
 # without letting reading run ahead of labeling (memory stays flat however many images the job holds).
 OBJECT_STORE_BYTES_PER_ACTOR = 128 << 20
+# Shards whose content is hashed at once when planning a local run (hashlib releases the GIL on large reads).
+FINGERPRINT_THREADS = 8
+_FINGERPRINT_CHUNK = 1 << 20
+# Missing shards listed by name in summary.json (all of them are counted).
+LISTED_MISSING = 100
 # GPU actors: decode tasks are planned for this much more than the measured labelling rate (rates vary with the
 # images' sizes and the node's other work).
 DECODE_HEADROOM = 1.25
@@ -75,6 +97,7 @@ PROBE_IMAGES = 16
 _NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 _NO_MAP = np.zeros((0, 0), dtype=np.uint8)
 _SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error)
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 class LabelingError(ValueError):
@@ -84,14 +107,29 @@ class LabelingError(ValueError):
 # ------------------------------------------------------------------------------------------- planning
 @dataclass
 class LabelingPlan:
-    """What a run will do: every input shard, the ones not yet committed (``todo``), and the provenance
-    (without the weights' fingerprint, which the actors report) every part of ``output`` must carry."""
+    """What a run will do.
+
+    ``shards``: every input shard; ``todo``: the shards to label whole (``new`` ones and those ``changed`` since
+    their part was committed); ``retry``: shard -> keys of its error rows to relabel (``--retry-errors``);
+    ``unchanged``: committed shards left alone; ``missing``: shards of committed parts that are no longer in the
+    input (their rows are kept); ``fingerprints``: each input shard's content fingerprint now
+    (:func:`shard_fingerprints`); ``provenance``: what every part of ``output`` must carry (without the weights'
+    fingerprint, which the actors report); ``lease``: the output's lease this run holds, checked before every
+    commit.
+    """
 
     shards: list[str]
     todo: list[str]
     output: str
     provenance: dict
     storage_options: dict = field(default_factory=dict)
+    fingerprints: dict[str, dict] = field(default_factory=dict)
+    new: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    retry: dict[str, list[str]] = field(default_factory=dict)
+    lease: Lease | None = None
 
 
 @dataclass(frozen=True)
@@ -128,22 +166,29 @@ def part_id(shard: str) -> str:
     return f"{stem}-{hashlib.sha1(shard.encode()).hexdigest()[:10]}"
 
 
+def device_settings(config: LabelerConfig) -> dict:
+    """How the actors run the model: device ``type`` (the ordinal does not matter), ``precision`` and ``tf32``
+    (:data:`ALLOW_TF32` on CUDA). Labels made under other settings are close but not bit-identical, so one store
+    never mixes them."""
+    cuda = config.device.startswith("cuda")
+    return {"type": "cuda" if cuda else "cpu", "precision": config.precision, "tf32": cuda and ALLOW_TF32}
+
+
 def run_provenance(config: LabelerConfig, classes: list[list[str]]) -> dict:
     """Everything that determines the labels, except the weights' fingerprint (added by the actors)."""
+    from denseclip.models import weights_activation  # torch: the driver only, never the read/encode tasks
+
     names = RESULT_OPTIONS + (SLIDE_OPTIONS if config.mode == "slide" else ())
     config = config.resolved()
-    return {"model": config.model, "pretrained": config.pretrained, "vocabulary": [list(c) for c in classes],
-            "templates": load_templates(config.template_set), "options": {n: getattr(config, n) for n in names}}
-
-
-def _differences(existing: dict, expected: dict) -> list[str]:
-    return sorted(k for k in (existing.keys() | expected.keys()) - {"fingerprint"}
-                  if existing.get(k) != expected.get(k))
+    return {"model": config.model, "pretrained": config.pretrained,
+            "activation": weights_activation(config.model, config.pretrained),
+            "vocabulary": [list(c) for c in classes], "templates": load_templates(config.template_set),
+            "options": {n: getattr(config, n) for n in names}, "device": device_settings(config)}
 
 
 def _clear_store(output: str, storage_options: dict) -> None:
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    for name in (MASKS_DIR, ERRORS_DIR, SUMMARY_FILE):
+    for name in (MASKS_DIR, ERRORS_DIR, INDEX_DIR, SUMMARY_FILE):
         path = posixpath.join(root.rstrip("/"), name)
         if fs.exists(path):
             fs.rm(path, recursive=True)
@@ -156,6 +201,56 @@ def write_summary(output: str, summary: dict, storage_options: dict | None = Non
     storage.write_bytes(storage.join(output, SUMMARY_FILE), data, **(storage_options or {}))
 
 
+def _sha256(url: str, storage_options: dict) -> str:
+    digest = hashlib.sha256()
+    with fsspec.open(url, "rb", **storage_options) as f:
+        for chunk in iter(lambda: f.read(_FINGERPRINT_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_fingerprints(shards: list[str], storage_options: dict | None = None) -> dict[str, dict]:
+    """What each shard's content is now: ``{"size", "etag"}`` where the store keeps an ETag (S3 and other object
+    stores: read from one listing per folder, no object is read), else ``{"size", "sha256"}`` of its bytes (local
+    disk: every shard is read once, by a few threads). Neither depends on modification times, so copying a
+    folder of shards does not make them look changed."""
+    storage_options = storage_options or {}
+    folders: dict[str, list[str]] = defaultdict(list)
+    for shard in shards:
+        folders[posixpath.dirname(shard)].append(shard)
+    listed: dict[str, dict] = {}
+    for folder, members in folders.items():
+        fs, path = fsspec.core.url_to_fs(folder, **storage_options)
+        fs.invalidate_cache(path)
+        entries = {posixpath.basename(e["name"].rstrip("/")): e for e in fs.ls(path, detail=True)}
+        for shard in members:
+            listed[shard] = entries.get(posixpath.basename(shard)) or fs.info(
+                fsspec.core.url_to_fs(shard, **storage_options)[1])
+    fingerprints = {}
+    for shard, info in listed.items():
+        etag = info.get("ETag") or info.get("etag")
+        if etag:
+            fingerprints[shard] = {"size": info["size"], "etag": str(etag).strip('"')}
+    hashed = [s for s in shards if s not in fingerprints]
+    with ThreadPoolExecutor(min(FINGERPRINT_THREADS, max(1, len(hashed)))) as pool:
+        for shard, digest in zip(hashed, pool.map(lambda s: _sha256(s, storage_options), hashed)):
+            fingerprints[shard] = {"size": listed[shard]["size"], "sha256": digest}
+    return fingerprints
+
+
+def _error_keys(store: MaskStore, shards: list[str], records: dict[str, dict | None]) -> dict[str, list[str]]:
+    """Shard -> keys of the error rows of its committed part (for the shards whose part has any)."""
+    keys = {}
+    for shard in shards:
+        record = records.get(part_id(shard))
+        if record is not None and not record.get("errors"):
+            continue  # the part says it has none: its errors file is not read
+        found = sorted({e["key"] for e in store.read_errors(part_id(shard))})
+        if found:
+            keys[shard] = found
+    return keys
+
+
 def prepare_labeling(
     input: str | list[str],
     output: str,
@@ -163,17 +258,24 @@ def prepare_labeling(
     classes: list[list[str]],
     *,
     overwrite: bool = False,
+    retry_errors: bool = False,
+    lease: Lease | None = None,
     storage_options: dict | None = None,
 ) -> LabelingPlan:
-    """Check the input and output before any cluster work and decide which shards remain.
+    """Check the input and output before any cluster work and decide what to label.
 
     Lists the shards (a missing shard or an unreadable bucket fails here), refuses an output holding masks of
     another model / vocabulary / options unless ``overwrite`` (which first deletes that store), and marks the
-    output as running in ``summary.json`` (an unwritable output fails here). Raises LabelingError.
+    output as running in ``summary.json`` (an unwritable output fails here). Then compares each input shard's
+    content fingerprint with the one its part recorded when it was committed: new shards and changed ones are
+    labelled, unchanged ones left alone, and committed shards no longer in the input reported as missing. With
+    ``retry_errors``, the error rows of unchanged shards are relabelled too. The caller holds ``lease`` on
+    ``output`` (see :mod:`denseclip.lease`). Raises LabelingError.
     """
     storage_options = dict(storage_options or {})
     try:
         shards = expand_shards(input, **storage_options)
+        fingerprints = shard_fingerprints(shards, storage_options)
     except (OSError, ValueError) as exc:
         raise LabelingError(f"input {input!r}: {exc}") from exc
     provenance = run_provenance(config, classes)
@@ -181,16 +283,33 @@ def prepare_labeling(
         if overwrite:
             _clear_store(output, storage_options)
         store = MaskStore(output, **storage_options)
-        changed = _differences(store.provenance or provenance, provenance)
+        changed = provenance_differences(store.provenance or provenance, provenance, ignore=("fingerprint",))
         if changed:
             raise LabelingError(f"output {output} holds masks of another run (differs in {', '.join(changed)}); "
                                 "pass --overwrite to replace them or choose another --output")
-        committed = store.committed_parts()
+        records = store.part_records()
         write_summary(output, {"status": "running", "input": input, "shards": len(shards)}, storage_options)
+        plan = LabelingPlan(shards, [], output, provenance, storage_options, fingerprints, lease=lease)
+        for shard in shards:
+            pid = part_id(shard)
+            if pid not in records:
+                plan.new.append(shard)
+            elif (records[pid] or {}).get("fingerprint", fingerprints[shard]) != fingerprints[shard]:
+                plan.changed.append(shard)
+            else:
+                plan.unchanged.append(shard)
+        plan.todo = [s for s in shards if s in set(plan.new) | set(plan.changed)]
+        inputs = {part_id(s) for s in shards}
+        plan.missing = sorted((records[p] or {}).get("shard", p) for p in records if p not in inputs)
+        unverified = sum(records[part_id(s)] is None for s in plan.unchanged)
+        if unverified:
+            log.warning("%d committed parts of %s carry no content fingerprint (written by an older version): "
+                        "they are taken as unchanged", unverified, output)
+        if retry_errors:
+            plan.retry = _error_keys(store, plan.unchanged, records)
     except OSError as exc:
         raise LabelingError(f"output {output}: {exc}") from exc
-    todo = [s for s in shards if part_id(s) not in committed]
-    return LabelingPlan(shards, todo, output, provenance, storage_options)
+    return plan
 
 
 def plan_actors(
@@ -306,25 +425,34 @@ def _sample_row(sample: dict, seen: set[str]) -> dict:
     return row
 
 
-def read_shard_rows(shard: str, storage_options: dict | None = None) -> Iterator[dict]:
+def _shard_rows(shard: str, storage_options: dict | None) -> Iterator[dict]:
+    seen: set[str] = set()
+    count = 0
+    try:
+        for sample in read_shard(shard, **(storage_options or {})):
+            count += 1
+            yield _sample_row(sample, seen)
+    except _SHARD_READ_ERRORS as exc:
+        yield {"key": "", "shard": shard, "data": b"",
+               "error": f"corrupt shard after {count} samples: {type(exc).__name__}: {exc}"}
+
+
+def read_shard_rows(shard: str, storage_options: dict | None = None,
+                    keys: Collection[str] | None = None) -> Iterator[dict]:
     """The rows of one shard: ``{"key", "shard", "data" (image bytes), "error" (str, "" when usable),
-    "shard_total"}``. The shard's last row carries ``shard_total`` = the shard's number of rows (0 on the
-    others), which tells the committer when a shard is complete, whatever order rows arrive in.
+    "shard_total"}``; with ``keys``, only the rows of those (raw) keys. The last row carries ``shard_total`` =
+    the number of rows yielded (0 on the others), which tells the committer when a shard is complete, whatever
+    order rows arrive in.
 
     A shard whose tar is corrupt yields the samples before the damage plus one error row with an empty key.
     """
-    seen: set[str] = set()
     previous, count = None, 0
-    try:
-        for sample in read_shard(shard, **(storage_options or {})):
-            if previous is not None:
-                yield previous
-            previous, count = {**_sample_row(sample, seen), "shard_total": 0}, count + 1
-    except _SHARD_READ_ERRORS as exc:
+    for row in _shard_rows(shard, storage_options):
+        if keys is not None and row["key"] not in keys:
+            continue
         if previous is not None:
             yield previous
-        previous, count = {"key": "", "shard": shard, "data": b"", "shard_total": 0,
-                           "error": f"corrupt shard after {count} samples: {type(exc).__name__}: {exc}"}, count + 1
+        previous, count = {**row, "shard_total": 0}, count + 1
     if previous is not None:
         yield {**previous, "shard_total": count}
 
@@ -344,11 +472,11 @@ def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
 
 def read_shards(batch: dict[str, np.ndarray], storage_options: dict | None = None,
                 batch_size: int = 32) -> Iterator[dict[str, np.ndarray]]:
-    """The read stage: the rows (:func:`read_shard_rows`) of each shard URL in ``batch["shard"]``, in
-    batches of ``batch_size`` rows."""
-    for shard in batch["shard"]:
+    """The read stage: the rows (:func:`read_shard_rows`) of each shard URL in ``batch["shard"]`` (only those of
+    ``batch["keys"]`` where that list is not empty), in batches of ``batch_size`` rows."""
+    for shard, keys in zip(batch["shard"], batch["keys"]):
         rows = []
-        for row in read_shard_rows(shard, storage_options):
+        for row in read_shard_rows(shard, storage_options, set(keys) if len(keys) else None):
             rows.append(row)
             if len(rows) == batch_size:
                 yield _columns(rows)
@@ -384,6 +512,18 @@ def decode_batch(batch: dict[str, np.ndarray], defer_jpeg: bool = False) -> dict
     return out
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out: a CUDA out-of-memory error, a CPU allocation failure (torch raises
+    a plain RuntimeError naming its allocator) or Python's MemoryError."""
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message
+                                              or "not enough memory" in message)
+
+
 class Labeler:
     """The DenseCLIP stage, a Ray Data callable class: the model and the text embeddings are loaded once per
     actor; each call labels a batch of images (rows whose ``error`` is set pass through unlabelled).
@@ -391,6 +531,13 @@ class Labeler:
     Adds ``labels`` uint8 ``(H, W)`` and ``confidence`` uint8 ``(H, W)`` (probability x 255; each image's own size)
     and ``fingerprint`` (the weights' identity); drops ``image``. With ``encode``, the actor also encodes the
     maps (:func:`encode_batch`): its rows are ready to commit.
+
+    Errors by cause: only a problem of the image itself becomes an error row (here: not a non-empty uint8
+    RGB array; decoding, size limits and keys are checked by the stages before). Running out of memory frees
+    the cache and retries the batch in halves, down to one image at a time at the same settings. Anything
+    else the model raises (or memory that runs out for a single image) is no input error: the actor ends, so
+    Ray starts a fresh one (a CUDA error can leave the device unusable for the process) and retries the
+    batch, at most ``MAX_TASK_RETRIES`` times before the job fails; the batch's shard is never committed.
     """
 
     def __init__(self, config: LabelerConfig, classes: list[list[str]], torch_threads: int = 1,
@@ -398,26 +545,56 @@ class Labeler:
         import torch  # here, not at the top: the read/decode/encode task workers never need torch
 
         torch.set_num_threads(torch_threads)
+        config = dataclasses.replace(config, device=actor_device(config.device))
+        if config.pretrained == "random":
+            torch.manual_seed(0)  # random-weight baselines: every actor, and a resumed run, draws the same weights
         self.dense_clip = config.build(classes)
+        if self.dense_clip.clip.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = ALLOW_TF32
         self.fingerprint = self.dense_clip.clip.fingerprint
         self.encode = encode
+        # The Ray node this actor runs on, recorded with each part (which machines labelled what).
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
-    def _label(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | str]:
-        """Label ``images`` in one call; if that fails, one by one so only the failing image is lost."""
-        try:
-            return self.dense_clip.label_maps(images)
-        except Exception:  # whatever breaks one image (e.g. out of memory) must not stop the job
-            log.warning("labeling a batch of %d images failed; retrying them one by one", len(images), exc_info=True)
-        results: list[tuple[np.ndarray, np.ndarray] | str] = []
-        for image in images:
+    def _free_memory(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.dense_clip.clip.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _label(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Label ``images`` (checked inputs), in smaller calls after running out of memory; re-raises the
+        model's other exceptions, and running out of memory on a single image."""
+        results: list[tuple[np.ndarray, np.ndarray]] = []
+        start, size = 0, len(images)
+        while start < len(images):
+            chunk = images[start:start + size]
             try:
-                results += self.dense_clip.label_maps([image])
-            except Exception as exc:  # noqa: BLE001 - recorded in the errors table
-                results.append(f"labeling failed: {type(exc).__name__}: {exc}")
+                results += self.dense_clip.label_maps(chunk)
+                start += len(chunk)
+                continue
+            except (RuntimeError, MemoryError) as exc:  # what running out of memory raises (CUDA's is a RuntimeError)
+                if size == 1 or not is_out_of_memory(exc):
+                    raise
+                log.warning("out of memory labelling %d images (%s); retrying %d at a time", size, exc,
+                            max(1, size // 2))
+            # Outside the except block: its traceback, which holds the failed call's tensors, is gone by now.
+            size = max(1, size // 2)
+            self._free_memory()
         return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        labelled = self.label_batch(batch)
+        try:
+            labelled = self.label_batch(batch)
+        except Exception:  # no input error (see the class): a fresh actor retries the batch
+            log.exception("the model failed on a batch of shard(s) %s; this actor exits so that Ray restarts it "
+                          "and retries the batch (at most %d times)", sorted(set(batch["shard"])), MAX_TASK_RETRIES)
+            sys.stderr.flush()
+            os._exit(1)  # not an exception: Ray Data would fail the job on it without a retry
+        labelled["node"] = np.full(len(labelled["key"]), self.node, dtype=object)
         return encode_batch(labelled) if self.encode else labelled
 
     def _decode_jpegs(self, blobs: list[bytes], keys: list[str]) -> list:
@@ -447,9 +624,16 @@ class Labeler:
 
     def label_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Decoded rows -> rows with ``labels``, ``confidence`` and ``fingerprint`` (see the class); rows with
-        ``jpeg`` bytes (:func:`decode_batch` with ``defer_jpeg``) are decoded on the labeller's device first."""
+        ``jpeg`` bytes (:func:`decode_batch` with ``defer_jpeg``) are decoded on the labeller's device first.
+        Raises what the model raises, except out-of-memory errors that smaller calls avoid."""
         errors = list(batch["error"])
         images = list(batch["image"])
+        for i, error in enumerate(errors):
+            if not error and not ("jpeg" in batch and batch["jpeg"][i]):
+                try:
+                    check_rgb_image(images[i])
+                except ValueError as exc:
+                    errors[i] = f"unusable image: {exc}"
         deferred = [i for i, error in enumerate(errors) if not error and "jpeg" in batch and batch["jpeg"][i]]
         if deferred:
             decoded = self._decode_jpegs([batch["jpeg"][i] for i in deferred], [batch["key"][i] for i in deferred])
@@ -460,11 +644,8 @@ class Labeler:
                     images[i] = image
         todo = [i for i, error in enumerate(errors) if not error]
         labels, confidence = [_NO_MAP] * len(errors), [_NO_MAP] * len(errors)
-        for i, result in zip(todo, self._label([images[i] for i in todo])):
-            if isinstance(result, str):
-                errors[i] = result
-            else:
-                labels[i], confidence[i] = result
+        for i, (image_labels, image_confidence) in zip(todo, self._label([images[i] for i in todo])):
+            labels[i], confidence[i] = image_labels, image_confidence
         return {"key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
                 "error": _objects(errors), "labels": _objects(labels), "confidence": _objects(confidence),
                 "fingerprint": np.full(len(errors), self.fingerprint, dtype=object)}
@@ -479,9 +660,10 @@ def encode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         heights.append(labels.shape[0])
         widths.append(labels.shape[1])
     return {"key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
-            "error": batch["error"], "fingerprint": batch["fingerprint"], "mask": _objects(masks),
-            "confidence": _objects(confidences), "height": np.array(heights, dtype=np.int32),
-            "width": np.array(widths, dtype=np.int32)}
+            "error": batch["error"], "fingerprint": batch["fingerprint"],
+            "node": batch["node"] if "node" in batch else np.full(len(masks), "", dtype=object),
+            "mask": _objects(masks), "confidence": _objects(confidences),
+            "height": np.array(heights, dtype=np.int32), "width": np.array(widths, dtype=np.int32)}
 
 
 # ------------------------------------------------------------------------------------------- commits
@@ -491,15 +673,23 @@ class _PendingShard:
     total: int | None = None
 
 
+CommitCallback = Callable[[str, int, int], None]  # (shard, masks, errors) of each committed part
+
+
 class ShardCommitter:
     """Collects encoded rows by input shard and commits each shard as one mask-store part (masks + errors,
-    atomically) as soon as all of its rows have arrived. Rows may arrive in any order."""
+    atomically) as soon as all of its rows have arrived. Rows may arrive in any order. A shard of
+    ``plan.retry`` brings only the rows of its error keys: they are merged into its committed part.
+    ``on_commit`` hears of every part committed."""
 
-    def __init__(self, plan: LabelingPlan):
+    def __init__(self, plan: LabelingPlan, on_commit: CommitCallback | None = None):
         self.plan = plan
+        self.on_commit = on_commit
         self._pending: dict[str, _PendingShard] = {}
         self._writer: MaskStoreWriter | None = None
-        self.images = self.errors = self.parts = 0
+        self._done: set[str] = set()
+        self.images = self.errors = self.parts = self.errors_fixed = 0
+        self.images_by_node: Counter[str] = Counter()
 
     def add(self, batch: pa.Table) -> None:
         for row in batch.to_pylist():
@@ -519,34 +709,64 @@ class ShardCommitter:
                                f"{fingerprint}): was the checkpoint replaced during the run?")
         return self._writer
 
+    def _write(self, shard: str, table: pa.Table, errors: list[dict], nodes: set[str], fingerprint: str) -> None:
+        if self.plan.lease is not None:
+            self.plan.lease.check()  # a run that lost its lease must not write over the run that took it
+        record = {"shard": shard, "fingerprint": self.plan.fingerprints.get(shard), "nodes": sorted(nodes)}
+        self._writer_for(fingerprint).write_part(part_id(shard), table, errors, record)
+        self._done.add(shard)
+        self.parts += 1
+
     def _commit(self, shard: str, rows: list[dict]) -> None:
         good = [r for r in rows if not r["error"]]
         errors = [{"key": r["key"], "shard": shard, "reason": r["error"]} for r in rows if r["error"]]
         table = pa.Table.from_pylist([{name: r[name] for name in MASK_SCHEMA.names} for r in good], MASK_SCHEMA)
-        self._writer_for(rows[0]["fingerprint"]).write_part(part_id(shard), table, errors)
+        nodes = {r["node"] for r in good if r.get("node")}
+        self.images_by_node.update(r["node"] for r in good if r.get("node"))
         self.images += len(good)
         self.errors += len(errors)
-        self.parts += 1
+        if shard in self.plan.retry:
+            table, errors, nodes = self._merged(shard, table, errors, nodes)
+        self._write(shard, table, errors, nodes, rows[0]["fingerprint"])
         log.info("committed %s: %d masks, %d errors", shard, len(good), len(errors))
+        if self.on_commit is not None:
+            self.on_commit(shard, len(good), len(errors))
+
+    def _merged(self, shard: str, table: pa.Table, errors: list[dict],
+                nodes: set[str]) -> tuple[pa.Table, list[dict], set[str]]:
+        """The committed part of ``shard`` with its retried error rows replaced by the new ``table`` and
+        ``errors``."""
+        store = MaskStore(self.plan.output, **self.plan.storage_options)
+        retried = set(self.plan.retry[shard])
+        old = store.read_part(part_id(shard))
+        kept = old.filter(pc.invert(pc.is_in(old.column("key"), value_set=table.column("key"))))
+        merged = pa.concat_tables([kept.replace_schema_metadata(None), table])
+        old_errors = [e for e in store.read_errors(part_id(shard)) if e["key"] not in retried]
+        self.errors_fixed += len(retried & set(table.column("key").to_pylist()))
+        old_nodes = (part_record(old.schema.metadata) or {}).get("nodes", [])
+        return merged, old_errors + errors, nodes | set(old_nodes)
 
     def finish(self) -> None:
         """After the last batch: commit the shards that held no sample at all (once the fingerprint is known)."""
         if self._pending:
             raise RuntimeError(f"shards ended incomplete: {sorted(self._pending)[:3]}")
         if self._writer is not None:
-            committed = MaskStore(self.plan.output, **self.plan.storage_options).committed_parts()
+            empty = pa.Table.from_pylist([], MASK_SCHEMA)
             for shard in self.plan.todo:
-                if part_id(shard) not in committed:
-                    self._writer.write_part(part_id(shard), pa.Table.from_pylist([], MASK_SCHEMA))
-                    self.parts += 1
+                if shard not in self._done:  # also replaces the part of a shard rewritten without samples
+                    self._write(shard, empty, [], set(), self._writer.provenance["fingerprint"])
 
 
 # ------------------------------------------------------------------------------------------ pipeline
-def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[str]], actors: ActorPlan):
-    """The Ray Data pipeline over ``plan.todo``, lazily: encoded rows ready to commit."""
+def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[str]], actors: ActorPlan,
+                  labeler: type[Labeler] = Labeler):
+    """The Ray Data pipeline over ``plan.todo`` (whole shards) and ``plan.retry`` (the error keys of committed
+    shards), lazily: encoded rows ready to commit. ``labeler``: the labelling stage's class (a subclass injects
+    faults in tests)."""
     # Actors compute what the provenance records, whatever their own machine would pick for "auto" settings.
     config = config.resolved()
-    shards = ray.data.from_items([{"shard": s} for s in plan.todo], override_num_blocks=len(plan.todo))
+    work = [{"shard": s, "keys": []} for s in plan.todo] + [{"shard": s, "keys": k} for s, k in plan.retry.items()]
+    shards = ray.data.from_items(work, override_num_blocks=len(work))
     # Batch-sized blocks (see BLOCK_BYTES): an actor task takes whole blocks.
     shards.context.target_max_block_size = BLOCK_BYTES
     # Bound what is buffered between the stages (see OBJECT_STORE_BYTES_PER_ACTOR).
@@ -565,13 +785,17 @@ def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[
     # never waits for PNG encoding.
     separate_encode = actors.gpus_per_actor > 0
     labelled = images.map_batches(
-        Labeler,
+        labeler,
         fn_constructor_kwargs={"config": config, "classes": classes, "torch_threads": actors.torch_threads,
                                "encode": not separate_encode},
         batch_size=config.batch_size,
         compute=ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.num_actors),
         num_cpus=actors.cpus_per_actor,
         num_gpus=actors.gpus_per_actor,
+        # Ray Data hands each pool actor its context and this stage as object-store references, with or without
+        # constructor arguments, so with restarts on Ray core logs "constructor arguments in the object store and
+        # max_restarts > 0" once per driver at error level (ray-project/ray#53727). Ray Data holds those
+        # references for the whole run, so a restart finds them (tests/test_labeling.py kills an actor).
         max_restarts=-1,
         max_task_retries=MAX_TASK_RETRIES,
     )
@@ -588,30 +812,41 @@ def label_shards(
     address: str | None = None,
     num_actors: int | None = None,
     cpus_per_actor: float | None = None,
+    on_commit: CommitCallback | None = None,
+    labeler: type[Labeler] = Labeler,
 ) -> dict:
-    """Label and commit every remaining shard of ``plan`` on Ray (see :func:`ray_cluster` for ``address``;
-    :func:`plan_actors` for the pool) and return the summary, also written as ``summary.json``: images
-    labelled, errors, images/s and wall time of this run (Ray's start included), shards."""
+    """Label and commit the new, changed and retried shards of ``plan`` on Ray (see :func:`ray_cluster` for
+    ``address``; :func:`plan_actors` for the pool; ``on_commit(shard, masks, errors)`` after each part;
+    ``labeler`` as for :func:`build_dataset`), bring the store's key index up to date, and return the summary,
+    also written as ``summary.json``: images labelled, errors, images/s and wall time of this run (Ray's start
+    included), shards new / changed / unchanged / missing, images labelled per Ray node."""
     start = time.perf_counter()
-    committer = ShardCommitter(plan)
+    committer = ShardCommitter(plan, on_commit)
     actors = None
-    if plan.todo:
+    if plan.todo or plan.retry:
         with ray_cluster(address):
             resources = ray.cluster_resources()
             throughput = None
             if config.on_cuda:
                 throughput = probe_throughput(plan, config.resolved(), classes, resources.get("GPU", 0))
             actors = plan_actors(resources, config.device, num_actors, cpus_per_actor, throughput)
-            dataset = build_dataset(plan, config, classes, actors)
+            dataset = build_dataset(plan, config, classes, actors, labeler)
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 committer.add(batch)
             committer.finish()
+    if plan.lease is not None:
+        plan.lease.check()
+    write_key_index(plan.output, **plan.storage_options)
     wall = time.perf_counter() - start
     summary = {
         "status": "succeeded", "output": plan.output, "images_labelled": committer.images,
         "errors": committer.errors, "images_per_s": round(committer.images / wall, 2),
         "wall_time_s": round(wall, 2), "shards": len(plan.shards),
-        "shards_already_committed": len(plan.shards) - len(plan.todo), "shards_committed": committer.parts,
+        "shards_new": len(plan.new), "shards_changed": len(plan.changed), "shards_unchanged": len(plan.unchanged),
+        "shards_missing": len(plan.missing), "missing_shards": plan.missing[:LISTED_MISSING],
+        "shards_already_committed": len(plan.unchanged), "shards_committed": committer.parts,
+        "errors_retried": sum(map(len, plan.retry.values())), "errors_fixed": committer.errors_fixed,
+        "images_by_node": dict(committer.images_by_node),
         "actors": dataclasses.asdict(actors) if actors else None,
     }
     write_summary(plan.output, summary, plan.storage_options)
@@ -627,13 +862,18 @@ def ray_cluster(address: str | None = None) -> Iterator[None]:
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        # "local" always starts a new instance, never joins a cluster someone else started on this machine.
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
+    with contextlib.ExitStack() as settings:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            # A private one-node Ray has no autoscaler that could drain (preempt) its node, so Ray Train's
+            # preemption watcher has nothing to watch there; it is also an actor created with actor handles as
+            # arguments and restarts on, which Ray core reports as an error-level line (ray-project/ray#53727).
+            if PREEMPTION_WATCHER_ENV not in os.environ:
+                settings.enter_context(environment(PREEMPTION_WATCHER_ENV, "0"))
+            # "local" always starts a new instance, never joins a cluster someone else started on this machine.
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            yield
+        finally:
+            ray.shutdown()

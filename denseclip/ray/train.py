@@ -2,8 +2,12 @@
 then optional self-training) as a ``TorchTrainer`` job over WebDataset shards, with periodic checkpoints,
 recovery from worker failures, and an evaluation on validation shards written next to the final checkpoint.
 
-    shards -> read + decode (Ray Data tasks) -> get_dataset_shard -> augment -> make_targets -> DDP train_step
+    shards -> read + decode (Ray Data tasks) -> get_dataset_shard -> augment on the worker's device
+        -> make_targets -> DDP train_step (autocast)
     every N steps: report metrics (+ a checkpoint); at the end: evaluate -> report.json + the final checkpoint
+
+The validation set is split over the workers by Ray Data (every image scored by exactly one worker); their
+confusion matrices and overlay samples are merged on every worker.
 
 A run is one validated :class:`TrainJob` (the YAML specs in ``jobs/train_*.yaml``); the method's pieces
 (target network, pseudo labels, losses, schedule) come from ``denseclip.plus``.
@@ -11,6 +15,7 @@ A run is one validated :class:`TrainJob` (the YAML specs in ``jobs/train_*.yaml`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -18,13 +23,14 @@ import logging
 import os
 import re
 import tempfile
-import zlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import ray
 import ray.train.torch
+import ray.util.queue
 import safetensors.torch
 import torch
 import torch.distributed as dist
@@ -32,11 +38,13 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from denseclip import storage
-from denseclip.config import ConfigError, LabelerConfig
-from denseclip.datasets import DATASET_NAMES, DatasetInfo, get_dataset
+from denseclip.config import DEFAULT_HEAD, ConfigError, LabelerConfig, resolve_vocabulary
+from denseclip.datasets import CUSTOM, DATASET_NAMES, DatasetInfo, custom_dataset, get_dataset
+from denseclip.evaluation import Evaluation, ImageLabeler
 from denseclip.mask_store import MaskStore
 from denseclip.metrics import ConfusionMatrix, summarize
-from denseclip.models import load_clip
+from denseclip.models import ModelLoadError, check_weights, load_clip, weights_activation
+from denseclip.plus.amp import FP32, MixedPrecision
 from denseclip.plus.pseudo_labels import DenseCLIPTeacher
 from denseclip.plus.target import SegmentationTarget, TargetConfig, build_target
 from denseclip.plus.training import (
@@ -45,14 +53,16 @@ from denseclip.plus.training import (
     augment,
     build_optimizer,
     collate,
-    in_self_training,
     make_targets,
+    phase,
     set_learning_rate,
     train_step,
 )
 from denseclip.ray.train_data import read_samples
 from denseclip.report import write_report
+from denseclip.robustness import CLEAN
 from denseclip.shards import expand_shards
+from denseclip.vocabulary import VocabularyError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +70,11 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 META_FILE = "checkpoint.json"
 REPORT_FILE = "report.json"
+# What the evaluation writes next to the final checkpoint (denseclip.report.write_report).
+REPORT_FILES = (REPORT_FILE, "index.html", "tables.md", "confusion.png", "overlays/")
+TrainingFailedError = ray.train.TrainingFailedError
 EVAL_BATCH = 16
+REFERENCE_TEACHER = "denseclip_teacher"  # report.json's "reference" when there is no ground truth
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -71,7 +85,11 @@ class DataSpec:
 
     Attributes:
         train, val: WebDataset shards (folder, glob, ``.tar`` or a list; local or fsspec URLs) with ``jpg``
-            (or ``png``) images and ``seg.png`` ground truth (needed for val and the zero-shot setting).
+            (or ``png``) images and ``seg.png`` ground truth (needed for val and the zero-shot and seen-only
+            settings; never read with ``dataset: custom``, where ``val`` defaults to ``train``).
+        classes: with ``dataset: custom`` (only), the vocabulary, as ``pipelines/label.py``'s ``vocabulary``:
+            a class file (one class per line, synonyms after commas), a list of names, a list of name lists
+            (synonyms after the first), or a dataset name; replaced by the name lists when validated.
         mask_store: the Parquet mask store of ``pipelines/label.py``, for
             ``training.pseudo_labels: precomputed``.
         materialize: decode both sets once into Ray's object store instead of on every pass (small sets only).
@@ -80,6 +98,7 @@ class DataSpec:
 
     train: str | list[str] = ""
     val: str | list[str] = ""
+    classes: str | list | None = None
     mask_store: str | None = None
     materialize: bool = False
     shuffle_buffer: int = 256
@@ -150,7 +169,7 @@ class TrainJob:
                 raise ConfigError(f"{name}: must be a mapping, got {spec[name]!r}")
         job = cls(dataset=spec.get("dataset", ""),
                   data=_section(DataSpec, spec.get("data", {}), "data"),
-                  labeler=LabelerConfig.from_dict(spec.get("labeler", {}), "labeler"),
+                  labeler=LabelerConfig.from_dict(spec.get("labeler", {}), "labeler", dataset=spec.get("dataset")),
                   training=TrainingConfig.from_dict(spec.get("training", {}), "training"),
                   workers=_section(WorkerSpec, spec.get("workers", {}), "workers"),
                   run=_section(RunSpec, spec.get("run", {}), "run"),
@@ -159,15 +178,26 @@ class TrainJob:
         return job
 
     def validate(self) -> None:
-        if self.dataset not in DATASET_NAMES:
-            raise ConfigError(f"dataset: must be one of {', '.join(DATASET_NAMES)} (got {self.dataset!r})")
+        if self.dataset not in (*DATASET_NAMES, CUSTOM):
+            raise ConfigError(f"dataset: must be one of {', '.join((*DATASET_NAMES, CUSTOM))} "
+                              f"(got {self.dataset!r})")
         data, workers, run, evaluation = self.data, self.workers, self.run, self.evaluation
+        if self.dataset == CUSTOM:
+            data.classes = _custom_classes(data.classes)
+            data.val = data.val or data.train
+            if self.training.setting != "annotation_free":
+                _fail("training", "setting", self.training.setting, "must be annotation_free with dataset: "
+                      "custom (a free vocabulary has no ground truth)")
+        elif data.classes is not None:
+            _fail("data", "classes", data.classes, f"is only for dataset: {CUSTOM} (the {self.dataset} classes "
+                  "are fixed)")
         for name in ("train", "val"):
             value = getattr(data, name)
             values = [value] if isinstance(value, str) else value
             if not (values and isinstance(values, list) and all(isinstance(v, str) and v for v in values)):
                 _fail("data", name, value, "must be a shard path, glob or folder, or a list of them")
-        if self.training.pseudo_labels == "precomputed" and not data.mask_store:
+        if self.training.uses_pseudo_labels and self.training.pseudo_labels == "precomputed" \
+                and not data.mask_store:
             _fail("data", "mask_store", data.mask_store, "is needed with training.pseudo_labels: precomputed")
         _require(data.mask_store is None or isinstance(data.mask_store, str), "data", "mask_store",
                  data.mask_store, "must be the mask store's folder or URL")
@@ -181,6 +211,9 @@ class TrainJob:
         for name in ("cpus_per_worker", "data_cpus"):
             value = getattr(workers, name)
             _require(_number(value) and value > 0, "workers", name, value, "must be a number > 0")
+        if self.labeler.device != "cpu" and not workers.use_gpu:
+            _fail("labeler", "device", self.labeler.device, "the teacher runs on its worker's device: set "
+                  "workers.use_gpu: true to train on GPUs")
         if self.training.batch_size % workers.num_workers:
             _fail("training", "batch_size", self.training.batch_size,
                   f"must be a multiple of workers.num_workers={workers.num_workers} (images per worker)")
@@ -207,7 +240,12 @@ class TrainJob:
 
     @property
     def info(self) -> DatasetInfo:
-        return get_dataset(self.dataset)
+        return custom_dataset(self.data.classes) if self.dataset == CUSTOM else get_dataset(self.dataset)
+
+    @property
+    def has_ground_truth(self) -> bool:
+        """Whether the validation shards are scored against their annotation (else: against the teacher)."""
+        return self.dataset != CUSTOM
 
     def validation_steps(self) -> list[int]:
         """Steps (counted from 1) after which the target is scored on the validation set; the last is the
@@ -217,6 +255,17 @@ class TrainJob:
         if self.training.self_training and 0 < self.training.num_guided < total:
             steps.add(self.training.num_guided)
         return sorted(steps | {total})
+
+
+def _custom_classes(value) -> list[list[str]]:
+    """``data.classes`` of a custom job -> one name list per class (read as ``label.py``'s ``vocabulary``)."""
+    if not isinstance(value, (str, list)) or not value:
+        _fail("data", "classes", value, "must be a class file (one class per line, synonyms after commas) or a "
+              "list of classes")
+    try:
+        return resolve_vocabulary(value)
+    except (ConfigError, VocabularyError) as exc:
+        raise ConfigError(f"data.classes: {exc}") from exc
 
 
 def _section(cls, values: dict, where: str):
@@ -246,13 +295,18 @@ def _number(value) -> bool:
 
 def check_inputs(job: TrainJob) -> None:
     """Check what the job reads before any cluster work: the shards exist, the mask store holds masks of this
-    dataset's vocabulary, ``run.resume_from`` is a checkpoint of the same target. Raises ``ConfigError``."""
+    dataset's vocabulary, ``run.resume_from`` is a checkpoint of the same target, the teacher's weights can be
+    had (offline: one line, not a traceback from every worker). Raises ``ConfigError``."""
+    try:
+        check_weights(job.labeler.model, job.labeler.pretrained)
+    except ModelLoadError as exc:
+        raise ConfigError(f"labeler: {exc}") from exc
     for name in ("train", "val"):
         try:
             expand_shards(getattr(job.data, name))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"data.{name}: {exc}") from exc
-    if job.training.pseudo_labels == "precomputed":
+    if job.training.uses_pseudo_labels and job.training.pseudo_labels == "precomputed":
         provenance = MaskStore(job.data.mask_store).provenance
         if provenance is None:
             _fail("data", "mask_store", job.data.mask_store, "holds no committed masks")
@@ -281,27 +335,37 @@ def build_datasets(job: TrainJob) -> dict[str, ray.data.Dataset]:
         items = ray.data.from_items([{"shard": url} for url in urls], override_num_blocks=len(urls))
         return items.flat_map(read_samples, num_cpus=job.workers.data_cpus,
                               fn_kwargs={"num_classes": job.info.num_classes, "with_label": with_label,
-                                         "mask_store": mask_store})
+                                         "mask_store": mask_store, "label_lut": job.info.label_lut})
 
-    precomputed = job.training.pseudo_labels == "precomputed"
-    datasets = {"train": read(job.data.train, job.training.setting == "zero_shot",
+    training = job.training
+    precomputed = training.uses_pseudo_labels and training.pseudo_labels == "precomputed"
+    datasets = {"train": read(job.data.train, training.setting in ("zero_shot", "seen_only"),
                               job.data.mask_store if precomputed else None),
-                "val": read(job.data.val, True, None)}
+                "val": read(job.data.val, job.has_ground_truth, None)}
     return {name: ds.materialize() for name, ds in datasets.items()} if job.data.materialize else datasets
 
 
-def training_batch(rows: dict[str, np.ndarray], rng: np.random.Generator, config: TrainingConfig) -> Batch:
-    """Rows of one worker's step -> the augmented batch ``denseclip.plus.training`` expects."""
+def training_batch(rows: dict[str, np.ndarray], rng: np.random.Generator, config: TrainingConfig,
+                   device: torch.device | str = "cpu") -> Batch:
+    """Rows of one worker's step -> the augmented batch ``denseclip.plus.training`` expects, on ``device``.
+
+    Each image travels to the device as it was decoded (uint8, a quarter of float's bytes) and is augmented
+    there; the random parameters come from ``rng`` on the host, so the batch depends only on the rows and the
+    seed of ``rng`` (and on the device's arithmetic)."""
     samples = []
     for i in range(len(rows["key"])):
-        image = torch.from_numpy(np.ascontiguousarray(rows["image"][i])).permute(2, 0, 1).float() / 255
+        image = _on_device(rows["image"][i], device).permute(2, 0, 1).float() / 255
         maps = {}
         for name in ("label", "pseudo_label", "pseudo_confidence"):
             if name in rows:
-                tensor = torch.from_numpy(np.ascontiguousarray(rows[name][i]))
+                tensor = _on_device(rows[name][i], device)
                 maps[name] = tensor if tensor.is_floating_point() else tensor.long()
         samples.append(augment(image, maps, rng, config))
     return collate(samples)
+
+
+def _on_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -312,15 +376,16 @@ def _target_dict(target: TargetConfig) -> dict:
 
 
 def save_checkpoint(directory: str, model: SegmentationTarget, optimizer: torch.optim.Optimizer, step: int,
-                    job: TrainJob, history: dict) -> None:
+                    job: TrainJob, history: dict, precision: MixedPrecision = FP32) -> None:
     """Write a checkpoint folder: ``model.safetensors`` (the target's weights), ``training_state.pt``
-    (optimizer and step, read back with ``weights_only=True``) and ``checkpoint.json`` (what the network is,
-    the job, ``history`` = the training log and validation records so far)."""
+    (optimizer, fp16 loss scaler and step, read back with ``weights_only=True``) and ``checkpoint.json`` (what
+    the network is, the job, ``history`` = the training log and validation records so far)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(state, os.path.join(directory, MODEL_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(directory, STATE_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": precision.state_dict(), "step": step},
+               os.path.join(directory, STATE_FILE))
     meta = {"step": step, "dataset": job.dataset, "class_names": list(job.info.class_names),
-            "clip_model": job.labeler.model, "target": _target_dict(job.training.target),
+            "clip_model": job.labeler.model, "clip_head": job.labeler.head, "target": _target_dict(job.training.target),
             "job": job.to_dict(), **history}
     with open(os.path.join(directory, META_FILE), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
@@ -336,26 +401,29 @@ def load_target_checkpoint(path: str, device: str | torch.device = "cpu") -> Seg
     for ``predict`` / ``label_images``. Its architecture comes from ``checkpoint.json``; no CLIP weights are
     read."""
     meta = read_checkpoint_meta(path)
-    target = dict(meta["target"], backbone_weights=None)
+    # Checkpoints from before the classifier was a choice used the cosine one.
+    target = {"classifier": "cosine", **meta["target"], "backbone_weights": None}
     target["aspp_rates"] = None if target["aspp_rates"] is None else tuple(target["aspp_rates"])
     state = safetensors.torch.load(storage.read_bytes(storage.join(path, MODEL_FILE)))
     config = TargetConfig(**target)
     clip = load_clip(meta["clip_model"], "random") if config.backbone == "clip" else None
-    model = build_target(config, state["classifier.embeddings"], state["classifier.class_of_name"], clip=clip)
+    model = build_target(config, state["classifier.embeddings"], state["classifier.class_of_name"], clip=clip,
+                         clip_head=meta.get("clip_head", DEFAULT_HEAD))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 
 
-def restore_checkpoint(path: str, model: SegmentationTarget,
-                       optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
-    """Load weights and optimizer state from the checkpoint folder ``path`` (local or fsspec URL); returns
-    ``(step, history)``."""
+def restore_checkpoint(path: str, model: SegmentationTarget, optimizer: torch.optim.Optimizer,
+                       precision: MixedPrecision = FP32) -> tuple[int, dict]:
+    """Load weights, optimizer and loss-scaler state from the checkpoint folder ``path`` (local or fsspec
+    URL); returns ``(step, history)``."""
     device = model.mean.device
     state = safetensors.torch.load(storage.read_bytes(storage.join(path, MODEL_FILE)))
     model.load_state_dict(state, strict=True)
     training = torch.load(io.BytesIO(storage.read_bytes(storage.join(path, STATE_FILE))), map_location=device,
                           weights_only=True)
     optimizer.load_state_dict(training["optimizer"])
+    precision.load_state_dict(training.get("scaler", {}))
     meta = read_checkpoint_meta(path)
     return training["step"], {"log": meta.get("log", []), "validation": meta.get("validation", [])}
 
@@ -391,23 +459,50 @@ class _Worker:
     model: SegmentationTarget  # the network itself (saved, used for pseudo labels and evaluation)
     trained: nn.Module  # the same network under DistributedDataParallel when there are several workers
     optimizer: torch.optim.Optimizer
+    precision: MixedPrecision
 
 
-def _setup_worker(job: TrainJob) -> _Worker:
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, round(job.workers.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+def build_worker(job: TrainJob, rank: int, world_size: int, device: torch.device) -> _Worker:
+    """The teacher (the job's labeler, in its precision), the target network and its optimizer on ``device``,
+    for worker ``rank`` of ``world_size``."""
     predictor = dataclasses.replace(job.labeler, device=str(device)).build(job.info.classes)
     torch.manual_seed(job.training.seed)
     model = build_target(job.training.target, predictor.name_embeddings, predictor.class_of_name,
-                         clip=predictor.clip)
-    if job.workers.use_gpu and world_size > 1:
+                         clip=predictor.clip, clip_head=predictor.head)
+    if device.type == "cuda" and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     optimizer = build_optimizer(model, job.training)
     return _Worker(job, rank, world_size, device, DenseCLIPTeacher(predictor, job.training.pseudo_label_refinement),
-                   model, model, optimizer)
+                   model, model, optimizer, MixedPrecision.for_device(job.training.precision, device))
+
+
+def _setup_worker(job: TrainJob) -> _Worker:
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, round(job.workers.cpus_per_worker)))
+    # The device Ray Train gave this worker (its GPU with use_gpu), whatever ordinal job.labeler.device names.
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives (all_gather_object) work on the current device
+    return build_worker(job, context.get_world_rank(), context.get_world_size(), device)
+
+
+def train_on(worker: _Worker, rows: dict[str, np.ndarray], step: int,
+             callbacks: Sequence[StepCallback] = ()) -> tuple[torch.Tensor, str, float]:
+    """One step of Algorithm 1 on this worker's ``rows``: augment (on the device, seeded by seed, rank and
+    step), make the targets, call ``callbacks``, and take the optimizer step. Returns ``(loss, phase, lr)``;
+    the loss stays on the device (reading it would wait for the step to finish)."""
+    training = worker.job.training
+    rng = np.random.default_rng([training.seed, worker.rank, step])
+    batch = training_batch(rows, rng, training, worker.device)
+    lr = set_learning_rate(worker.optimizer, step, training)
+    targets = make_targets(batch, step, training, worker.model, worker.teacher, worker.job.info.unseen_ids,
+                           worker.precision)
+    step_phase = phase(step, training)
+    for callback in callbacks:
+        callback(StepContext(step, worker.rank, worker.world_size, step_phase, batch, targets))
+    loss = train_step(worker.trained, worker.optimizer, batch, targets, worker.precision, training.loss_average)
+    return loss, step_phase, lr
 
 
 def _batches(shard, batch_size: int, shuffle_buffer: int) -> Iterator[dict[str, np.ndarray]]:
@@ -424,43 +519,55 @@ def _batches(shard, batch_size: int, shuffle_buffer: int) -> Iterator[dict[str, 
                              "(training.batch_size / workers.num_workers)")
 
 
-def _on_this_worker(key: str, worker: _Worker) -> bool:
-    return zlib.crc32(key.encode()) % worker.world_size == worker.rank
+def evaluate_split(labeler: ImageLabeler, worker: _Worker, num_overlays: int,
+                   reference: ImageLabeler | None = None) -> Evaluation:
+    """Score ``labeler`` on this worker's split of the validation set against the ground truth, or against
+    ``reference``'s labels of the same images when given, and merge the scores of all workers.
 
-
-def evaluate_split(label_fn: Callable[[list[np.ndarray]], list[np.ndarray]], worker: _Worker,
-                   num_overlays: int) -> tuple[ConfusionMatrix, list]:
-    """Score ``label_fn`` (uint8 (H, W, 3) images -> (H, W) label maps) on this worker's part of the
-    validation set (keys hashed over the workers, so every image is scored exactly once) and sum the confusion
-    matrices of all workers. Returns ``(matrix of the whole set, up to num_overlays (key, image, gt, pred) of
-    this worker)``."""
+    Ray Data splits the set (``TrainingData``), so every image is scored by exactly one worker; the result,
+    the same on every worker, holds the confusion matrix of the whole set and ``num_overlays`` overlay samples
+    chosen by key (the same whatever the split)."""
     info = worker.job.info
-    conf = ConfusionMatrix(info.num_classes, info.ignore_index)
-    samples = []
+    evaluation = Evaluation(info.num_classes, info.ignore_index, num_overlays)
     for rows in ray.train.get_dataset_shard("val").iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"):
-        mine = [i for i, key in enumerate(rows["key"]) if _on_this_worker(str(key), worker)]
-        predictions = label_fn([np.array(rows["image"][i]) for i in mine]) if mine else []
-        for i, pred in zip(mine, predictions):
-            conf.update(pred, rows["label"][i], str(rows["key"][i]))
-            if len(samples) < num_overlays:
-                samples.append((str(rows["key"][i]), rows["image"][i], rows["label"][i], pred))
-    if worker.world_size > 1:
-        counts = torch.from_numpy(np.append(conf.matrix.ravel(), conf.num_images)).to(worker.device)
-        dist.all_reduce(counts)
-        counts = counts.cpu().numpy()
-        conf.matrix, conf.num_images = counts[:-1].reshape(conf.matrix.shape), int(counts[-1])
-    return conf, samples
+        items = [(str(key), np.asarray(image)) for key, image in zip(rows["key"], rows["image"])]
+        if reference is None:
+            truths = list(rows["label"])
+        else:
+            truths = [labels for labels, _ in reference.label_images([image for _, image in items])]
+        evaluation.add_labelled(labeler, CLEAN, [(key, image, truth) for (key, image), truth in zip(items, truths)])
+    if worker.world_size == 1:
+        return evaluation
+    parts: list[Evaluation | None] = [None] * worker.world_size
+    dist.all_gather_object(parts, evaluation)
+    merged = evaluation.empty()
+    for part in parts:
+        merged.merge(part)
+    if len(merged.keys) != sum(part.num_images for part in parts):
+        raise RuntimeError("a validation image was scored by more than one worker")
+    return merged
+
+
+def _evaluate_target(worker: _Worker, num_overlays: int) -> Evaluation:
+    """The target on the validation set: against the annotation, or, with a free vocabulary (no ground
+    truth), against the DenseCLIP teacher's labels of the same images."""
+    reference = None if worker.job.has_ground_truth else worker.teacher.predictor
+    return evaluate_split(worker.model, worker, num_overlays, reference)
 
 
 def _summary(conf: ConfusionMatrix, job: TrainJob) -> dict:
+    """The report numbers; without ground truth, the agreement with the teacher (``pixel_agreement``: the share
+    of pixels labelled alike, ``per_class_agreement``: per class, the IoU of the two labellings' masks,
+    ``miou_agreement`` their mean), which the usual keys then also measure."""
     info = job.info
+    if not job.has_ground_truth:
+        summary = summarize(conf, info.class_names)
+        return {**summary, "reference": REFERENCE_TEACHER, "pixel_agreement": summary["pixel_accuracy"],
+                "miou_agreement": summary["miou"], "per_class_agreement": summary["per_class_iou"]}
+    # The zero-shot evaluation (the seen-only baseline's too) drops VOC's background, as the paper does.
     ignore = ([info.class_names[info.background_index]]
-              if job.training.setting == "zero_shot" and info.ignore_background_in_zero_shot else [])
+              if job.training.setting != "annotation_free" and info.ignore_background_in_zero_shot else [])
     return summarize(conf, info.class_names, unseen=info.unseen, ignore_classes=ignore)
-
-
-def _labels_of(labeler) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
-    return lambda images: [labels for labels, _ in labeler.label_images(images)]
 
 
 def _report(worker: _Worker, metrics: dict, step: int, history: dict, final: dict | None = None,
@@ -472,11 +579,12 @@ def _report(worker: _Worker, metrics: dict, step: int, history: dict, final: dic
         return
     with tempfile.TemporaryDirectory() as directory:
         if worker.rank == 0:
-            save_checkpoint(directory, worker.model, worker.optimizer, step, worker.job, history)
+            save_checkpoint(directory, worker.model, worker.optimizer, step, worker.job, history, worker.precision)
             if final is not None:
                 info = worker.job.info
+                reference = "ground truth" if worker.job.has_ground_truth else "DenseCLIP (teacher)"
                 write_report(directory, final["summary"], final["conf"], info.class_names, info.palette,
-                             final["samples"])
+                             final["samples"], reference=reference)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if worker.rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{step:06d}")
 
@@ -488,10 +596,11 @@ def _resume(worker: _Worker) -> tuple[int, dict, bool]:
     own = ray.train.get_checkpoint()
     if own is not None:
         with own.as_directory() as directory:
-            step, history = restore_checkpoint(directory, worker.model, worker.optimizer)
+            step, history = restore_checkpoint(directory, worker.model, worker.optimizer, worker.precision)
             finished = os.path.exists(os.path.join(directory, REPORT_FILE))
     elif worker.job.run.resume_from:
-        step, history = restore_checkpoint(worker.job.run.resume_from, worker.model, worker.optimizer)
+        step, history = restore_checkpoint(worker.job.run.resume_from, worker.model, worker.optimizer,
+                                           worker.precision)
         finished = False
     else:
         return 0, {"log": [], "validation": []}, False
@@ -503,7 +612,7 @@ def train_loop_per_worker(config: dict) -> None:
     """The ``TorchTrainer`` loop: ``config = {"job": TrainJob, "callbacks": [StepCallback, ...]}``."""
     job: TrainJob = config["job"]
     callbacks: Sequence[StepCallback] = config.get("callbacks", ())
-    training, info = job.training, job.info
+    training = job.training
     worker = _setup_worker(job)
     start, history, finished = _resume(worker)
     if finished:
@@ -513,27 +622,21 @@ def train_loop_per_worker(config: dict) -> None:
     batches = _batches(ray.train.get_dataset_shard("train"), training.batch_size // worker.world_size,
                        job.data.shuffle_buffer)
     validation_steps = job.validation_steps()
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
     for step in range(start, training.iterations):
-        rng = np.random.default_rng([training.seed, worker.rank, step])
-        batch = {k: v.to(worker.device) for k, v in training_batch(next(batches), rng, training).items()}
-        lr = set_learning_rate(worker.optimizer, step, training)
-        targets = make_targets(batch, step, training, worker.model, worker.teacher, info.unseen_ids)
-        phase = "self_training" if in_self_training(step, training) else "guided"
-        for callback in callbacks:
-            callback(StepContext(step, worker.rank, worker.world_size, phase, batch, targets))
-        losses.append(train_step(worker.trained, worker.optimizer, batch, targets))
+        loss, step_phase, lr = train_on(worker, next(batches), step, callbacks)
+        losses.append(loss)
         done = step + 1
         metrics = {}
         if done % job.run.log_every == 0 or done == training.iterations:
-            metrics = {"step": done, "phase": phase, "lr": lr, "loss": _mean_over_workers(losses, worker)}
+            metrics = {"step": done, "phase": step_phase, "lr": lr, "loss": _mean_over_workers(losses, worker)}
             history["log"].append(metrics)
             losses = []
         if done == training.iterations:
             break
         if done in validation_steps:
-            conf, _ = evaluate_split(_labels_of(worker.model), worker, 0)
-            record = {"step": done, "phase": phase, **_headline(_summary(conf, job))}
+            evaluation = _evaluate_target(worker, 0)
+            record = {"step": done, "phase": step_phase, **_headline(_summary(evaluation.matrix(), job))}
             history["validation"].append(record)
             metrics = {**metrics, "step": done, **{f"val_{k}": v for k, v in record.items() if k != "step"}}
         with_checkpoint = done % job.run.checkpoint_every == 0
@@ -543,8 +646,8 @@ def train_loop_per_worker(config: dict) -> None:
     _finish(worker, history, max(start, training.iterations))
 
 
-def _mean_over_workers(losses: list[float], worker: _Worker) -> float:
-    value = torch.tensor(float(np.mean(losses)), dtype=torch.float64, device=worker.device)
+def _mean_over_workers(losses: list[torch.Tensor], worker: _Worker) -> float:
+    value = torch.stack(losses).double().mean()
     if worker.world_size > 1:
         dist.all_reduce(value)
     return float(value) / worker.world_size
@@ -557,19 +660,22 @@ def _headline(summary: dict) -> dict:
 def _finish(worker: _Worker, history: dict, step: int) -> None:
     """Evaluate the final target (and the teacher); report the final checkpoint, ``report.json`` beside it."""
     job = worker.job
-    conf, samples = evaluate_split(_labels_of(worker.model), worker, job.evaluation.num_overlays)
+    evaluation = _evaluate_target(worker, job.evaluation.num_overlays)
+    conf, samples = evaluation.matrix(), evaluation.overlays.items
     summary = _summary(conf, job)
     history["validation"].append({"step": step, "phase": "final", **_headline(summary)})
-    report = {**summary, "dataset": job.dataset, "method": _method_name(job.training), "inputs": _inputs(job),
+    report = {**summary, "dataset": job.dataset, "protocol": job.labeler.protocol,
+              "method": _method_name(job.training), "inputs": _inputs(job),
               "validation": history["validation"], "training_log": history["log"]}
-    if job.evaluation.teacher:
-        teacher_conf, _ = evaluate_split(_labels_of(worker.teacher.predictor), worker, 0)
-        report["denseclip"] = _summary(teacher_conf, job)
+    if job.evaluation.teacher and job.has_ground_truth:  # else the teacher is the reference itself
+        report["denseclip"] = _summary(evaluate_split(worker.teacher.predictor, worker, 0).matrix(), job)
     metrics = {"step": step, "phase": "final", **{f"val_{k}": v for k, v in _headline(summary).items()}}
     _report(worker, metrics, step, history, final={"summary": report, "conf": conf, "samples": samples})
 
 
 def _method_name(training: TrainingConfig) -> str:
+    if not training.uses_pseudo_labels:
+        return "seen_only"  # the baseline: no DenseCLIP in it
     return f"denseclip_plus_{training.setting}" + ("_self_training" if training.self_training else "")
 
 
@@ -578,11 +684,35 @@ def _inputs(job: TrainJob) -> dict:
             "pseudo_labels": job.training.pseudo_labels, "self_training": job.training.self_training,
             "iterations": job.training.iterations, "guided_iterations": job.training.num_guided,
             "teacher": f"{job.labeler.model}/{job.labeler.pretrained or 'default'}",
+            "teacher_head": job.labeler.head, "teacher_protocol": job.labeler.protocol,
+            "teacher_activation": weights_activation(job.labeler.model, job.labeler.pretrained),
             "target": f"{job.training.target.head}-{job.training.target.backbone}",
-            "workers": job.workers.num_workers}
+            "classifier": job.training.target.classifier, "workers": job.workers.num_workers}
 
 
 # ---------------------------------------------------------------------------------------------- driver
+class TrainingData(ray.train.DataConfig):
+    """How the workers share the data: ``train`` in equal splits (every worker takes the same number of steps
+    per epoch, Ray's default), ``val`` in splits that together hold every row exactly once (``equal=False``:
+    an equal split would drop the remainder), so each validation image is decoded and scored by one worker."""
+
+    def __init__(self) -> None:
+        super().__init__(datasets_to_split=["train", "val"])
+
+    def configure(self, datasets: dict, world_size: int, worker_handles, worker_node_ids, **kwargs) -> list[dict]:
+        others = {name: ds for name, ds in datasets.items() if name != "val"}
+        output = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            if datasets["val"].name is None:
+                datasets["val"].set_name("val")
+            val = datasets["val"].copy(datasets["val"])
+            val.context.execution_options = self.default_ingest_options()
+            for rank, split in enumerate(val.streaming_split(world_size, equal=False,
+                                                             locality_hints=worker_node_ids)):
+                output[rank]["val"] = split
+        return output
+
+
 @dataclass
 class TrainResult:
     """A finished run: the final checkpoint folder (local path or URL), its ``report.json``, the last
@@ -593,9 +723,20 @@ class TrainResult:
     metrics: dict
 
 
-def build_trainer(job: TrainJob, callbacks: Sequence[StepCallback] = ()) -> TorchTrainer:
+def _storage_path(job: TrainJob) -> str:
+    path = job.run.storage_path
+    return os.path.abspath(path) if storage.is_local(path) else path
+
+
+def run_folder(job: TrainJob) -> str:
+    """Where Ray Train keeps the run: ``<storage_path>/<name>`` (local paths made absolute)."""
+    return storage.join(_storage_path(job), job.run.name)
+
+
+def build_trainer(job: TrainJob, callbacks: Sequence[StepCallback] = (),
+                  run_callbacks: Sequence[ray.train.UserCallback] = ()) -> TorchTrainer:
     """The ``TorchTrainer`` of ``job`` on the connected Ray cluster (checking that the workers leave CPUs for
-    Ray Data)."""
+    Ray Data); ``callbacks`` run on every worker at every step, ``run_callbacks`` in Ray Train's controller."""
     cpus = float(ray.cluster_resources().get("CPU", 0))
     reserved = job.workers.num_workers * job.workers.cpus_per_worker
     if reserved + job.workers.data_cpus > cpus:
@@ -603,9 +744,6 @@ def build_trainer(job: TrainJob, callbacks: Sequence[StepCallback] = ()) -> Torc
             f"workers: {job.workers.num_workers} x {job.workers.cpus_per_worker:g} CPUs for training plus "
             f"{job.workers.data_cpus:g} for reading leave nothing of the cluster's {cpus:g} CPUs (Ray would "
             "wait forever): lower workers.cpus_per_worker or workers.data_cpus")
-    storage_path = job.run.storage_path
-    if storage.is_local(storage_path):
-        storage_path = os.path.abspath(storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "callbacks": list(callbacks)},
@@ -613,17 +751,69 @@ def build_trainer(job: TrainJob, callbacks: Sequence[StepCallback] = ()) -> Torc
             num_workers=job.workers.num_workers, use_gpu=job.workers.use_gpu,
             resources_per_worker={"CPU": job.workers.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=job.run.name, storage_path=storage_path,
+            name=job.run.name, storage_path=_storage_path(job),
             failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
+            callbacks=list(run_callbacks)),
         datasets=build_datasets(job),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=TrainingData(),
     )
 
 
-def run_training(job: TrainJob, callbacks: Sequence[StepCallback] = ()) -> TrainResult:
-    """Train on the connected Ray cluster and return the final checkpoint and its report."""
-    result = build_trainer(job, callbacks).fit()
+ReportCallback = Callable[[dict], None]
+
+
+class _ForwardReports(ray.train.UserCallback):
+    """In Ray Train's controller: hands rank 0's metrics of every report (with ``checkpoint``: the folder of
+    the checkpoint it carried) to the driver through ``queue``."""
+
+    def __init__(self, queue: ray.util.queue.Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if metrics:
+            self.queue.put({**metrics[0], **({"checkpoint": checkpoint.path} if checkpoint is not None else {})})
+
+
+@contextlib.contextmanager
+def _reports_to(on_report: ReportCallback | None) -> Iterator[list[ray.train.UserCallback]]:
+    """The controller callbacks that make ``on_report(record)`` run on this driver, in a thread, for every
+    report of the run (none when ``on_report`` is None); every record is delivered when the block ends."""
+    if on_report is None:
+        yield []
+        return
+    queue = ray.util.queue.Queue(actor_options={"num_cpus": 0})  # no CPU: it must never wait for the workers'
+    finished = threading.Event()
+
+    def deliver() -> None:
+        while True:
+            try:
+                record = queue.get(timeout=0.5)
+            except ray.util.queue.Empty:
+                if finished.is_set():
+                    return
+                continue
+            on_report(record)
+
+    thread = threading.Thread(target=deliver, name="train-reports", daemon=True)
+    thread.start()
+    try:
+        yield [_ForwardReports(queue)]
+    finally:
+        finished.set()
+        thread.join()
+        queue.shutdown()
+
+
+def run_training(job: TrainJob, callbacks: Sequence[StepCallback] = (),
+                 on_report: ReportCallback | None = None) -> TrainResult:
+    """Train on the connected Ray cluster and return the final checkpoint and its report. ``on_report(record)``
+    sees, on this driver, every metrics record the workers report (``step``, ``phase``, ``loss``, ``lr``,
+    ``val_*``; ``checkpoint``: its folder when one was saved)."""
+    # Every worker's pass over its data would draw a progress bar; the metrics already show progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    with _reports_to(on_report) as run_callbacks:
+        result = build_trainer(job, callbacks, run_callbacks).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {job.run.name} ended without a checkpoint")
     path = result.checkpoint.path

@@ -23,11 +23,11 @@ _SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error)
 
 
 def decode_training_sample(sample: dict, num_classes: int, with_label: bool,
-                           store: MaskStore | None) -> dict:
+                           store: MaskStore | None, label_lut: np.ndarray | None = None) -> dict:
     """One shard sample -> a row: ``key``, ``image`` uint8 (H, W, 3), and as asked ``label`` uint8 (H, W)
-    (ground truth), ``pseudo_label`` uint8 (H, W) and ``pseudo_confidence`` float32 (H, W) in [0, 1] (from
-    ``store``). Raises ``ImageDecodeError``, ``ValueError`` or ``KeyError`` naming the sample when it cannot
-    be used."""
+    (ground truth, mapped through ``label_lut`` (256,) when given: ``voc`` shards read as ``voc20``),
+    ``pseudo_label`` uint8 (H, W) and ``pseudo_confidence`` float32 (H, W) in [0, 1] (from ``store``).
+    Raises ``ImageDecodeError``, ``ValueError`` or ``KeyError`` naming the sample when it cannot be used."""
     key = sample["__key__"]
     image = decode_sample_image(sample)
     row = {"key": key, "image": image}
@@ -35,6 +35,7 @@ def decode_training_sample(sample: dict, num_classes: int, with_label: bool,
         if "seg.png" not in sample:
             raise ValueError(f"{key}: no seg.png ground truth")
         labels = decode_label_map(sample["seg.png"], key)
+        labels = labels if label_lut is None else label_lut[labels]
         row["label"] = _checked_map(labels, image, num_classes, key, "ground truth")
     if store is not None:
         row["pseudo_label"] = _checked_map(store.get(key), image, num_classes, key, "pseudo label")
@@ -53,7 +54,8 @@ def _checked_map(labels: np.ndarray, image: np.ndarray, num_classes: int, key: s
     return labels
 
 
-def read_samples(item: dict, num_classes: int, with_label: bool, mask_store: str | None) -> Iterator[dict]:
+def read_samples(item: dict, num_classes: int, with_label: bool, mask_store: str | None,
+                 label_lut: np.ndarray | None = None) -> Iterator[dict]:
     """Ray Data ``flat_map``: the rows of the shard ``item["shard"]`` (see :func:`decode_training_sample`).
     A sample that cannot be used is logged and skipped, so every worker's split holds only usable rows; a
     damaged tar ends its shard early."""
@@ -62,7 +64,7 @@ def read_samples(item: dict, num_classes: int, with_label: bool, mask_store: str
     try:
         for sample in read_shard(shard):
             try:
-                yield decode_training_sample(sample, num_classes, with_label, store)
+                yield decode_training_sample(sample, num_classes, with_label, store, label_lut)
             except (ImageDecodeError, ValueError, KeyError) as exc:
                 log.warning("skipping a sample of %s: %s", shard, exc)
     except _SHARD_READ_ERRORS as exc:

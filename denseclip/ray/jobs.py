@@ -1,0 +1,31 @@
+"""Run one step of a multi-stage workflow as a Ray job through the job submission API, and wait for it."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+_POLL_S = 5.0
+
+
+def run_ray_job(address: str, entrypoint: str, submission_id: str, working_dir: str) -> None:
+    """Submit ``entrypoint`` to the Ray cluster whose dashboard is at ``address`` (``http://<head>:8265``),
+    uploading ``working_dir`` as the job's working directory, print its logs as they come, and return once it
+    succeeded; RuntimeError naming the job when it failed or was stopped."""
+    client = JobSubmissionClient(address)
+    client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                      runtime_env={"working_dir": working_dir})
+    shown = 0
+    while True:
+        status = client.get_job_status(submission_id)
+        logs = client.get_job_logs(submission_id)
+        sys.stdout.write(logs[shown:])
+        sys.stdout.flush()
+        shown = len(logs)
+        if status.is_terminal():
+            break
+        time.sleep(_POLL_S)
+    if status != JobStatus.SUCCEEDED:
+        raise RuntimeError(f"Ray job {submission_id} {status.value.lower()}: {entrypoint}")

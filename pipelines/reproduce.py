@@ -1,0 +1,96 @@
+"""Reproduce a result with one command: prepare -> label -> train -> evaluate, each stage its own Ray job step.
+
+    python pipelines/reproduce.py --config jobs/reproduce_synthetic_zero_shot.yaml
+    python pipelines/reproduce.py --config jobs/reproduce_coco_stuff_zero_shot.yaml --address http://<head>:8265
+
+The stages are the pipeline scripts: prepare.py (or render_world.py), label.py (pseudo labels of the train
+shards into a mask store), train.py (DenseCLIP+ from those precomputed pseudo labels) and evaluate.py (the final
+checkpoint on the validation shards). Without --address they run one after another on this machine, each on its
+own local Ray. With --address (a Ray dashboard) each stage is submitted as its own Ray job, with this checkout as
+its working directory, and awaited; the spec's workdir must then be storage both sides reach (s3://...). A stage
+whose outputs are complete is skipped, so a re-run after a failure continues where it stopped; --stages runs only
+some. Exit codes: 0 done, 1 a stage failed, 2 a bad spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from denseclip import storage
+from denseclip.config import ConfigError
+from denseclip.reproduce import REPORT_FILE, STAGES, Reproduction, Stage
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADLINE = ("miou", "miou_seen", "miou_unseen", "hiou", "pixel_accuracy")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="reproduction spec, e.g. jobs/reproduce_coco_stuff_zero_shot.yaml")
+    parser.add_argument("--address", help="Ray dashboard (http://<head>:8265): submit each stage as a Ray job")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated stages to run, in order (default: {','.join(STAGES)})")
+    parser.add_argument("--dry-run", action="store_true", help="print each stage's commands, run nothing")
+    args = parser.parse_args(argv)
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(args.stages) - set(STAGES))
+    if unknown or not args.stages:
+        parser.error(f"--stages: choose from {', '.join(STAGES)}, got {args.stages}")
+    return args
+
+
+def run_stage(stage: Stage, reproduction: Reproduction, address: str | None) -> None:
+    """Run the stage's step: a Ray job on the cluster at ``address``, else its commands here, one by one."""
+    if address:
+        from denseclip.ray.jobs import run_ray_job
+
+        job_id = f"reproduce-{reproduction.name}-{stage.name}-{uuid.uuid4().hex[:8]}"
+        run_ray_job(address, stage.entrypoint, job_id, str(ROOT))
+        return
+    for command in stage.commands:
+        done = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"exit code {done.returncode}: {' '.join(command)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        reproduction = Reproduction.from_file(args.config)
+    except ConfigError as exc:
+        print(f"reproduce: error: {exc}", file=sys.stderr)
+        return 2
+    for stage in reproduction.stages():
+        if stage.name not in args.stages:
+            continue
+        if args.dry_run:  # the commands only: the workdir is not even read
+            print(f"reproduce: {stage.name}: {stage.entrypoint}")
+            continue
+        if reproduction.is_complete(stage):
+            print(f"reproduce: {stage.name}: complete, skipped ({', '.join(stage.outputs)})", flush=True)
+            continue
+        print(f"reproduce: {stage.name}: {stage.entrypoint}", flush=True)
+        start = time.perf_counter()
+        try:
+            run_stage(stage, reproduction, args.address)
+        except RuntimeError as exc:
+            print(f"reproduce: {stage.name} failed: {exc}; re-run to continue from this stage", file=sys.stderr)
+            return 1
+        reproduction.record(stage, time.perf_counter() - start)
+        print(f"reproduce: {stage.name}: done in {time.perf_counter() - start:.0f} s", flush=True)
+    report_url = storage.join(reproduction.path_of("evaluation"), REPORT_FILE)
+    if "evaluate" in args.stages and not args.dry_run and storage.exists(report_url):
+        report = json.loads(storage.read_bytes(report_url))
+        cells = " | ".join(f"{k} {report[k]:.2f}" for k in HEADLINE if report.get(k) is not None)
+        print(f"reproduce: {reproduction.name}: {cells} ({report_url})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
