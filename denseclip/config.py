@@ -65,12 +65,12 @@ def _merge(base: dict, changes: dict) -> dict:
     return out
 
 
-def read_job_spec(path: str, seen: tuple[str, ...] = ()) -> dict:
+def read_job_spec(path: str, seen: tuple[str, ...] = (), kind: str = "job spec") -> dict:
     """The job spec at ``path``; a spec with ``extends: other.yaml`` (relative to its own folder) is that spec
     with this one's fields merged over it (a variant names only what it changes). ``seen``: the specs already
     on the way here (a cycle is refused)."""
     seen = seen or (os.path.normpath(path),)
-    spec = read_yaml_file(path, "job spec")
+    spec = read_yaml_file(path, kind)
     if not isinstance(spec, dict):
         raise ConfigError(f"--config {path}: a job spec must be a mapping of sections")
     base = spec.pop("extends", None)
@@ -81,7 +81,7 @@ def read_job_spec(path: str, seen: tuple[str, ...] = ()) -> dict:
     base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
     if base_path in seen:
         raise ConfigError(f"--config {path}: extends: {base} extends itself through {' -> '.join(seen)}")
-    return _merge(read_job_spec(base_path, (*seen, base_path)), spec)
+    return _merge(read_job_spec(base_path, (*seen, base_path), kind), spec)
 
 
 def apply_override(spec: dict, assignment: str) -> None:

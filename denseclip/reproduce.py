@@ -106,7 +106,7 @@ class Reproduction:
         if not isinstance(train_spec_path, str):
             raise ConfigError(f"{path}: train.spec: required, the DenseCLIP+ job spec (jobs/train_*.yaml)")
         train_set = sections["train"].get("set") or {}
-        train_spec = read_job_spec(train_spec_path)
+        train_spec = read_job_spec(train_spec_path, kind="train spec")
         if not isinstance(train_spec, dict) or not isinstance(train_set, dict):
             raise ConfigError(f"{path}: train: spec must name a job spec and set must be a mapping")
         for key, value in train_set.items():

@@ -172,10 +172,7 @@ class Progress:
 def run(job: LabelJob, console: Console) -> int:
     # Ray is imported only once the configuration is known to be good: a bad value fails in well under a second.
     from denseclip.lease import Lease, LeaseLost
-    from denseclip.models import check_weights
     from denseclip.ray.labeling import label_shards, prepare_labeling, write_summary
-
-    check_weights(job.labeler.model, job.labeler.pretrained)  # e.g. offline: one line, before any actor starts
 
     with Lease(job.output, ttl_s=job.lease_ttl, wait_s=job.wait_for_lease) as lease:
         plan = prepare_labeling(job.input, job.output, job.labeler, job.classes, overwrite=job.overwrite,
@@ -209,9 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"label: error: {exc}", file=sys.stderr)
         return 2
     from denseclip.lease import LeaseError, LeaseHeld
-    from denseclip.models import ModelLoadError
+    from denseclip.models import ModelLoadError, check_weights
     from denseclip.ray.labeling import LabelingError
 
+    try:
+        check_weights(job.labeler.model, job.labeler.pretrained)  # e.g. offline: one line, before any output or actor
+    except ModelLoadError as exc:
+        print(f"label: error: {exc}", file=sys.stderr)
+        return 2
     log = None if args.verbose else log_url(job.output, "label")
     try:
         with run_log(log) as console:

@@ -501,11 +501,12 @@ def test_custom_vocabulary_trains_on_unlabelled_shards_and_reports_agreement(ray
     teacher = LabelerConfig().build(job.info.classes)
     ours = np.stack([labels for labels, _ in target.label_images(images)])
     theirs = np.stack([labels for labels, _ in teacher.label_images(images)])
-    assert report["pixel_agreement"] == pytest.approx(100 * (ours == theirs).mean(), abs=1e-6)
+    # The workers label in their own batches (batched convolutions round differently): near-ties may flip.
+    assert report["pixel_agreement"] == pytest.approx(100 * (ours == theirs).mean(), abs=0.05)
     red = job.info.class_names.index("red")
     both, either = ((ours == red) & (theirs == red)).sum(), ((ours == red) | (theirs == red)).sum()
     expected_red = None if either == 0 else 100 * both / either
-    assert report["per_class_agreement"]["red"] == pytest.approx(expected_red)
+    assert report["per_class_agreement"]["red"] == pytest.approx(expected_red, abs=0.5)
     assert read_checkpoint_meta(result.checkpoint)["class_names"] == job.info.class_names
     assert len(list(Path(result.checkpoint).glob("overlays/*.png"))) == 2
     assert "DenseCLIP (teacher)" in Path(result.checkpoint, "index.html").read_text()
