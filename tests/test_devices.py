@@ -16,7 +16,7 @@ from pipeline_scripts import load_pipeline
 from torch.overrides import TorchFunctionMode
 
 import denseclip.config
-from denseclip.config import ConfigError, LabelerConfig, check_device, resolve_vocabulary
+from denseclip.config import ConfigError, LabelerConfig, check_device, cpu_has_native_bf16, resolve_vocabulary
 from denseclip.evaluation import Evaluation
 from denseclip.plus.amp import MixedPrecision, resolve_precision
 from denseclip.ray.devices import assigned_device
@@ -149,6 +149,10 @@ def test_training_refuses_a_cuda_teacher_on_cpu_workers(shards):
 def test_precision_defaults_and_provenance():
     assert resolve_precision("auto", CPU) == "fp32" and MixedPrecision.for_device("auto", CPU).dtype is None
     assert MixedPrecision.for_device("bf16", CPU).scaler is None  # bf16 needs no loss scaling
-    assert device_settings(LabelerConfig()) == {"type": "cpu", "precision": "fp32", "tf32": False}
+    assert device_settings(LabelerConfig(precision="fp32")) == {"type": "cpu", "precision": "fp32", "tf32": False}
+    # The labeller's "auto" is recorded as what it resolves to: bf16 only on CPUs that compute in it natively.
+    native = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert device_settings(LabelerConfig())["precision"] == native
+    assert device_settings(LabelerConfig(device="cuda"))["precision"] == "fp16"
     on_gpu = device_settings(LabelerConfig(device="cuda:3", precision="fp16"))
     assert on_gpu == {"type": "cuda", "precision": "fp16", "tf32": True}

@@ -171,7 +171,7 @@ def device_settings(config: LabelerConfig) -> dict:
     (:data:`ALLOW_TF32` on CUDA). Labels made under other settings are close but not bit-identical, so one store
     never mixes them."""
     cuda = config.device.startswith("cuda")
-    return {"type": "cuda" if cuda else "cpu", "precision": config.precision, "tf32": cuda and ALLOW_TF32}
+    return {"type": "cuda" if cuda else "cpu", "precision": config.effective_precision, "tf32": cuda and ALLOW_TF32}
 
 
 def run_provenance(config: LabelerConfig, classes: list[list[str]]) -> dict:
