@@ -103,7 +103,7 @@ def model_rows(model: str, precisions: list[str], batch_sizes: list[int], images
                 torch.cuda.empty_cache()
                 continue
             tflops = rate * flops / 1e12
-            rows.append(("model", setting, f"{rate:.1f}", f"{tflops:.2f}", f"{tflops / gemm[precision]:.0%}"))
+            rows.append(("model", setting, f"{rate:.1f}", f"{tflops:.3g}", f"{tflops / gemm[precision]:.0%}"))
         del labeler
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -166,7 +166,7 @@ def main() -> None:
         size = 8192 if device.type == "cuda" else 2048
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x {os.cpu_count()}"
     gemm = {p: gemm_tflops(device, PRECISIONS[p], size) for p in precisions}
-    rows = [("gemm", f"{size}x{size} matmul, {p}", "", f"{gemm[p]:.1f}", "100%") for p in precisions]
+    rows = [("gemm", f"{size}x{size} matmul, {p}", "", f"{gemm[p]:.3g}", "100%") for p in precisions]
     classes = resolve_vocabulary(VOC20)
     for model in models:
         rows += model_rows(model, precisions, batch_sizes, images, device, gemm,
