@@ -15,10 +15,12 @@ def test_gpu_benchmark_runs_on_cpu_in_quick_mode():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--quick"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
-    stages = [cells[0].strip() for cells in rows[2:]]  # after the header and its rule
+    table = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert table[0][0].strip() == "stage"  # the header; the rule under it starts with "|-"
+    rows = table[1:]
+    stages = [cells[0].strip() for cells in rows]
     assert stages[0] == "gemm" and {"model", "decode", "pipeline"} <= set(stages)
-    for cells in rows[2:]:
+    for cells in rows:
         stage, setting, rate = (c.strip() for c in cells[:3])
         if stage in ("model", "decode", "pipeline"):
             assert float(rate) > 0, (setting, rate)  # every measured row produced a rate
