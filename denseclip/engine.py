@@ -6,10 +6,11 @@ For ResNet towers that is a copy in which
 - on the CPU, each convolution runs as one oneDNN primitive with the ReLU after it and, at the end of a residual
   block, with the residual sum too (``torch.ops.mkldnn._convolution_pointwise``, the kernels ``torch.compile``
   emits for the same pattern), so no activation is read and written again for a ReLU, a sum or a BatchNorm.
-Measured on RN50 at 512x512 on 2 CPU cores (README, Benchmarks): BatchNorm, ReLU and residual sums took about 40%
-of the fp32 forward and 30% of the bf16 one. The copy shares every tensor it does not change (one set of
-convolution weights is added); the loaded model itself is left untouched (the DenseCLIP+ target may train that
-very tower). ViT towers gain nothing from any of this and are used as they are.
+BatchNorm, ReLU and the residual sums are passes over every activation that do almost no arithmetic; folded and
+fused, they leave the forward to the convolutions (rates in README, "The model stage's speed"). The copy shares
+every tensor it does not change (one set of convolution weights is added); the loaded model itself is left
+untouched (the DenseCLIP+ target may train that very tower). ViT towers (LayerNorms, no BatchNorm to fold) are
+used as they are.
 """
 
 from __future__ import annotations
