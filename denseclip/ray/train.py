@@ -35,6 +35,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import nn
 
 from denseclip import storage
@@ -771,8 +772,12 @@ class _ForwardReports(ray.train.UserCallback):
         self.queue = queue
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        if metrics:
+        if not metrics:
+            return
+        try:
             self.queue.put({**metrics[0], **({"checkpoint": checkpoint.path} if checkpoint is not None else {})})
+        except ray.exceptions.RayError as exc:  # progress lines are not worth failing the run (Ray Train would)
+            log.warning("a progress record could not reach the driver: %s", exc)
 
 
 @contextlib.contextmanager
@@ -782,7 +787,10 @@ def _reports_to(on_report: ReportCallback | None) -> Iterator[list[ray.train.Use
     if on_report is None:
         yield []
         return
-    queue = ray.util.queue.Queue(actor_options={"num_cpus": 0})  # no CPU: it must never wait for the workers'
+    # No CPU: it must never wait for the workers'. On the driver's node: a worker node may be lost mid-run, and
+    # with it any actor placed there (tests/test_multinode.py kills one).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = ray.util.queue.Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     finished = threading.Event()
 
     def deliver() -> None:
