@@ -147,6 +147,21 @@ def test_actor_plan_leaves_cpus_for_the_tasks_feeding_the_pool():
     assert (growing.min_actors, growing.num_actors) == (1, 16)
 
 
+def test_read_tasks_fit_beside_the_actors_on_every_node():
+    # Two one-CPU nodes and one lost a moment ago that still counts: tasks sized from the 3 CPUs in total (0.45)
+    # would fit on no node beside its 0.6-CPU actor, and Ray would wait forever.
+    total = plan_actors({"CPU": 3.0}, "cpu", num_actors=2, cpus_per_actor=0.6)
+    assert total.task_cpus + 0.6 > 1
+    nodes = plan_actors({"CPU": 3.0}, "cpu", num_actors=2, cpus_per_actor=0.6, node_cpus=[1.0, 1.0, 1.0])
+    assert nodes.task_cpus + 0.6 <= 1 and nodes.task_cpus > 0
+    # Three actors of 0.45 on two nodes of one CPU: two share a node, which leaves 0.1 there.
+    assert plan_actors({"CPU": 2.0}, "cpu", num_actors=3, cpus_per_actor=0.45).task_cpus + 2 * 0.45 > 1
+    shared = plan_actors({"CPU": 2.0}, "cpu", num_actors=3, cpus_per_actor=0.45, node_cpus=[1.0, 1.0])
+    assert 2 * 0.45 + shared.task_cpus <= 1 and shared.task_cpus > 0
+    # On one big node the actors leave plenty of room: the plan is the one from the total alone.
+    assert plan_actors({"CPU": 16.0}, "cpu", node_cpus=[16.0]) == plan_actors({"CPU": 16.0}, "cpu")
+
+
 def test_gpu_plan_decodes_as_fast_as_the_gpus_label_or_on_the_gpus():
     node = {"CPU": 16.0, "GPU": 1.0}
     # One GPU labelling 1000 images/s, one CPU decoding 250: 4 CPUs, 5 with headroom, of the 15 left free.

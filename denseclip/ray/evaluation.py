@@ -27,7 +27,7 @@ from denseclip.evaluation import Evaluation, GroundTruth, ImageLabeler, open_pre
 from denseclip.images import decode_image
 from denseclip.metrics import EvaluationInputError
 from denseclip.ray.devices import actor_device
-from denseclip.ray.labeling import ActorPlan, _objects, plan_actors, ray_cluster
+from denseclip.ray.labeling import ActorPlan, _objects, alive_node_cpus, plan_actors, ray_cluster
 from denseclip.robustness import CLEAN, Condition, apply_condition
 from denseclip.shards import read_shard
 
@@ -185,5 +185,5 @@ def evaluate_shards(shards: list[str], evaluation: Evaluation, *, address: str |
     ``labeling.ray_cluster``), with scoring actors sized from its resources for ``device``; ``source`` as
     there (``pred_url=`` or ``make_labeler=``, ``conditions=``, ``seed=``)."""
     with ray_cluster(address):
-        actors = plan_actors(ray.cluster_resources(), device, num_actors)
+        actors = plan_actors(ray.cluster_resources(), device, num_actors, node_cpus=alive_node_cpus())
         return evaluate_on_ray(shards, evaluation, actors, device=device, **source)

@@ -25,7 +25,7 @@ import tarfile
 import time
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -314,14 +314,19 @@ def prepare_labeling(
 
 def plan_actors(
     cluster: dict[str, float], device: str, num_actors: int | None = None, cpus_per_actor: float | None = None,
-    throughput: Throughput | None = None,
+    throughput: Throughput | None = None, node_cpus: Sequence[float] = (),
 ) -> ActorPlan:
-    """Size the labeling stage from the cluster's resources now (``ray.cluster_resources()``).
+    """Size the labeling stage from the cluster's resources now (``ray.cluster_resources()``) and the CPUs of each
+    of its nodes (``node_cpus``, :func:`alive_node_cpus`; unknown when empty).
 
     Defaults: one actor per GPU when ``device`` is cuda, else one per CPU; actors reserve at most half the CPUs
     (fractional reservations are fine) so read, decode and encode tasks always find room: an actor pool that
     reserves every CPU starves the tasks feeding it and Ray waits forever. A GPU pool larger than the GPUs
     present starts small and grows as an autoscaling cluster adds GPU nodes.
+
+    Ray Data spreads the actors over the nodes, so a read/decode task is made small enough to fit beside them on
+    the fullest node: on nodes of one CPU each holding an actor of 0.6, tasks of 0.4 still run, where tasks sized
+    from the cluster's total alone would wait forever for a node with room.
 
     Read/decode tasks: one per actor (at least two) on CPU clusters, where decoding an image costs a fraction of
     labelling it and every task holds its shard's buffers. GPU actors label far faster than a CPU decodes: with
@@ -348,6 +353,9 @@ def plan_actors(
             f"num_actors x cpus_per_actor = {num_actors} x {cpus_per_actor:g} CPUs leaves none of the cluster's "
             f"{cpus:g} CPUs for reading and decoding (Ray would wait forever): use fewer or smaller actors")
     task_cpus = min(1.0, max(cpus - reserved, cpus / 2) / 4)
+    room = _room_beside_actors(node_cpus, num_actors, cpus_per_actor)
+    if room is not None:
+        task_cpus = min(task_cpus, room)
     read_tasks, decode_on_device = max(2, num_actors), False
     if gpus_per_actor and throughput is not None:
         needed = num_actors * throughput.labels_per_s / throughput.decodes_per_cpu_s * DECODE_HEADROOM  # CPUs
@@ -359,6 +367,25 @@ def plan_actors(
                  ", JPEGs decoded on the GPUs" if decode_on_device else "")
     return ActorPlan(num_actors, min_actors, cpus_per_actor, gpus_per_actor, task_cpus, max(1, int(cpus_per_actor)),
                      read_tasks, decode_on_device)
+
+
+def _room_beside_actors(node_cpus: Sequence[float], num_actors: int, cpus_per_actor: float) -> float | None:
+    """The CPUs left on the fullest node once ``num_actors`` actors of ``cpus_per_actor`` are spread evenly over
+    the nodes that can hold one (in hundredths of a CPU, rounded down); None when no node has room left or the
+    nodes are unknown."""
+    hosts = [n for n in node_cpus if n >= cpus_per_actor > 0]
+    if not hosts:
+        return None
+    per_node = math.ceil(num_actors / len(hosts))
+    rooms = [n - min(per_node, int(n // cpus_per_actor)) * cpus_per_actor for n in hosts]
+    room = math.floor(min(rooms) * 100 + 1e-6) / 100
+    return room if room > 0 else None
+
+
+def alive_node_cpus() -> list[float]:
+    """The logical CPUs of each node of the connected Ray cluster that the GCS counts alive (a node lost moments
+    ago may still count)."""
+    return [float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
 
 
 def measure_throughput(config: LabelerConfig, classes: list[list[str]], samples: list[bytes],
@@ -829,7 +856,8 @@ def label_shards(
             throughput = None
             if config.on_cuda:
                 throughput = probe_throughput(plan, config.resolved(), classes, resources.get("GPU", 0))
-            actors = plan_actors(resources, config.device, num_actors, cpus_per_actor, throughput)
+            actors = plan_actors(resources, config.device, num_actors, cpus_per_actor, throughput,
+                                 node_cpus=alive_node_cpus())
             dataset = build_dataset(plan, config, classes, actors, labeler)
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 committer.add(batch)
