@@ -31,6 +31,12 @@ from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
 from denseclip.config import TINY_MODEL, TINY_VIT_MODEL
+from denseclip.packed_weights import (
+    PackedWeightsError,
+    initialised_under,
+    packed_seed,
+    unpack_token_embedding,
+)
 
 # The shipped models' folders: ``<name>.json`` (open_clip config), ``model.safetensors``, ``training.json``.
 TINY_ASSETS = {
@@ -325,8 +331,15 @@ def load_clip(
         clip = open_clip.create_model(model, pretrained=None)
         fingerprint = f"{model}/random-init/{_weights_digest(clip)}"
     elif _is_checkpoint_reference(pretrained):
-        clip = open_clip.create_model(model, pretrained=None)
         state, digest = read_state_dict(pretrained)
+        seed = packed_seed(state)  # a packed checkpoint (the shipped tiny CLIPs) rebuilds from the model's init
+        with initialised_under(seed):
+            clip = open_clip.create_model(model, pretrained=None)
+        if seed is not None:
+            try:
+                state = unpack_token_embedding(state, clip.token_embedding.weight, source=pretrained)
+            except PackedWeightsError as exc:
+                raise ModelLoadError(str(exc)) from exc
         reference = clip.state_dict()
         state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
         try:

@@ -4,8 +4,8 @@
 
 ``--model`` is ``denseclip-tiny-shapes`` (ResNet, the default) or ``denseclip-tiny-shapes-vit`` (ViT, patch 8);
 their open_clip configs live in ``denseclip/assets/``. Writes ``model.safetensors`` (fp16 state dict of the
-open_clip ``CLIP``), the model config and ``training.json`` (command, seeds, steps, wall time, final loss) into
-``--out`` (default ``runs/tiny_clip/<model>``). Replacing the shipped weights in ``denseclip/assets/`` takes
+open_clip ``CLIP``, its token embedding packed: ``denseclip/packed_weights.py``), the model config and
+``training.json`` (command, seeds, steps, wall time, final loss) into ``--out`` (default ``runs/tiny_clip/<model>``). Replacing the shipped weights in ``denseclip/assets/`` takes
 ``--overwrite-shipped``.
 """
 
@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from denseclip.config import TINY_MODEL, TINY_MODELS
 from denseclip.models import TINY_ASSETS
+from denseclip.packed_weights import pack_token_embedding
 from denseclip.synthetic import TINY_CLIP_WORLD_SEED, render_scene
 
 SHIPPED_ASSETS = Path(TINY_ASSETS[TINY_MODEL]).parent
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     config_path = TINY_ASSETS[args.model] / f"{args.model}.json"
     open_clip.add_model_config(config_path)
     model = open_clip.create_model(args.model)
+    initial_embedding = model.token_embedding.weight.detach().clone()  # the rows no caption moves stay so
     tokenizer = open_clip.get_tokenizer(args.model)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+    state = pack_token_embedding(state, initial_embedding, args.seed)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "model": args.model})
     if (out / config_path.name).resolve() != config_path.resolve():
         shutil.copyfile(config_path, out / config_path.name)

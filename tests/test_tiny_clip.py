@@ -1,5 +1,6 @@
-"""The shipped tiny CLIPs (ResNet and ViT): small, load strictly into open_clip, and have learned the synthetic
-world's captions; retraining them writes elsewhere unless told to replace them."""
+"""The shipped tiny CLIPs (ResNet and ViT): small enough for git (each checkpoint under 8 MiB, its token embedding
+packed), load strictly into open_clip, and have learned the synthetic world's captions; retraining them writes
+elsewhere unless told to replace them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from pipeline_scripts import load_pipeline
 from safetensors.torch import load_file
 
+from denseclip.models import load_clip
+from denseclip.packed_weights import ROWS
 from denseclip.synthetic import CLASS_NAMES, render_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,11 +27,7 @@ HELD_OUT_SEED = 424242  # never used for training (training.json records the tra
 
 
 def _tiny_clip(name: str) -> torch.nn.Module:
-    open_clip.add_model_config(ASSETS[name] / f"{name}.json")
-    model = open_clip.create_model(name)
-    state = {k: v.float() for k, v in load_file(ASSETS[name] / "model.safetensors").items()}
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return load_clip(name).model  # the shipped weights, unpacked and loaded strictly
 
 
 def _images(scenes) -> torch.Tensor:
@@ -40,7 +39,12 @@ def _images(scenes) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ASSETS)
 def test_checkpoint_is_small_and_documented(name):
-    assert (ASSETS[name] / "model.safetensors").stat().st_size <= 20 * 1024 * 1024
+    assert (ASSETS[name] / "model.safetensors").stat().st_size <= 8 * 1024 * 1024
+    # Only the rows of the token embedding that the world's captions use were trained and are stored.
+    rows = load_file(ASSETS[name] / "model.safetensors")[ROWS]
+    vocabulary = {t for caption in ("there is a red circle.", *CLASS_NAMES) for t in
+                  open_clip.get_tokenizer(name)([caption])[0].tolist() if t}
+    assert vocabulary <= set(rows.tolist()) and len(rows) < 100
     record = json.loads((ASSETS[name] / "training.json").read_text())
     assert record["model"] == name and record["world_seed"] != HELD_OUT_SEED
     assert record["command"].startswith("python pipelines/train_tiny_clip.py")
@@ -72,9 +76,10 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path):
     train.main(["--model", name, "--out", str(tmp_path), "--steps", "2", "--batch-size", "8", "--log-every", "1"])
     record = json.loads((tmp_path / "training.json").read_text())
     assert record["steps"] == 2 and np.isfinite(record["final_loss"]) and record["model"] == name
-    open_clip.add_model_config(tmp_path / f"{name}.json")
-    model = open_clip.create_model(name)
-    model.load_state_dict({k: v.float() for k, v in load_file(tmp_path / "model.safetensors").items()}, strict=True)
+    trained = load_clip(name, str(tmp_path / "model.safetensors")).model
+    # Packed: the untrained rows are the initial ones of the seed, rebuilt on loading.
+    assert 0 < len(load_file(tmp_path / "model.safetensors")[ROWS]) < 100
+    assert not torch.equal(trained.token_embedding.weight, _tiny_clip(name).token_embedding.weight)
 
 
 def test_retraining_writes_elsewhere_unless_told_to_replace_the_shipped_weights(capsys):
