@@ -71,6 +71,10 @@ SLIDE_OPTIONS = ("crop_size", "crop_stride")
 # meets fails the job instead of looping forever. Actors themselves restart without limit (lost nodes).
 # A model failure that is not the image's fault (see Labeler) ends the actor on purpose, to the same effect.
 MAX_TASK_RETRIES = 3
+# A run whose actor's node is lost (the actor unreachable, or its node drained by the autoscaler) while Ray's
+# retries cannot save the batch in flight keeps what it committed and labels the rest on the nodes left, at most
+# this often; model faults are not resumed (see MAX_TASK_RETRIES).
+NODE_LOSS_RESUMES = 2
 # TF32 for what runs in fp32 on Ampere and newer GPUs (matmuls and convolutions, with a 10-bit mantissa):
 # several times faster, but labels are then not bit-identical to a CPU's or an older GPU's, so the setting is
 # part of the provenance (see device_settings) and the actors apply it rather than inherit torch's defaults.
@@ -773,6 +777,15 @@ class ShardCommitter:
         old_nodes = (part_record(old.schema.metadata) or {}).get("nodes", [])
         return merged, old_errors + errors, nodes | set(old_nodes)
 
+    def remaining(self) -> LabelingPlan:
+        """The plan's work that is not committed yet (all of it before the first commit)."""
+        return dataclasses.replace(self.plan, todo=[s for s in self.plan.todo if s not in self._done],
+                                   retry={s: k for s, k in self.plan.retry.items() if s not in self._done})
+
+    def drop_incomplete(self) -> None:
+        """Forget the rows of shards not committed yet: a resumed run labels those shards again, whole."""
+        self._pending.clear()
+
     def finish(self) -> None:
         """After the last batch: commit the shards that held no sample at all (once the fingerprint is known)."""
         if self._pending:
@@ -846,21 +859,34 @@ def label_shards(
     ``address``; :func:`plan_actors` for the pool; ``on_commit(shard, masks, errors)`` after each part;
     ``labeler`` as for :func:`build_dataset`), bring the store's key index up to date, and return the summary,
     also written as ``summary.json``: images labelled, errors, images/s and wall time of this run (Ray's start
-    included), shards new / changed / unchanged / missing, images labelled per Ray node."""
+    included), shards new / changed / unchanged / missing, images labelled per Ray node, and how often the run
+    resumed after losing a node (``NODE_LOSS_RESUMES``)."""
     start = time.perf_counter()
     committer = ShardCommitter(plan, on_commit)
-    actors = None
+    actors, resumes = None, 0
     if plan.todo or plan.retry:
         with ray_cluster(address):
-            resources = ray.cluster_resources()
             throughput = None
             if config.on_cuda:
-                throughput = probe_throughput(plan, config.resolved(), classes, resources.get("GPU", 0))
-            actors = plan_actors(resources, config.device, num_actors, cpus_per_actor, throughput,
-                                 node_cpus=alive_node_cpus())
-            dataset = build_dataset(plan, config, classes, actors, labeler)
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                committer.add(batch)
+                throughput = probe_throughput(plan, config.resolved(), classes, ray.cluster_resources().get("GPU", 0))
+            while True:
+                # Sized anew after a lost node, from the nodes alive now.
+                actors = plan_actors(ray.cluster_resources(), config.device, num_actors, cpus_per_actor, throughput,
+                                     node_cpus=alive_node_cpus())
+                try:
+                    for batch in build_dataset(committer.remaining(), config, classes, actors, labeler).iter_batches(
+                            batch_size=None, batch_format="pyarrow"):
+                        committer.add(batch)
+                    break
+                except ray.exceptions.RayActorError as exc:
+                    lost_node = isinstance(exc, ray.exceptions.ActorUnavailableError) or exc.preempted
+                    if not lost_node or resumes == NODE_LOSS_RESUMES:
+                        raise
+                    resumes += 1
+                    log.warning("a labelling actor's node was lost (%s: %s); %d parts committed are kept, "
+                                "labelling the rest (resume %d of %d)", type(exc).__name__,
+                                str(exc).splitlines()[0], committer.parts, resumes, NODE_LOSS_RESUMES)
+                    committer.drop_incomplete()
             committer.finish()
     if plan.lease is not None:
         plan.lease.check()
@@ -875,7 +901,7 @@ def label_shards(
         "shards_already_committed": len(plan.unchanged), "shards_committed": committer.parts,
         "errors_retried": sum(map(len, plan.retry.values())), "errors_fixed": committer.errors_fixed,
         "images_by_node": dict(committer.images_by_node),
-        "actors": dataclasses.asdict(actors) if actors else None,
+        "actors": dataclasses.asdict(actors) if actors else None, "resumed_after_node_loss": resumes,
     }
     write_summary(plan.output, summary, plan.storage_options)
     return summary
