@@ -184,7 +184,8 @@ def run(job: LabelJob, console: Console) -> int:
         try:
             summary = label_shards(plan, job.labeler, job.classes, address=job.address, num_actors=job.num_actors,
                                    cpus_per_actor=job.cpus_per_actor,
-                                   on_commit=Progress(console, len(plan.todo) + len(plan.retry)))
+                                   on_commit=Progress(console, len(plan.todo) + len(plan.retry)),
+                                   on_resume=lambda message: console.print(f"label: {message}"))
         except LeaseLost:
             raise  # the output belongs to the run that took the lease over: write nothing more
         except Exception as exc:

@@ -72,6 +72,7 @@ def test_labelling_across_two_nodes_survives_losing_one(tmp_path):
     assert summary["shards_new"] == IMAGES // 10 and summary["shards_committed"] == IMAGES // 10
     assert summary["images_labelled"] == IMAGES  # across resumes: no image labelled twice or lost
     assert summary["resumed_after_node_loss"] <= 2
+    assert ("node was lost" in log.read_text()) == bool(summary["resumed_after_node_loss"])  # said on the terminal
     store = MaskStore(str(out))
     keys = [k for part in sorted(store.committed_parts()) for k in store.read_part(part).column("key").to_pylist()]
     assert collections.Counter(keys) == collections.Counter(f"synthetic/s41/{i:06d}" for i in range(IMAGES))

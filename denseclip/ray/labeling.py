@@ -854,13 +854,14 @@ def label_shards(
     cpus_per_actor: float | None = None,
     on_commit: CommitCallback | None = None,
     labeler: type[Labeler] = Labeler,
+    on_resume: Callable[[str], None] | None = None,
 ) -> dict:
     """Label and commit the new, changed and retried shards of ``plan`` on Ray (see :func:`ray_cluster` for
     ``address``; :func:`plan_actors` for the pool; ``on_commit(shard, masks, errors)`` after each part;
     ``labeler`` as for :func:`build_dataset`), bring the store's key index up to date, and return the summary,
     also written as ``summary.json``: images labelled, errors, images/s and wall time of this run (Ray's start
     included), shards new / changed / unchanged / missing, images labelled per Ray node, and how often the run
-    resumed after losing a node (``NODE_LOSS_RESUMES``)."""
+    resumed after losing a node (``NODE_LOSS_RESUMES``; ``on_resume(message)`` hears of each resume)."""
     start = time.perf_counter()
     committer = ShardCommitter(plan, on_commit)
     actors, resumes = None, 0
@@ -883,9 +884,12 @@ def label_shards(
                     if not lost_node or resumes == NODE_LOSS_RESUMES:
                         raise
                     resumes += 1
-                    log.warning("a labelling actor's node was lost (%s: %s); %d parts committed are kept, "
-                                "labelling the rest (resume %d of %d)", type(exc).__name__,
-                                str(exc).splitlines()[0], committer.parts, resumes, NODE_LOSS_RESUMES)
+                    message = (f"a labelling actor's node was lost ({type(exc).__name__}); the {committer.parts} "
+                               f"parts committed are kept, labelling the rest (resume {resumes} of "
+                               f"{NODE_LOSS_RESUMES})")
+                    log.warning("%s: %s", message, exc)
+                    if on_resume is not None:
+                        on_resume(message)
                     committer.drop_incomplete()
             committer.finish()
     if plan.lease is not None:
