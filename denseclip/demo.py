@@ -235,6 +235,8 @@ def run_demo(config: DemoConfig, out: str | Path, on_log: Callable[[str, dict], 
     held_images, held_labels = _stack(list(render_dataset(config.seed, config.num_images)))
     train_scenes = list(render_dataset(TRAIN_SEED, config.train_images))
     lap("render")
+    # fp32 on every machine (not the labeller's "auto"), so the demo's numbers reproduce on any CPU; the same
+    # weights initialise the DenseCLIP+ targets' towers.
     clip = load_clip(TINY_MODEL, config.clip_weights)
     predictor = LabelerConfig().build(info.classes, clip=clip)
     torch.manual_seed(config.training.seed)  # the random-weights baseline is reproducible too
