@@ -575,6 +575,9 @@ def _calls(calls_dir: Path) -> dict[int, list[str]]:
 @pytest.mark.slow
 def test_model_faults_on_a_real_ray_retry_on_a_fresh_actor_and_never_become_error_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(labeling, "MAX_TASK_RETRIES", 1)  # one retry: enough to see it, half the actor starts
+    # An actor that ends itself looks unreachable to its caller, like a lost node's; on one node nothing dies, and
+    # the run must fail rather than resume (a short wait for a node to die keeps the test short).
+    monkeypatch.setattr(labeling, "NODE_DEATH_WAIT_S", 5.0)
     shards = write_shards(seed=6, n=4, out=str(tmp_path / "in"), shard_size=2, size=64)
     poisoned = write_shards(seed=7, n=2, out=str(tmp_path / "poisoned"), shard_size=2, size=48)
     out = str(tmp_path / "out")

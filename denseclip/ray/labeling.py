@@ -75,6 +75,10 @@ MAX_TASK_RETRIES = 3
 # retries cannot save the batch in flight keeps what it committed and labels the rest on the nodes left, at most
 # this often; model faults are not resumed (see MAX_TASK_RETRIES).
 NODE_LOSS_RESUMES = 2
+# An unreachable actor is a lost node only if a node of the run dies: Ray's health checks take 15-30 s to mark a
+# killed node dead, so the run waits this long for that before it takes the error for the actor's own (a model
+# fault ends the actor on purpose, and its caller sees the same ActorUnavailableError).
+NODE_DEATH_WAIT_S = 60.0
 # TF32 for what runs in fp32 on Ampere and newer GPUs (matmuls and convolutions, with a 10-bit mantissa):
 # several times faster, but labels are then not bit-identical to a CPU's or an older GPU's, so the setting is
 # part of the provenance (see device_settings) and the actors apply it rather than inherit torch's defaults.
@@ -384,6 +388,21 @@ def _room_beside_actors(node_cpus: Sequence[float], num_actors: int, cpus_per_ac
     rooms = [n - min(per_node, int(n // cpus_per_actor)) * cpus_per_actor for n in hosts]
     room = math.floor(min(rooms) * 100 + 1e-6) / 100
     return room if room > 0 else None
+
+
+def alive_node_ids() -> set[str]:
+    """The ids of the connected Ray cluster's nodes that the GCS counts alive."""
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+
+
+def node_died(nodes: set[str], wait_s: float | None = None) -> bool:
+    """Whether one of ``nodes`` is dead, or dies within ``wait_s`` seconds (default ``NODE_DEATH_WAIT_S``)."""
+    deadline = time.monotonic() + (NODE_DEATH_WAIT_S if wait_s is None else wait_s)
+    while nodes <= alive_node_ids():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
+    return True
 
 
 def alive_node_cpus() -> list[float]:
@@ -872,6 +891,7 @@ def label_shards(
                 throughput = probe_throughput(plan, config.resolved(), classes, ray.cluster_resources().get("GPU", 0))
             while True:
                 # Sized anew after a lost node, from the nodes alive now.
+                nodes = alive_node_ids()
                 actors = plan_actors(ray.cluster_resources(), config.device, num_actors, cpus_per_actor, throughput,
                                      node_cpus=alive_node_cpus())
                 try:
@@ -880,8 +900,8 @@ def label_shards(
                         committer.add(batch)
                     break
                 except ray.exceptions.RayActorError as exc:
-                    lost_node = isinstance(exc, ray.exceptions.ActorUnavailableError) or exc.preempted
-                    if not lost_node or resumes == NODE_LOSS_RESUMES:
+                    if resumes == NODE_LOSS_RESUMES or not (exc.preempted or (
+                            isinstance(exc, ray.exceptions.ActorUnavailableError) and node_died(nodes))):
                         raise
                     resumes += 1
                     message = (f"a labelling actor's node was lost ({type(exc).__name__}); the {committer.parts} "
