@@ -12,7 +12,7 @@ checkpoint keeps every other tensor as it is and, in place of ``token_embedding.
 
 Unpacking builds the model under the same seed (:func:`initialised_under`), puts the trained rows into its fresh
 token embedding, and checks the digest: a torch or open_clip that draws other initial values (another version)
-fails loudly instead of loading a different model. A shipped checkpoint shrinks from 16 MB to 4 MB.
+fails loudly instead of loading a different model. The shipped ResNet checkpoint shrinks from 16.2 MB to 3.6 MB.
 """
 
 from __future__ import annotations
