@@ -5,8 +5,8 @@
 ``--model`` is ``denseclip-tiny-shapes`` (ResNet, the default) or ``denseclip-tiny-shapes-vit`` (ViT, patch 8);
 their open_clip configs live in ``denseclip/assets/``. Writes ``model.safetensors`` (fp16 state dict of the
 open_clip ``CLIP``, its token embedding packed: ``denseclip/packed_weights.py``), the model config and
-``training.json`` (command, seeds, steps, wall time, final loss) into ``--out`` (default ``runs/tiny_clip/<model>``). Replacing the shipped weights in ``denseclip/assets/`` takes
-``--overwrite-shipped``.
+``training.json`` (command, seeds, steps, wall time, final loss) into ``--out`` (default
+``runs/tiny_clip/<model>``). Replacing the shipped weights in ``denseclip/assets/`` takes ``--overwrite-shipped``.
 """
 
 from __future__ import annotations

@@ -390,25 +390,33 @@ def _room_beside_actors(node_cpus: Sequence[float], num_actors: int, cpus_per_ac
     return room if room > 0 else None
 
 
-def alive_node_ids() -> set[str]:
-    """The ids of the connected Ray cluster's nodes that the GCS counts alive."""
-    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+def alive_nodes() -> list[dict]:
+    """``ray.nodes()`` records (``NodeID``, ``Resources`` ...) of the connected cluster's nodes that the GCS counts
+    alive (a node lost moments ago may still count)."""
+    return [node for node in ray.nodes() if node["Alive"]]
+
+
+def alive_node_cpus(nodes: list[dict] | None = None) -> list[float]:
+    """The logical CPUs of each of ``nodes`` (default: :func:`alive_nodes` now)."""
+    return [float(node["Resources"].get("CPU", 0)) for node in (alive_nodes() if nodes is None else nodes)]
 
 
 def node_died(nodes: set[str], wait_s: float | None = None) -> bool:
-    """Whether one of ``nodes`` is dead, or dies within ``wait_s`` seconds (default ``NODE_DEATH_WAIT_S``)."""
+    """Whether one of the node ids ``nodes`` is dead, or dies within ``wait_s`` seconds (default
+    ``NODE_DEATH_WAIT_S``)."""
     deadline = time.monotonic() + (NODE_DEATH_WAIT_S if wait_s is None else wait_s)
-    while nodes <= alive_node_ids():
+    while nodes <= {node["NodeID"] for node in alive_nodes()}:
         if time.monotonic() >= deadline:
             return False
         time.sleep(1.0)
     return True
 
 
-def alive_node_cpus() -> list[float]:
-    """The logical CPUs of each node of the connected Ray cluster that the GCS counts alive (a node lost moments
-    ago may still count)."""
-    return [float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
+def lost_a_node(exc: ray.exceptions.RayActorError, nodes: set[str]) -> bool:
+    """Whether an actor error of a run on the node ids ``nodes`` comes from a lost node: one an autoscaler drained
+    (``preempted``), or an unreachable actor while one of ``nodes`` dies. An actor that ends itself on a model
+    fault is just as unreachable, but no node dies."""
+    return exc.preempted or (isinstance(exc, ray.exceptions.ActorUnavailableError) and node_died(nodes))
 
 
 def measure_throughput(config: LabelerConfig, classes: list[list[str]], samples: list[bytes],
@@ -891,17 +899,16 @@ def label_shards(
                 throughput = probe_throughput(plan, config.resolved(), classes, ray.cluster_resources().get("GPU", 0))
             while True:
                 # Sized anew after a lost node, from the nodes alive now.
-                nodes = alive_node_ids()
+                nodes = alive_nodes()
                 actors = plan_actors(ray.cluster_resources(), config.device, num_actors, cpus_per_actor, throughput,
-                                     node_cpus=alive_node_cpus())
+                                     node_cpus=alive_node_cpus(nodes))
                 try:
                     for batch in build_dataset(committer.remaining(), config, classes, actors, labeler).iter_batches(
                             batch_size=None, batch_format="pyarrow"):
                         committer.add(batch)
                     break
                 except ray.exceptions.RayActorError as exc:
-                    if resumes == NODE_LOSS_RESUMES or not (exc.preempted or (
-                            isinstance(exc, ray.exceptions.ActorUnavailableError) and node_died(nodes))):
+                    if resumes == NODE_LOSS_RESUMES or not lost_a_node(exc, {n["NodeID"] for n in nodes}):
                         raise
                     resumes += 1
                     message = (f"a labelling actor's node was lost ({type(exc).__name__}); the {committer.parts} "
