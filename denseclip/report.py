@@ -10,12 +10,13 @@ and the demo all call it with a ``summary`` from ``denseclip.metrics.summarize``
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+import jinja2
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -224,8 +225,8 @@ def _headline(summary: dict) -> tuple[list[str], list[list[str]]]:
     return [label for _, label in _HEADLINE], [[_fmt(summary.get(k)) for k, _ in _HEADLINE]]
 
 
-def _per_class(summary: dict, label: Callable[[str], str]) -> tuple[list[str], list[list[str]]]:
-    """Per-class rows; ``label`` renders the class cell (plain name in Markdown, swatch + name in HTML)."""
+def _per_class(summary: dict, label: Callable[[str], str | dict]) -> tuple[list[str], list]:
+    """Per-class rows; ``label`` renders the class cell (plain name in Markdown, a swatch cell in HTML)."""
     rows = [[label(name), _split(summary, name), _fmt(iou), _fmt(summary["per_class_accuracy"].get(name)),
              str(summary.get("per_class_pixels", {}).get(name, "-"))]
             for name, iou in summary["per_class_iou"].items()]
@@ -248,99 +249,50 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def _comparison_page(summaries: Mapping[str, dict], class_names: Sequence[str], palette: np.ndarray,
                      labels: Mapping[str, str], pages: Mapping[str, str], scenes: list[Path], title: str,
                      notes: str, tables: Sequence[Table], out: Path) -> str:
-    swatch_label = _swatch_labeller(class_names, palette)
+    swatch = _swatch_cell(class_names, palette)
     headline = ("miou", "miou_seen", "miou_unseen", "hiou", "pixel_accuracy")
-
-    def method_cell(method: str) -> str:
-        name = html.escape(labels[method])
-        return f'<a href="{html.escape(pages[method])}">{name}</a>' if method in pages else name
-
     header = ["Method"] + [label for key, label in _HEADLINE if key in headline]
-    rows = [[method_cell(m)] + [html.escape(_fmt(s.get(k))) for k in headline] for m, s in summaries.items()]
+    rows = [[{"href": pages[m], "text": labels[m]} if m in pages else labels[m]]
+            + [_fmt(s.get(k)) for k in headline] for m, s in summaries.items()]
     first = next(iter(summaries.values()))
-    per_class = [[swatch_label(name), html.escape(_split(first, name))]
-                 + [html.escape(_fmt(s["per_class_iou"].get(name))) for s in summaries.values()]
+    per_class = [[swatch(name), _split(first, name)] + [_fmt(s["per_class_iou"].get(name)) for s in summaries.values()]
                  for name in first["per_class_iou"]]
-    figures = "".join(f'<figure><img src="{html.escape(p.relative_to(out).as_posix())}" alt="{html.escape(p.stem)}">'
-                      f"<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in scenes)
-    extra = "".join(f"<h2>{html.escape(heading)}</h2>\n{_html_table(head, body)}\n" for heading, head, body in tables)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>{html.escape(title)}</title>
-{_STYLE}</head><body>
-<h1>{html.escape(title)}</h1>
-<p>{html.escape(notes)}</p>
-<h2>Methods (mIoU in percent; each links to its own report)</h2>
-{_raw_html_table(header, rows)}
-<h2>IoU per class (percent)</h2>
-{_raw_html_table(["Class", "Split"] + [html.escape(labels[m]) for m in summaries], per_class)}
-<h2>The same scenes under each method</h2>
-{figures or "<p>no scenes</p>"}
-{extra}</body></html>
-"""
+    return _render("comparison.html.j2", title=title, notes=notes, methods=(header, rows),
+                   per_class=(["Class", "Split"] + [labels[m] for m in summaries], per_class),
+                   scenes=[{"src": p.relative_to(out).as_posix(), "caption": p.stem} for p in scenes],
+                   tables=list(tables))
 
 
-def _raw_html_table(header: list[str], rows: list[list[str]]) -> str:
-    """An HTML table of cells that are already markup (escaped by the caller)."""
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _html_page(summary: dict, class_names: Sequence[str], palette: np.ndarray, paths: dict,
+               reference: str = "ground truth") -> str:
+    dataset, method = summary.get("dataset", "custom"), summary.get("method", "this run")
+    info = [[str(k), v if isinstance(v, str) else json.dumps(v)] for k, v in summary.get("inputs", {}).items()]
+    info += [["images", str(summary.get("num_images"))], ["evaluated pixels", str(summary.get("num_pixels"))],
+             ["ignored classes", ", ".join(summary.get("ignored_classes", [])) or "none"]]
+    return _render("report.html.j2", dataset=str(dataset), method=str(method), reference=reference,
+                   headline=_headline(summary), table1=_table1({method: {dataset: summary}}),
+                   per_class=_per_class(summary, _swatch_cell(class_names, palette)),
+                   confusion=_png_data_uri(paths["confusion"]), info=info,
+                   overlays=[{"src": _png_data_uri(p), "caption": p.stem} for p in paths["overlays"]])
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    """The HTML templates (``denseclip/templates``), every value escaped unless a template says otherwise."""
+    return jinja2.Environment(loader=jinja2.PackageLoader("denseclip", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+def _render(template: str, **context) -> str:
+    return _templates().get_template(template).render(**context)
 
 
 def _png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _html_table(header: list[str], rows: list[list[str]], raw_first: bool = False) -> str:
-    """An HTML table; every cell is escaped except the first column when ``raw_first`` (already markup)."""
-    return _raw_html_table([html.escape(h) for h in header],
-                           [[c if raw_first and i == 0 else html.escape(c) for i, c in enumerate(row)] for row in rows])
-
-
-_STYLE = """<style>
-body { font-family: sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #bbb; padding: 3px 8px; text-align: right; }
-td:first-child, th:first-child { text-align: left; white-space: nowrap; }
-.sw { display: inline-block; width: 12px; height: 12px; margin-right: 6px; border: 1px solid #333; }
-img { max-width: 100%; }
-figure { display: inline-block; margin: 0 1em 1em 0; }
-</style>"""
-
-
-def _swatch_labeller(class_names: Sequence[str], palette: np.ndarray) -> Callable[[str], str]:
-    """``name -> HTML``: the class's colour swatch and its escaped name."""
+def _swatch_cell(class_names: Sequence[str], palette: np.ndarray) -> Callable[[str], dict]:
+    """``name -> {"swatch": css colour, "text": name}``: a class cell drawn with its colour swatch."""
     colours = colorize(np.arange(len(class_names))[None], palette)[0]
     swatches = {name: "rgb({},{},{})".format(*(int(v) for v in colours[i])) for i, name in enumerate(class_names)}
-    return lambda name: f'<span class="sw" style="background:{swatches[name]}"></span>{html.escape(name)}'
-
-
-def _html_page(summary: dict, class_names: Sequence[str], palette: np.ndarray, paths: dict,
-               reference: str = "ground truth") -> str:
-    swatch_label = _swatch_labeller(class_names, palette)
-
-    dataset, method = summary.get("dataset", "custom"), summary.get("method", "this run")
-    info = [[str(k), v if isinstance(v, str) else json.dumps(v)] for k, v in summary.get("inputs", {}).items()]
-    info += [["images", str(summary.get("num_images"))], ["evaluated pixels", str(summary.get("num_pixels"))],
-             ["ignored classes", ", ".join(summary.get("ignored_classes", [])) or "none"]]
-    overlays = "".join(f'<figure><img src="{_png_data_uri(p)}" alt="{html.escape(p.stem)}">'
-                       f"<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in paths["overlays"])
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>Evaluation: {html.escape(str(dataset))}</title>
-{_STYLE}</head><body>
-<h1>Evaluation: {html.escape(str(method))} on {html.escape(str(dataset))}</h1>
-<h2>Headline (percent)</h2>
-{_html_table(*_headline(summary))}
-<h2>Zero-shot segmentation (paper Table 1 layout)</h2>
-{_html_table(*_table1({method: {dataset: summary}}))}
-<h2>Per class</h2>
-{_html_table(*_per_class(summary, swatch_label), raw_first=True)}
-<h2>Confusion matrix</h2>
-<img src="{_png_data_uri(paths["confusion"])}" alt="confusion matrix">
-<h2>Samples (image | {html.escape(reference)} | prediction)</h2>
-{overlays or "<p>no samples</p>"}
-<h2>Run</h2>
-{_html_table(["", "value"], info)}
-</body></html>
-"""
+    return lambda name: {"swatch": swatches[name], "text": name}

@@ -240,3 +240,38 @@ def test_comparison_page_shows_every_method_per_class_and_the_same_scenes(tmp_pa
     assert page.links == ["good/index.html"]  # the method without a page is not linked
     assert page.images == ["scenes/scene__1.png"] and (tmp_path / page.images[0]).is_file()
     assert Image.open(tmp_path / page.images[0]).width > 3 * Image.open(tmp_path / page.images[0]).height
+
+
+HOSTILE = '"><script>alert(1)</script><img src=x onerror=alert(2)>'
+
+
+class _Tags(HTMLParser):
+    """Every start tag of a page and every attribute value."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.attribute_names = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attribute_names += [name for name, _ in attrs]
+
+
+def test_no_field_of_a_report_or_comparison_page_can_inject_markup(tmp_path):
+    gt = np.array([[0, 1, 1], [2, 2, 255]], np.uint8)
+    names = ["background", HOSTILE, "cow"]
+    summary = summarize(accumulate([("k", gt, gt)], 3), names, unseen=[HOSTILE])
+    summary.update(dataset=HOSTILE, method=HOSTILE, inputs={HOSTILE: HOSTILE, "gt": [HOSTILE]})
+    report = write_report(tmp_path / "one", summary, accumulate([("k", gt, gt)], 3), names, PALETTE,
+                          samples=[(HOSTILE, None, gt, gt)], reference=HOSTILE)
+    comparison = write_comparison(tmp_path / "many", {HOSTILE: summary}, names, PALETTE,
+                                  [(HOSTILE, np.zeros((2, 3, 3), np.uint8), gt, {HOSTILE: gt})],
+                                  title=HOSTILE, notes=HOSTILE, labels={HOSTILE: HOSTILE},
+                                  pages={HOSTILE: HOSTILE}, tables=[(HOSTILE, [HOSTILE], [[HOSTILE]])])
+    for page, pictures in ((report["html"], 2), (comparison["html"], 1)):  # heatmap + overlay; one scene
+        text = page.read_text()
+        tags = _Tags()
+        tags.feed(text)
+        assert "script" not in tags.tags and tags.tags.count("img") == pictures
+        assert not [name for name in tags.attribute_names if name.startswith("on")]
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text  # shown as text, not dropped
