@@ -14,8 +14,6 @@ error, and the driver raises ``EvaluationInputError`` with it, naming the key.
 
 from __future__ import annotations
 
-import tarfile
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -23,6 +21,7 @@ import ray
 import torch
 from ray.data import ActorPoolStrategy
 
+from denseclip.damage import DamagedShardError
 from denseclip.evaluation import Evaluation, GroundTruth, ImageLabeler, open_predictions, shard_ground_truth
 from denseclip.images import decode_image
 from denseclip.metrics import EvaluationInputError
@@ -32,25 +31,22 @@ from denseclip.robustness import CLEAN, Condition, apply_condition
 from denseclip.shards import read_shard
 
 _NO_MAP = np.zeros((0, 0), dtype=np.uint8)
-_SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
 
 
 def read_ground_truth_rows(item: dict) -> Iterator[dict]:
     """The samples of shard ``item["shard"]`` as rows ``{"key", "labels" uint8 (H, W), "image" (encoded bytes,
     b"" if none), "error" ("" when usable)}``; a corrupt shard ends with an error row naming it."""
-    shard, count = item["shard"], 0
+    shard = item["shard"]
     try:
         for sample in read_shard(shard):
-            count += 1
             try:
                 truth = shard_ground_truth(sample)
             except ValueError as exc:
                 yield {"key": sample["__key__"], "labels": _NO_MAP, "image": b"", "error": str(exc)}
                 continue
             yield {"key": truth.key, "labels": truth.labels, "image": truth.image or b"", "error": ""}
-    except _SHARD_READ_ERRORS as exc:
-        yield {"key": "", "labels": _NO_MAP, "image": b"",
-               "error": f"shard {shard}: unreadable after {count} samples: {type(exc).__name__}: {exc}"}
+    except DamagedShardError as exc:  # transient storage errors are retried by read_shard, then fail the run
+        yield {"key": "", "labels": _NO_MAP, "image": b"", "error": f"shard {exc}"}
 
 
 def expand_conditions(batch: dict[str, np.ndarray], conditions: Sequence[Condition], seed: int,

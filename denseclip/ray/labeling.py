@@ -21,9 +21,7 @@ import os
 import posixpath
 import re
 import sys
-import tarfile
 import time
-import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +36,7 @@ from ray.data import ActorPoolStrategy
 
 from denseclip import storage
 from denseclip.config import LabelerConfig
+from denseclip.damage import DamagedShardError
 from denseclip.images import ImageDecodeError, check_rgb_image, decode_image, is_plain_jpeg
 from denseclip.lease import Lease
 from denseclip.mask_store import (
@@ -94,7 +93,6 @@ BLOCK_BYTES = 8 << 20
 OBJECT_STORE_BYTES_PER_ACTOR = 128 << 20
 # Shards whose content is hashed at once when planning a local run (hashlib releases the GIL on large reads).
 FINGERPRINT_THREADS = 8
-_FINGERPRINT_CHUNK = 1 << 20
 # Missing shards listed by name in summary.json (all of them are counted).
 LISTED_MISSING = 100
 # GPU actors: decode tasks are planned for this much more than the measured labelling rate (rates vary with the
@@ -104,7 +102,6 @@ DECODE_HEADROOM = 1.25
 PROBE_IMAGES = 16
 _NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 _NO_MAP = np.zeros((0, 0), dtype=np.uint8)
-_SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error)
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
@@ -209,14 +206,6 @@ def write_summary(output: str, summary: dict, storage_options: dict | None = Non
     storage.write_bytes(storage.join(output, SUMMARY_FILE), data, **(storage_options or {}))
 
 
-def _sha256(url: str, storage_options: dict) -> str:
-    digest = hashlib.sha256()
-    with fsspec.open(url, "rb", **storage_options) as f:
-        for chunk in iter(lambda: f.read(_FINGERPRINT_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def shard_fingerprints(shards: list[str], storage_options: dict | None = None) -> dict[str, dict]:
     """What each shard's content is now: ``{"size", "etag"}`` where the store keeps an ETag (S3 and other object
     stores: read from one listing per folder, no object is read), else ``{"size", "sha256"}`` of its bytes (local
@@ -241,7 +230,7 @@ def shard_fingerprints(shards: list[str], storage_options: dict | None = None) -
             fingerprints[shard] = {"size": info["size"], "etag": str(etag).strip('"')}
     hashed = [s for s in shards if s not in fingerprints]
     with ThreadPoolExecutor(min(FINGERPRINT_THREADS, max(1, len(hashed)))) as pool:
-        for shard, digest in zip(hashed, pool.map(lambda s: _sha256(s, storage_options), hashed)):
+        for shard, digest in zip(hashed, pool.map(lambda s: storage.sha256(s, **storage_options), hashed)):
             fingerprints[shard] = {"size": listed[shard]["size"], "sha256": digest}
     return fingerprints
 
@@ -485,14 +474,11 @@ def _sample_row(sample: dict, seen: set[str]) -> dict:
 
 def _shard_rows(shard: str, storage_options: dict | None) -> Iterator[dict]:
     seen: set[str] = set()
-    count = 0
     try:
         for sample in read_shard(shard, **(storage_options or {})):
-            count += 1
             yield _sample_row(sample, seen)
-    except _SHARD_READ_ERRORS as exc:
-        yield {"key": "", "shard": shard, "data": b"",
-               "error": f"corrupt shard after {count} samples: {type(exc).__name__}: {exc}"}
+    except DamagedShardError as exc:
+        yield {"key": "", "shard": shard, "data": b"", "error": exc.reason}
 
 
 def read_shard_rows(shard: str, storage_options: dict | None = None,
@@ -502,7 +488,8 @@ def read_shard_rows(shard: str, storage_options: dict | None = None,
     the number of rows yielded (0 on the others), which tells the committer when a shard is complete, whatever
     order rows arrive in.
 
-    A shard whose tar is corrupt yields the samples before the damage plus one error row with an empty key.
+    A shard whose tar is corrupt yields the samples before the damage plus one error row with an empty key;
+    transient storage errors are retried (see :func:`denseclip.shards.read_shard`), then raised.
     """
     previous, count = None, 0
     for row in _shard_rows(shard, storage_options):

@@ -7,19 +7,16 @@ read task's process stays small (about 70 MB instead of about 1 GB).
 from __future__ import annotations
 
 import logging
-import tarfile
-import zlib
 from collections.abc import Iterator
 
 import numpy as np
 
+from denseclip.damage import DamagedShardError
 from denseclip.images import ImageDecodeError, decode_label_map, decode_sample_image
 from denseclip.mask_store import MaskStore
 from denseclip.shards import read_shard
 
 log = logging.getLogger(__name__)
-
-_SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error)
 
 
 def decode_training_sample(sample: dict, num_classes: int, with_label: bool,
@@ -67,5 +64,5 @@ def read_samples(item: dict, num_classes: int, with_label: bool, mask_store: str
                 yield decode_training_sample(sample, num_classes, with_label, store, label_lut)
             except (ImageDecodeError, ValueError, KeyError) as exc:
                 log.warning("skipping a sample of %s: %s", shard, exc)
-    except _SHARD_READ_ERRORS as exc:
-        log.warning("%s is damaged; its remaining samples are skipped: %s", shard, exc)
+    except DamagedShardError as exc:
+        log.warning("%s is damaged; its remaining samples are skipped: %s", shard, exc.reason)
