@@ -438,24 +438,27 @@ class _KeyIndex:
         return keys
 
     def problems(self) -> list[str]:
-        """How the index disagrees with the readable committed parts, one line each (none when it is current).
-        Row counts are compared where the parts' footers were read (``full``)."""
+        """How the index disagrees with the undamaged committed parts, one line each: parts it lacks or lists in
+        vain, manifests and key counts that differ from the parts' (counts where their footers were read:
+        ``full``). A part whose file was only copied (a new file identity, the same bytes) agrees."""
         good = set(self.listing) - set(self.damaged)
         if self.file is None:
             return [f"missing or unreadable: {len(good)} committed parts are not indexed"] if good else []
         problems = []
-        changed, gone = sorted(good - self.covered), sorted(set(self.indexed) - good)
-        for parts, what in ((changed, "committed or replaced since it was written"), (gone, "no longer readable")):
+        for parts, what in ((good - set(self.indexed), "committed parts are not in it"),
+                            (set(self.indexed) - set(self.listing), "parts in it are no longer committed")):
             if parts:
-                problems.append(f"stale: {len(parts)} parts {what} ({', '.join(parts[:3])}"
-                                f"{', ...' if len(parts) > 3 else ''})")
+                names = sorted(parts)
+                problems.append(f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
         try:
             with _reading(self.url):
                 counts = Counter(self.file.read(columns=["part"]).column("part").to_pylist())
         except DamagedPartError as exc:
             return [*problems, exc.reason]
-        for part in sorted(self.covered):
-            if self.rows.get(part) is not None and counts[part] != self.rows[part]:
+        for part in sorted(good & set(self.indexed)):
+            if self.indexed[part].get("manifest", self.manifests[part]) != self.manifests[part]:
+                problems.append(f"its manifest of part {part} differs from the part's")
+            elif self.rows.get(part) is not None and counts[part] != self.rows[part]:
                 problems.append(f"holds {counts[part]} keys of part {part}, which has {self.rows[part]} rows")
         return problems
 
@@ -646,7 +649,8 @@ class MaskStore:
         """(part id, row) of ``key`` in the committed parts; KeyError naming it when absent."""
         found = self._key_index().locate(key)
         if found is None:
-            raise KeyError(f"no mask for key {key!r} in {self.root}")
+            skipped = f" (damaged parts skipped: {', '.join(sorted(self.skipped))})" if self.skipped else ""
+            raise KeyError(f"no mask for key {key!r} in {self.root}{skipped}")
         return found
 
     def _cell(self, key: str, column: str) -> bytes | None:
@@ -755,6 +759,12 @@ class StoreReport:
     @property
     def ok(self) -> bool:
         return not self.damaged and not self.index
+
+    def lines(self) -> list[str]:
+        """The report as printed: one line per damaged part, one per disagreement of the key index, a total."""
+        index = "agrees" if not self.index else f"disagrees ({len(self.index)})"
+        return ([f"damaged: {damage}" for damage in self.damaged] + [f"key index: {line}" for line in self.index]
+                + [f"verify: {self.root}: {self.parts} parts, {len(self.damaged)} damaged, key index {index}"])
 
 
 def verify_store(root: str, deep: bool = False, **storage_options) -> StoreReport:

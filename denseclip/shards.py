@@ -51,17 +51,18 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def iter_tar_samples(fileobj, shard: str = "") -> Iterator[dict]:
-    """Yield samples ``{"__key__": str, "__shard__": shard, ext: bytes, ...}`` from an open tar stream."""
+    """Yield samples ``{"__key__": str, "__shard__": shard, ext: bytes, ...}`` from an open tar stream; each as
+    soon as the header of the next sample's first member is read (a sample cut short is never yielded)."""
     current: dict | None = None
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
             key, ext = split_member_name(member.name)
-            data = tar.extractfile(member).read()
             if current is not None and current["__key__"] != key:
                 yield current
                 current = None
+            data = tar.extractfile(member).read()
             if current is None:
                 current = {"__key__": key, "__shard__": shard}
             current[ext] = data

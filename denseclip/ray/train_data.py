@@ -52,11 +52,12 @@ def _checked_map(labels: np.ndarray, image: np.ndarray, num_classes: int, key: s
 
 
 def read_samples(item: dict, num_classes: int, with_label: bool, mask_store: str | None,
-                 label_lut: np.ndarray | None = None) -> Iterator[dict]:
+                 label_lut: np.ndarray | None = None, skip_damaged: bool = False) -> Iterator[dict]:
     """Ray Data ``flat_map``: the rows of the shard ``item["shard"]`` (see :func:`decode_training_sample`).
     A sample that cannot be used is logged and skipped, so every worker's split holds only usable rows; a
-    damaged tar ends its shard early."""
-    store = MaskStore(mask_store) if mask_store else None
+    damaged tar ends its shard early. A damaged part of ``mask_store`` raises DamagedPartError naming it, or
+    with ``skip_damaged`` is logged and its samples skipped."""
+    store = MaskStore(mask_store, skip_damaged=skip_damaged) if mask_store else None
     shard = item["shard"]
     try:
         for sample in read_shard(shard):
