@@ -452,7 +452,7 @@ class _KeyIndex:
                 problems.append(f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
         try:
             with _reading(self.url):
-                counts = Counter(self.file.read(columns=["part"]).column("part").to_pylist())
+                counts = Counter(self.file.read(columns=["part"], use_threads=False).column("part").to_pylist())
         except DamagedPartError as exc:
             return [*problems, exc.reason]
         for part in sorted(good & set(self.indexed)):
@@ -561,44 +561,57 @@ class MaskStore:
         else its footer is read (``full``: always, the errors part's too) and its keys. ``digest``: compare the
         SHA-256 of its files with its manifest. A storage failure raises (transient, see denseclip.damage)."""
         state = _PartState(known["record"], known["manifest"]) if known else _PartState()
-
-        def damaged(folder: str, reason: str) -> tuple[_PartState, PartDamage]:
-            shard = (state.manifest or {}).get("shard") or (state.record or {}).get("shard")
-            return state, PartDamage(part, self._url(folder, part), shard, reason)
-
         try:
             state.manifest = state.manifest if known else self._read_manifest(part)
-        except DamagedPartError as exc:
-            return damaged(MANIFESTS_DIR, exc.reason)
+            problem = self._size_problem(state.manifest, masks, errors)
+            footers = (MASKS_DIR, ERRORS_DIR) if full else () if known else (MASKS_DIR,)
+            for folder in footers:
+                problem = problem or self._footer_problem(part, folder, state)
+            for folder in (MASKS_DIR, ERRORS_DIR) if digest and state.manifest and not problem else ():
+                if storage.sha256(self._url(folder, part), **self.storage_options) != state.manifest[folder]["sha256"]:
+                    problem = folder, "its SHA-256 differs from its manifest's"
+                    break
+        except DamagedPartError as exc:  # an unreadable manifest
+            problem = MANIFESTS_DIR, exc.reason
+        if problem is None:
+            return state, None
+        shard = (state.manifest or {}).get("shard") or (state.record or {}).get("shard")
+        return state, PartDamage(part, self._url(problem[0], part), shard, problem[1])
+
+    @staticmethod
+    def _size_problem(manifest: dict | None, masks: dict, errors: dict | None) -> tuple[str, str] | None:
+        """(folder, reason) where a part's files are missing or disagree with the sizes in its ``manifest``."""
         if errors is None:
-            return damaged(ERRORS_DIR, "missing beside its masks part")
-        recorded = state.manifest or {}
+            return ERRORS_DIR, "missing beside its masks part"
         for folder, entry in ((MASKS_DIR, masks), (ERRORS_DIR, errors)):
-            if folder in recorded and entry["size"] != recorded[folder]["size"]:
-                return damaged(folder, f"{entry['size']} bytes, its manifest records {recorded[folder]['size']}")
-        footers = (MASKS_DIR, ERRORS_DIR) if full else () if known else (MASKS_DIR,)
-        for folder in footers:
-            try:
-                parquet = self._open(self._url(folder, part))
-                with _reading(self._url(folder, part)):
-                    rows = parquet.metadata.num_rows
-                    if folder == MASKS_DIR:
-                        state.record, state.rows = part_record(parquet.schema_arrow.metadata), rows
-                        state.keys = None if known else parquet.read(columns=["key"]).column("key")
-            except DamagedPartError as exc:
-                return damaged(folder, exc.reason)
-            if folder == MASKS_DIR and (state.record or {}).get("manifest") and state.manifest is None:
-                return damaged(MANIFESTS_DIR, "missing (its part record says it has one)")
-            counts = ((state.record or {}).get("rows" if folder == MASKS_DIR else "errors"),
-                      recorded.get(folder, {}).get("rows"))
-            for what, count in zip(("its part record", "its manifest"), counts):
-                if count is not None and count != rows:
-                    return damaged(folder, f"{rows} rows, {what} says {count}")
-        if digest and state.manifest:
-            for folder in (MASKS_DIR, ERRORS_DIR):
-                if storage.sha256(self._url(folder, part), **self.storage_options) != recorded[folder]["sha256"]:
-                    return damaged(folder, "its SHA-256 differs from its manifest's")
-        return state, None
+            if manifest and entry["size"] != manifest[folder]["size"]:
+                return folder, f"{entry['size']} bytes, its manifest records {manifest[folder]['size']}"
+        return None
+
+    def _footer_problem(self, part: str, folder: str, state: _PartState) -> tuple[str, str] | None:
+        """Read the footer of ``part``'s file in ``folder`` (the masks part's: also its record and keys into
+        ``state``); (folder, reason) where it is unreadable or its row count disagrees with the part's record or
+        manifest."""
+        url = self._url(folder, part)
+        try:
+            parquet = self._open(url)
+            with _reading(url):
+                rows = parquet.metadata.num_rows
+                if folder == MASKS_DIR:
+                    state.record, state.rows = part_record(parquet.schema_arrow.metadata), rows
+                    # One small column, without a thread pool: its threads can abort a short command's exit
+                    # (apache/arrow#34314).
+                    state.keys = parquet.read(["key"], use_threads=False).column("key")
+        except DamagedPartError as exc:
+            return folder, exc.reason
+        if folder == MASKS_DIR and (state.record or {}).get("manifest") and state.manifest is None:
+            return MANIFESTS_DIR, "missing (its part record says it has one)"
+        counts = ((state.record or {}).get("rows" if folder == MASKS_DIR else "errors"),
+                  (state.manifest or {}).get(folder, {}).get("rows"))
+        for what, count in zip(("its part record", "its manifest"), counts):
+            if count is not None and count != rows:
+                return folder, f"{rows} rows, {what} says {count}"
+        return None
 
     def _met(self, damage: PartDamage) -> None:
         """A read met a damaged part: raise DamagedPartError naming it, or with ``skip_damaged`` list it."""
