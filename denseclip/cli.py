@@ -1,6 +1,9 @@
-"""The ``denseclip`` command: ``denseclip predict`` labels image files with any vocabulary.
+"""The ``denseclip`` command: ``denseclip predict`` labels image files with any vocabulary; ``denseclip verify``
+checks a mask store.
 
-It prints one line per image with the files it wrote (errors on stderr), then a summary."""
+``predict`` prints one line per image with the files it wrote (errors on stderr), then a summary. ``verify``
+prints one line per damaged part and per disagreement of the key index, then a total; it exits 1 when any.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +16,12 @@ import numpy as np
 
 from denseclip.config import ConfigError, add_labeler_arguments, labeler_config_from_args, resolve_vocabulary
 from denseclip.images import ImageDecodeError, decode_image, encode_png
-from denseclip.models import ModelLoadError
 from denseclip.visualize import class_palette, overlay
-from denseclip.vocabulary import VocabularyError, parse_class_list, read_classes_file
+from denseclip.vocabulary import parse_class_list, read_classes_file
 
-USER_ERRORS = (ConfigError, ModelLoadError, VocabularyError, ImageDecodeError, FileNotFoundError)
+# Bad input of any kind (ConfigError, VocabularyError, ImageDecodeError and the models' ModelLoadError are
+# ValueErrors), and files or a storage that cannot be read: one line, no traceback.
+USER_ERRORS = (ValueError, OSError)
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
@@ -84,6 +88,17 @@ def predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def verify(args: argparse.Namespace) -> int:
+    from denseclip.mask_store import verify_store
+
+    report = verify_store(args.store, deep=args.deep)
+    if not report.parts:
+        raise FileNotFoundError(f"no committed mask parts under {args.store}")
+    for line in report.lines():
+        print(line, flush=True)
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="denseclip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     add_labeler_arguments(p)
     p.set_defaults(func=predict)
+    v = sub.add_parser("verify", help="check every part of a mask store against its record and manifest")
+    v.add_argument("--store", required=True, help="mask store root (a folder or URL)")
+    v.add_argument("--deep", action="store_true", help="also compare every part's SHA-256 with its manifest "
+                   "(reads the whole store)")
+    v.set_defaults(func=verify)
     return parser
 
 
@@ -103,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS + (ValueError,) as exc:
+    except USER_ERRORS as exc:
         print(f"denseclip: error: {exc}", file=sys.stderr)
         return 2
 

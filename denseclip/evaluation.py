@@ -7,6 +7,7 @@ overlay sample and the scored keys; evaluations of disjoint images ``merge`` int
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import heapq
@@ -63,13 +64,14 @@ class LabelMapFolder:
         return decode_label_map(self.fs.cat_file(self._paths[key]), key)
 
 
-def open_predictions(url: str) -> MaskStore | LabelMapFolder:
-    """A MaskStore when ``url`` holds a ``masks/`` folder, else a LabelMapFolder."""
+def open_predictions(url: str, skip_damaged: bool = False) -> MaskStore | LabelMapFolder:
+    """A MaskStore when ``url`` holds a ``masks/`` folder (``skip_damaged``: see MaskStore), else a
+    LabelMapFolder."""
     fs, root = fsspec.core.url_to_fs(url)
     if not fs.isdir(root):
         raise FileNotFoundError(f"--pred {url}: no such folder")
     if fs.isdir(posixpath.join(root, MASKS_DIR)):
-        return MaskStore(url)
+        return MaskStore(url, skip_damaged=skip_damaged)
     return LabelMapFolder(url)
 
 
@@ -189,7 +191,8 @@ class KeySample:
 @dataclass
 class Evaluation:
     """Confusion matrices per condition (only ``clean`` without a sweep), the overlay sample of clean
-    ``(key, image | None, gt, pred)`` and the keys scored. Pickles, so workers can return one each.
+    ``(key, image | None, gt, pred)``, the keys scored and the ``unscored`` ones (ground truth whose stored
+    prediction was in a damaged part, skipped when asked). Pickles, so workers can return one each.
 
     ``gt_lut`` / ``pred_lut``: uint8 (256,) maps applied to every ground truth / stored prediction before
     scoring (``DatasetInfo.label_lut``: ``voc`` shards and masks scored as ``voc20``), or None.
@@ -202,6 +205,7 @@ class Evaluation:
     keys: set[str] = field(default_factory=set)
     gt_lut: np.ndarray | None = None
     pred_lut: np.ndarray | None = None
+    unscored: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.overlays = KeySample(self.num_overlays)
@@ -247,6 +251,7 @@ class Evaluation:
         for condition, conf in other.matrices.items():
             self.matrix(condition).merge(conf)
         self.keys |= other.keys
+        self.unscored |= other.unscored
         self.overlays.merge(other.overlays)
         return self
 
@@ -255,14 +260,30 @@ class Evaluation:
         return self.matrix().num_images
 
 
+def stored_prediction(predictions: MaskStore | LabelMapFolder, pred_keys: set[str], key: str,
+                      pred_url: str) -> np.ndarray | None:
+    """The stored prediction (H, W) of ground-truth ``key``: None when a mask store opened with
+    ``skip_damaged`` skipped damaged parts and ``key`` may have been in one; without a prediction otherwise, an
+    EvaluationInputError naming the key."""
+    if key in pred_keys:
+        with contextlib.suppress(KeyError):  # its part turned out damaged when read, and was skipped
+            return predictions.get(key)
+    if getattr(predictions, "skipped", None):
+        return None
+    raise EvaluationInputError(f"{key}: no prediction for this ground-truth key in {pred_url}")
+
+
 def score_predictions(ground_truth: Iterable[GroundTruth], predictions: MaskStore | LabelMapFolder, pred_url: str,
                       evaluation: Evaluation, images_url: str | None = None) -> Evaluation:
-    """Score stored predictions; a ground-truth key without a prediction is an error naming it."""
+    """Score stored predictions; a ground-truth key without a prediction is an error naming it, unless damaged
+    parts of the store were skipped (see :func:`stored_prediction`): then it is counted as ``unscored``."""
     pred_keys = predictions.keys()
     for item in ground_truth:
-        if item.key not in pred_keys:
-            raise EvaluationInputError(f"{item.key}: no prediction for this ground-truth key in {pred_url}")
-        evaluation.add_prediction(item, predictions.get(item.key), images_url)
+        pred = stored_prediction(predictions, pred_keys, item.key, pred_url)
+        if pred is None:
+            evaluation.unscored.add(item.key)
+        else:
+            evaluation.add_prediction(item, pred, images_url)
     return evaluation
 
 

@@ -18,6 +18,13 @@ from PIL import Image, UnidentifiedImageError
 # Pillow refuses anything over 2 x Image.MAX_IMAGE_PIXELS itself, so a higher limit has no effect.
 MAX_PIXELS = 80_000_000
 JPEG_FORMATS = ("JPEG", "MPO")
+# The containers an image may come in, as Pillow's decoders are named (a multi-picture JPEG opens as JPEG and is
+# then named MPO): untrusted bytes reach only these decoders. IMAGE_FORMATS are the labeller's (pipelines/label.py
+# reads jpg, jpeg, png, webp, bmp, tif and tiff members); SOURCE_FORMATS what pipelines/prepare.py converts once
+# into shards; label maps are PNGs.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+SOURCE_FORMATS = (*IMAGE_FORMATS, "GIF", "PPM")
+LABEL_MAP_FORMATS = ("PNG",)
 SAMPLE_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 _ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as image viewers do
 
@@ -41,15 +48,16 @@ class DecodedImage:
     mode: str
 
 
-def _open(data: bytes, key: str, max_pixels: int) -> Image.Image:
-    """Open and fully decode ``data``, refusing empty, oversized and truncated input."""
+def _open(data: bytes, key: str, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
+    """Open and fully decode ``data`` as one of ``formats``, refusing empty, oversized and truncated input."""
     if not data:
         raise ImageDecodeError(key, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             # The explicit pixel limit below replaces Pillow's global bomb warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            Image.init()  # a list of formats is looked up among the plugins loaded (at first only a few)
+            image = Image.open(io.BytesIO(data), formats=formats)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(
@@ -60,7 +68,8 @@ def _open(data: bytes, key: str, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(key, f"decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(key, f"not an image in a known format ({len(data)} bytes)") from exc
+        raise ImageDecodeError(key, f"not an image in an accepted format ({', '.join(formats)}; {len(data)} bytes)"
+                               ) from exc
     except Exception as exc:  # Pillow signals bad data with many exception types
         raise ImageDecodeError(key, f"unreadable image ({len(data)} bytes): {type(exc).__name__}: {exc}") from exc
     return image
@@ -83,9 +92,11 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def read_image(data: bytes, key: str = "", max_pixels: int = MAX_PIXELS) -> DecodedImage:
-    """Decode image bytes to RGB, converting CMYK, 16-bit, palette, grey and alpha images (alpha on white)."""
-    image = _open(data, key, max_pixels)
+def read_image(data: bytes, key: str = "", max_pixels: int = MAX_PIXELS,
+               formats: tuple[str, ...] = IMAGE_FORMATS) -> DecodedImage:
+    """Decode image bytes in one of ``formats`` to RGB, converting CMYK, 16-bit, palette, grey and alpha images
+    (alpha on white)."""
+    image = _open(data, key, max_pixels, formats)
     try:
         pixels = _to_rgb(image)
     except Exception as exc:  # an exotic mode Pillow cannot convert
@@ -107,7 +118,7 @@ def is_plain_jpeg(data: bytes, key: str = "", max_pixels: int = MAX_PIXELS) -> b
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=("JPEG",))
             width, height, mode, fmt = *image.size, image.mode, image.format
     except Exception:  # noqa: BLE001 - Pillow signals bad data in many ways; decode_image will name it
         return False
@@ -131,7 +142,7 @@ def decode_label_map(data: bytes, key: str = "", max_pixels: int = MAX_PIXELS, w
 
     RGB-coloured maps are refused: their colours would need a palette lookup that is ambiguous in general.
     """
-    image = _open(data, key, max_pixels)
+    image = _open(data, key, max_pixels, LABEL_MAP_FORMATS)
     if wide and image.mode in ("I;16", "I;16B", "I"):
         return np.array(image).astype(np.uint16)
     if image.mode not in ("P", "L"):

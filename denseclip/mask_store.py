@@ -1,11 +1,16 @@
 """The mask store: dense labels as a Parquet dataset, one row per image, on a local path or an object store.
 
 Layout under ``ROOT``: ``masks/part-<id>.parquet`` (key, shard, height, width, mask, confidence),
-``errors/part-<id>.parquet`` (key, shard, reason) and ``index/keys.parquet`` (the key index). A part is committed
-when its masks file exists: it is published in one atomic step (rename, or a single object upload) after its
-errors file, so readers never see half a part. Each part carries in its schema metadata the run provenance
-(model, pretrained, fingerprint, vocabulary, templates, code version) and its part record (the input shard, the
-shard's content fingerprint when it was labelled, row and error counts, the Ray nodes that labelled it).
+``errors/part-<id>.parquet`` (key, shard, reason), ``manifests/part-<id>.json`` (byte size, SHA-256 and row count
+of both) and ``index/keys.parquet`` (the key index). A part is committed when its masks file exists: it is
+published in one atomic step (rename, or a single object upload) after its errors file and its manifest, so
+readers never see half a part. Each part carries in its schema metadata the run provenance (model, pretrained,
+fingerprint, vocabulary, templates, code version) and its part record (the input shard, the shard's content
+fingerprint when it was labelled, row and error counts, the Ray nodes that labelled it).
+
+A part that disagrees with its manifest or record, or does not parse, is damaged (:class:`PartDamage`):
+:func:`verify_store` finds every one (``denseclip verify``), readers name it or skip it, and a labelling run
+relabels its shard. docs/mask-store.md describes the checks.
 
 Masks are single-channel PNGs: 8-bit for vocabularies of up to 255 classes (255 = ignore), 16-bit for larger
 ones (65535 = ignore). On 500x334 maps (benchmarks/mask_encoding.py) 8-bit PNGs are within 10% of raw uint8 +
@@ -17,20 +22,25 @@ The key index maps every key to its part and row, sorted by key in small row gro
 a lookup to one group: ``get(key)`` reads one index row group and one row group of one part, however large the
 store. The index is rebuilt by :func:`write_key_index` at the end of each labeling run; parts committed or
 replaced after it (a run that was killed) are found by listing ``masks/`` and read directly, so lookups are
-always exact.
+always exact. The index also keeps each part's record and manifest, so that checking the parts it covers takes
+only the listings of ``masks/`` and ``errors/``.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
+import hashlib
 import io
 import json
+import logging
 import os
 import re
 import subprocess
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -40,10 +50,14 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from denseclip import __version__, storage
+from denseclip.damage import DamagedPartError
 from denseclip.images import decode_label_map, encode_png
+
+log = logging.getLogger(__name__)
 
 MASKS_DIR = "masks"
 ERRORS_DIR = "errors"
+MANIFESTS_DIR = "manifests"
 INDEX_DIR = "index"
 INDEX_FILE = "keys.parquet"
 PROVENANCE_KEY = b"denseclip.provenance"
@@ -183,7 +197,7 @@ class MaskStoreWriter:
         self.root = root
         self.provenance = json.loads(self._provenance_json)
         self.storage_options = storage_options
-        existing = MaskStore(root, **storage_options).provenance
+        existing = MaskStore(root, skip_damaged=True, **storage_options).provenance
         changed = provenance_differences(existing, self.provenance) if existing is not None else []
         if changed:
             raise ValueError(f"mask store {root} holds another run (provenance differs in {', '.join(changed)}); "
@@ -209,18 +223,33 @@ class MaskStoreWriter:
         if len(set(keys)) != len(keys):
             raise ValueError(f"part {part_id}: duplicate keys")
         errors = list(errors)
-        part = json.dumps({**(record or {}), "rows": table.num_rows, "errors": len(errors)}, sort_keys=True)
+        part = json.dumps({**(record or {}), "rows": table.num_rows, "errors": len(errors), "manifest": True},
+                          sort_keys=True)
         table = table.sort_by("key").replace_schema_metadata(
             {PROVENANCE_KEY: self._provenance_json.encode(), PART_RECORD_KEY: part.encode()})
         error_table = pa.Table.from_pylist(
             [{"key": e["key"], "shard": e.get("shard", ""), "reason": e["reason"]} for e in errors],
             schema=ERROR_SCHEMA)
-        name = f"part-{part_id}.parquet"
-        storage.write_bytes(storage.join(self.root, ERRORS_DIR, name), _parquet_bytes(error_table),
-                            **self.storage_options)
-        url = storage.join(self.root, MASKS_DIR, name)
-        storage.write_bytes(url, _parquet_bytes(table), **self.storage_options)  # the commit point
-        return url
+        files = {ERRORS_DIR: _parquet_bytes(error_table), MASKS_DIR: _parquet_bytes(table)}
+        manifest = {"part": part_id, "shard": (record or {}).get("shard"),
+                    MASKS_DIR: _file_manifest(files[MASKS_DIR], table.num_rows),
+                    ERRORS_DIR: _file_manifest(files[ERRORS_DIR], len(errors))}
+        # The manifest before the masks: a commit cut short between them leaves a part that disagrees with its
+        # manifest, which the next run relabels, never a part that looks whole but is not.
+        for folder in (ERRORS_DIR, MANIFESTS_DIR, MASKS_DIR):  # the masks file last: the commit point
+            data = json.dumps(manifest, sort_keys=True).encode() if folder == MANIFESTS_DIR else files[folder]
+            storage.write_bytes(part_url(self.root, folder, part_id), data, **self.storage_options)
+        return part_url(self.root, MASKS_DIR, part_id)
+
+
+def part_url(root: str, folder: str, part_id: str) -> str:
+    """The file of part ``part_id`` in ``folder`` of the store at ``root``: ``masks/part-<id>.parquet``,
+    ``errors/part-<id>.parquet`` or ``manifests/part-<id>.json``."""
+    return storage.join(root, folder, f"part-{part_id}{'.json' if folder == MANIFESTS_DIR else '.parquet'}")
+
+
+def _file_manifest(data: bytes, rows: int) -> dict:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rows": rows}
 
 
 def _file_id(info: dict) -> str:
@@ -230,6 +259,61 @@ def _file_id(info: dict) -> str:
     if etag:
         return str(etag).strip('"')
     return f"{info.get('size')}-{info.get('ino', '')}-{info.get('mtime', info.get('LastModified', ''))}"
+
+
+@dataclass(frozen=True)
+class PartDamage:
+    """A committed part found damaged: its ``part`` id, the ``url`` of the file at fault, the input ``shard`` it
+    holds (None when nothing readable names it) and the ``reason``."""
+
+    part: str
+    url: str
+    shard: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.url} (shard {self.shard or 'unknown'}): {self.reason}"
+
+
+class _StorageFailure(Exception):
+    """The storage failed under a Parquet read; its exception is the cause. pyarrow passes on what a Python file
+    raises unchanged, so this tells the storage's failures from what pyarrow raises about the bytes."""
+
+
+class _StorageFile:
+    """A file of the store as pyarrow reads it: the storage's failures come out as :class:`_StorageFailure`."""
+
+    def __init__(self, file):
+        self._file = file
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def read(self, *args):
+        try:
+            return self._file.read(*args)
+        except Exception as exc:
+            raise _StorageFailure() from exc
+
+    def seek(self, *args):
+        try:
+            return self._file.seek(*args)
+        except Exception as exc:
+            raise _StorageFailure() from exc
+
+
+@contextlib.contextmanager
+def _reading(url: str) -> Iterator[None]:
+    """Within the block, what pyarrow raises about the bytes of the Parquet file ``url`` (opened through a
+    :class:`_StorageFile`) becomes a DamagedPartError naming it; the storage's own failures pass unchanged."""
+    try:
+        yield
+    except _StorageFailure as exc:
+        raise exc.__cause__ from None
+    except DamagedPartError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: also a part record that is not JSON
+        raise DamagedPartError(url, f"unreadable: {type(exc).__name__}: {exc}") from exc
 
 
 class _LRU(OrderedDict):
@@ -251,31 +335,55 @@ class _LRU(OrderedDict):
         return None
 
 
+@dataclass
+class _PartState:
+    """What one committed part holds, as far as it was read: its ``record`` and ``manifest``, the ``rows`` of its
+    masks footer and its ``keys``."""
+
+    record: dict | None = None
+    manifest: dict | None = None
+    rows: int | None = None
+    keys: pa.ChunkedArray | None = None
+
+
 class _KeyIndex:
     """Where each committed key lives: ``index/keys.parquet`` for the parts it covers that are still committed
-    and unchanged, plus an in-memory map of the parts committed or replaced since it was written."""
+    and unchanged, plus an in-memory map of the parts committed or replaced since it was written.
 
-    def __init__(self, store: MaskStore):
+    Building it checks every committed part (:meth:`MaskStore._check_part`): the parts the index covers by the
+    sizes of their files against their manifests (which the index holds), the others by their footers too, and
+    by their SHA-256 digests where ``digests`` is "changed" ("all": every part's). ``full`` reads every part's
+    footers, its errors part's too. Damaged parts (``damaged``) are raised or skipped by the store, and left out.
+    """
+
+    def __init__(self, store: MaskStore, digests: str = "none", full: bool = False):
         self.store = store
         self.listing = store._listing()
-        self.file: pq.ParquetFile | None = None
-        indexed: dict[str, dict] = {}
-        index_url = storage.join(store.root, INDEX_DIR, INDEX_FILE)
-        if self.listing and storage.exists(index_url, **store.storage_options):
-            self.file = store._open(index_url)
-            indexed = json.loads((self.file.schema_arrow.metadata or {}).get(INDEX_PARTS_KEY, b"{}"))
-        self.covered = {p for p, entry in indexed.items() if self.listing.get(p) == entry["file"]}
-        self.records: dict[str, dict | None] = {p: indexed[p]["record"] for p in self.covered}
+        errors = store._listing(ERRORS_DIR)
+        self.file, self.indexed = store._read_index() if self.listing else (None, {})
+        covered = {p for p, entry in self.indexed.items()
+                   if "manifest" in entry and self.listing.get(p, {}).get("file") == entry["file"]}
+        self.records: dict[str, dict | None] = {}
+        self.manifests: dict[str, dict | None] = {}
+        self.rows: dict[str, int | None] = {}
+        self.damaged: dict[str, PartDamage] = {}
         recent = []  # index rows of the parts committed or replaced after the index was written
-        for part in sorted(set(self.listing) - self.covered):
-            parquet = store._open(store._url(MASKS_DIR, part))
-            self.records[part] = part_record(parquet.schema_arrow.metadata)
-            keys = parquet.read(columns=["key"]).column("key")
-            recent.append(pa.table([keys, pa.array([part] * len(keys), pa.string()),
-                                    pa.array(range(len(keys)), pa.int32())], schema=INDEX_SCHEMA))
+        for part in sorted(self.listing):
+            known = self.indexed[part] if part in covered else None
+            digest = digests == "all" or (digests == "changed" and known is None)
+            state, damage = store._check_part(part, self.listing[part], errors.get(part), known, full, digest)
+            if damage is not None:
+                self.damaged[part] = damage
+                store._met(damage)
+                continue
+            self.records[part], self.manifests[part], self.rows[part] = state.record, state.manifest, state.rows
+            if known is None:
+                recent.append(pa.table([state.keys, pa.array([part] * len(state.keys), pa.string()),
+                                        pa.array(range(len(state.keys)), pa.int32())], schema=INDEX_SCHEMA))
+        self.covered = covered - set(self.damaged)
         self.recent = pa.concat_tables(recent) if recent else INDEX_SCHEMA.empty_table()
         self._recent_map: dict[str, list[tuple[str, int]]] | None = None
-        self.stale = self.recent.num_rows > 0 or set(indexed) != set(self.listing)
+        self.stale = self.recent.num_rows > 0 or set(self.indexed) != set(self.listing) - set(self.damaged)
         # (min key, max key, row group) of the index's row groups, in key order.
         self._ranges: list[tuple[str, str, int]] = []
         if self.file is not None and self.covered:
@@ -286,9 +394,16 @@ class _KeyIndex:
         self._maxs = [r[1] for r in self._ranges]
         self._groups = _LRU(_CACHED_GROUPS)
 
+    @property
+    def url(self) -> str:
+        return storage.join(self.store.root, INDEX_DIR, INDEX_FILE)
+
     def _group(self, g: int) -> pa.Table:
         table = self._groups.hit(g)
-        return table if table is not None else self._groups.put(g, self.file.read_row_group(g))
+        if table is None:
+            with _reading(self.url):
+                table = self._groups.put(g, self.file.read_row_group(g))
+        return table
 
     def locate(self, key: str) -> tuple[str, int] | None:
         """(part, row) of ``key``; a key in several parts (two shards holding it) is taken from the last part
@@ -312,14 +427,40 @@ class _KeyIndex:
         if self.file is None or not self.covered:
             return
         covered = pa.array(sorted(self.covered))
-        for batch in self.file.iter_batches(batch_size=INDEX_ROW_GROUP_SIZE):
-            yield batch.filter(pc.is_in(batch.column("part"), value_set=covered))
+        with _reading(self.url):
+            for batch in self.file.iter_batches(batch_size=INDEX_ROW_GROUP_SIZE):
+                yield batch.filter(pc.is_in(batch.column("part"), value_set=covered))
 
     def keys(self) -> set[str]:
         keys = set(self.recent.column("key").to_pylist())
         for batch in self.indexed_rows():
             keys.update(batch.column("key").to_pylist())
         return keys
+
+    def problems(self) -> list[str]:
+        """How the index disagrees with the undamaged committed parts, one line each: parts it lacks or lists in
+        vain, manifests and key counts that differ from the parts' (counts where their footers were read:
+        ``full``). A part whose file was only copied (a new file identity, the same bytes) agrees."""
+        good = set(self.listing) - set(self.damaged)
+        if self.file is None:
+            return [f"missing or unreadable: {len(good)} committed parts are not indexed"] if good else []
+        problems = []
+        for parts, what in ((good - set(self.indexed), "committed parts are not in it"),
+                            (set(self.indexed) - set(self.listing), "parts in it are no longer committed")):
+            if parts:
+                names = sorted(parts)
+                problems.append(f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        try:
+            with _reading(self.url):
+                counts = Counter(self.file.read(columns=["part"], use_threads=False).column("part").to_pylist())
+        except DamagedPartError as exc:
+            return [*problems, exc.reason]
+        for part in sorted(good & set(self.indexed)):
+            if self.indexed[part].get("manifest", self.manifests[part]) != self.manifests[part]:
+                problems.append(f"its manifest of part {part} differs from the part's")
+            elif self.rows.get(part) is not None and counts[part] != self.rows[part]:
+                problems.append(f"holds {counts[part]} keys of part {part}, which has {self.rows[part]} rows")
+        return problems
 
 
 def part_record(metadata: dict | None) -> dict | None:
@@ -333,30 +474,43 @@ class MaskStore:
 
     Lookups (:meth:`get`, :meth:`get_confidence`) go through the key index, loaded on first use and kept, with a
     few open parts and decoded row groups, for the life of the object; create a new one to see later commits.
+
+    A damaged part (one that does not parse, or whose sizes or row counts disagree with its manifest and record,
+    or whose errors part is missing: see :mod:`denseclip.damage`) raises DamagedPartError naming the file when a
+    read meets it; with ``skip_damaged`` it is left out instead and listed in ``skipped`` (part id ->
+    :class:`PartDamage`).
     """
 
-    def __init__(self, root: str, **storage_options):
+    def __init__(self, root: str, skip_damaged: bool = False, **storage_options):
         self.root = root
+        self.skip_damaged = skip_damaged
+        self.skipped: dict[str, PartDamage] = {}
         self.storage_options = storage_options
         self._index: _KeyIndex | None = None
         self._parts = _LRU(_OPEN_PARTS)
         self._cells = _LRU(_CACHED_GROUPS)
 
     def _url(self, folder: str, part_id: str) -> str:
-        return storage.join(self.root, folder, f"part-{part_id}.parquet")
+        return part_url(self.root, folder, part_id)
 
     def _open(self, url: str) -> pq.ParquetFile:
+        """The Parquet file at ``url``, its footer read; what reads it later goes in a ``_reading(url)`` block."""
         fs, path = fsspec.core.url_to_fs(url, **self.storage_options)
         # Lookups read a few hundred kB at a time: no read-ahead of whole object-store blocks.
-        return pq.ParquetFile(fs.open(path, "rb", **({} if storage.is_local(url) else {"cache_type": "none"})))
+        file = fs.open(path, "rb", **({} if storage.is_local(url) else {"cache_type": "none"}))
+        with _reading(url):
+            return pq.ParquetFile(_StorageFile(file))
 
     def _read(self, folder: str, part_id: str, **kwargs) -> pa.Table:
-        fs, path = fsspec.core.url_to_fs(self._url(folder, part_id), **self.storage_options)
-        return pq.read_table(path, filesystem=fs, **kwargs)
+        url = self._url(folder, part_id)
+        parquet = self._open(url)
+        with _reading(url):
+            return parquet.read(**kwargs)
 
-    def _listing(self) -> dict[str, str]:
-        """Committed part id -> the identity of its current file (see :func:`_file_id`)."""
-        fs, path = fsspec.core.url_to_fs(storage.join(self.root, MASKS_DIR), **self.storage_options)
+    def _listing(self, folder: str = MASKS_DIR) -> dict[str, dict]:
+        """Part id -> ``{"file": the identity of its current file (see :func:`_file_id`), "size": bytes}`` of the
+        parts in ``folder`` (``masks/``: the committed parts)."""
+        fs, path = fsspec.core.url_to_fs(storage.join(self.root, folder), **self.storage_options)
         fs.invalidate_cache(path)
         try:
             entries = fs.ls(path, detail=True)
@@ -366,8 +520,116 @@ class MaskStore:
         for entry in entries:
             match = _PART_FILE.match(os.path.basename(entry["name"].rstrip("/")))
             if match and entry["type"] == "file":
-                parts[match.group(1)] = _file_id(entry)
+                parts[match.group(1)] = {"file": _file_id(entry), "size": entry["size"]}
         return parts
+
+    def _read_index(self) -> tuple[pq.ParquetFile | None, dict[str, dict]]:
+        """The key index file and its parts (part id -> ``{"file", "record", "manifest"}``); none when it is
+        missing or damaged (it is rebuilt from the parts)."""
+        url = storage.join(self.root, INDEX_DIR, INDEX_FILE)
+        try:
+            file = self._open(url)
+            with _reading(url):
+                parts = json.loads((file.schema_arrow.metadata or {}).get(INDEX_PARTS_KEY, b"{}"))
+            if not (isinstance(parts, dict) and all(isinstance(e, dict) and "file" in e for e in parts.values())):
+                raise DamagedPartError(url, "its parts are not a mapping of part records")
+        except FileNotFoundError:
+            return None, {}
+        except DamagedPartError as exc:
+            log.warning("the key index %s is damaged, so it is ignored (a labelling run rebuilds it): %s", url,
+                        exc.reason)
+            return None, {}
+        return file, parts
+
+    def _read_manifest(self, part_id: str) -> dict | None:
+        """The manifest of a part, None when it has none; DamagedPartError when it is not one."""
+        url = self._url(MANIFESTS_DIR, part_id)
+        try:
+            manifest = json.loads(storage.read_bytes(url, **self.storage_options))
+            if all(isinstance(manifest[f][n], int) for f in (MASKS_DIR, ERRORS_DIR) for n in ("size", "rows")):
+                return manifest
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise DamagedPartError(url, "not a part manifest")
+
+    def _check_part(self, part: str, masks: dict, errors: dict | None, known: dict | None, full: bool = False,
+                    digest: bool = False) -> tuple[_PartState, PartDamage | None]:
+        """What part ``part`` holds and whether it is damaged (``masks``, ``errors``: the listing entries of its
+        files). ``known``: its entry in the key index, which vouches for its footer when its file is unchanged;
+        else its footer is read (``full``: always, the errors part's too) and its keys. ``digest``: compare the
+        SHA-256 of its files with its manifest. A storage failure raises (transient, see denseclip.damage)."""
+        state = _PartState(known["record"], known["manifest"]) if known else _PartState()
+        try:
+            state.manifest = state.manifest if known else self._read_manifest(part)
+            problem = self._size_problem(state.manifest, masks, errors)
+            footers = (MASKS_DIR, ERRORS_DIR) if full else () if known else (MASKS_DIR,)
+            for folder in footers:
+                problem = problem or self._footer_problem(part, folder, state)
+            for folder in (MASKS_DIR, ERRORS_DIR) if digest and state.manifest and not problem else ():
+                if storage.sha256(self._url(folder, part), **self.storage_options) != state.manifest[folder]["sha256"]:
+                    problem = folder, "its SHA-256 differs from its manifest's"
+                    break
+        except DamagedPartError as exc:  # an unreadable manifest
+            problem = MANIFESTS_DIR, exc.reason
+        if problem is None:
+            return state, None
+        shard = (state.manifest or {}).get("shard") or (state.record or {}).get("shard")
+        return state, PartDamage(part, self._url(problem[0], part), shard, problem[1])
+
+    @staticmethod
+    def _size_problem(manifest: dict | None, masks: dict, errors: dict | None) -> tuple[str, str] | None:
+        """(folder, reason) where a part's files are missing or disagree with the sizes in its ``manifest``."""
+        if errors is None:
+            return ERRORS_DIR, "missing beside its masks part"
+        for folder, entry in ((MASKS_DIR, masks), (ERRORS_DIR, errors)):
+            if manifest and entry["size"] != manifest[folder]["size"]:
+                return folder, f"{entry['size']} bytes, its manifest records {manifest[folder]['size']}"
+        return None
+
+    def _footer_problem(self, part: str, folder: str, state: _PartState) -> tuple[str, str] | None:
+        """Read the footer of ``part``'s file in ``folder`` (the masks part's: also its record and keys into
+        ``state``); (folder, reason) where it is unreadable or its row count disagrees with the part's record or
+        manifest."""
+        url = self._url(folder, part)
+        try:
+            parquet = self._open(url)
+            with _reading(url):
+                rows = parquet.metadata.num_rows
+                if folder == MASKS_DIR:
+                    state.record, state.rows = part_record(parquet.schema_arrow.metadata), rows
+                    # One small column, without a thread pool: its threads can abort a short command's exit
+                    # (apache/arrow#34314).
+                    state.keys = parquet.read(["key"], use_threads=False).column("key")
+        except DamagedPartError as exc:
+            return folder, exc.reason
+        if folder == MASKS_DIR and (state.record or {}).get("manifest") and state.manifest is None:
+            return MANIFESTS_DIR, "missing (its part record says it has one)"
+        counts = ((state.record or {}).get("rows" if folder == MASKS_DIR else "errors"),
+                  (state.manifest or {}).get(folder, {}).get("rows"))
+        for what, count in zip(("its part record", "its manifest"), counts):
+            if count is not None and count != rows:
+                return folder, f"{rows} rows, {what} says {count}"
+        return None
+
+    def _met(self, damage: PartDamage) -> None:
+        """A read met a damaged part: raise DamagedPartError naming it, or with ``skip_damaged`` list it."""
+        if not self.skip_damaged:
+            raise DamagedPartError(damage.url, f"damaged part of shard {damage.shard or 'unknown'}: {damage.reason}")
+        if damage.part not in self.skipped:
+            log.warning("skipping a damaged part: %s", damage)
+        self.skipped[damage.part] = damage
+
+    @contextlib.contextmanager
+    def _damage_of(self, part: str) -> Iterator[None]:
+        """Within the block, damage met in ``part`` raises naming the part's shard, or is skipped with the rest of
+        the block (``skip_damaged``)."""
+        try:
+            yield
+        except DamagedPartError as exc:
+            shard = ((self._index.records.get(part) if self._index else None) or {}).get("shard")
+            self._met(PartDamage(part, exc.url, shard, exc.reason))
 
     def committed_parts(self) -> set[str]:
         return set(self._listing())
@@ -377,11 +639,19 @@ class MaskStore:
             self._index = _KeyIndex(self)
         return self._index
 
-    def part_records(self) -> dict[str, dict | None]:
-        """Committed part id -> its part record (see :meth:`MaskStoreWriter.write_part`; None for parts written
-        without one), from the key index and the footers of the parts committed after it (re-reads the store)."""
+    def _readable_parts(self) -> list[str]:
+        """The committed parts found undamaged (re-reads the store)."""
         self._index = None
-        return dict(self._key_index().records)
+        index = self._key_index()
+        return sorted(set(index.listing) - set(index.damaged))
+
+    def part_records(self, digests: str = "none") -> dict[str, dict | None]:
+        """Committed part id -> its part record (see :meth:`MaskStoreWriter.write_part`; None for parts written
+        without one), from the key index and the footers of the parts committed after it (re-reads the store).
+        ``digests``: also compare the SHA-256 of the parts committed or replaced since the index was written
+        ("changed"), or of every part ("all"), with their manifests."""
+        self._index = _KeyIndex(self, digests)
+        return dict(self._index.records)
 
     def keys(self) -> set[str]:
         """Keys of all committed masks (re-reads the store)."""
@@ -392,22 +662,28 @@ class MaskStore:
         """(part id, row) of ``key`` in the committed parts; KeyError naming it when absent."""
         found = self._key_index().locate(key)
         if found is None:
-            raise KeyError(f"no mask for key {key!r} in {self.root}")
+            skipped = f" (damaged parts skipped: {', '.join(sorted(self.skipped))})" if self.skipped else ""
+            raise KeyError(f"no mask for key {key!r} in {self.root}{skipped}")
         return found
 
     def _cell(self, key: str, column: str) -> bytes | None:
         part, row = self.locate(key)
-        opened = self._parts.hit(part)
-        if opened is None:
-            parquet = self._open(self._url(MASKS_DIR, part))
-            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-            opened = self._parts.put(part, (parquet, np.cumsum([0] + sizes).tolist()))
-        parquet, starts = opened
-        group = bisect.bisect_right(starts, row) - 1
-        cells = self._cells.hit((part, group, column))
-        if cells is None:
-            cells = self._cells.put((part, group, column), parquet.read_row_group(group, columns=[column]).column(0))
-        return cells[row - starts[group]].as_py()
+        url = self._url(MASKS_DIR, part)
+        with self._damage_of(part):
+            opened = self._parts.hit(part)
+            if opened is None:
+                parquet = self._open(url)
+                sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+                opened = self._parts.put(part, (parquet, np.cumsum([0] + sizes).tolist()))
+            parquet, starts = opened
+            group = bisect.bisect_right(starts, row) - 1
+            cells = self._cells.hit((part, group, column))
+            if cells is None:
+                with _reading(url):
+                    cells = self._cells.put((part, group, column),
+                                            parquet.read_row_group(group, columns=[column]).column(0))
+            return cells[row - starts[group]].as_py()
+        raise KeyError(f"no mask for key {key!r}: its part {url} is damaged (skipped)")
 
     def get(self, key: str) -> np.ndarray:
         """The label map of ``key``: uint8 (H, W), or uint16 (H, W) for vocabularies of more than 255 classes;
@@ -430,11 +706,13 @@ class MaskStore:
     def iter_rows(self, columns: list[str]) -> Iterator[dict]:
         """The committed rows, part by part (by key within a part), one row group in memory at a time:
         ``{column: value}`` with the encoded cells of :data:`MASK_SCHEMA`."""
-        for part in sorted(self.committed_parts()):
-            fs, path = fsspec.core.url_to_fs(self._url(MASKS_DIR, part), **self.storage_options)
-            with fs.open(path, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP_SIZE, columns=columns):
-                    yield from batch.to_pylist()
+        for part in self._readable_parts():
+            url = self._url(MASKS_DIR, part)
+            with self._damage_of(part):
+                parquet = self._open(url)
+                with _reading(url):
+                    for batch in parquet.iter_batches(batch_size=ROW_GROUP_SIZE, columns=columns):
+                        yield from batch.to_pylist()
 
     def iter_masks(self) -> Iterator[tuple[str, np.ndarray]]:
         """``(key, label map (H, W))`` for every committed row, part by part, by key within a part."""
@@ -444,32 +722,68 @@ class MaskStore:
     def errors(self) -> list[dict]:
         """``[{"key", "shard", "reason"}]`` of the committed parts."""
         rows: list[dict] = []
-        for part in sorted(self.committed_parts()):
-            rows += self.read_errors(part)
+        for part in self._readable_parts():
+            with self._damage_of(part):
+                rows += self.read_errors(part)
         return rows
 
     @property
     def provenance(self) -> dict | None:
-        """The run provenance stored with the parts, or None for an empty store."""
-        parts = sorted(self.committed_parts())
-        if not parts:
-            return None
-        metadata = self._open(self._url(MASKS_DIR, parts[0])).schema_arrow.metadata or {}
-        return json.loads(metadata[PROVENANCE_KEY]) if PROVENANCE_KEY in metadata else None
+        """The run provenance stored with the parts (read from the first part that is readable), or None for an
+        empty store."""
+        for part in sorted(self.committed_parts() - set(self.skipped)):
+            url = self._url(MASKS_DIR, part)
+            with self._damage_of(part):
+                metadata = self._open(url).schema_arrow.metadata or {}
+                with _reading(url):
+                    return json.loads(metadata[PROVENANCE_KEY]) if PROVENANCE_KEY in metadata else None
+        return None
 
 
 def write_key_index(root: str, **storage_options) -> bool:
     """Bring ``index/keys.parquet`` of the store at ``root`` up to date with its committed parts: the rows of
-    the parts it still covers are kept, the keys of new or replaced parts added, those of removed parts dropped.
+    the parts it still covers are kept, the keys of new or replaced parts added, those of removed or damaged
+    parts dropped; each part's record and manifest are kept with it. A missing or damaged index is rebuilt.
     Published atomically; returns False when it was already current. Run by one writer at a time (the labeling
     run holding the output's lease)."""
-    index = _KeyIndex(MaskStore(root, **storage_options))
+    index = _KeyIndex(MaskStore(root, skip_damaged=True, **storage_options))
     if not index.stale:
         return False
     tables = [pa.Table.from_batches(list(index.indexed_rows()), INDEX_SCHEMA)] if index.covered else []
     table = pa.concat_tables([*tables, index.recent]).sort_by([("key", "ascending"), ("part", "ascending")])
-    parts = {p: {"file": file_id, "record": index.records.get(p)} for p, file_id in index.listing.items()}
+    parts = {p: {"file": entry["file"], "record": index.records[p], "manifest": index.manifests[p]}
+             for p, entry in index.listing.items() if p not in index.damaged}
     table = table.replace_schema_metadata({INDEX_PARTS_KEY: json.dumps(parts, sort_keys=True).encode()})
     storage.write_bytes(storage.join(root, INDEX_DIR, INDEX_FILE), _parquet_bytes(table, INDEX_ROW_GROUP_SIZE),
                         **storage_options)
     return True
+
+
+@dataclass
+class StoreReport:
+    """What :func:`verify_store` found in the store at ``root``: how many ``parts`` are committed, the
+    ``damaged`` ones, and how the key index disagrees with the rest (``index``: one line each)."""
+
+    root: str
+    parts: int
+    damaged: list[PartDamage]
+    index: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged and not self.index
+
+    def lines(self) -> list[str]:
+        """The report as printed: one line per damaged part, one per disagreement of the key index, a total."""
+        index = "agrees" if not self.index else f"disagrees ({len(self.index)})"
+        return ([f"damaged: {damage}" for damage in self.damaged] + [f"key index: {line}" for line in self.index]
+                + [f"verify: {self.root}: {self.parts} parts, {len(self.damaged)} damaged, key index {index}"])
+
+
+def verify_store(root: str, deep: bool = False, **storage_options) -> StoreReport:
+    """Check every committed part of the store at ``root`` against its record and manifest: both footers (masks
+    and errors) readable, their row counts and file sizes as recorded, and with ``deep`` the SHA-256 of both
+    files (this reads the whole store); then that the key index covers exactly the undamaged parts, with their
+    row counts. Reads only the files' bytes and footers, whatever the cells hold."""
+    index = _KeyIndex(MaskStore(root, skip_damaged=True, **storage_options), "all" if deep else "none", full=True)
+    return StoreReport(root, len(index.listing), list(index.damaged.values()), index.problems())

@@ -8,14 +8,19 @@ Paths may be local or any fsspec URL (``s3://bucket/prefix/shard-000000.tar``).
 from __future__ import annotations
 
 import io
+import logging
 import posixpath
 import re
 import tarfile
+import time
 from collections.abc import Iterable, Iterator
 
 import fsspec
 
+from denseclip.damage import READ_ATTEMPTS, RETRY_DELAY_S, SHARD_DAMAGE, DamagedShardError, is_transient
 from denseclip.storage import write_bytes
+
+log = logging.getLogger(__name__)
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 
@@ -46,17 +51,18 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def iter_tar_samples(fileobj, shard: str = "") -> Iterator[dict]:
-    """Yield samples ``{"__key__": str, "__shard__": shard, ext: bytes, ...}`` from an open tar stream."""
+    """Yield samples ``{"__key__": str, "__shard__": shard, ext: bytes, ...}`` from an open tar stream; each as
+    soon as the header of the next sample's first member is read (a sample cut short is never yielded)."""
     current: dict | None = None
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
             key, ext = split_member_name(member.name)
-            data = tar.extractfile(member).read()
             if current is not None and current["__key__"] != key:
                 yield current
                 current = None
+            data = tar.extractfile(member).read()
             if current is None:
                 current = {"__key__": key, "__shard__": shard}
             current[ext] = data
@@ -65,9 +71,30 @@ def iter_tar_samples(fileobj, shard: str = "") -> Iterator[dict]:
 
 
 def read_shard(url: str, **storage_options) -> Iterator[dict]:
-    """Yield the samples of one shard at a local path or fsspec URL."""
-    with fsspec.open(url, "rb", **storage_options) as f:
-        yield from iter_tar_samples(f, shard=url)
+    """Yield the samples of one shard at a local path or fsspec URL.
+
+    A transient storage error (:func:`denseclip.damage.is_transient`) re-opens the shard and goes on after the
+    samples already yielded, up to ``READ_ATTEMPTS`` reads in all; then it is raised. A shard that is not a
+    readable tar raises :class:`DamagedShardError` after the samples before the damage.
+    """
+    done = 0
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            with fsspec.open(url, "rb", **storage_options) as f:
+                for index, sample in enumerate(iter_tar_samples(f, shard=url)):
+                    if index >= done:
+                        done += 1
+                        yield sample
+            return
+        except SHARD_DAMAGE as exc:
+            raise DamagedShardError(url, f"corrupt shard after {done} samples: {type(exc).__name__}: {exc}") from exc
+        except OSError as exc:
+            if not is_transient(exc) or attempt == READ_ATTEMPTS - 1:
+                raise
+            delay = RETRY_DELAY_S * 2**attempt
+            log.warning("reading %s failed after %d samples (%s: %s); retrying in %g s", url, done,
+                        type(exc).__name__, exc, delay)
+            time.sleep(delay)
 
 
 def expand_shards(pattern: str | Iterable[str], **storage_options) -> list[str]:

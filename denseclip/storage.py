@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import posixpath
 import uuid
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 import fsspec
+
+_CHUNK = 1 << 20
 
 
 def is_local(url: str) -> bool:
@@ -28,25 +31,33 @@ def join(url: str, *parts: str) -> str:
 def write_bytes(url: str, data: bytes, **storage_options) -> None:
     """Publish ``data`` at ``url`` atomically: readers see the old object, or the whole new one, never a part.
 
-    Local files are written under a temporary name in the same folder and renamed; object stores publish an
-    object only when its single upload completes.
+    Local files are written under a temporary name in the same folder and renamed (see :func:`open_atomic`);
+    object stores publish an object only when its single upload completes.
     """
     if is_local(url):
-        path = fsspec.core.url_to_fs(url)[1]
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
+        with open_atomic(url) as f:
             f.write(data)
-        os.replace(tmp, path)
     else:
         fs, path = fsspec.core.url_to_fs(url, **storage_options)
         fs.pipe_file(path, data)
 
 
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def open_atomic(url: str, **storage_options) -> Iterator[BinaryIO]:
     """A binary file to stream a large object into; published at ``url`` as a whole when the block ends without
-    an exception, never in part (as :func:`write_bytes`, without holding the object in memory)."""
+    an exception, never in part (as :func:`write_bytes`, without holding the object in memory).
+
+    On local disk the temporary file is flushed to the device before the rename and the folder after it: without
+    that, a power loss can leave an empty or partial file behind the new name (ext4, XFS), or lose the rename.
+    """
     if is_local(url):
         path = fsspec.core.url_to_fs(url)[1]
         folder = os.path.dirname(os.path.abspath(path))
@@ -55,7 +66,10 @@ def open_atomic(url: str, **storage_options) -> Iterator[BinaryIO]:
         try:
             with open(tmp, "wb") as f:
                 yield f
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_folder(folder)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -77,6 +91,15 @@ def read_bytes(url: str, **storage_options) -> bytes:
         return fs.cat_file(path)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{url} does not exist") from exc
+
+
+def sha256(url: str, **storage_options) -> str:
+    """The SHA-256 (hex) of the object at ``url``, read in chunks of 1 MiB."""
+    digest = hashlib.sha256()
+    with fsspec.open(url, "rb", **storage_options) as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def exists(url: str, **storage_options) -> bool:

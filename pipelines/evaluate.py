@@ -28,6 +28,10 @@ robustness.png hold mIoU per corruption x severity next to the clean mIoU.
 
 --ray: score on Ray Data (for large validation sets; --gt must be shards): the cluster at --address or
 $RAY_ADDRESS, else a private local Ray on this machine, stopped afterwards. Same numbers as without --ray.
+
+A damaged part of a --pred mask store (docs/mask-store.md) stops the run with exit code 2 and a line naming the
+file; --skip-damaged leaves such parts out instead: their ground-truth keys are not scored, and report.json
+lists the parts skipped (``inputs.skipped_damaged_parts``) and counts the keys (``inputs.unscored_keys``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from tqdm import tqdm
 
 from denseclip.config import add_labeler_arguments, check_device, labeler_config_from_args
 from denseclip.corruptions import CORRUPTIONS
+from denseclip.damage import DamagedPartError
 from denseclip.datasets import DATASET_NAMES, get_dataset, normalize_class_name
 from denseclip.evaluation import (
     Evaluation,
@@ -97,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-overlays", type=int, default=8, help="images drawn as image | gt | pred grids")
     parser.add_argument("--method", help="row name in the paper tables (default: the --pred folder or --model)")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--skip-damaged", action="store_true",
+                        help="leave out the damaged parts of a --pred mask store (listed in the report) instead of "
+                        "stopping; their ground-truth keys are not scored")
     sweep = parser.add_argument_group("robustness sweep (with --model or --checkpoint)")
     sweep.add_argument("--corruptions", help=f"'all' or a comma-separated list of {', '.join(CORRUPTIONS)}")
     sweep.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities in 1-5")
@@ -211,14 +219,14 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict | None]:
     progress = functools.partial(tqdm, desc="evaluate", unit="img", disable=None)
     predictions = None
     if args.pred is not None:
-        predictions = open_predictions(args.pred)
+        predictions = open_predictions(args.pred, args.skip_damaged)
         method = Path(args.pred.rstrip("/")).name
         provenance = getattr(predictions, "provenance", None)
         evaluation.pred_lut = prediction_lut(vocab, provenance)
         inputs.update(pred=args.pred, pred_provenance=provenance,
                       pred_reduced_from=vocab.reduced_from if evaluation.pred_lut is not None else None)
         if args.ray:
-            run_on_ray(args, evaluation, pred_url=args.pred)
+            run_on_ray(args, evaluation, pred_url=args.pred, skip_damaged=args.skip_damaged)
         else:
             score_predictions(progress(iter_ground_truth(args.gt)), predictions, args.pred, evaluation, args.images)
     else:
@@ -239,6 +247,14 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict | None]:
         inputs["unmatched_predictions"] = unmatched
         if unmatched:
             print(f"warning: {unmatched} predictions have no ground truth and were not scored", file=sys.stderr)
+        skipped = [str(damage) for damage in getattr(predictions, "skipped", {}).values()]
+        if args.skip_damaged:
+            inputs.update(skipped_damaged_parts=skipped, unscored_keys=len(evaluation.unscored))
+        for line in skipped:
+            print(f"warning: skipped the damaged part {line}", file=sys.stderr)
+        if evaluation.unscored:
+            print(f"warning: {len(evaluation.unscored)} ground-truth keys were not scored (their predictions were in "
+                  "damaged parts)", file=sys.stderr)
     summary.update(labels, inputs=inputs)
     write_report(args.out, summary, clean, vocab.class_names, vocab.palette, evaluation.overlays.items)
     if len(conditions) == 1:
@@ -253,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary, robustness = evaluate(args)
+    except DamagedPartError as exc:
+        print(f"error: {exc} (--skip-damaged scores the rest)", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:  # bad input of any kind: one line naming it, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,9 @@
 ``png``: ``<key>.png`` palette label maps (16-bit grey past 255 classes), ``files.jsonl`` (key -> file: keys
 that sanitise to the same name get distinct files) and ``classes.json``; ``coco``: ``annotations.json`` with one
 RLE mask per class and image (FiftyOne, CVAT and Label Studio import it), written streaming.
+
+A damaged part of the store (docs/mask-store.md) stops the export with exit code 2 and a line naming the file;
+``--skip-damaged`` exports the rest and lists the parts it skipped.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from denseclip.damage import DamagedPartError
 from denseclip.datasets import DATASET_NAMES, get_dataset
 from denseclip.export import class_names_from_provenance, export_coco, export_png
 from denseclip.mask_store import MaskStore
@@ -27,15 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="name classes from this dataset (default: the store's provenance vocabulary)")
     parser.add_argument("--image-ext", default="jpg", help="extension of the images in COCO file_name")
     parser.add_argument("--skip-background", action="store_true", help="coco: no annotations for background")
+    parser.add_argument("--skip-damaged", action="store_true",
+                        help="export the rest of a store with damaged parts (listed) instead of stopping")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    store = MaskStore(args.store)
-    if not store.committed_parts():
-        print(f"export: no committed mask parts under {args.store}", file=sys.stderr)
-        return 2
+def export(args: argparse.Namespace, store: MaskStore) -> int:
     names = get_dataset(args.dataset).class_names if args.dataset else class_names_from_provenance(store.provenance)
     if args.format == "png":
         count = export_png(store, args.out, names)
@@ -47,6 +48,22 @@ def main(argv: list[str] | None = None) -> int:
     skip = [i for i, n in enumerate(names) if n.lower() == "background"] if args.skip_background else []
     print(f"wrote {export_coco(store, args.out, names, args.image_ext, skip)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    store = MaskStore(args.store, skip_damaged=args.skip_damaged)
+    if not store.committed_parts():
+        print(f"export: no committed mask parts under {args.store}", file=sys.stderr)
+        return 2
+    try:
+        code = export(args, store)
+    except DamagedPartError as exc:
+        print(f"export: error: {exc} (--skip-damaged exports the rest)", file=sys.stderr)
+        return 2
+    for damage in store.skipped.values():
+        print(f"export: skipped the damaged part {damage}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

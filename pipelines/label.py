@@ -16,8 +16,14 @@ holding another model's or vocabulary's masks is refused unless ``--overwrite``.
 output: it holds the output's lease (``lease.json``), and a second run exits (or waits ``--wait-for-lease``
 seconds). Prints progress (shards committed) and a summary, also written as ``summary.json`` next to the masks;
 what Ray and the model libraries print goes to ``OUTPUT/logs/label-<UTC time>.log`` (``--verbose``: to the
-terminal). Exit codes: 0 done (bad images are listed in the store's errors table), 1 the job failed while
-running, 2 a bad configuration, input or output, 3 another run holds the output's lease.
+terminal). A run refused at validation (no shard matches the input, the output holds another run) writes
+nothing into the output. Exit codes: 0 done (bad images are listed in the store's errors table), 1 the job
+failed while running, 2 a bad configuration, input or output, 3 another run holds the output's lease.
+
+A re-run heals the store: a committed part that does not parse, or whose size or row count disagrees with its
+manifest and record (or whose SHA-256 does, for parts written since the last run; ``--deep``: for every part),
+is taken as not committed, named in one line with its shard, and its shard relabelled. ``--verify`` only checks
+the store at ``--output`` (as ``denseclip verify --store OUTPUT``): one line per damaged part, exit 1 if any.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class LabelJob:
     retry_errors: bool = False
     wait_for_lease: float = 0.0
     lease_ttl: float = 60.0
+    deep: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long the lease outlives this run if it dies (renewed every third of it)")
     parser.add_argument("--verbose", action="store_true",
                         help="show what Ray and the libraries print instead of writing it to OUTPUT/logs/")
+    parser.add_argument("--verify", action="store_true",
+                        help="only check the mask store at --output (footers, sizes, row counts, key index; "
+                        "with --deep SHA-256 digests): one line per damaged part, exit 1 if any")
+    parser.add_argument("--deep", action="store_true",
+                        help="compare every committed part's SHA-256 with its manifest (reads the whole store): "
+                        "with --verify, or before labelling, which then relabels the shards of damaged parts")
     add_labeler_arguments(parser)
     # Unset labeler flags stay None, so a job file's values are only overridden by flags actually given.
     parser.set_defaults(**dict.fromkeys(LABELER_FIELDS))
@@ -149,7 +162,7 @@ def load_job(args: argparse.Namespace) -> LabelJob:
                           f"{args.lease_ttl}")
     return LabelJob(values["input"], values["output"], classes, labeler, values["num_actors"],
                     values["cpus_per_actor"], args.overwrite, args.address, args.retry_errors,
-                    args.wait_for_lease, args.lease_ttl)
+                    args.wait_for_lease, args.lease_ttl, args.deep)
 
 
 class Progress:
@@ -172,15 +185,20 @@ class Progress:
 def run(job: LabelJob, console: Console) -> int:
     # Ray is imported only once the configuration is known to be good: a bad value fails in well under a second.
     from denseclip.lease import Lease, LeaseLost
-    from denseclip.ray.labeling import label_shards, prepare_labeling, write_summary
+    from denseclip.ray.labeling import label_shards, part_id, prepare_labeling, write_summary
 
     with Lease(job.output, ttl_s=job.lease_ttl, wait_s=job.wait_for_lease) as lease:
         plan = prepare_labeling(job.input, job.output, job.labeler, job.classes, overwrite=job.overwrite,
-                                retry_errors=job.retry_errors, lease=lease)
+                                retry_errors=job.retry_errors, deep=job.deep, lease=lease)
+        repairing = {part_id(shard) for shard in plan.repaired}
+        for damage in plan.damaged.values():
+            console.print(f"label: damaged part {damage}; " + ("relabelling its shard" if damage.part in repairing
+                          else "its shard is not in the input, so the part stays as it is"))
         retry = f"; relabelling {sum(map(len, plan.retry.values()))} error rows" if job.retry_errors else ""
         console.print(f"label: {len(plan.shards)} shards, {len(plan.unchanged)} already committed in {job.output} "
-                      f"and unchanged, {len(plan.new)} new, {len(plan.changed)} changed since committed; "
-                      f"{len(plan.missing)} committed shards missing from the input (kept){retry}")
+                      f"and unchanged, {len(plan.new)} new, {len(plan.changed)} changed since committed, "
+                      f"{len(plan.repaired)} with a damaged part; {len(plan.missing)} committed shards missing from "
+                      f"the input (kept){retry}")
         try:
             summary = label_shards(plan, job.labeler, job.classes, address=job.address, num_actors=job.num_actors,
                                    cpus_per_actor=job.cpus_per_actor,
@@ -194,25 +212,40 @@ def run(job: LabelJob, console: Console) -> int:
             raise
     console.print(f"label: {summary['images_labelled']} images labelled, {summary['errors']} errors, "
                   f"{summary['images_per_s']} images/s, {summary['wall_time_s']} s; "
-                  f"{summary['shards_committed']} shards committed to {job.output}")
+                  f"{summary['shards_committed']} shards committed to {job.output} "
+                  f"({summary['parts_repaired']} replacing damaged parts)")
     console.print(json.dumps(summary, sort_keys=True))
     return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    """--verify: ``denseclip verify`` on the output of the flags or the job file (0 sound, 1 damaged)."""
+    from denseclip.cli import verify as verify_store
+
+    output = args.output or _read_job_file(args.config, args.set).get("output")
+    if not isinstance(output, str) or not output:
+        raise ConfigError(f"output: required with --verify (--output or 'output:' in the job file), got {output!r}")
+    return verify_store(argparse.Namespace(store=output, deep=args.deep))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.verify:
+            return verify(args)
         job = load_job(args)
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:
         print(f"label: error: {exc}", file=sys.stderr)
         return 2
     from denseclip.lease import LeaseError, LeaseHeld
     from denseclip.models import ModelLoadError, check_weights
-    from denseclip.ray.labeling import LabelingError
+    from denseclip.ray.labeling import LabelingError, validate_labeling
 
     try:
         check_weights(job.labeler.model, job.labeler.pretrained)  # e.g. offline: one line, before any output or actor
-    except ModelLoadError as exc:
+        # Checked before the log and the lease exist: a refused run writes nothing into the output.
+        validate_labeling(job.input, job.output, job.labeler, job.classes, overwrite=job.overwrite)
+    except (ModelLoadError, LabelingError) as exc:
         print(f"label: error: {exc}", file=sys.stderr)
         return 2
     log = None if args.verbose else log_url(job.output, "label")

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 API (moto's server, bound to 127.0.0.1) for object-store tests."""
+"""Shared fixtures: a real S3 API (moto's server, bound to 127.0.0.1) for object-store tests, no weights to
+download, and the labelling stage of in-process labelling runs."""
 
 from __future__ import annotations
 
@@ -65,3 +66,14 @@ def offline_hub(tmp_path, monkeypatch: pytest.MonkeyPatch) -> dict:
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     return {"HF_ENDPOINT": OFFLINE_HUB, "HF_HUB_CACHE": str(cache)}
+
+
+@pytest.fixture(scope="session")
+def labeler():
+    """The labelling stage of tests/labelled_stores.py (random-weight tiny CLIP, encoding its own masks), built
+    once."""
+    from labelled_stores import CLASSES, CONFIG
+
+    from denseclip.ray.labeling import Labeler
+
+    return Labeler(CONFIG, CLASSES, encode=True)

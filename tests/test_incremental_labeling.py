@@ -1,7 +1,6 @@
 """Incremental, content-aware re-runs of the labeling job (issue 12.1), --retry-errors, and overlapping runs:
 the planning and commits without Ray (fast), then the real pipelines/label.py on a local Ray (slow)."""
 
-import collections
 import json
 import os
 import shutil
@@ -13,12 +12,11 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from batches import ray_batch
+from labelled_stores import CLASSES, CONFIG, label_plan, store_contents
 
 from denseclip import storage
-from denseclip.config import LabelerConfig, resolve_vocabulary
-from denseclip.mask_store import MaskStore, write_key_index
+from denseclip.mask_store import MaskStore
 from denseclip.ray.labeling import (
-    Labeler,
     ShardCommitter,
     decode_batch,
     part_id,
@@ -29,30 +27,6 @@ from denseclip.ray.labeling import (
 from denseclip.synthetic import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = LabelerConfig(pretrained="random", batch_size=4)
-CLASSES = resolve_vocabulary("synthetic")
-
-
-def label_plan(plan, labeler: Labeler) -> None:
-    """What label_shards does, without Ray: every shard (or the retried keys of one) through decode, the
-    labeler (which encodes its own masks, as on CPU clusters) and the committer; then the key index."""
-    committer = ShardCommitter(plan)
-    work = [(s, None) for s in plan.todo] + [(s, set(keys)) for s, keys in plan.retry.items()]
-    for shard, keys in work:
-        rows = list(read_shard_rows(shard, keys=keys))
-        if rows:
-            encoded = labeler(decode_batch(ray_batch(rows)))
-            committer.add(pa.Table.from_pydict({k: list(v) for k, v in encoded.items()}))
-    committer.finish()
-    write_key_index(plan.output)
-
-
-def store_contents(output: str) -> dict[str, tuple[bytes, bytes]]:
-    """key -> (mask PNG, confidence PNG) over every committed part; asserts that no key is stored twice."""
-    store = MaskStore(output)
-    rows = [r for part in sorted(store.committed_parts()) for r in store.read_part(part).to_pylist()]
-    assert collections.Counter(r["key"] for r in rows).most_common(1)[0][1] == 1
-    return {r["key"]: (r["mask"], r["confidence"]) for r in rows}
 
 
 def rewrite_shard(url: str, seed: int, n: int) -> None:
@@ -61,11 +35,6 @@ def rewrite_shard(url: str, seed: int, n: int) -> None:
     written = write_shards(seed=seed, n=n, out=str(staging), shard_size=n, size=48)
     shutil.move(written[0], url)
     shutil.rmtree(staging)
-
-
-@pytest.fixture(scope="module")
-def labeler() -> Labeler:
-    return Labeler(CONFIG, CLASSES, encode=True)
 
 
 def test_rewritten_and_added_shards_are_relabelled_and_the_store_equals_a_fresh_run(tmp_path, labeler):

@@ -75,7 +75,8 @@ def test_local_store_round_trip(tmp_path):
 def test_s3_store_round_trip(make_bucket):
     root = make_bucket() + "/runs/voc"
     check_store(root)
-    assert sorted(fsspec.filesystem("s3").ls(root)) == [root[5:] + "/errors", root[5:] + "/masks"]
+    assert sorted(fsspec.filesystem("s3").ls(root)) == [root[5:] + "/errors", root[5:] + "/manifests",
+                                                        root[5:] + "/masks"]
 
 
 def test_uncommitted_files_are_invisible(tmp_path):
@@ -175,7 +176,8 @@ def test_lookups_go_through_the_key_index_and_stay_exact_after_later_commits(tmp
     np.testing.assert_array_equal(store.get("k4/0017"), parts["p4"][17]["mask"])
     np.testing.assert_array_equal(store.get("k1/0003"), parts["p1"][3]["mask"])
     assert opened == ["keys.parquet", "part-p4.parquet", "part-p1.parquet"]  # not one part read per key
-    assert store.part_records()["p2"] == {"shard": "p2.tar", "fingerprint": {"size": 2}, "rows": 30, "errors": 0}
+    assert store.part_records()["p2"] == {"shard": "p2.tar", "fingerprint": {"size": 2}, "rows": 30, "errors": 0,
+                                          "manifest": True}
 
     # After the index was written: a part replaced, a part added, a part deleted. Lookups see exactly that.
     replaced, added = make_rows(40, 3, "k1"), make_rows(41, 2, "new")

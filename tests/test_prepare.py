@@ -161,7 +161,7 @@ def test_bad_samples_are_listed_and_never_stop_the_run(tmp_path):
     reasons = {key: e["reason"] for key, e in errors.items()}
     assert "0 bytes" in reasons["zero"]
     assert "truncated" in reasons["truncated"]
-    assert reasons["notimage"] == "not an image in a known format (22 bytes)"
+    assert reasons["notimage"] == "not an image in an accepted format (JPEG, PNG, WEBP, BMP, TIFF, GIF, PPM; 22 bytes)"
     assert "decompression bomb" in reasons["bomb"]
     assert "label map is 10x10 but the image is 32x24" in reasons["size"]
     assert "missing label map" in reasons["nolabel"] and errors["nolabel"]["source"].endswith("nolabel.png")

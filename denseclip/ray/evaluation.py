@@ -14,8 +14,6 @@ error, and the driver raises ``EvaluationInputError`` with it, naming the key.
 
 from __future__ import annotations
 
-import tarfile
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -23,7 +21,15 @@ import ray
 import torch
 from ray.data import ActorPoolStrategy
 
-from denseclip.evaluation import Evaluation, GroundTruth, ImageLabeler, open_predictions, shard_ground_truth
+from denseclip.damage import DamagedShardError
+from denseclip.evaluation import (
+    Evaluation,
+    GroundTruth,
+    ImageLabeler,
+    open_predictions,
+    shard_ground_truth,
+    stored_prediction,
+)
 from denseclip.images import decode_image
 from denseclip.metrics import EvaluationInputError
 from denseclip.ray.devices import actor_device
@@ -32,25 +38,22 @@ from denseclip.robustness import CLEAN, Condition, apply_condition
 from denseclip.shards import read_shard
 
 _NO_MAP = np.zeros((0, 0), dtype=np.uint8)
-_SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
 
 
 def read_ground_truth_rows(item: dict) -> Iterator[dict]:
     """The samples of shard ``item["shard"]`` as rows ``{"key", "labels" uint8 (H, W), "image" (encoded bytes,
     b"" if none), "error" ("" when usable)}``; a corrupt shard ends with an error row naming it."""
-    shard, count = item["shard"], 0
+    shard = item["shard"]
     try:
         for sample in read_shard(shard):
-            count += 1
             try:
                 truth = shard_ground_truth(sample)
             except ValueError as exc:
                 yield {"key": sample["__key__"], "labels": _NO_MAP, "image": b"", "error": str(exc)}
                 continue
             yield {"key": truth.key, "labels": truth.labels, "image": truth.image or b"", "error": ""}
-    except _SHARD_READ_ERRORS as exc:
-        yield {"key": "", "labels": _NO_MAP, "image": b"",
-               "error": f"shard {shard}: unreadable after {count} samples: {type(exc).__name__}: {exc}"}
+    except DamagedShardError as exc:  # transient storage errors are retried by read_shard, then fail the run
+        yield {"key": "", "labels": _NO_MAP, "image": b"", "error": f"shard {exc}"}
 
 
 def expand_conditions(batch: dict[str, np.ndarray], conditions: Sequence[Condition], seed: int,
@@ -115,11 +118,12 @@ class LabelScorer:
 
 class StoredScorer:
     """Ray Data callable class: looks up each ground-truth row's prediction in the mask store or PNG folder at
-    ``pred_url`` (opened once per actor) and scores it into one Evaluation per call."""
+    ``pred_url`` (opened once per actor, ``skip_damaged`` as for ``open_predictions``) and scores it into one
+    Evaluation per call."""
 
-    def __init__(self, pred_url: str, evaluation: Evaluation):
+    def __init__(self, pred_url: str, evaluation: Evaluation, skip_damaged: bool = False):
         self.pred_url = pred_url
-        self.predictions = open_predictions(pred_url)
+        self.predictions = open_predictions(pred_url, skip_damaged)
         self.pred_keys = self.predictions.keys()
         self.template = evaluation
 
@@ -129,12 +133,12 @@ class StoredScorer:
         for key, labels, image, error in zip(batch["key"], batch["labels"], batch["image"], batch["error"]):
             if error:
                 continue
-            if key not in self.pred_keys:
-                errors.append(f"{key}: no prediction for this ground-truth key in {self.pred_url}")
-                continue
             try:
-                evaluation.add_prediction(GroundTruth(str(key), labels, bytes(image) or None),
-                                          self.predictions.get(key))
+                pred = stored_prediction(self.predictions, self.pred_keys, str(key), self.pred_url)
+                if pred is None:
+                    evaluation.unscored.add(str(key))
+                else:
+                    evaluation.add_prediction(GroundTruth(str(key), labels, bytes(image) or None), pred)
             except ValueError as exc:
                 errors.append(str(exc))
         return _result(evaluation, errors)
@@ -142,12 +146,13 @@ class StoredScorer:
 
 def evaluate_on_ray(shards: list[str], evaluation: Evaluation, actors: ActorPlan, *, pred_url: str | None = None,
                     make_labeler: Callable[[str], ImageLabeler] | None = None, device: str = "cpu",
-                    conditions: Sequence[Condition] = (CLEAN,), seed: int = 0, rows_per_call: int = 64
-                    ) -> Evaluation:
+                    conditions: Sequence[Condition] = (CLEAN,), seed: int = 0, rows_per_call: int = 64,
+                    skip_damaged: bool = False) -> Evaluation:
     """Score the ground-truth ``shards`` on the connected Ray cluster into ``evaluation`` (empty; it fixes the
     classes, ignore index and overlay count) and return it.
 
-    Predictions: the store / folder ``pred_url``, or ``make_labeler(device)`` (a picklable factory, run once
+    Predictions: the store / folder ``pred_url`` (``skip_damaged``: its damaged parts left out, their keys
+    ``unscored``), or ``make_labeler(device)`` (a picklable factory, run once
     per actor with ``device`` mapped to the GPU Ray assigned, see ``denseclip.ray.devices``) under every
     condition of ``conditions`` seeded by ``seed``. ``actors`` sizes the scoring actors
     and the read / decode tasks (``denseclip.ray.labeling.plan_actors``). Raises EvaluationInputError naming
@@ -161,7 +166,7 @@ def evaluate_on_ray(shards: list[str], evaluation: Evaluation, actors: ActorPlan
     rows = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards)).flat_map(
         read_ground_truth_rows, num_cpus=actors.task_cpus)
     if make_labeler is None:
-        scorer, kwargs = StoredScorer, {"pred_url": pred_url, "evaluation": evaluation}
+        scorer, kwargs = StoredScorer, {"pred_url": pred_url, "evaluation": evaluation, "skip_damaged": skip_damaged}
     else:
         rows = rows.map_batches(expand_conditions, fn_kwargs={"conditions": list(conditions), "seed": seed},
                                 batch_size=max(1, rows_per_call // len(conditions)), num_cpus=actors.task_cpus)

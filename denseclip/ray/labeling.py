@@ -21,9 +21,7 @@ import os
 import posixpath
 import re
 import sys
-import tarfile
 import time
-import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,15 +36,18 @@ from ray.data import ActorPoolStrategy
 
 from denseclip import storage
 from denseclip.config import LabelerConfig
+from denseclip.damage import DamagedShardError
 from denseclip.images import ImageDecodeError, check_rgb_image, decode_image, is_plain_jpeg
 from denseclip.lease import Lease
 from denseclip.mask_store import (
     ERRORS_DIR,
     INDEX_DIR,
+    MANIFESTS_DIR,
     MASK_SCHEMA,
     MASKS_DIR,
     MaskStore,
     MaskStoreWriter,
+    PartDamage,
     encode_confidence,
     encode_mask,
     part_record,
@@ -94,8 +95,7 @@ BLOCK_BYTES = 8 << 20
 OBJECT_STORE_BYTES_PER_ACTOR = 128 << 20
 # Shards whose content is hashed at once when planning a local run (hashlib releases the GIL on large reads).
 FINGERPRINT_THREADS = 8
-_FINGERPRINT_CHUNK = 1 << 20
-# Missing shards listed by name in summary.json (all of them are counted).
+# Missing shards and damaged parts listed by name in summary.json (all of them are counted).
 LISTED_MISSING = 100
 # GPU actors: decode tasks are planned for this much more than the measured labelling rate (rates vary with the
 # images' sizes and the node's other work).
@@ -104,7 +104,6 @@ DECODE_HEADROOM = 1.25
 PROBE_IMAGES = 16
 _NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 _NO_MAP = np.zeros((0, 0), dtype=np.uint8)
-_SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error)
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
@@ -117,13 +116,14 @@ class LabelingError(ValueError):
 class LabelingPlan:
     """What a run will do.
 
-    ``shards``: every input shard; ``todo``: the shards to label whole (``new`` ones and those ``changed`` since
-    their part was committed); ``retry``: shard -> keys of its error rows to relabel (``--retry-errors``);
-    ``unchanged``: committed shards left alone; ``missing``: shards of committed parts that are no longer in the
-    input (their rows are kept); ``fingerprints``: each input shard's content fingerprint now
-    (:func:`shard_fingerprints`); ``provenance``: what every part of ``output`` must carry (without the weights'
-    fingerprint, which the actors report); ``lease``: the output's lease this run holds, checked before every
-    commit.
+    ``shards``: every input shard; ``todo``: the shards to label whole (``new`` ones, those ``changed`` since
+    their part was committed and those ``repaired``, whose part is damaged); ``retry``: shard -> keys of its error
+    rows to relabel (``--retry-errors``); ``unchanged``: committed shards left alone; ``missing``: shards of
+    committed parts that are no longer in the input (their rows are kept); ``damaged``: part id -> the
+    :class:`~denseclip.mask_store.PartDamage` of every damaged part found (those of shards no longer in the input
+    stay as they are); ``fingerprints``: each input shard's content fingerprint now (:func:`shard_fingerprints`);
+    ``provenance``: what every part of ``output`` must carry (without the weights' fingerprint, which the actors
+    report); ``lease``: the output's lease this run holds, checked before every commit.
     """
 
     shards: list[str]
@@ -138,6 +138,8 @@ class LabelingPlan:
     missing: list[str] = field(default_factory=list)
     retry: dict[str, list[str]] = field(default_factory=dict)
     lease: Lease | None = None
+    repaired: list[str] = field(default_factory=list)
+    damaged: dict[str, PartDamage] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,7 @@ def run_provenance(config: LabelerConfig, classes: list[list[str]]) -> dict:
 
 def _clear_store(output: str, storage_options: dict) -> None:
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    for name in (MASKS_DIR, ERRORS_DIR, INDEX_DIR, SUMMARY_FILE):
+    for name in (MASKS_DIR, ERRORS_DIR, MANIFESTS_DIR, INDEX_DIR, SUMMARY_FILE):
         path = posixpath.join(root.rstrip("/"), name)
         if fs.exists(path):
             fs.rm(path, recursive=True)
@@ -207,14 +209,6 @@ def write_summary(output: str, summary: dict, storage_options: dict | None = Non
     """Publish ``summary`` as ``summary.json`` next to the masks."""
     data = json.dumps(summary, indent=2, sort_keys=True).encode()
     storage.write_bytes(storage.join(output, SUMMARY_FILE), data, **(storage_options or {}))
-
-
-def _sha256(url: str, storage_options: dict) -> str:
-    digest = hashlib.sha256()
-    with fsspec.open(url, "rb", **storage_options) as f:
-        for chunk in iter(lambda: f.read(_FINGERPRINT_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def shard_fingerprints(shards: list[str], storage_options: dict | None = None) -> dict[str, dict]:
@@ -241,7 +235,7 @@ def shard_fingerprints(shards: list[str], storage_options: dict | None = None) -
             fingerprints[shard] = {"size": info["size"], "etag": str(etag).strip('"')}
     hashed = [s for s in shards if s not in fingerprints]
     with ThreadPoolExecutor(min(FINGERPRINT_THREADS, max(1, len(hashed)))) as pool:
-        for shard, digest in zip(hashed, pool.map(lambda s: _sha256(s, storage_options), hashed)):
+        for shard, digest in zip(hashed, pool.map(lambda s: storage.sha256(s, **storage_options), hashed)):
             fingerprints[shard] = {"size": listed[shard]["size"], "sha256": digest}
     return fingerprints
 
@@ -259,6 +253,29 @@ def _error_keys(store: MaskStore, shards: list[str], records: dict[str, dict | N
     return keys
 
 
+def validate_labeling(input: str | list[str], output: str, config: LabelerConfig, classes: list[list[str]], *,
+                      overwrite: bool = False, storage_options: dict | None = None) -> tuple[list[str], dict]:
+    """The input shards and the run's provenance (:func:`run_provenance`), once the input lists (a missing shard
+    or an unreadable bucket fails here) and the output holds no masks of another model / vocabulary / options
+    (unless ``overwrite``). Writes nothing, so a refused run leaves the output as it was. Raises LabelingError."""
+    storage_options = storage_options or {}
+    try:
+        shards = expand_shards(input, **storage_options)
+    except (OSError, ValueError) as exc:
+        raise LabelingError(f"input {input!r}: {exc}") from exc
+    provenance = run_provenance(config, classes)
+    if not overwrite:
+        try:
+            existing = MaskStore(output, skip_damaged=True, **storage_options).provenance
+        except OSError as exc:
+            raise LabelingError(f"output {output}: {exc}") from exc
+        changed = provenance_differences(existing or provenance, provenance, ignore=("fingerprint",))
+        if changed:
+            raise LabelingError(f"output {output} holds masks of another run (differs in {', '.join(changed)}); "
+                                "pass --overwrite to replace them or choose another --output")
+    return shards, provenance
+
+
 def prepare_labeling(
     input: str | list[str],
     output: str,
@@ -267,48 +284,50 @@ def prepare_labeling(
     *,
     overwrite: bool = False,
     retry_errors: bool = False,
+    deep: bool = False,
     lease: Lease | None = None,
     storage_options: dict | None = None,
 ) -> LabelingPlan:
     """Check the input and output before any cluster work and decide what to label.
 
-    Lists the shards (a missing shard or an unreadable bucket fails here), refuses an output holding masks of
-    another model / vocabulary / options unless ``overwrite`` (which first deletes that store), and marks the
-    output as running in ``summary.json`` (an unwritable output fails here). Then compares each input shard's
-    content fingerprint with the one its part recorded when it was committed: new shards and changed ones are
+    Validates the input and output (:func:`validate_labeling`; ``overwrite`` first deletes a store of another
+    run) and marks the output as running in ``summary.json`` (an unwritable output fails here). Then checks the
+    committed parts (:meth:`MaskStore.part_records`: sizes and row counts against their manifests and records,
+    and the SHA-256 of the parts written since the key index, or with ``deep`` of every part): the shard of a
+    damaged part is relabelled as if its part was never committed. Compares each other input shard's content
+    fingerprint with the one its part recorded when it was committed: new shards and changed ones are
     labelled, unchanged ones left alone, and committed shards no longer in the input reported as missing. With
     ``retry_errors``, the error rows of unchanged shards are relabelled too. The caller holds ``lease`` on
     ``output`` (see :mod:`denseclip.lease`). Raises LabelingError.
     """
     storage_options = dict(storage_options or {})
+    shards, provenance = validate_labeling(input, output, config, classes, overwrite=overwrite,
+                                           storage_options=storage_options)
     try:
-        shards = expand_shards(input, **storage_options)
         fingerprints = shard_fingerprints(shards, storage_options)
     except (OSError, ValueError) as exc:
         raise LabelingError(f"input {input!r}: {exc}") from exc
-    provenance = run_provenance(config, classes)
     try:
         if overwrite:
             _clear_store(output, storage_options)
-        store = MaskStore(output, **storage_options)
-        changed = provenance_differences(store.provenance or provenance, provenance, ignore=("fingerprint",))
-        if changed:
-            raise LabelingError(f"output {output} holds masks of another run (differs in {', '.join(changed)}); "
-                                "pass --overwrite to replace them or choose another --output")
-        records = store.part_records()
+        store = MaskStore(output, skip_damaged=True, **storage_options)
+        records = store.part_records(digests="all" if deep else "changed")
         write_summary(output, {"status": "running", "input": input, "shards": len(shards)}, storage_options)
         plan = LabelingPlan(shards, [], output, provenance, storage_options, fingerprints, lease=lease)
+        by_part = {part_id(shard): shard for shard in shards}
+        plan.damaged = {p: dataclasses.replace(d, shard=d.shard or by_part.get(p)) for p, d in store.skipped.items()}
         for shard in shards:
             pid = part_id(shard)
-            if pid not in records:
+            if pid in plan.damaged:
+                plan.repaired.append(shard)
+            elif pid not in records:
                 plan.new.append(shard)
             elif (records[pid] or {}).get("fingerprint", fingerprints[shard]) != fingerprints[shard]:
                 plan.changed.append(shard)
             else:
                 plan.unchanged.append(shard)
-        plan.todo = [s for s in shards if s in set(plan.new) | set(plan.changed)]
-        inputs = {part_id(s) for s in shards}
-        plan.missing = sorted((records[p] or {}).get("shard", p) for p in records if p not in inputs)
+        plan.todo = [s for s in shards if s in set(plan.new) | set(plan.changed) | set(plan.repaired)]
+        plan.missing = sorted((records[p] or {}).get("shard", p) for p in records if p not in by_part)
         unverified = sum(records[part_id(s)] is None for s in plan.unchanged)
         if unverified:
             log.warning("%d committed parts of %s carry no content fingerprint (written by an older version): "
@@ -485,14 +504,11 @@ def _sample_row(sample: dict, seen: set[str]) -> dict:
 
 def _shard_rows(shard: str, storage_options: dict | None) -> Iterator[dict]:
     seen: set[str] = set()
-    count = 0
     try:
         for sample in read_shard(shard, **(storage_options or {})):
-            count += 1
             yield _sample_row(sample, seen)
-    except _SHARD_READ_ERRORS as exc:
-        yield {"key": "", "shard": shard, "data": b"",
-               "error": f"corrupt shard after {count} samples: {type(exc).__name__}: {exc}"}
+    except DamagedShardError as exc:
+        yield {"key": "", "shard": shard, "data": b"", "error": exc.reason}
 
 
 def read_shard_rows(shard: str, storage_options: dict | None = None,
@@ -502,7 +518,8 @@ def read_shard_rows(shard: str, storage_options: dict | None = None,
     the number of rows yielded (0 on the others), which tells the committer when a shard is complete, whatever
     order rows arrive in.
 
-    A shard whose tar is corrupt yields the samples before the damage plus one error row with an empty key.
+    A shard whose tar is corrupt yields the samples before the damage plus one error row with an empty key;
+    transient storage errors are retried (see :func:`denseclip.shards.read_shard`), then raised.
     """
     previous, count = None, 0
     for row in _shard_rows(shard, storage_options):
@@ -738,7 +755,7 @@ class ShardCommitter:
     """Collects encoded rows by input shard and commits each shard as one mask-store part (masks + errors,
     atomically) as soon as all of its rows have arrived. Rows may arrive in any order. A shard of
     ``plan.retry`` brings only the rows of its error keys: they are merged into its committed part.
-    ``on_commit`` hears of every part committed."""
+    ``on_commit`` hears of every part committed; ``repaired`` counts those that replaced a damaged part."""
 
     def __init__(self, plan: LabelingPlan, on_commit: CommitCallback | None = None):
         self.plan = plan
@@ -746,7 +763,7 @@ class ShardCommitter:
         self._pending: dict[str, _PendingShard] = {}
         self._writer: MaskStoreWriter | None = None
         self._done: set[str] = set()
-        self.images = self.errors = self.parts = self.errors_fixed = 0
+        self.images = self.errors = self.parts = self.errors_fixed = self.repaired = 0
         self.images_by_node: Counter[str] = Counter()
 
     def add(self, batch: pa.Table) -> None:
@@ -774,6 +791,7 @@ class ShardCommitter:
         self._writer_for(fingerprint).write_part(part_id(shard), table, errors, record)
         self._done.add(shard)
         self.parts += 1
+        self.repaired += shard in self.plan.repaired
 
     def _commit(self, shard: str, rows: list[dict]) -> None:
         good = [r for r in rows if not r["error"]]
@@ -885,10 +903,11 @@ def label_shards(
 ) -> dict:
     """Label and commit the new, changed and retried shards of ``plan`` on Ray (see :func:`ray_cluster` for
     ``address``; :func:`plan_actors` for the pool; ``on_commit(shard, masks, errors)`` after each part;
-    ``labeler`` as for :func:`build_dataset`), bring the store's key index up to date, and return the summary,
-    also written as ``summary.json``: images labelled, errors, images/s and wall time of this run (Ray's start
-    included), shards new / changed / unchanged / missing, images labelled per Ray node, and how often the run
-    resumed after losing a node (``NODE_LOSS_RESUMES``; ``on_resume(message)`` hears of each resume)."""
+    ``labeler`` as for :func:`build_dataset`), bring the store's key index up to date (rebuilt when missing or
+    stale), and return the summary, also written as ``summary.json``: images labelled, errors, images/s and wall
+    time of this run (Ray's start included), shards new / changed / unchanged / missing, damaged parts found and
+    ``parts_repaired`` (relabelled), images labelled per Ray node, and how often the run resumed after losing a
+    node (``NODE_LOSS_RESUMES``; ``on_resume(message)`` hears of each resume)."""
     start = time.perf_counter()
     committer = ShardCommitter(plan, on_commit)
     actors, resumes = None, 0
@@ -921,7 +940,7 @@ def label_shards(
             committer.finish()
     if plan.lease is not None:
         plan.lease.check()
-    write_key_index(plan.output, **plan.storage_options)
+    index_written = write_key_index(plan.output, **plan.storage_options)
     wall = time.perf_counter() - start
     summary = {
         "status": "succeeded", "output": plan.output, "images_labelled": committer.images,
@@ -933,6 +952,9 @@ def label_shards(
         "errors_retried": sum(map(len, plan.retry.values())), "errors_fixed": committer.errors_fixed,
         "images_by_node": dict(committer.images_by_node),
         "actors": dataclasses.asdict(actors) if actors else None, "resumed_after_node_loss": resumes,
+        "parts_repaired": committer.repaired, "parts_damaged": len(plan.damaged),
+        "damaged_parts": [dataclasses.asdict(d) for d in list(plan.damaged.values())[:LISTED_MISSING]],
+        "key_index_written": index_written,
     }
     write_summary(plan.output, summary, plan.storage_options)
     return summary

@@ -40,6 +40,7 @@ from torch import nn
 
 from denseclip import storage
 from denseclip.config import DEFAULT_HEAD, ConfigError, LabelerConfig, resolve_vocabulary
+from denseclip.damage import DamagedPartError
 from denseclip.datasets import CUSTOM, DATASET_NAMES, DatasetInfo, custom_dataset, get_dataset
 from denseclip.evaluation import Evaluation, ImageLabeler
 from denseclip.mask_store import MaskStore
@@ -93,6 +94,8 @@ class DataSpec:
             (synonyms after the first), or a dataset name; replaced by the name lists when validated.
         mask_store: the Parquet mask store of ``pipelines/label.py``, for
             ``training.pseudo_labels: precomputed``.
+        skip_damaged: train on the rest of a mask store with damaged parts (their samples are skipped, the parts
+            named in the read tasks' log) instead of failing on the first one met.
         materialize: decode both sets once into Ray's object store instead of on every pass (small sets only).
         shuffle_buffer: rows in each worker's local shuffle buffer (0: no shuffling).
     """
@@ -101,6 +104,7 @@ class DataSpec:
     val: str | list[str] = ""
     classes: str | list | None = None
     mask_store: str | None = None
+    skip_damaged: bool = False
     materialize: bool = False
     shuffle_buffer: int = 256
 
@@ -202,7 +206,8 @@ class TrainJob:
             _fail("data", "mask_store", data.mask_store, "is needed with training.pseudo_labels: precomputed")
         _require(data.mask_store is None or isinstance(data.mask_store, str), "data", "mask_store",
                  data.mask_store, "must be the mask store's folder or URL")
-        for section, name in (("data", "materialize"), ("workers", "use_gpu"), ("evaluation", "teacher")):
+        for section, name in (("data", "materialize"), ("data", "skip_damaged"), ("workers", "use_gpu"),
+                              ("evaluation", "teacher")):
             value = getattr(getattr(self, section), name)
             _require(isinstance(value, bool), section, name, value, "must be true or false")
         _require(_natural(data.shuffle_buffer, zero=True), "data", "shuffle_buffer", data.shuffle_buffer,
@@ -308,7 +313,11 @@ def check_inputs(job: TrainJob) -> None:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"data.{name}: {exc}") from exc
     if job.training.uses_pseudo_labels and job.training.pseudo_labels == "precomputed":
-        provenance = MaskStore(job.data.mask_store).provenance
+        try:
+            provenance = MaskStore(job.data.mask_store, skip_damaged=job.data.skip_damaged).provenance
+        except DamagedPartError as exc:
+            _fail("data", "mask_store", job.data.mask_store, f"has a damaged part: {exc} (data.skip_damaged: true "
+                  "trains on the rest)")
         if provenance is None:
             _fail("data", "mask_store", job.data.mask_store, "holds no committed masks")
         vocabulary = provenance.get("vocabulary")
@@ -336,7 +345,8 @@ def build_datasets(job: TrainJob) -> dict[str, ray.data.Dataset]:
         items = ray.data.from_items([{"shard": url} for url in urls], override_num_blocks=len(urls))
         return items.flat_map(read_samples, num_cpus=job.workers.data_cpus,
                               fn_kwargs={"num_classes": job.info.num_classes, "with_label": with_label,
-                                         "mask_store": mask_store, "label_lut": job.info.label_lut})
+                                         "mask_store": mask_store, "label_lut": job.info.label_lut,
+                                         "skip_damaged": job.data.skip_damaged})
 
     training = job.training
     precomputed = training.uses_pseudo_labels and training.pseudo_labels == "precomputed"

@@ -7,19 +7,16 @@ read task's process stays small (about 70 MB instead of about 1 GB).
 from __future__ import annotations
 
 import logging
-import tarfile
-import zlib
 from collections.abc import Iterator
 
 import numpy as np
 
+from denseclip.damage import DamagedShardError
 from denseclip.images import ImageDecodeError, decode_label_map, decode_sample_image
 from denseclip.mask_store import MaskStore
 from denseclip.shards import read_shard
 
 log = logging.getLogger(__name__)
-
-_SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error)
 
 
 def decode_training_sample(sample: dict, num_classes: int, with_label: bool,
@@ -55,11 +52,12 @@ def _checked_map(labels: np.ndarray, image: np.ndarray, num_classes: int, key: s
 
 
 def read_samples(item: dict, num_classes: int, with_label: bool, mask_store: str | None,
-                 label_lut: np.ndarray | None = None) -> Iterator[dict]:
+                 label_lut: np.ndarray | None = None, skip_damaged: bool = False) -> Iterator[dict]:
     """Ray Data ``flat_map``: the rows of the shard ``item["shard"]`` (see :func:`decode_training_sample`).
     A sample that cannot be used is logged and skipped, so every worker's split holds only usable rows; a
-    damaged tar ends its shard early."""
-    store = MaskStore(mask_store) if mask_store else None
+    damaged tar ends its shard early. A damaged part of ``mask_store`` raises DamagedPartError naming it, or
+    with ``skip_damaged`` is logged and its samples skipped."""
+    store = MaskStore(mask_store, skip_damaged=skip_damaged) if mask_store else None
     shard = item["shard"]
     try:
         for sample in read_shard(shard):
@@ -67,5 +65,5 @@ def read_samples(item: dict, num_classes: int, with_label: bool, mask_store: str
                 yield decode_training_sample(sample, num_classes, with_label, store, label_lut)
             except (ImageDecodeError, ValueError, KeyError) as exc:
                 log.warning("skipping a sample of %s: %s", shard, exc)
-    except _SHARD_READ_ERRORS as exc:
-        log.warning("%s is damaged; its remaining samples are skipped: %s", shard, exc)
+    except DamagedShardError as exc:
+        log.warning("%s is damaged; its remaining samples are skipped: %s", shard, exc.reason)

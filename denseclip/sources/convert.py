@@ -12,6 +12,7 @@ import numpy as np
 
 from denseclip.images import (
     JPEG_FORMATS,
+    SOURCE_FORMATS,
     ImageDecodeError,
     decode_label_map,
     encode_png,
@@ -50,7 +51,7 @@ def convert_record(record: SourceRecord, dataset: str, split: str, train_ids: np
     """
     data = _read(record.image, record.key, record.name, "image")
     try:
-        image = read_image(data, record.key, max_pixels)
+        image = read_image(data, record.key, max_pixels, SOURCE_FORMATS)
     except ImageDecodeError as exc:
         raise SampleError(record.key, record.name, exc.reason) from exc
     height, width = image.pixels.shape[:2]
