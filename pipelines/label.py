@@ -208,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from denseclip.lease import LeaseError, LeaseHeld
     from denseclip.models import ModelLoadError, check_weights
+    from denseclip.ray.auth import ClusterAccessError, check_access
     from denseclip.ray.labeling import LabelingError
 
     try:
         check_weights(job.labeler.model, job.labeler.pretrained)  # e.g. offline: one line, before any output or actor
-    except ModelLoadError as exc:
+        check_access(job.address)  # the cluster reachable and its token found, just as early
+    except (ModelLoadError, ClusterAccessError) as exc:
         print(f"label: error: {exc}", file=sys.stderr)
         return 2
     log = None if args.verbose else log_url(job.output, "label")
