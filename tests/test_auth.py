@@ -5,6 +5,7 @@ against it, with the token and without (slow)."""
 import json
 import os
 import secrets
+import shlex
 import subprocess
 import sys
 import urllib.error
@@ -78,6 +79,17 @@ def test_the_private_local_ray_listens_on_loopback_only_and_wants_its_own_token(
         assert check_token(gcs) == os.environ["RAY_AUTH_TOKEN"]  # made for it, in this process's environment only
     assert not any(name in os.environ for name in AUTH_VARIABLES)  # put back as it was
     assert not (no_token / ".ray").exists()  # nothing written to the home folder
+
+
+def test_the_documented_cron_line_submits_label_py_through_submit_py():
+    cron = next(line.strip() for line in (ROOT / "docs" / "cluster.md").read_text().splitlines()
+                if line.strip().startswith("0 2 * * * "))
+    argv = shlex.split(cron.replace("\\%", "%").split(">>")[0])[5:]  # what cron runs, its % unescaped
+    assert argv[:5] == ["docker", "exec", "denseclip", "python", "pipelines/submit.py"]
+    args = load_pipeline("submit").parse_args(argv[5:])
+    assert args.address == "http://127.0.0.1:8265"  # the head's dashboard, on its loopback only
+    assert args.command == ["python", "pipelines/label.py", "--config", "jobs/label_bulk.yaml"]
+    assert (ROOT / args.command[-1]).is_file()
 
 
 # --- a real head with RAY_AUTH_MODE=token (slow) -----------------------------------------------------------------
