@@ -14,17 +14,19 @@ import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 import ray
 from ray._private import ray_constants
 from ray._raylet import AuthenticationTokenLoader, Config
 from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
-from ray.dashboard.utils import ray_address_to_api_server_url
 from ray.exceptions import AuthenticationError
-from ray.job_submission import JobSubmissionClient
 
 from denseclip.runlog import environment
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 TOKEN_HELP = ("set RAY_AUTH_TOKEN to the cluster's token or write it to ~/.ray/auth_token "
               "(`ray get-auth-token` on the head node prints it; see docs/cluster.md)")
@@ -198,6 +200,10 @@ def job_client(address: str) -> JobSubmissionClient:
     """A job submission client for the cluster at ``address``: its dashboard URL (``http://127.0.0.1:8265``, the
     local end of the tunnel or port-forward) or a Ray address (``host:port``; the cluster names its dashboard),
     sending the cluster's token when it requires one. ClusterAccessError (one line) when it cannot."""
+    # Imported here: the job client brings the dashboard's HTTP stack, which drivers never need.
+    from ray.dashboard.utils import ray_address_to_api_server_url
+    from ray.job_submission import JobSubmissionClient
+
     token = check_token(address)
     with token_mode(token is not None):
         if not _is_dashboard(address):
