@@ -16,9 +16,16 @@ import pytest
 import ray
 import yaml
 from pipeline_scripts import load_pipeline
-from ray_nodes import local_cluster
+from ray_nodes import free_port, local_cluster
 
-from denseclip.ray.auth import TOKEN_HELP, ClusterAccessError, check_token, cluster_token, requires_token
+from denseclip.ray.auth import (
+    TOKEN_HELP,
+    ClusterAccessError,
+    check_access,
+    check_token,
+    cluster_token,
+    requires_token,
+)
 from denseclip.ray.labeling import ray_cluster
 from denseclip.synthetic import write_shards
 
@@ -53,6 +60,14 @@ def test_the_token_comes_from_where_ray_reads_it(no_token, tmp_path, monkeypatch
         cluster_token()
     assert str(refused.value).startswith(f"RAY_AUTH_TOKEN_PATH={tmp_path / 'missing'}: cannot be read")
     assert "\n" not in str(refused.value)
+
+
+def test_a_closed_tunnel_is_one_line_naming_it():
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there: the tunnel is not open
+    with pytest.raises(ClusterAccessError) as unreachable:
+        check_access(address)
+    assert str(unreachable.value).startswith(f"cannot reach the Ray cluster at {address} (")
+    assert "ray dashboard infra/cluster.yaml" in str(unreachable.value) and "\n" not in str(unreachable.value)
 
 
 def _listening_addresses() -> set[str]:
@@ -180,6 +195,7 @@ def test_every_client_without_the_token_exits_with_one_line(token_head, tmp_path
                                                "--out", str(tmp_path / "evaluation")])
     captured = capsys.readouterr()
     assert evaluate == 2 and captured.out == "" and not ray.is_initialized()
+    assert not (tmp_path / "evaluation").exists()
     assert _one_line_naming_the_fix(captured.err) == f"error: {expected}: {TOKEN_HELP}"
 
     reproduce = load_pipeline("reproduce").main(["--config", str(_tiny_reproduction(tmp_path)), "--stages",

@@ -74,9 +74,9 @@ def _dashboard_status(url: str, path: str, token: str | None = None) -> tuple[in
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, b""
-    except (urllib.error.URLError, OSError) as exc:
+    except OSError as exc:  # URLError among them: no connection, no answer in time
         reason = getattr(exc, "reason", exc)
-        raise ClusterAccessError(f"cannot reach the Ray dashboard at {url} ({reason}): {REACH_HELP}") from None
+        raise ClusterAccessError(f"cannot reach the Ray cluster at {url} ({reason}): {REACH_HELP}") from None
 
 
 def _gcs_accepts(address: str, token: str | None) -> bool:
@@ -140,7 +140,7 @@ def _reload_auth_config() -> None:
 
 
 @contextlib.contextmanager
-def token_mode(on: bool) -> Iterator[None]:
+def _token_mode(on: bool) -> Iterator[None]:
     """Ray's token authentication on (or off) for this process within the block, to match the cluster it
     joins: a driver in token mode refuses calls from a cluster without it, and the other way round. No change
     while a driver is connected (its mode is fixed until it disconnects)."""
@@ -161,7 +161,7 @@ def connected(address: str) -> Iterator[None]:
     refused); disconnected after."""
     with contextlib.ExitStack() as stack:
         if _RAY_ADDRESS.match(address):
-            stack.enter_context(token_mode(check_token(address) is not None))
+            stack.enter_context(_token_mode(check_token(address) is not None))
         ray.init(address=address, logging_level=logging.WARNING)
         stack.callback(ray.shutdown)
         yield
@@ -188,7 +188,7 @@ def local_ray(**options) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         # The Ray processes started here inherit the token from this environment: nothing is written to ~/.ray.
         stack.enter_context(environment("RAY_AUTH_TOKEN", secrets.token_hex(32)))
-        stack.enter_context(token_mode(True))
+        stack.enter_context(_token_mode(True))
         with _loopback():
             # "local" always starts a new instance, never joins a cluster someone else started on this machine.
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, **options)
@@ -205,7 +205,7 @@ def job_client(address: str) -> JobSubmissionClient:
     from ray.job_submission import JobSubmissionClient
 
     token = check_token(address)
-    with token_mode(token is not None):
+    with _token_mode(token is not None):
         if not _is_dashboard(address):
             address = ray_address_to_api_server_url(address)
         # Given the token as a header, the client needs no RAY_AUTH_MODE in the caller's environment.
