@@ -1,6 +1,8 @@
-"""Real multi-process Ray clusters for tests: a head and more nodes on 127.0.0.1, each a ``ray start --block``
+"""Real multi-process Ray clusters for tests: a head and more nodes on this machine, each a ``ray start --block``
 process with free ports in its own session. Stopping or killing a node signals that process group only, so a
-test stops exactly the nodes it started and nobody else's Ray (never ``ray stop``)."""
+test stops exactly the nodes it started and nobody else's Ray (never ``ray stop``). The nodes are started with
+``--node-ip-address 127.0.0.1``, which Ray 2.58 replaces by the machine's address: they listen on all interfaces
+(docs/cluster.md, "The private local Ray"); pass ``env`` with ``RAY_AUTH_MODE=token`` and a token to close them."""
 
 from __future__ import annotations
 
