@@ -239,13 +239,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from denseclip.lease import LeaseError, LeaseHeld
     from denseclip.models import ModelLoadError, check_weights
+    from denseclip.ray.auth import ClusterAccessError, check_access
     from denseclip.ray.labeling import LabelingError, validate_labeling
 
     try:
         check_weights(job.labeler.model, job.labeler.pretrained)  # e.g. offline: one line, before any output or actor
+        check_access(job.address)  # the cluster reachable and its token found, just as early
         # Checked before the log and the lease exist: a refused run writes nothing into the output.
         validate_labeling(job.input, job.output, job.labeler, job.classes, overwrite=job.overwrite)
-    except (ModelLoadError, LabelingError) as exc:
+    except (ModelLoadError, ClusterAccessError, LabelingError) as exc:
         print(f"label: error: {exc}", file=sys.stderr)
         return 2
     log = None if args.verbose else log_url(job.output, "label")

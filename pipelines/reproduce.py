@@ -1,7 +1,7 @@
 """Reproduce a result with one command: prepare -> label -> train -> evaluate, each stage its own Ray job step.
 
     python pipelines/reproduce.py --config jobs/reproduce_synthetic_zero_shot.yaml
-    python pipelines/reproduce.py --config jobs/reproduce_coco_stuff_zero_shot.yaml --address http://<head>:8265
+    python pipelines/reproduce.py --config jobs/reproduce_coco_stuff_zero_shot.yaml --address http://127.0.0.1:8265
 
 The stages are the pipeline scripts: prepare.py (or render_world.py), label.py (pseudo labels of the train
 shards into a mask store), train.py (DenseCLIP+ from those precomputed pseudo labels) and evaluate.py (the final
@@ -66,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"reproduce: error: {exc}", file=sys.stderr)
         return 2
+    if args.address and not args.dry_run:
+        from denseclip.ray.auth import ClusterAccessError, check_access
+
+        try:
+            check_access(args.address)
+        except ClusterAccessError as exc:
+            print(f"reproduce: error: {exc}", file=sys.stderr)
+            return 2
     for stage in reproduction.stages():
         if stage.name not in args.stages:
             continue

@@ -27,6 +27,7 @@ import traceback
 
 from denseclip import storage
 from denseclip.config import ConfigError, apply_override, read_job_spec
+from denseclip.ray.auth import ClusterAccessError, check_access
 from denseclip.ray.labeling import ray_cluster
 from denseclip.ray.train import (
     REPORT_FILES,
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = TrainJob.from_dict(load_spec(args.config, args.set))
         check_inputs(job)
-    except ConfigError as exc:
+        check_access(args.address)
+    except (ConfigError, ClusterAccessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log = None if args.verbose else log_url(run_folder(job), "train")

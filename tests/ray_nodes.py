@@ -1,6 +1,8 @@
-"""Real multi-process Ray clusters for tests: a head and more nodes on 127.0.0.1, each a ``ray start --block``
+"""Real multi-process Ray clusters for tests: a head and more nodes on this machine, each a ``ray start --block``
 process with free ports in its own session. Stopping or killing a node signals that process group only, so a
-test stops exactly the nodes it started and nobody else's Ray (never ``ray stop``)."""
+test stops exactly the nodes it started and nobody else's Ray (never ``ray stop``). The nodes are started with
+``--node-ip-address 127.0.0.1``, which Ray 2.58 replaces by the machine's address: they listen on all interfaces
+(docs/cluster.md, "The private local Ray"); pass ``env`` with ``RAY_AUTH_MODE=token`` and a token to close them."""
 
 from __future__ import annotations
 
@@ -58,11 +60,11 @@ class RayNode:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def _start(args: list[str]) -> RayNode:
+def _start(args: list[str], env: dict[str, str]) -> RayNode:
     temp_dir = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths have a length limit
     ports = [x for flag in _NODE_PORTS for x in (flag, str(free_port()))]
     # A loaded CI machine starts the dashboard's modules slowly; past Ray's 30 s, the head gives up and exits.
-    env = dict(os.environ, RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT="300")
+    env = dict(os.environ, RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT="300", **env)
     with open(os.path.join(temp_dir, "ray-start.log"), "w") as log:
         process = subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir",
                                     temp_dir, "--disable-usage-stats", *ports, *args],
@@ -78,11 +80,12 @@ def is_head(node: dict) -> bool:
 @dataclass
 class LocalCluster:
     """``gcs``: the address drivers join (``ray.init(address=...)``, ``--address``); ``dashboard``: the job
-    submission and state API address."""
+    submission and state API address; ``env``: what every node's environment adds (see :func:`local_cluster`)."""
 
     gcs: str
     dashboard: str
     head: RayNode
+    env: dict[str, str]
     nodes: list[RayNode] = field(default_factory=list)
 
     def alive_nodes(self) -> list[dict]:
@@ -106,7 +109,7 @@ class LocalCluster:
         known = {n["NodeID"] for n in self.alive_nodes()}  # a node killed just before may still count as alive
         deadline = time.monotonic() + timeout
         while True:
-            node = _start(["--address", self.gcs, "--num-cpus", str(num_cpus)])
+            node = _start(["--address", self.gcs, "--num-cpus", str(num_cpus)], self.env)
             while node.process.poll() is None and not {n["NodeID"] for n in self.alive_nodes()} - known:
                 assert time.monotonic() < deadline, f"the Ray node did not come up:\n{node.output()}"
                 time.sleep(1)
@@ -118,20 +121,24 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def local_cluster(head_cpus: float = 2, timeout: float = 600) -> Iterator[LocalCluster]:
+def local_cluster(head_cpus: float = 2, timeout: float = 600, env: dict[str, str] | None = None
+                  ) -> Iterator[LocalCluster]:
     """A Ray head on 127.0.0.1 with ``head_cpus`` CPUs (add nodes with ``add_node``); every node it started is
-    stopped on exit."""
+    stopped on exit. ``env`` goes into every node's environment, e.g. ``RAY_AUTH_MODE=token`` and its token (the
+    check that the head is up gets it too)."""
+    env = env or {}
     deadline = time.monotonic() + timeout
     cluster = None
     try:
         while True:
             ports = {flag: str(free_port()) for flag in _HEAD_PORTS}
             head = _start(["--head", *(x for item in ports.items() for x in item), "--num-cpus", str(head_cpus),
-                           "--dashboard-host", "127.0.0.1"])
+                           "--dashboard-host", "127.0.0.1"], env)
             cluster = LocalCluster(f"127.0.0.1:{ports['--port']}", f"http://127.0.0.1:{ports['--dashboard-port']}",
-                                   head)
+                                   head, env)
             while head.process.poll() is None and subprocess.run(
-                    [RAY, "job", "list", "--address", cluster.dashboard], capture_output=True, check=False).returncode:
+                    [RAY, "job", "list", "--address", cluster.dashboard], capture_output=True, check=False,
+                    env={**os.environ, **env}).returncode:
                 assert time.monotonic() < deadline, f"the Ray head did not come up:\n{head.output()}"
                 time.sleep(2)
             if head.process.poll() is None:

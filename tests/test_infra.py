@@ -1,7 +1,10 @@
 """infra/: every KubeRay manifest validates against the KubeRay CRD schemas (tests/data/kuberay-crds) with
-unknown fields refused; the scheduled RayCronJob runs pipelines/label.py on a job spec of jobs/; no credentials."""
+unknown fields refused; the scheduled RayCronJob runs pipelines/label.py on a job spec of jobs/; every cluster runs
+Ray's token authentication (the launcher config, validated against Ray's own schema, and every KubeRay manifest)
+and its dashboard is not open to the network; no credentials, no token."""
 
 import copy
+import json
 import re
 import shlex
 from functools import cache
@@ -20,7 +23,10 @@ OBJECT_META = {"type": "object", "additionalProperties": False, "required": ["na
     "name": {"type": "string"}, "generateName": {"type": "string"}, "namespace": {"type": "string"},
     "labels": {"type": "object", "additionalProperties": {"type": "string"}},
     "annotations": {"type": "object", "additionalProperties": {"type": "string"}}}}
-CREDENTIAL_NAMES = re.compile(r"SECRET|ACCESS_KEY|SESSION_TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
+CREDENTIAL_NAMES = re.compile(r"SECRET|ACCESS_KEY|SESSION_TOKEN|AUTH_TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
+# Where each kind holds its RayClusterSpec, the object whose authOptions turns on Ray's token authentication.
+CLUSTER_SPEC = {"RayCluster": ("spec",), "RayJob": ("spec", "rayClusterSpec"),
+                "RayCronJob": ("spec", "jobTemplate", "rayClusterSpec")}
 
 
 def strict(schema):
@@ -127,3 +133,67 @@ def _env_vars(node) -> list[dict]:
         return []
     found = [e for e in node.get("env", []) if isinstance(e, dict) and "name" in e]
     return found + [e for key, value in node.items() if key != "env" for e in _env_vars(value)]
+
+
+def _at(node, path: tuple[str, ...]):
+    for key in path:
+        node = node[key]
+    return node
+
+
+def _schema_paths(schema, key: str, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dict]]:
+    """(object path, schema) of every property named ``key`` in an OpenAPI schema."""
+    found = []
+    for name, sub in schema.get("properties", {}).items():
+        if name == key:
+            found.append(((*path, name), sub))
+        found += _schema_paths(sub, key, (*path, name))
+    return found + (_schema_paths(schema["items"], key, path) if "items" in schema else [])
+
+
+def test_the_crd_schemas_define_token_authentication_in_each_kinds_cluster_spec():
+    for path in sorted(CRDS.glob("*.yaml")):
+        crd = yaml.load(path.read_text(), Loader=yaml.CSafeLoader)
+        kind = crd["spec"]["names"]["kind"]
+        # ray.io/v1, the version our manifests use (the deprecated v1alpha1, still served, has no authOptions: a
+        # manifest of it that sets them fails the strict validation above)
+        v1 = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+        found = _schema_paths(v1["schema"]["openAPIV3Schema"], "authOptions")
+        assert [p for p, _ in found] == [(*CLUSTER_SPEC[kind], "authOptions")], (kind, found)
+        assert found[0][1]["properties"]["mode"]["enum"] == ["disabled", "token"]
+    assert {doc["apiVersion"] for _, doc in kuberay_manifests()} == {"ray.io/v1"}
+
+
+def test_every_kuberay_cluster_runs_token_authentication():
+    kinds = set()
+    for name, doc in kuberay_manifests():
+        assert _at(doc, CLUSTER_SPEC[doc["kind"]]).get("authOptions") == {"mode": "token"}, name
+        kinds.add(doc["kind"])
+    assert kinds == set(CLUSTER_SPEC)
+    cron = next(doc for _, doc in kuberay_manifests() if doc["kind"] == "RayCronJob")
+    bad = copy.deepcopy(cron)
+    _at(bad, CLUSTER_SPEC["RayCronJob"])["authOptions"] = {"mode": "tokens"}
+    assert "'tokens' is not one of ['disabled', 'token']" in "\n".join(problems(bad))
+    for name, doc in kuberay_manifests():
+        head = _at(doc, CLUSTER_SPEC[doc["kind"]])["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP", name  # no LoadBalancer or NodePort
+
+
+def test_the_launcher_config_runs_token_authentication_with_the_dashboard_behind_ssh():
+    import jsonschema
+    import ray.autoscaler
+
+    config = yaml.safe_load((ROOT / "infra" / "cluster.yaml").read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)  # what `ray up` checks first
+    # every process in every node's container has RAY_AUTH_MODE=token
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert not any(key in config["docker"] for key in ("head_run_options", "worker_run_options", "head_image",
+                                                       "worker_image"))
+    # the token reaches each node from the launching machine, at Ray's default path, never from this repository
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    assert not [p for p in ROOT.rglob("auth_token") if ".git" not in p.parts]
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert not any("RAY_AUTH_MODE" in command for command in starts)  # one place for it: the container's
+    head = next(shlex.split(c) for c in config["head_start_ray_commands"] if c.startswith("ray start"))
+    assert "--dashboard-host=127.0.0.1" in head  # reached through `ray dashboard` (SSH), not over the network

@@ -32,6 +32,7 @@ from denseclip.metrics import ConfusionMatrix, summarize
 from denseclip.models import load_clip
 from denseclip.plus.target import build_target
 from denseclip.plus.training import TrainingConfig, build_optimizer
+from denseclip.ray.auth import local_ray
 from denseclip.ray.train import (
     TrainJob,
     check_inputs,
@@ -371,10 +372,9 @@ def ray_cluster(moto_server):
         env.setenv("AWS_ENDPOINT_URL", moto_server)
         for name, value in FAKE_CREDENTIALS.items():
             env.setenv(name, value)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        yield
-        ray.shutdown()
+        with local_ray(num_cpus=2):  # as the pipelines' own: on 127.0.0.1 only, with a token of its own
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            yield
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,20 @@ from __future__ import annotations
 import sys
 import time
 
-from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.job_submission import JobStatus
+
+from denseclip.ray.auth import job_client
 
 _POLL_S = 5.0
 
 
 def run_ray_job(address: str, entrypoint: str, submission_id: str, working_dir: str) -> None:
-    """Submit ``entrypoint`` to the Ray cluster whose dashboard is at ``address`` (``http://<head>:8265``),
-    uploading ``working_dir`` as the job's working directory, print its logs as they come, and return once it
-    succeeded; RuntimeError naming the job when it failed or was stopped."""
-    client = JobSubmissionClient(address)
+    """Submit ``entrypoint`` to the Ray cluster at ``address`` (its dashboard, ``http://127.0.0.1:8265`` through a
+    tunnel, or a Ray address ``host:port``), with the cluster's token when it requires one, uploading
+    ``working_dir`` as the job's working directory, print its logs as they come, and return once it succeeded;
+    RuntimeError naming the job when it failed or was stopped, ``auth.ClusterAccessError`` (one line) when the
+    cluster cannot be reached or refuses us."""
+    client = job_client(address)
     client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
                       runtime_env={"working_dir": working_dir})
     shown = 0

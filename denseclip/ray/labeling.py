@@ -54,6 +54,7 @@ from denseclip.mask_store import (
     provenance_differences,
     write_key_index,
 )
+from denseclip.ray.auth import connected, local_ray
 from denseclip.ray.devices import actor_device
 from denseclip.runlog import environment
 from denseclip.shards import expand_shards, read_shard, sanitize_key
@@ -962,25 +963,22 @@ def label_shards(
 
 @contextlib.contextmanager
 def ray_cluster(address: str | None = None) -> Iterator[None]:
-    """Connect to the Ray cluster at ``address`` (or ``$RAY_ADDRESS``, as under ``ray job submit``); with
-    neither, start a private local Ray on this machine's CPUs (no dashboard, quiet) and shut it down after.
-    An already connected driver is used as it is."""
+    """Connect to the Ray cluster at ``address`` (or ``$RAY_ADDRESS``, as under ``ray job submit``), with its token
+    when it requires one (``auth.connected``); with neither, start a private local Ray on this machine's CPUs
+    (``auth.local_ray``: 127.0.0.1 only, a token of its own, no dashboard) and shut it down after. An already
+    connected driver is used as it is."""
     if ray.is_initialized():
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
     with contextlib.ExitStack() as settings:
         if address:
-            ray.init(address=address, logging_level=logging.WARNING)
+            settings.enter_context(connected(address))
         else:
             # A private one-node Ray has no autoscaler that could drain (preempt) its node, so Ray Train's
             # preemption watcher has nothing to watch there; it is also an actor created with actor handles as
             # arguments and restarts on, which Ray core reports as an error-level line (ray-project/ray#53727).
             if PREEMPTION_WATCHER_ENV not in os.environ:
                 settings.enter_context(environment(PREEMPTION_WATCHER_ENV, "0"))
-            # "local" always starts a new instance, never joins a cluster someone else started on this machine.
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-        try:
-            yield
-        finally:
-            ray.shutdown()
+            settings.enter_context(local_ray())
+        yield
