@@ -218,8 +218,9 @@ class ClipViTTrunk(nn.Module):
         """Freeze the parameters the head never reaches (ClearCLIP and NACLIP drop the last block's MLP):
         DistributedDataParallel waits for a gradient of every trainable parameter, and would wait forever."""
         patch = self.visual.patch_size[0]
+        probe = torch.zeros(1, 3, 2 * patch, 2 * patch, device=self.visual.conv1.weight.device)
         with torch.enable_grad():
-            dense_features(self.visual, torch.zeros(1, 3, 2 * patch, 2 * patch), head=self.head).sum().backward()
+            dense_features(self.visual, probe, head=self.head).sum().backward()
         for p in self.parameters():
             if p.grad is None:
                 p.requires_grad_(False)
