@@ -217,16 +217,18 @@ def _rows(shards: list[str], job: TrainJob) -> list[dict]:
     return [row for shard in shards for row in read_samples({"shard": shard}, job.info.num_classes, True, None)]
 
 
-@pytest.mark.parametrize("precision", LOW_PRECISIONS)
-@pytest.mark.parametrize("model", TINY)
-def test_denseclip_plus_steps_and_checkpoint_forward_keep_cudas_dtype_rules(model, precision, shards, tmp_path,
-                                                                             empty_text_cache):
-    job = _job(shards, model, precision)
+@pytest.mark.parametrize("model, precision, training_precision", [
+    *((model, precision, precision) for model in TINY for precision in LOW_PRECISIONS),
+    (TINY_VIT_MODEL, "fp32", "bf16"),  # the trunk copied from an fp32 tower: its norms under autocast
+])
+def test_denseclip_plus_steps_and_checkpoint_forward_keep_cudas_dtype_rules(model, precision, training_precision,
+                                                                             shards, tmp_path, empty_text_cache):
+    job = _job(shards, model, precision, training_precision)
     rows = _rows(shards, job)
     with CudaRules() as rules:
         worker = build_worker(job, 0, 1, torch.device("cpu"))
         losses = [train_on(worker, ray_batch(rows[2 * step:2 * step + 2]), step)[0] for step in range(2)]
-    assert worker.precision.name == precision and all(torch.isfinite(loss) for loss in losses)
+    assert worker.precision.name == training_precision and all(torch.isfinite(loss) for loss in losses)
     save_checkpoint(str(tmp_path), worker.model, worker.optimizer, 2, job, {"log": [], "validation": []})
     with CudaRules():  # evaluate --checkpoint's forward
         target = load_target_checkpoint(str(tmp_path))

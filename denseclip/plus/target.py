@@ -206,7 +206,8 @@ class ClipViTTrunk(nn.Module):
 
     def __init__(self, visual: VisionTransformer, head: str) -> None:
         super().__init__()
-        # Under autocast the LayerNorms still compute in fp32 on their fp32 parameters, as CUDA's kernel needs.
+        # Under any autocast the LayerNorms compute in fp32 on their fp32 parameters, as CUDA's kernel needs (CUDA's
+        # autocast runs layer_norm in fp32, a CPU's leaves it at its input's dtype).
         self.visual = norms_in_fp32(copy.deepcopy(visual).float())
         self.head = head
         self.low_channels, self.high_channels = 3 * 4 * 4, visual.output_dim
