@@ -253,6 +253,16 @@ def test_denseclip_plus_steps_keep_to_one_device(model, shards, empty_text_cache
     assert all(loss.device == META for loss in losses) and labels.shape == (2, 32, 32)
 
 
+def test_a_vit_target_is_built_on_its_towers_device():
+    """build_worker builds the target from the teacher's tower, on the worker's GPU: nothing of it on the host."""
+    clip = load_clip(TINY_VIT_MODEL, "random")
+    embeddings, class_of_name = class_embeddings(clip, CLASSES, load_templates("synthetic"), cache=False)
+    with CudaRules():
+        target = build_target(TargetConfig(backbone="clip", backbone_weights="clip", head="clip_dense"), embeddings,
+                              class_of_name, clip=_on_meta(clip), clip_head="naclip")
+    assert {p.device for p in target.backbone.parameters()} == {META}
+
+
 @pytest.mark.parametrize("head", HEADS)
 def test_every_trainable_parameter_of_a_vit_target_gets_a_gradient(head):
     """What DistributedDataParallel needs: a parameter without a gradient stalls the second step on 2+ GPUs."""
