@@ -49,14 +49,15 @@ def _unpack(flat: torch.Tensor, arrays: Sequence[np.ndarray]) -> list[torch.Tens
     return [part.view(a.shape) for part, a in zip(flat.split([a.size for a in arrays]), arrays)]
 
 
-def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
-    """Device tensors -> numpy arrays, the host waiting once: every copy is queued without waiting (into pinned
-    memory, which torch allocates for a non-blocking copy off a GPU), then the devices' streams are synchronised
-    once each. On a CPU, views of the tensors' own memory."""
-    on_host = [t.to("cpu", non_blocking=True) for t in tensors]
-    for device in {t.device for t in tensors if t.device.type == "cuda"}:
+def to_host(groups: Sequence[Sequence[torch.Tensor]]) -> list[tuple[np.ndarray, ...]]:
+    """Groups of device tensors (an image's label map and confidence, say) -> the same groups of numpy arrays, the
+    host waiting once: every copy is queued without waiting (into pinned memory, which torch allocates for a
+    non-blocking copy off a GPU), then each device's stream is synchronised once. On a CPU, views of the tensors'
+    own memory."""
+    on_host = [tuple(t.to("cpu", non_blocking=True) for t in group) for group in groups]
+    for device in {t.device for group in groups for t in group if t.device.type == "cuda"}:
         torch.cuda.current_stream(device).synchronize()
-    return [t.numpy() for t in on_host]
+    return [tuple(t.numpy() for t in group) for group in on_host]
 
 
 # ------------------------------------------------------------------------------------------------ diagnosis

@@ -220,20 +220,14 @@ class DenseCLIP:
         synchronisation."""
         on_device = [(labels, log_conf.exp_().mul_(255).round_().to(torch.uint8))
                      for labels, log_conf in self._predict(self._pixels(images), False)]
-        return self._to_host(on_device)
+        return to_host(on_device)
 
     @torch.inference_mode()
     def label_images(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(H, W, 3)`` uint8 RGB images -> ``(labels (H, W) uint8|int32, confidence (H, W) float32)`` each,
         confidence the winning class's probability; the batch reaches the host in one synchronisation."""
         on_device = [(labels, log_conf.exp_()) for labels, log_conf in self._predict(self._pixels(images), False)]
-        return self._to_host(on_device)
-
-    @staticmethod
-    def _to_host(maps: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Device tensors -> numpy arrays, copied without waiting one by one; a GPU is synchronised once."""
-        on_host = iter(to_host([t for pair in maps for t in pair]))
-        return list(zip(on_host, on_host))
+        return to_host(on_device)
 
     # ------------------------------------------------------------------------------------------ internals
     def _pixels(self, images: list[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:

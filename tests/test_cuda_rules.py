@@ -304,7 +304,7 @@ def test_host_copies_pack_a_batch_into_one_buffer_and_come_back_whole():
         np.testing.assert_array_equal(got.numpy(), want)
     on_device = to_device(arrays, "cpu")
     assert [t.shape for t in on_device] == [(2, 4, 3), (3, 5, 3)]
-    for got, want in zip(to_host(on_device), arrays):
+    for (got,), want in zip(to_host([(t,) for t in on_device]), arrays):
         np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="one dtype"):
         _pack([arrays[0], np.zeros(2, np.float32)], pin_memory=False)

@@ -421,9 +421,8 @@ class SegmentationTarget(nn.Module):
             maps = []
             for group in groups:
                 labels, confidence = self.predict(group.permute(0, 3, 1, 2).float() / 255)
-                maps += [t for pair in zip(labels.to(label_dtype), confidence.float()) for t in pair]
-            on_host = iter(to_host(maps))
-            results += list(zip(on_host, on_host))
+                maps += zip(labels.to(label_dtype), confidence.float())
+            results += to_host(maps)
         return results
 
 
