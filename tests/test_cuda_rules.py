@@ -9,15 +9,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import os
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from batches import ray_batch
 from cuda_rules import CudaRuleError, CudaRules
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
 
 from denseclip.config import HEADS, TINY_MODEL, TINY_VIT_MODEL, LabelerConfig, resolve_vocabulary
 from denseclip.dense import dense_features, dense_features_and_keys
@@ -280,6 +283,25 @@ def test_every_trainable_parameter_of_a_vit_target_gets_a_gradient(head):
     assert frozen == (dropped if head in ("clearclip", "naclip") else set())
 
 
+def test_a_vit_target_with_clearclips_head_takes_ddp_steps(tmp_path):
+    """DDP (gloo, one process: the reducer's checks are those of every world size) stops at the second step when a
+    trainable parameter got no gradient in the first."""
+    clip = load_clip(TINY_VIT_MODEL, "random")
+    embeddings, class_of_name = class_embeddings(clip, CLASSES, load_templates("synthetic"), cache=False)
+    model = build_target(TargetConfig(backbone="clip", backbone_weights="clip", head="clip_dense", head_channels=8),
+                         embeddings, class_of_name, clip=clip, clip_head="clearclip")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        trained = DistributedDataParallel(model)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        for _ in range(2):
+            optimizer.zero_grad()
+            trained(torch.rand(2, 3, 32, 32)).logsumexp(dim=1).mean().backward()
+            optimizer.step()
+    finally:
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------------------ slow: real towers
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", LOW_PRECISIONS)
@@ -390,6 +412,17 @@ def test_a_gpu_torch_cannot_use_is_explained_by_driver_and_wheel():
     assert "CPU-only" in cuda_unusable(smi, None, "")
     assert "new enough" in cuda_unusable(parse_nvidia_smi(NVIDIA_SMI_L, NVIDIA_SMI.replace("12.2", "13.1")),
                                          "13.0", "")
-    if not torch.cuda.is_available():  # a GPU counts as present only where nvidia-smi lists one
-        smi = nvidia_smi()
-        assert cuda_problem()[1] == bool(smi and smi.gpus)
+
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch cannot use CUDA")
+def test_the_gpu_suite_fails_where_nvidia_smi_lists_gpus_torch_cannot_use(tmp_path, monkeypatch):
+    smi = nvidia_smi()
+    why, present = cuda_problem()
+    assert present == bool(smi and smi.gpus)  # here: skipped by the GPU suite only without any GPU
+    fake = tmp_path / "nvidia-smi"  # a node whose driver lists two GPUs (no GPU can run here)
+    fake.write_text(f"#!/bin/sh\nif [ \"$1\" = -L ]; then printf '{NVIDIA_SMI_L}'; else printf '{NVIDIA_SMI}'; fi\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    why, present = cuda_problem()
+    assert present and "nvidia-smi lists 2 GPU(s)" in why and f"built for CUDA {torch.version.cuda}" in why
