@@ -144,10 +144,11 @@ def _labeller(model: str, precision: str, clip=None, **options):
 @pytest.mark.parametrize("model", TINY)
 def test_labeller_keeps_cudas_dtype_rules(model, precision, empty_text_cache):
     images = _images()
+    clip = load_clip(model, precision=precision)
     with CudaRules() as rules:
-        whole = _labeller(model, precision)  # the prompts are encoded here: the cache is empty
+        whole = _labeller(model, precision, clip)  # the prompts are encoded here: the cache is empty
         maps = whole.label_maps(images)
-        slide = _labeller(model, precision, **SLIDE, key_smoothing=0.9, prompt_denoising=0.1,
+        slide = _labeller(model, precision, clip, **SLIDE, key_smoothing=0.9, prompt_denoising=0.1,
                           background_threshold=0.2)
         labelled = slide.label_images(images)
     assert list(empty_text_cache.glob("text/*.safetensors"))  # the encoding ran under the rules
@@ -239,7 +240,7 @@ def test_denseclip_plus_steps_and_checkpoint_forward_keep_cudas_dtype_rules(mode
     assert [labels.shape for labels, _ in labelled] == [(64, 64)] * 2 and rules.ops > 1000
 
 
-@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("model", [pytest.param(TINY_MODEL, marks=pytest.mark.slow), TINY_VIT_MODEL])
 def test_denseclip_plus_steps_keep_to_one_device(model, shards, empty_text_cache):
     """The worker build_worker makes, moved to meta (building the classifier reads class ids on the host; autocast
     has no meta device, so the target trains in fp32 there; the teacher labels in fp16)."""

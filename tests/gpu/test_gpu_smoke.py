@@ -1,5 +1,5 @@
-"""GPU suite: every CUDA path once, on one GPU (two where two are visible), with the shipped tiny CLIPs, in under
-three minutes.
+"""GPU suite: every CUDA path once, on one GPU (two where two are visible), with the shipped tiny CLIPs, meant to
+finish in under three minutes (not yet timed on a GPU).
 
     python -m pytest tests/gpu -q
 
@@ -153,8 +153,8 @@ def test_running_out_of_device_memory_halves_the_batch(device, images, on_ray_gp
     labeler.dense_clip.label_maps = label_maps
     out = labeler.label_batch(batch)
     assert calls == [5, 2, 2, 1] and not any(out["error"])
-    for got, want in zip(out["labels"], expected["labels"]):
-        np.testing.assert_array_equal(got, want)
+    # Batches of other sizes may get other cuDNN kernels: labels alike up to the rare pixel at a tie.
+    assert _agreement(list(out["labels"]), list(expected["labels"])) >= 0.999
 
 
 # ------------------------------------------------------------------------------------------------ label.py
@@ -218,11 +218,13 @@ def test_fp16_loss_scaling_and_a_cpu_checkpoint_resumed_on_the_device(device, wo
     assert momentum and all(m.device.type == device for m in momentum)
     for name, p in worker.model.state_dict().items():
         torch.testing.assert_close(p.cpu(), on_cpu.model.state_dict()[name], msg=name)
+    scale = worker.precision.scaler.get_scale()
     before = [p.detach().clone() for p in worker.model.parameters() if p.requires_grad]
-    losses = [train_on(worker, ray_batch(rows[4 * s:4 * s + 4]), s)[0] for s in (1, 2)]
-    assert all(torch.isfinite(loss) for loss in losses) and worker.precision.scaler.get_scale() > 0
+    losses = [train_on(worker, ray_batch(rows[4 * s:4 * s + 4]), s)[0] for s in (1, 2, 3)]
+    assert all(torch.isfinite(loss) for loss in losses)
     after = [p for p in worker.model.parameters() if p.requires_grad]
-    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the scaler let a step through
+    # The scaler either let a step through or, every step overflowing at its scale, lowered the scale.
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)) or worker.precision.scaler.get_scale() < scale
 
 
 @pytest.fixture(scope="module")
