@@ -22,12 +22,13 @@ def to_device(arrays: Sequence[np.ndarray], device: torch.device | str) -> list[
     To a GPU they travel in one non-blocking copy from one pinned buffer, each array written into it once: pinning
     arrays one by one costs an allocation and a copy apiece, and a non-blocking copy from pageable memory blocks.
     The results are then views of one device buffer, and nothing waits for the copy but the kernels that read
-    it. Elsewhere each array becomes a tensor on ``device`` (sharing the array's memory on the CPU, unless the
-    array is read-only: torch does not wrap those).
+    it. Elsewhere each array becomes a tensor on ``device`` (on the CPU sharing the array's memory where torch
+    can wrap it: a writeable, C-contiguous array; Ray hands out read-only ones, which are copied).
     """
     device = torch.device(device)
     if device.type != "cuda" or not arrays:
-        return [torch.from_numpy(a if a.flags.writeable else a.copy()).to(device) for a in arrays]
+        return [torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C"))
+                .to(device) for a in arrays]
     return _unpack(_pack(arrays, pin_memory=True).to(device, non_blocking=True), arrays)
 
 

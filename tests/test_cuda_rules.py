@@ -319,14 +319,16 @@ def test_open_clip_towers_with_random_weights_keep_cudas_dtype_rules(model, prec
 
 # ------------------------------------------------------------------------------------------------ CPU twins
 def test_host_copies_pack_a_batch_into_one_buffer_and_come_back_whole():
-    arrays = [np.arange(24, dtype=np.uint8).reshape(2, 4, 3), np.full((3, 5, 3), 7, np.uint8)]
+    arrays = [np.arange(24, dtype=np.uint8).reshape(2, 4, 3), np.full((3, 5, 3), 7, np.uint8),
+              np.arange(30, dtype=np.uint8).reshape(2, 5, 3)[:, ::-1]]  # a flipped view: negative strides
     arrays[1].flags.writeable = False  # as Ray hands arrays out
     flat = _pack(arrays, pin_memory=False)  # the GPU path packs into pinned memory: this is its buffer
-    assert flat.shape == (24 + 45,)
+    assert flat.shape == (24 + 45 + 30,)
     for got, want in zip(_unpack(flat, arrays), arrays):
         np.testing.assert_array_equal(got.numpy(), want)
     on_device = to_device(arrays, "cpu")
-    assert [t.shape for t in on_device] == [(2, 4, 3), (3, 5, 3)]
+    assert [t.shape for t in on_device] == [(2, 4, 3), (3, 5, 3), (2, 5, 3)]
+    assert np.shares_memory(on_device[0].numpy(), arrays[0])  # wrapped, not copied
     for (got,), want in zip(to_host([(t,) for t in on_device]), arrays):
         np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="one dtype"):
