@@ -10,6 +10,9 @@ import copy
 import dataclasses
 import io
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,6 +49,7 @@ from denseclip.synthetic import render_scene, write_shards
 from denseclip.text import class_embeddings
 from denseclip.vocabulary import load_templates
 
+ROOT = Path(__file__).resolve().parents[1]
 CLASSES = resolve_vocabulary("synthetic")
 LOW_PRECISIONS = ("fp16", "bf16")
 TINY = (TINY_MODEL, TINY_VIT_MODEL)
@@ -418,14 +422,34 @@ def test_a_gpu_torch_cannot_use_is_explained_by_driver_and_wheel():
 
 
 
+def _fake_nvidia_smi(folder: Path) -> dict[str, str]:
+    """An ``nvidia-smi`` in ``folder`` that lists two GPUs (none can run here); the environment that finds it."""
+    fake = folder / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\nif [ \"$1\" = -L ]; then printf '{NVIDIA_SMI_L}'; else printf '{NVIDIA_SMI}'; fi\n")
+    fake.chmod(0o755)
+    return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch cannot use CUDA")
-def test_the_gpu_suite_fails_where_nvidia_smi_lists_gpus_torch_cannot_use(tmp_path, monkeypatch):
+def test_a_gpu_that_nvidia_smi_lists_and_torch_cannot_use_is_a_problem_not_an_absence(tmp_path, monkeypatch):
     smi = nvidia_smi()
     why, present = cuda_problem()
     assert present == bool(smi and smi.gpus)  # here: skipped by the GPU suite only without any GPU
-    fake = tmp_path / "nvidia-smi"  # a node whose driver lists two GPUs (no GPU can run here)
-    fake.write_text(f"#!/bin/sh\nif [ \"$1\" = -L ]; then printf '{NVIDIA_SMI_L}'; else printf '{NVIDIA_SMI}'; fi\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path)["PATH"])
     why, present = cuda_problem()
     assert present and "nvidia-smi lists 2 GPU(s)" in why and f"built for CUDA {torch.version.cuda}" in why
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch cannot use CUDA")
+def test_the_gpu_suite_fails_on_such_a_node_and_skips_without_a_gpu(tmp_path):
+    suite = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+             f"{ROOT / 'tests' / 'gpu' / 'test_gpu_smoke.py'}::test_bench_gpu_quick_runs_end_to_end"]
+    broken = subprocess.run(suite, cwd=ROOT, env={**os.environ, **_fake_nvidia_smi(tmp_path)}, capture_output=True,
+                            text=True, timeout=600, check=False)
+    assert broken.returncode == 1 and "1 error" in broken.stdout, broken.stdout[-2000:]
+    assert "the GPU suite cannot run: nvidia-smi lists 2 GPU(s)" in broken.stdout
+    smi = nvidia_smi()
+    if smi is None or not smi.gpus:
+        absent = subprocess.run(suite, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+        assert absent.returncode == 0 and "1 skipped" in absent.stdout and "no GPU on this machine" in absent.stdout

@@ -3,8 +3,11 @@ finish in under three minutes (not yet timed on a GPU).
 
     python -m pytest tests/gpu -q
 
-Without a GPU every test is skipped, saying why; where nvidia-smi lists GPUs that torch cannot use, every test
-fails saying why (tests/gpu/conftest.py). Covered: both tiny CLIPs on the device in each precision (the ViT with
+Where torch can run a kernel on a GPU, the tests run on ``cuda``. On a machine without any GPU (a laptop, CI) every
+test is skipped, and the skip says so. Where ``nvidia-smi`` lists GPUs that torch cannot use (a driver older than
+the CUDA the torch wheel was built for, a CPU-only wheel), every test fails with the reason: such a machine never
+reports green. ``DENSECLIP_GPU_SUITE_ON_CPU=1`` runs the suite's own code on the CPU instead: a check of the tests
+themselves, which proves nothing about a GPU. Covered: both tiny CLIPs on the device in each precision (the ViT with
 its four heads); labels on the device against an fp32 CPU labeller's; JPEGs decoded on the device; running out
 of device memory (the batch is halved); ``label.py --device cuda:0`` (and ``cuda:1`` with a 2-worker DDP step over
 NCCL where two GPUs are visible); the fp16 loss scaler; a CPU checkpoint resumed on the GPU; a Ray Train run with
@@ -31,6 +34,7 @@ from PIL import Image
 
 from denseclip.config import HEADS, TINY_MODEL, TINY_VIT_MODEL, LabelerConfig, resolve_vocabulary
 from denseclip.dense import dense_features
+from denseclip.gpu import cuda_problem
 from denseclip.images import decode_image
 from denseclip.mask_store import MaskStore
 from denseclip.models import load_clip
@@ -40,6 +44,7 @@ from denseclip.ray.train_data import read_samples
 from denseclip.shards import read_shard
 from denseclip.synthetic import render_scene, write_shards
 
+ON_CPU = "DENSECLIP_GPU_SUITE_ON_CPU"
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = resolve_vocabulary("synthetic")
 AGREEMENT = 0.99  # share of pixels labelled alike on the device (any precision) and by an fp32 CPU labeller
@@ -59,6 +64,22 @@ def run(script: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def _agreement(labels: list[np.ndarray], reference: list[np.ndarray]) -> float:
     return float(np.mean([(a == b).mean() for a, b in zip(labels, reference)]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def device() -> str:
+    """``cuda``, or ``cpu`` for the suite's run on the CPU (:data:`ON_CPU`); skips without a GPU, fails with one
+    that torch cannot use. (Here, not in a conftest.py: the suite's ``conftest`` would shadow tests/conftest.py,
+    which other test modules import.)"""
+    if os.environ.get(ON_CPU) == "1":
+        return "cpu"
+    problem = cuda_problem()
+    if problem is None:
+        return "cuda"
+    why, gpu_present = problem
+    if gpu_present:
+        pytest.fail(f"the GPU suite cannot run: {why}", pytrace=False)
+    pytest.skip(f"the GPU suite needs a GPU: {why}")
 
 
 @pytest.fixture(scope="module")
