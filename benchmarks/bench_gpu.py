@@ -39,8 +39,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from denseclip.config import TINY_MODEL, LabelerConfig, resolve_vocabulary
 from denseclip.dense import dense_features
+from denseclip.gpu import cuda_problem
 from denseclip.images import decode_image
 from denseclip.models import PRECISIONS
+from denseclip.ray.labeling import is_out_of_memory
 from denseclip.synthetic import render_scene, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,9 +100,12 @@ def model_rows(model: str, precisions: list[str], batch_sizes: list[int], images
                 start = time.perf_counter()
                 labeler.label_images(pictures)
                 rate = len(pictures) / (time.perf_counter() - start)
-            except torch.OutOfMemoryError:
+            except (RuntimeError, MemoryError) as exc:  # cuBLAS and cuDNN name a failed allocation in their own words
+                if not is_out_of_memory(exc):
+                    raise
                 rows.append(("model", setting, "out of memory", "", ""))
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 continue
             tflops = rate * flops / 1e12
             rows.append(("model", setting, f"{rate:.1f}", f"{tflops:.3g}", f"{tflops / gemm[precision]:.0%}"))
@@ -155,10 +160,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="scenes for the pipeline rows")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here (use --device cpu --quick for the smoke test)")
-    # Half precision on a GPU; a CPU computes fp16 convolutions slowly or not at all.
-    precisions = ["fp16", "bf16"] if device.type == "cuda" else ["bf16"]
+    problem = cuda_problem() if device.type == "cuda" else None
+    if problem is not None:
+        parser.error(f"--device {args.device}: {problem[0]} (use --device cpu --quick for the smoke test)")
+    # Half precision on a GPU (bf16 where it has it); a CPU computes fp16 convolutions slowly or not at all.
+    precisions = ["bf16"]
+    if device.type == "cuda":
+        precisions = ["fp16", "bf16"] if torch.cuda.is_bf16_supported() else ["fp16"]
     if args.quick:
         models, batch_sizes, images, pipeline_images, size = [TINY_MODEL], [1, 2], 4, 8, 512
     else:

@@ -41,7 +41,7 @@ def inference_tower(model: nn.Module) -> nn.Module:
             fused.weight = nn.Parameter(fused.weight.contiguous(memory_format=torch.channels_last), requires_grad=False)
             setattr(parent, conv_name, fused)
             setattr(parent, bn_name, nn.Identity())
-    if tower.conv1.weight.device.type == "cpu" and _onednn_fusion_available():
+    if tower.conv1.weight.device.type == "cpu" and _onednn_fusion_available(tower.conv1.weight.dtype):
         if _relus(tower):  # the stem: conv, (folded BN), ReLU, three times
             for i in (1, 2, 3):
                 setattr(tower, f"conv{i}", _ConvReLU(getattr(tower, f"conv{i}")))
@@ -83,11 +83,16 @@ def _relus(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, f"act{i}", None), nn.ReLU) for i in (1, 2, 3))
 
 
-def _onednn_fusion_available() -> bool:
-    # As torch.compile decides: oneDNN's fused kernels, but not on Arm's ACL backend, which lacks them.
+def _onednn_fusion_available(dtype: torch.dtype) -> bool:
+    # As torch.compile decides: oneDNN's fused kernels, but not on Arm's ACL backend, which lacks them, nor in a
+    # half precision this CPU has no oneDNN kernels for (fp16 needs avx512_fp16 or avx_ne_convert: without them
+    # the fused kernel raises where aten's own convolution computes).
     mkldnn = torch.ops.mkldnn
-    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_convolution_pointwise")
-            and not mkldnn._is_mkldnn_acl_supported())
+    if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_convolution_pointwise")
+            and not mkldnn._is_mkldnn_acl_supported()):
+        return False
+    supported = {torch.float16: mkldnn._is_mkldnn_fp16_supported, torch.bfloat16: mkldnn._is_mkldnn_bf16_supported}
+    return dtype not in supported or supported[dtype]()
 
 
 class _ConvReLU(nn.Module):

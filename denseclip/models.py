@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 import fsspec
 import open_clip
 import torch
-from open_clip.transformer import QuickGELU
+from open_clip.transformer import LayerNormFp32, QuickGELU
 from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
@@ -303,6 +303,21 @@ def _activation(model: nn.Module) -> str:
     return QUICK_GELU if any(isinstance(m, QuickGELU) for m in model.modules()) else GELU
 
 
+def norms_in_fp32(model: nn.Module) -> nn.Module:
+    """Make every LayerNorm of ``model`` compute in fp32 on its fp32 weight and bias, its input cast up and its
+    output cast back to the input's dtype (open_clip's ``LayerNormFp32``, what open_clip builds for its own
+    fp16/bf16 precisions); returns ``model``.
+
+    ``convert_weights_to_lp`` leaves the norms' parameters in fp32, and a plain LayerNorm then gets fp16/bf16
+    input: a CPU's kernel accepts the mix, CUDA's reads weight and bias in the input's dtype and raises
+    ("expected scalar type Half but found Float"). The modules keep their parameters; only their forward changes.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm) and not isinstance(module, LayerNormFp32):
+            module.__class__ = LayerNormFp32
+    return model
+
+
 def load_clip(
     model: str = DEFAULT_MODEL,
     pretrained: str | None = None,
@@ -321,7 +336,8 @@ def load_clip(
             None: the shipped weights for the tiny model, ``openai`` for any other model that has them.
         precision: ``fp32``, ``bf16`` or ``fp16``. In bf16 and fp16 the model is converted as open_clip's own
             precision options convert it: convolutions, linear layers and attention in that dtype, normalisation
-            layers (BatchNorm, LayerNorm), embeddings and the logit scale in fp32.
+            layers (BatchNorm, LayerNorm), embeddings and the logit scale in fp32; every LayerNorm computes in
+            fp32 (:func:`norms_in_fp32`).
     """
     if precision not in PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
@@ -361,6 +377,7 @@ def load_clip(
     clip = clip.to(device=device).eval()
     if precision != "fp32":
         open_clip.model.convert_weights_to_lp(clip, PRECISIONS[precision])
+        norms_in_fp32(clip)
     for p in clip.parameters():
         p.requires_grad_(False)
     cfg = {**open_clip.get_model_preprocess_cfg(clip), **preprocess}

@@ -18,12 +18,18 @@ import torch.nn.functional as F
 
 from denseclip.dense import DEFAULT_HEAD, check_head, dense_features, dense_features_and_keys, output_stride
 from denseclip.engine import inference_tower, input_memory_format
+from denseclip.gpu import to_device, to_host
 from denseclip.images import check_rgb_image
 from denseclip.models import LoadedCLIP
 from denseclip.text import class_embeddings
 from denseclip.vocabulary import load_templates
 
 _MASKED = -1e4  # logit of a class removed by prompt denoising (finite, so interpolation stays finite)
+# TF32 for what runs in fp32 on Ampere and newer GPUs (matmuls and convolutions, with a 10-bit mantissa):
+# several times faster, but labels are then not bit-identical to a CPU's or an older GPU's, so the setting is
+# part of a mask store's provenance; every labeller built on CUDA applies it (rather than inherit torch's
+# defaults), so labels made anywhere (Ray actors, a bare loop, an evaluation, a DenseCLIP+ teacher) are made so.
+ALLOW_TF32 = True
 
 
 @dataclass
@@ -152,6 +158,11 @@ class DenseCLIP:
         # upsample_topk: a CPU upsamples only the candidate classes; selecting them on a GPU would need their
         # number on the host (a sync per image), so a GPU upsamples every class, the others out of the running.
         self._gather_candidates = self.device.type == "cpu"
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = ALLOW_TF32
+            # Windows and size buckets give the tower a few input shapes: cuDNN times its kernels once per shape
+            # and keeps the fastest (with unbucketed sizes every image would be timed anew).
+            torch.backends.cudnn.benchmark |= mode == "slide" or size_bucket is not None
 
     @property
     def num_classes(self) -> int:
@@ -160,7 +171,7 @@ class DenseCLIP:
     # ----------------------------------------------------------------------------------------- public API
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """``(H, W, 3)`` uint8 RGB -> ``(3, H, W)`` float32 normalised with the model's mean/std, on its device."""
-        return torch.addcmul(self._shift, self._pixels(image), self._scale)
+        return torch.addcmul(self._shift, self._pixels([image])[0], self._scale)
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
@@ -208,39 +219,34 @@ class DenseCLIP:
         x 255, rounded (as the mask store keeps it). Computed on the device; the batch reaches the host in one
         synchronisation."""
         on_device = [(labels, log_conf.exp_().mul_(255).round_().to(torch.uint8))
-                     for labels, log_conf in self._predict([self._pixels(image) for image in images], False)]
-        return self._to_host(on_device)
+                     for labels, log_conf in self._predict(self._pixels(images), False)]
+        return to_host(on_device)
 
     @torch.inference_mode()
     def label_images(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(H, W, 3)`` uint8 RGB images -> ``(labels (H, W) uint8|int32, confidence (H, W) float32)`` each,
         confidence the winning class's probability; the batch reaches the host in one synchronisation."""
-        on_device = [(labels, log_conf.exp_())
-                     for labels, log_conf in self._predict([self._pixels(image) for image in images], False)]
-        return self._to_host(on_device)
-
-    def _to_host(self, maps: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Device tensors -> numpy arrays, copied without waiting one by one; a GPU is synchronised once."""
-        on_host = [tuple(t.to("cpu", non_blocking=True) for t in pair) for pair in maps]
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        return [(labels.numpy(), confidence.numpy()) for labels, confidence in on_host]
+        on_device = [(labels, log_conf.exp_()) for labels, log_conf in self._predict(self._pixels(images), False)]
+        return to_host(on_device)
 
     # ------------------------------------------------------------------------------------------ internals
-    def _pixels(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """``(H, W, 3)`` uint8 RGB array (or a ``(3, H, W)`` uint8 tensor) -> ``(3, H, W)`` uint8 on the model's
-        device; an array becomes a view in its own pixel-interleaved layout (the layout of a channels_last batch:
-        filling one is a plain copy). Pinned and copied without blocking on a GPU."""
-        if isinstance(image, torch.Tensor):
-            if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8 or not image.numel():
-                raise ValueError(f"expected a (3, H, W) uint8 RGB tensor, got {tuple(image.shape)} {image.dtype}")
-            return image.to(self.device, non_blocking=True)
-        check_rgb_image(image)
-        # torch refuses to wrap read-only arrays (as Ray hands them out) without a warning; those are copied.
-        pixels = torch.from_numpy(image if image.flags.writeable else image.copy())
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-        return pixels.permute(2, 0, 1)
+    def _pixels(self, images: list[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
+        """``(H, W, 3)`` uint8 RGB arrays (or ``(3, H, W)`` uint8 tensors) -> ``(3, H, W)`` uint8 tensors on the
+        model's device; an array becomes a view in its own pixel-interleaved layout (the layout of a channels_last
+        batch: filling one is a plain copy). The arrays travel to a GPU together, in one copy from one pinned
+        buffer (:func:`denseclip.gpu.to_device`)."""
+        arrays = []
+        for image in images:
+            if isinstance(image, torch.Tensor):
+                if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8 or not image.numel():
+                    raise ValueError(f"expected a (3, H, W) uint8 RGB tensor, got {tuple(image.shape)} {image.dtype}")
+            else:
+                check_rgb_image(image)
+                arrays.append(image)
+        moved = iter(to_device(arrays, self.device))
+        # A tensor already on the device stays as it is; one on the host is copied (blocking: it is not pinned).
+        return [image.to(self.device) if isinstance(image, torch.Tensor) else next(moved).permute(2, 0, 1)
+                for image in images]
 
     def inference_size(self, height: int, width: int) -> tuple[int, int]:
         """The size ``(h, w)`` an ``height x width`` image is resized to before inference (``short_side`` or

@@ -25,8 +25,9 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from denseclip.dense import dense_features
+from denseclip.gpu import to_device, to_host
 from denseclip.images import check_rgb_image
-from denseclip.models import LoadedCLIP, read_state_dict
+from denseclip.models import LoadedCLIP, norms_in_fp32, read_state_dict
 
 BACKBONES = ("clip", "resnet50", "resnet101", "resnet50_v1c", "resnet101_v1c")
 HEADS = ("deeplabv2", "deeplabv3plus", "clip_dense")
@@ -205,11 +206,26 @@ class ClipViTTrunk(nn.Module):
 
     def __init__(self, visual: VisionTransformer, head: str) -> None:
         super().__init__()
-        self.visual = copy.deepcopy(visual).float()
+        # Under any autocast the LayerNorms compute in fp32 on their fp32 parameters, as CUDA's kernel needs (CUDA's
+        # autocast runs layer_norm in fp32, a CPU's leaves it at its input's dtype).
+        self.visual = norms_in_fp32(copy.deepcopy(visual).float())
         self.head = head
         self.low_channels, self.high_channels = 3 * 4 * 4, visual.output_dim
         for p in self.parameters():
             p.requires_grad_(True)
+        self._freeze_unreached()
+
+    def _freeze_unreached(self) -> None:
+        """Freeze the parameters the head never reaches (ClearCLIP and NACLIP drop the last block's MLP):
+        DistributedDataParallel waits for a gradient of every trainable parameter, and would wait forever."""
+        patch = self.visual.patch_size[0]
+        probe = torch.zeros(1, 3, 2 * patch, 2 * patch, device=self.visual.conv1.weight.device)
+        with torch.enable_grad():
+            dense_features(self.visual, probe, head=self.head).sum().backward()
+        for p in self.parameters():
+            if p.grad is None:
+                p.requires_grad_(False)
+            p.grad = None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         dense = dense_features(self.visual, x, head=self.head)
@@ -391,21 +407,22 @@ class SegmentationTarget(nn.Module):
     def label_images(self, images: list[np.ndarray],
                      batch_size: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(H, W, 3)`` uint8 RGB images -> ``(labels (H, W) uint8|int32, confidence (H, W) float32)`` each,
-        as ``DenseCLIP.label_images`` gives them."""
-        label_dtype = np.uint8 if self.num_classes <= 255 else np.int32
-        device = self.mean.device
+        as ``DenseCLIP.label_images`` gives them. Each ``batch_size`` images travel to the device in one copy
+        (as uint8) and their maps back in one synchronisation; images of one size share a forward pass."""
+        label_dtype = torch.uint8 if self.num_classes <= 255 else torch.int32
         results = []
         for start in range(0, len(images), batch_size):
-            for image in images[start:start + batch_size]:
+            chunk = images[start:start + batch_size]
+            for image in chunk:
                 check_rgb_image(image)
-            chunk = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float() / 255
-                     for im in images[start:start + batch_size]]
-            same_size = all(c.shape == chunk[0].shape for c in chunk)
-            groups = [torch.stack(chunk)] if same_size else [c[None] for c in chunk]
+            pixels = to_device(chunk, self.mean.device)  # (H, W, 3) uint8 each
+            same_size = all(p.shape == pixels[0].shape for p in pixels)
+            groups = [torch.stack(pixels)] if same_size else [p[None] for p in pixels]
+            maps = []
             for group in groups:
-                labels, confidence = self.predict(group.to(device))
-                results += [(lab.cpu().numpy().astype(label_dtype), conf.cpu().numpy().astype(np.float32))
-                            for lab, conf in zip(labels, confidence)]
+                labels, confidence = self.predict(group.permute(0, 3, 1, 2).float() / 255)
+                maps += zip(labels.to(label_dtype), confidence.float())
+            results += to_host(maps)
         return results
 
 

@@ -35,8 +35,14 @@ def assigned_device(requested: str, gpu_ids: Sequence[int | str], visible_device
 
 
 def actor_device(requested: str) -> str:
-    """:func:`assigned_device` for the calling Ray actor or task."""
+    """:func:`assigned_device` for the calling Ray actor or task, made its current CUDA device: what CUDA opens
+    on "the current device" (the context behind pinned host memory, cuBLAS and cuDNN handles, NCCL) then opens on
+    the actor's GPU, not on GPU 0, where every actor of a node would crowd when all GPUs stay visible."""
     if not requested.startswith("cuda"):
         return requested
+    import torch  # here: the module is imported by stages that never touch torch
+
     noset = os.environ.get(_NOSET_CUDA, "").lower() in ("1", "true")  # as Ray reads it
-    return assigned_device(requested, ray.get_gpu_ids(), visible_devices_set=not noset)
+    device = assigned_device(requested, ray.get_gpu_ids(), visible_devices_set=not noset)
+    torch.cuda.set_device(device)
+    return device

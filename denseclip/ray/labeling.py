@@ -81,10 +81,6 @@ NODE_LOSS_RESUMES = 2
 # killed node dead, so the run waits this long for that before it takes the error for the actor's own (a model
 # fault ends the actor on purpose, and its caller sees the same ActorUnavailableError).
 NODE_DEATH_WAIT_S = 60.0
-# TF32 for what runs in fp32 on Ampere and newer GPUs (matmuls and convolutions, with a 10-bit mantissa):
-# several times faster, but labels are then not bit-identical to a CPU's or an older GPU's, so the setting is
-# part of the provenance (see device_settings) and the actors apply it rather than inherit torch's defaults.
-ALLOW_TF32 = True
 # Blocks of about a batch of decoded images (8 MiB: eight 640x480 images), which the actor pool bundles back
 # into batches. Shard-sized blocks would leave an actor idle while another works through a whole shard (above
 # all at the end of a run); one-image blocks cost more in object-store traffic and scheduling than they save
@@ -179,8 +175,10 @@ def part_id(shard: str) -> str:
 
 def device_settings(config: LabelerConfig) -> dict:
     """How the actors run the model: device ``type`` (the ordinal does not matter), ``precision`` and ``tf32``
-    (:data:`ALLOW_TF32` on CUDA). Labels made under other settings are close but not bit-identical, so one store
-    never mixes them."""
+    (``denseclip.predictor.ALLOW_TF32`` on CUDA, which every labeller built there applies). Labels made under
+    other settings are close but not bit-identical, so one store never mixes them."""
+    from denseclip.predictor import ALLOW_TF32  # torch: the driver only
+
     cuda = config.device.startswith("cuda")
     return {"type": "cuda" if cuda else "cpu", "precision": config.effective_precision, "tf32": cuda and ALLOW_TF32}
 
@@ -452,7 +450,8 @@ def measure_throughput(config: LabelerConfig, classes: list[list[str]], samples:
     decode_rate = len(samples) / (time.perf_counter() - start)
     if not images:
         return None
-    labeler = config.build(classes)
+    # A one-GPU Ray task sees its GPU as cuda:0 (or by its node-wide ordinal), whatever ordinal the job named.
+    labeler = dataclasses.replace(config, device=actor_device(config.device)).build(classes)
     labeler.label_maps(images[:config.batch_size])
     start = time.perf_counter()
     for _ in range(rounds):
@@ -588,16 +587,28 @@ def decode_batch(batch: dict[str, np.ndarray], defer_jpeg: bool = False) -> dict
     return out
 
 
+# How running out of memory reads in an error's message, lower-cased: torch's allocators and CUDA's own words,
+# and the allocation failures of the CUDA libraries a labeller calls, which take their workspace when called
+# (cuBLAS, cuDNN, nvJPEG). cuDNN 9 names them "internal error ... allocation failed", cuDNN 8 often said
+# "internal error" alone: an internal error that is no memory shortage fails again on one image and is re-raised.
+OUT_OF_MEMORY_MESSAGES = (
+    "out of memory", "can't allocate memory", "not enough memory", "cudaerrormemoryallocation",
+    "cublas_status_alloc_failed", "cudnn_status_alloc_failed", "cudnn_status_internal_error",
+    "cusolver_status_alloc_failed", "cufft_alloc_failed", "cusparse_status_alloc_failed",
+    "nvjpeg_status_allocator_failure",
+)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` says memory ran out: a CUDA out-of-memory error, a CPU allocation failure (torch raises
-    a plain RuntimeError naming its allocator) or Python's MemoryError."""
+    a plain RuntimeError naming its allocator), Python's MemoryError, or a CUDA library that could not allocate
+    its workspace (:data:`OUT_OF_MEMORY_MESSAGES`)."""
     import torch
 
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     message = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message
-                                              or "not enough memory" in message)
+    return isinstance(exc, RuntimeError) and any(words in message for words in OUT_OF_MEMORY_MESSAGES)
 
 
 class Labeler:
@@ -609,11 +620,12 @@ class Labeler:
     maps (:func:`encode_batch`): its rows are ready to commit.
 
     Errors by cause: only a problem of the image itself becomes an error row (here: not a non-empty uint8
-    RGB array; decoding, size limits and keys are checked by the stages before). Running out of memory frees
-    the cache and retries the batch in halves, down to one image at a time at the same settings. Anything
-    else the model raises (or memory that runs out for a single image) is no input error: the actor ends, so
-    Ray starts a fresh one (a CUDA error can leave the device unusable for the process) and retries the
-    batch, at most ``MAX_TASK_RETRIES`` times before the job fails; the batch's shard is never committed.
+    RGB array, or a JPEG no decoder reads; decoding, size limits and keys are checked by the stages before).
+    Running out of memory (decoding JPEGs on the device or labelling) frees the cache and retries the batch in
+    halves, down to one image at a time at the same settings. Anything else the model raises (or memory that
+    runs out for a single image) is no input error: the actor ends, so Ray starts a fresh one (a CUDA error can
+    leave the device unusable for the process) and retries the batch, at most ``MAX_TASK_RETRIES`` times before
+    the job fails; the batch's shard is never committed.
     """
 
     def __init__(self, config: LabelerConfig, classes: list[list[str]], torch_threads: int = 1,
@@ -625,8 +637,6 @@ class Labeler:
         if config.pretrained == "random":
             torch.manual_seed(0)  # random-weight baselines: every actor, and a resumed run, draws the same weights
         self.dense_clip = config.build(classes)
-        if self.dense_clip.clip.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = ALLOW_TF32
         self.fingerprint = self.dense_clip.clip.fingerprint
         self.encode = encode
         # The Ray node this actor runs on, recorded with each part (which machines labelled what).
@@ -641,15 +651,16 @@ class Labeler:
         if self.dense_clip.clip.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _label(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Label ``images`` (checked inputs), in smaller calls after running out of memory; re-raises the
-        model's other exceptions, and running out of memory on a single image."""
-        results: list[tuple[np.ndarray, np.ndarray]] = []
+    def _label(self, images: list, keys: list[str]) -> list[tuple[np.ndarray, np.ndarray] | str]:
+        """Label ``images`` (checked arrays, or JPEG bytes decoded on the device first; ``keys`` name them), in
+        smaller calls after running out of memory; a JPEG no decoder reads comes back as the reason (a str).
+        Re-raises the model's other exceptions, and running out of memory on a single image."""
+        results: list[tuple[np.ndarray, np.ndarray] | str] = []
         start, size = 0, len(images)
         while start < len(images):
             chunk = images[start:start + size]
             try:
-                results += self.dense_clip.label_maps(chunk)
+                results += self._decode_and_label(chunk, keys[start:start + size])
                 start += len(chunk)
                 continue
             except (RuntimeError, MemoryError) as exc:  # what running out of memory raises (CUDA's is a RuntimeError)
@@ -660,6 +671,19 @@ class Labeler:
             # Outside the except block: its traceback, which holds the failed call's tensors, is gone by now.
             size = max(1, size // 2)
             self._free_memory()
+        return results
+
+    def _decode_and_label(self, images: list, keys: list[str]) -> list[tuple[np.ndarray, np.ndarray] | str]:
+        """:meth:`_label` of one call: the JPEG bytes among ``images`` decoded on the device, then everything that
+        decoded labelled in one batch."""
+        jpegs = [i for i, image in enumerate(images) if isinstance(image, bytes)]
+        images = list(images)
+        for i, image in zip(jpegs, self._decode_jpegs([images[i] for i in jpegs], [keys[i] for i in jpegs])):
+            images[i] = image
+        decoded = [i for i, image in enumerate(images) if not isinstance(image, str)]
+        results: list = list(images)
+        for i, maps in zip(decoded, self.dense_clip.label_maps([images[i] for i in decoded])):
+            results[i] = maps
         return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -676,52 +700,59 @@ class Labeler:
     def _decode_jpegs(self, blobs: list[bytes], keys: list[str]) -> list:
         """JPEG bytes -> ``(3, H, W)`` uint8 tensors decoded on the labeller's device, in one batched call; where
         that fails, image by image, with Pillow for what the device decoder refuses (an ``(H, W, 3)`` array)
-        and the reason (a str) for what no decoder can read."""
+        and the reason (a str) for what no decoder can read. Running out of memory is raised, not worked
+        around: :meth:`_label` retries with fewer images."""
         import torch
         import torchvision
 
+        if not blobs:
+            return []
         rgb = torchvision.io.ImageReadMode.RGB
         device = self.dense_clip.device
         tensors = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
         try:
             return torchvision.io.decode_jpeg(tensors, mode=rgb, device=device)
-        except RuntimeError:
+        except RuntimeError as exc:
+            if is_out_of_memory(exc):
+                raise
             log.warning("decoding %d JPEGs on %s failed; decoding them one by one", len(blobs), device)
         decoded = []
         for tensor, blob, key in zip(tensors, blobs, keys):
             try:
                 decoded.append(torchvision.io.decode_jpeg(tensor, mode=rgb, device=device))
-            except RuntimeError:
+            except RuntimeError as exc:
+                if is_out_of_memory(exc):
+                    raise
                 try:
                     decoded.append(decode_image(blob, key))
-                except ImageDecodeError as exc:
-                    decoded.append(exc.reason)
+                except ImageDecodeError as error:
+                    decoded.append(error.reason)
         return decoded
 
     def label_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Decoded rows -> rows with ``labels``, ``confidence`` and ``fingerprint`` (see the class); rows with
-        ``jpeg`` bytes (:func:`decode_batch` with ``defer_jpeg``) are decoded on the labeller's device first.
-        Raises what the model raises, except out-of-memory errors that smaller calls avoid."""
+        ``jpeg`` bytes (:func:`decode_batch` with ``defer_jpeg``) are decoded on the labeller's device, in the
+        calls that label them. Raises what the model raises, except out-of-memory errors that smaller calls
+        avoid."""
         errors = list(batch["error"])
         images = list(batch["image"])
         for i, error in enumerate(errors):
-            if not error and not ("jpeg" in batch and batch["jpeg"][i]):
-                try:
-                    check_rgb_image(images[i])
-                except ValueError as exc:
-                    errors[i] = f"unusable image: {exc}"
-        deferred = [i for i, error in enumerate(errors) if not error and "jpeg" in batch and batch["jpeg"][i]]
-        if deferred:
-            decoded = self._decode_jpegs([batch["jpeg"][i] for i in deferred], [batch["key"][i] for i in deferred])
-            for i, image in zip(deferred, decoded):
-                if isinstance(image, str):
-                    errors[i] = image
-                else:
-                    images[i] = image
+            if error:
+                continue
+            if "jpeg" in batch and batch["jpeg"][i]:
+                images[i] = bytes(batch["jpeg"][i])
+                continue
+            try:
+                check_rgb_image(images[i])
+            except ValueError as exc:
+                errors[i] = f"unusable image: {exc}"
         todo = [i for i, error in enumerate(errors) if not error]
         labels, confidence = [_NO_MAP] * len(errors), [_NO_MAP] * len(errors)
-        for i, (image_labels, image_confidence) in zip(todo, self._label([images[i] for i in todo])):
-            labels[i], confidence[i] = image_labels, image_confidence
+        for i, result in zip(todo, self._label([images[i] for i in todo], [str(batch["key"][i]) for i in todo])):
+            if isinstance(result, str):
+                errors[i] = result
+            else:
+                labels[i], confidence[i] = result
         return {"key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
                 "error": _objects(errors), "labels": _objects(labels), "confidence": _objects(confidence),
                 "fingerprint": np.full(len(errors), self.fingerprint, dtype=object)}

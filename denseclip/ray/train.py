@@ -43,6 +43,7 @@ from denseclip.config import DEFAULT_HEAD, ConfigError, LabelerConfig, resolve_v
 from denseclip.damage import DamagedPartError
 from denseclip.datasets import CUSTOM, DATASET_NAMES, DatasetInfo, custom_dataset, get_dataset
 from denseclip.evaluation import Evaluation, ImageLabeler
+from denseclip.gpu import to_device
 from denseclip.mask_store import MaskStore
 from denseclip.metrics import ConfusionMatrix, summarize
 from denseclip.models import ModelLoadError, check_weights, load_clip, weights_activation
@@ -360,23 +361,18 @@ def training_batch(rows: dict[str, np.ndarray], rng: np.random.Generator, config
                    device: torch.device | str = "cpu") -> Batch:
     """Rows of one worker's step -> the augmented batch ``denseclip.plus.training`` expects, on ``device``.
 
-    Each image travels to the device as it was decoded (uint8, a quarter of float's bytes) and is augmented
-    there; the random parameters come from ``rng`` on the host, so the batch depends only on the rows and the
-    seed of ``rng`` (and on the device's arithmetic)."""
+    The images travel to the device as they were decoded (uint8, a quarter of float's bytes; one copy for all of
+    them, :func:`denseclip.gpu.to_device`) and are augmented there; the random parameters come from ``rng`` on
+    the host, so the batch depends only on the rows and the seed of ``rng`` (and on the device's arithmetic)."""
+    images = to_device(list(rows["image"]), device)  # (H, W, 3) uint8 each
+    maps = {name: to_device(list(rows[name]), device)
+            for name in ("label", "pseudo_label", "pseudo_confidence") if name in rows}
     samples = []
-    for i in range(len(rows["key"])):
-        image = _on_device(rows["image"][i], device).permute(2, 0, 1).float() / 255
-        maps = {}
-        for name in ("label", "pseudo_label", "pseudo_confidence"):
-            if name in rows:
-                tensor = _on_device(rows[name][i], device)
-                maps[name] = tensor if tensor.is_floating_point() else tensor.long()
-        samples.append(augment(image, maps, rng, config))
+    for i, pixels in enumerate(images):
+        image = pixels.permute(2, 0, 1).float() / 255
+        own = {name: values[i] if values[i].is_floating_point() else values[i].long() for name, values in maps.items()}
+        samples.append(augment(image, own, rng, config))
     return collate(samples)
-
-
-def _on_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
