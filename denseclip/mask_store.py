@@ -7,11 +7,14 @@ errors file, so readers never see half a part. Each part carries in its schema m
 (model, pretrained, fingerprint, vocabulary, templates, code version) and its part record (the input shard, the
 shard's content fingerprint when it was labelled, row and error counts, the Ray nodes that labelled it).
 
-Masks are single-channel PNGs: 8-bit for vocabularies of up to 255 classes (255 = ignore), 16-bit for larger
-ones (65535 = ignore). On 500x334 maps (benchmarks/mask_encoding.py) 8-bit PNGs are within 10% of raw uint8 +
-zstd on label maps (6.6 kB vs 4.9 kB ground truth, 23 kB vs 22 kB a DenseCLIP-like prediction) and smaller on
-smooth confidence maps (55 kB vs 74 kB); they decode in about 1 ms (zstd: 0.1 ms) and encode in 2-20 ms (zstd:
-under 1 ms). PNG wins on what matters downstream: every cell is a standard file any tool opens.
+Cells (format 2, ``format_version`` 2 in the provenance): ``mask`` holds the label map's values in row-major
+order, one byte a pixel (uint8: vocabularies of up to 255 classes, 255 = ignore) or two (little-endian uint16:
+larger vocabularies, 65535 = ignore); ``confidence`` holds the winning probability quantised to uint8 (x 255,
+rounded) as its 2-D difference (``c[i, j] - c[i-1, j] - c[i, j-1] + c[i-1, j-1]`` modulo 256, zero outside the
+map: two cumulative sums restore it). Parquet compresses both columns with zstd. Format 1 (parts without
+``format_version``) stored single-channel PNGs (8-bit, 16-bit beyond 255 classes); it stays readable, and a
+store keeps the format it was started in. On DenseCLIP's 640x480 predictions format 2 encodes about 15x faster
+than PNG, decodes about 3x faster and stores fewer bytes (docs/capacity.md, ``python benchmarks/bench_host.py``).
 
 The key index maps every key to its part and row, sorted by key in small row groups whose min/max statistics lead
 a lookup to one group: ``get(key)`` reads one index row group and one row group of one part, however large the
@@ -59,14 +62,23 @@ MASK_SCHEMA = pa.schema([
 ])
 ERROR_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("part", pa.string()), ("row", pa.int32())])
-ROW_GROUP_SIZE = 64  # a lookup by key reads one group of ~64 masks
+ROW_GROUP_SIZE = 64  # a lookup by key reads one group of at most 64 masks
+# ... and at most this many bytes of cells (format 2 cells are the raw maps: 0.6 MB a 640x480 image), so that a
+# lookup decompresses a few MB, and the groups a store keeps decoded (_CACHED_GROUPS) stay small.
+ROW_GROUP_BYTES = 4 << 20
 # A lookup reads one index group: 2048 keys (about 40 kB) read and scanned in well under a millisecond; groups
 # of 16384 took 4x longer per lookup on a million keys (benchmarks/bench_store.py), smaller ones grow the footer.
 INDEX_ROW_GROUP_SIZE = 2048
+# The cell encodings (see the module docstring), recorded as FORMAT_FIELD in the provenance of format 2 and later.
+PNG_FORMAT, RAW_FORMAT = 1, 2
+FORMAT_VERSION = RAW_FORMAT  # what new stores are written in
+FORMAT_FIELD = "format_version"
+MAP_COLUMNS = ("mask", "confidence")
 # Provenance fields that record who wrote a part rather than what its labels mean: parts of one store may differ
-# in them (a run resumed after an upgrade of this package).
-WRITER_FIELDS = ("code_version",)
+# in them (a run resumed after an upgrade of this package). A store's format is decided by the store itself.
+WRITER_FIELDS = ("code_version", FORMAT_FIELD)
 IGNORE_8BIT, IGNORE_16BIT = 255, 65535
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PART_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _PART_FILE = re.compile(r"^part-(.+)\.parquet$")
 _OPEN_PARTS = 16  # parts a store keeps open for lookups (each holds its parsed footer)
@@ -100,38 +112,96 @@ def ignore_label(mask: np.ndarray) -> int:
     return IGNORE_8BIT if mask.dtype == np.uint8 else IGNORE_16BIT
 
 
-def encode_mask(mask: np.ndarray) -> bytes:
+def mask_format(provenance: dict | None) -> int:
+    """The cell format of a part or store with this provenance: its ``format_version``, 1 for parts written
+    before formats were recorded, :data:`FORMAT_VERSION` for a store without parts (``None``)."""
+    if provenance is None:
+        return FORMAT_VERSION
+    version = provenance.get(FORMAT_FIELD, PNG_FORMAT)
+    if version not in (PNG_FORMAT, RAW_FORMAT):
+        raise ValueError(f"mask-store format {version!r} is not one this version of denseclip reads "
+                         f"({PNG_FORMAT}, {RAW_FORMAT}): upgrade denseclip")
+    return version
+
+
+def label_png(mask: np.ndarray) -> bytes:
     """Integer (H, W) label map -> single-channel PNG bytes: 8-bit for uint8 maps, 16-bit for any wider integer
-    type (the labeler returns int32 maps for vocabularies of more than 255 classes); values must fit 16 bits."""
-    mask = np.asarray(mask)
+    type (format 1's mask cells; the export's 16-bit maps)."""
     if mask.dtype == np.uint8:
         return encode_png(mask)
-    if mask.size and (mask.min() < 0 or mask.max() > IGNORE_16BIT):
-        raise ValueError(f"label map values must lie in 0..{IGNORE_16BIT}, got {mask.min()}..{mask.max()}")
     out = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint16)).save(out, format="PNG")
     return out.getvalue()
 
 
-def decode_mask(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 (H, W) label map, or uint16 (H, W) for a 16-bit map."""
-    return decode_label_map(data, "mask", wide=True)
+def _shape(shape: tuple[int, int] | None, format_version: int) -> tuple[int, int]:
+    if shape is None:
+        raise ValueError(f"format {format_version} cells need the map's (height, width) (the row's columns)")
+    return int(shape[0]), int(shape[1])
 
 
-def encode_confidence(confidence: np.ndarray) -> bytes:
-    """float (H, W) in [0, 1] -> PNG of the values quantised to uint8 (step 1/255); uint8 (H, W) is taken as
-    already quantised (as ``DenseCLIP.label_maps`` gives it)."""
+def encode_mask(mask: np.ndarray, format_version: int = FORMAT_VERSION) -> bytes:
+    """Integer (H, W) label map -> its ``mask`` cell: uint8 maps as uint8, any wider integer type (the labeler
+    returns int32 maps for vocabularies of more than 255 classes) as uint16; values must fit 16 bits. Format 2:
+    the values, row-major (little-endian uint16); format 1: a single-channel PNG."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.uint8 and mask.size and (mask.min() < 0 or mask.max() > IGNORE_16BIT):
+        raise ValueError(f"label map values must lie in 0..{IGNORE_16BIT}, got {mask.min()}..{mask.max()}")
+    if format_version == PNG_FORMAT:
+        return label_png(mask)
+    return np.ascontiguousarray(mask, dtype=np.uint8 if mask.dtype == np.uint8 else "<u2").tobytes()
+
+
+def decode_mask(data: bytes, shape: tuple[int, int] | None = None, format_version: int = FORMAT_VERSION) -> np.ndarray:
+    """A ``mask`` cell -> uint8 (H, W) label map, or uint16 (H, W) for a 16-bit map. ``shape``: the row's
+    (height, width), needed by format 2 (whose cells hold only the values)."""
+    if format_version == PNG_FORMAT:
+        return decode_label_map(data, "mask", wide=True)
+    height, width = _shape(shape, format_version)
+    if len(data) not in (height * width, 2 * height * width):
+        raise ValueError(f"a mask cell of {len(data)} bytes holds no ({height}, {width}) label map")
+    wide = len(data) == 2 * height * width and height * width > 0
+    values = np.frombuffer(data, "<u2" if wide else np.uint8).reshape(height, width)
+    return values.astype(np.uint16 if wide else np.uint8)  # a copy in native order, writable like any array
+
+
+def quantise_confidence(confidence: np.ndarray) -> np.ndarray:
+    """float (H, W) in [0, 1] -> uint8 (H, W), x 255 and rounded (step 1/255); uint8 is taken as already
+    quantised (as ``DenseCLIP.label_maps`` gives it)."""
     if confidence.dtype == np.uint8:
-        return encode_png(confidence)
-    return encode_png(np.round(np.clip(confidence, 0.0, 1.0) * 255).astype(np.uint8))
+        return confidence
+    return np.round(np.clip(confidence, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def decode_confidence(data: bytes) -> np.ndarray:
-    """PNG bytes -> float32 (H, W) in [0, 1]."""
-    return decode_label_map(data, "confidence").astype(np.float32) / 255
+def encode_confidence(confidence: np.ndarray, format_version: int = FORMAT_VERSION) -> bytes:
+    """float (H, W) in [0, 1] or uint8 (H, W) (see :func:`quantise_confidence`) -> its ``confidence`` cell.
+    Format 2: the 2-D difference of the quantised map (uint8, modulo 256; smooth maps become runs of small
+    values, which zstd packs as tightly as PNG's filters); format 1: a PNG of the quantised map."""
+    quantised = quantise_confidence(np.asarray(confidence))
+    if format_version == PNG_FORMAT:
+        return encode_png(quantised)
+    vertical = quantised.copy()
+    vertical[1:] -= quantised[:-1]
+    difference = vertical.copy()
+    difference[:, 1:] -= vertical[:, :-1]
+    return difference.tobytes()
 
 
-def _row(row: dict) -> dict:
+def decode_confidence(data: bytes, shape: tuple[int, int] | None = None,
+                      format_version: int = FORMAT_VERSION) -> np.ndarray:
+    """A ``confidence`` cell -> float32 (H, W) in [0, 1] (multiples of 1/255). ``shape``: as for
+    :func:`decode_mask`."""
+    if format_version == PNG_FORMAT:
+        return decode_label_map(data, "confidence").astype(np.float32) / 255
+    height, width = _shape(shape, format_version)
+    if len(data) != height * width:
+        raise ValueError(f"a confidence cell of {len(data)} bytes holds no ({height}, {width}) map")
+    difference = np.frombuffer(data, np.uint8).reshape(height, width)
+    quantised = np.cumsum(np.cumsum(difference, axis=0, dtype=np.uint8), axis=1, dtype=np.uint8)
+    return quantised.astype(np.float32) / 255
+
+
+def _row(row: dict, format_version: int) -> dict:
     mask = np.asarray(row["mask"])
     if mask.ndim != 2 or mask.size == 0 or not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(f"mask of {row['key']!r} must be a non-empty integer (H, W) label map, "
@@ -140,27 +210,54 @@ def _row(row: dict) -> dict:
     if confidence is not None and np.shape(confidence) != mask.shape:
         raise ValueError(f"confidence of {row['key']!r} has shape {np.shape(confidence)}, mask {mask.shape}")
     try:
-        encoded = encode_mask(mask)
+        encoded = encode_mask(mask, format_version)
     except ValueError as exc:
         raise ValueError(f"mask of {row['key']!r}: {exc}") from exc
     return {"key": row["key"], "shard": row.get("shard", ""), "height": mask.shape[0], "width": mask.shape[1],
             "mask": encoded,
-            "confidence": None if confidence is None else encode_confidence(np.asarray(confidence))}
+            "confidence": None if confidence is None else encode_confidence(np.asarray(confidence), format_version)}
 
 
-def rows_to_table(rows: list[dict]) -> pa.Table:
-    """``[{"key", "shard", "mask": integer (H, W), "confidence": float (H, W) in [0, 1] | None}]`` -> an
-    encoded table in :data:`MASK_SCHEMA` (also usable to encode in a parallel stage and write elsewhere)."""
-    return pa.Table.from_pylist([_row(r) for r in rows], schema=MASK_SCHEMA)
+def rows_to_table(rows: list[dict], format_version: int = FORMAT_VERSION) -> pa.Table:
+    """``[{"key", "shard", "mask": integer (H, W), "confidence": float (H, W) in [0, 1] | None}]`` -> a table
+    in :data:`MASK_SCHEMA` with cells of ``format_version`` (also usable to encode in a parallel stage and write
+    elsewhere)."""
+    return pa.Table.from_pylist([_row(r, format_version) for r in rows], schema=MASK_SCHEMA)
 
 
-def _parquet_bytes(table: pa.Table, row_group_size: int = ROW_GROUP_SIZE) -> bytes:
+def _check_cells(table: pa.Table, format_version: int, what: str) -> None:
+    """Raise ValueError unless every ``mask`` and ``confidence`` cell of ``table`` (a masks table) is a cell of
+    ``format_version`` (a missing confidence is one)."""
+    if format_version == PNG_FORMAT:
+        fits = {c: pc.equal(pc.binary_slice(table[c], 0, len(_PNG_SIGNATURE)), pa.scalar(_PNG_SIGNATURE))
+                for c in MAP_COLUMNS}
+    else:
+        pixels = pc.multiply(table["height"].cast(pa.int64()), table["width"].cast(pa.int64()))
+        length = {c: pc.binary_length(table[c]).cast(pa.int64()) for c in MAP_COLUMNS}
+        fits = {"mask": pc.or_(pc.equal(length["mask"], pixels), pc.equal(length["mask"], pc.multiply(pixels, 2))),
+                "confidence": pc.equal(length["confidence"], pixels)}
+    for column, fit in fits.items():
+        if pc.any(pc.invert(pc.fill_null(fit, column == "confidence"))).as_py():
+            raise ValueError(f"{what}: {column} cells are not cells of format {format_version}, the store's (encode "
+                             f"them with rows_to_table(rows, {format_version}))")
+
+
+def _row_group_rows(table: pa.Table) -> int:
+    """Rows per row group of a masks table: :data:`ROW_GROUP_SIZE`, fewer where that many rows' cells would
+    exceed :data:`ROW_GROUP_BYTES`."""
+    row_bytes = sum(table[c].nbytes for c in MAP_COLUMNS) / max(1, table.num_rows)
+    return max(1, min(ROW_GROUP_SIZE, int(ROW_GROUP_BYTES // max(1.0, row_bytes))))
+
+
+def _parquet_bytes(table: pa.Table, row_group_size: int = ROW_GROUP_SIZE, compress_maps: bool = False) -> bytes:
+    """``table`` as Parquet: every column zstd-compressed, except the map cells unless ``compress_maps``
+    (PNG cells are compressed already); the map cells get neither a dictionary nor min/max statistics (every
+    cell is unique and large: both would cost time and help no reader)."""
     buf = io.BytesIO()
-    # PNG cells are already compressed; only the small columns are worth compressing again.
-    compression = {"key": "zstd", "shard": "zstd", "height": "zstd", "width": "zstd", "reason": "zstd",
-                   "part": "zstd", "row": "zstd", "mask": "none", "confidence": "none"}
-    pq.write_table(table, buf, row_group_size=row_group_size,
-                   compression={c: compression[c] for c in table.column_names})
+    small = [c for c in table.column_names if c not in MAP_COLUMNS]
+    compression = {c: "zstd" if c in small or compress_maps else "none" for c in table.column_names}
+    pq.write_table(table, buf, row_group_size=row_group_size, compression=compression, use_dictionary=small,
+                   write_statistics=small)
     return buf.getvalue()
 
 
@@ -171,11 +268,20 @@ class MaskStoreWriter:
     ``vocabulary``, ``templates``; ``code_version`` is added (:func:`code_version`) unless given. A store holds
     one run: writing parts with a provenance that differs from the parts already committed (in anything but
     :data:`WRITER_FIELDS`) raises ValueError.
+
+    ``format_version``: the cell format parts are written in, that of the parts already committed (a store keeps
+    its format: a re-run into a format-1 store writes format-1 parts), or for a new store ``provenance``'s
+    ``format_version`` (default :data:`FORMAT_VERSION`); a ``format_version`` in ``provenance`` that differs from
+    the store's raises ValueError.
     """
 
     def __init__(self, root: str, provenance: dict, **storage_options):
         provenance = {**provenance}
         provenance.setdefault("code_version", code_version())
+        existing = MaskStore(root, **storage_options).provenance
+        self.format_version = _writer_format(root, existing, provenance.pop(FORMAT_FIELD, None))
+        if self.format_version != PNG_FORMAT:  # format-1 parts carry no format field, as they always did
+            provenance[FORMAT_FIELD] = self.format_version
         try:
             self._provenance_json = json.dumps(provenance, sort_keys=True)
         except TypeError as exc:
@@ -183,7 +289,6 @@ class MaskStoreWriter:
         self.root = root
         self.provenance = json.loads(self._provenance_json)
         self.storage_options = storage_options
-        existing = MaskStore(root, **storage_options).provenance
         changed = provenance_differences(existing, self.provenance) if existing is not None else []
         if changed:
             raise ValueError(f"mask store {root} holds another run (provenance differs in {', '.join(changed)}); "
@@ -200,11 +305,12 @@ class MaskStoreWriter:
         """
         if not _PART_ID.match(part_id):
             raise ValueError(f"part id {part_id!r} may hold only letters, digits and _ . - (not first)")
-        table = rows if isinstance(rows, pa.Table) else rows_to_table(rows)
+        table = rows if isinstance(rows, pa.Table) else rows_to_table(rows, self.format_version)
         try:
             table = table.select(MASK_SCHEMA.names).cast(MASK_SCHEMA)
         except (KeyError, ValueError, pa.ArrowInvalid) as exc:
             raise ValueError(f"part {part_id}: rows do not fit the mask schema {MASK_SCHEMA.names}: {exc}") from exc
+        _check_cells(table, self.format_version, f"part {part_id}")
         keys = table.column("key").to_pylist()
         if len(set(keys)) != len(keys):
             raise ValueError(f"part {part_id}: duplicate keys")
@@ -219,8 +325,20 @@ class MaskStoreWriter:
         storage.write_bytes(storage.join(self.root, ERRORS_DIR, name), _parquet_bytes(error_table),
                             **self.storage_options)
         url = storage.join(self.root, MASKS_DIR, name)
-        storage.write_bytes(url, _parquet_bytes(table), **self.storage_options)  # the commit point
+        data = _parquet_bytes(table, _row_group_rows(table), compress_maps=self.format_version != PNG_FORMAT)
+        storage.write_bytes(url, data, **self.storage_options)  # the commit point
         return url
+
+
+def _writer_format(root: str, existing: dict | None, asked: int | None) -> int:
+    """The format of the parts a writer adds to the store at ``root`` whose committed parts carry the provenance
+    ``existing`` (None: no part yet), ``asked`` for by its provenance (None: no preference); see
+    :class:`MaskStoreWriter`."""
+    version = mask_format(existing if existing is not None or asked is None else {FORMAT_FIELD: asked})
+    if asked is not None and asked != version:
+        raise ValueError(f"mask store {root} holds format-{version} parts, not format {asked}: a store keeps "
+                         f"its format; write to a new root (or replace the store)")
+    return version
 
 
 def _file_id(info: dict) -> str:
@@ -328,6 +446,12 @@ def part_record(metadata: dict | None) -> dict | None:
     return json.loads(data) if data else None
 
 
+def part_format(metadata: dict | None) -> int:
+    """The cell format of a part from its schema ``metadata`` (see :func:`mask_format`)."""
+    data = (metadata or {}).get(PROVENANCE_KEY)
+    return mask_format(json.loads(data) if data else {})
+
+
 class MaskStore:
     """Reads the committed parts of the store at ``root`` (a path or fsspec URL).
 
@@ -395,29 +519,33 @@ class MaskStore:
             raise KeyError(f"no mask for key {key!r} in {self.root}")
         return found
 
-    def _cell(self, key: str, column: str) -> bytes | None:
+    def _cell(self, key: str, column: str) -> tuple[bytes | None, tuple[int, int], int]:
+        """The ``column`` cell of ``key``, its map's (height, width) and its part's format."""
         part, row = self.locate(key)
         opened = self._parts.hit(part)
         if opened is None:
             parquet = self._open(self._url(MASKS_DIR, part))
             sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-            opened = self._parts.put(part, (parquet, np.cumsum([0] + sizes).tolist()))
-        parquet, starts = opened
+            opened = self._parts.put(part, (parquet, np.cumsum([0] + sizes).tolist(),
+                                            part_format(parquet.schema_arrow.metadata)))
+        parquet, starts, version = opened
         group = bisect.bisect_right(starts, row) - 1
         cells = self._cells.hit((part, group, column))
         if cells is None:
-            cells = self._cells.put((part, group, column), parquet.read_row_group(group, columns=[column]).column(0))
-        return cells[row - starts[group]].as_py()
+            cells = self._cells.put((part, group, column),
+                                    parquet.read_row_group(group, columns=[column, "height", "width"]))
+        data, height, width = (cells.column(c)[row - starts[group]].as_py() for c in range(3))
+        return data, (height, width), version
 
     def get(self, key: str) -> np.ndarray:
         """The label map of ``key``: uint8 (H, W), or uint16 (H, W) for vocabularies of more than 255 classes;
         KeyError naming the key when absent."""
-        return decode_mask(self._cell(key, "mask"))
+        return decode_mask(*self._cell(key, "mask"))
 
     def get_confidence(self, key: str) -> np.ndarray | None:
         """The float32 (H, W) confidence in [0, 1] of ``key`` (quantised to 1/255), or None if not stored."""
-        data = self._cell(key, "confidence")
-        return None if data is None else decode_confidence(data)
+        data, shape, version = self._cell(key, "confidence")
+        return None if data is None else decode_confidence(data, shape, version)
 
     def read_part(self, part_id: str) -> pa.Table:
         """One committed part as an encoded table in :data:`MASK_SCHEMA`, rows sorted by key."""
@@ -427,19 +555,27 @@ class MaskStore:
         """``[{"key", "shard", "reason"}]`` of one committed part."""
         return self._read(ERRORS_DIR, part_id).to_pylist()
 
-    def iter_rows(self, columns: list[str]) -> Iterator[dict]:
-        """The committed rows, part by part (by key within a part), one row group in memory at a time:
-        ``{column: value}`` with the encoded cells of :data:`MASK_SCHEMA`."""
+    def _iter_batches(self, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """``(part format, batch of columns)`` of the committed parts, part by part, a row group at a time."""
         for part in sorted(self.committed_parts()):
             fs, path = fsspec.core.url_to_fs(self._url(MASKS_DIR, part), **self.storage_options)
             with fs.open(path, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP_SIZE, columns=columns):
-                    yield from batch.to_pylist()
+                parquet = pq.ParquetFile(f)
+                version = part_format(parquet.schema_arrow.metadata)
+                for batch in parquet.iter_batches(batch_size=ROW_GROUP_SIZE, columns=columns):
+                    yield version, batch
+
+    def iter_rows(self, columns: list[str]) -> Iterator[dict]:
+        """The committed rows, part by part (by key within a part), one row group in memory at a time:
+        ``{column: value}`` with the encoded cells of :data:`MASK_SCHEMA`."""
+        for _, batch in self._iter_batches(columns):
+            yield from batch.to_pylist()
 
     def iter_masks(self) -> Iterator[tuple[str, np.ndarray]]:
         """``(key, label map (H, W))`` for every committed row, part by part, by key within a part."""
-        for row in self.iter_rows(["key", "mask"]):
-            yield row["key"], decode_mask(row["mask"])
+        for version, batch in self._iter_batches(["key", "mask", "height", "width"]):
+            for row in batch.to_pylist():
+                yield row["key"], decode_mask(row["mask"], (row["height"], row["width"]), version)
 
     def errors(self) -> list[dict]:
         """``[{"key", "shard", "reason"}]`` of the committed parts."""
