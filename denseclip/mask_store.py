@@ -7,14 +7,13 @@ errors file, so readers never see half a part. Each part carries in its schema m
 (model, pretrained, fingerprint, vocabulary, templates, code version) and its part record (the input shard, the
 shard's content fingerprint when it was labelled, row and error counts, the Ray nodes that labelled it).
 
-Cells (format 2, ``format_version`` 2 in the provenance): ``mask`` holds the label map's values in row-major
-order, one byte a pixel (uint8: vocabularies of up to 255 classes, 255 = ignore) or two (little-endian uint16:
-larger vocabularies, 65535 = ignore); ``confidence`` holds the winning probability quantised to uint8 (x 255,
+Cells (format 2, ``format_version`` 2 in the provenance) are zstd frames: ``mask`` of the label map's values in
+row-major order, one byte a pixel (uint8: vocabularies of up to 255 classes, 255 = ignore) or two (little-endian
+uint16: larger vocabularies, 65535 = ignore); ``confidence`` of the winning probability quantised to uint8 (x 255,
 rounded) as its 2-D difference (``c[i, j] - c[i-1, j] - c[i, j-1] + c[i-1, j-1]`` modulo 256, zero outside the
-map: two cumulative sums restore it). Parquet compresses both columns with zstd. Format 1 (parts without
-``format_version``) stored single-channel PNGs (8-bit, 16-bit beyond 255 classes); it stays readable, and a
-store keeps the format it was started in. On DenseCLIP's 640x480 predictions format 2 encodes about 15x faster
-than PNG, decodes about 3x faster and stores fewer bytes (docs/capacity.md, ``python benchmarks/bench_host.py``).
+map; two cumulative sums restore it). Format 1 (parts without ``format_version``) stored single-channel PNGs
+(8-bit, 16-bit beyond 255 classes); it stays readable, and a store keeps the format it was started in. The
+measurements behind the choice are in docs/capacity.md (``python benchmarks/bench_host.py``).
 
 The key index maps every key to its part and row, sorted by key in small row groups whose min/max statistics lead
 a lookup to one group: ``get(key)`` reads one index row group and one row group of one part, however large the
@@ -62,10 +61,7 @@ MASK_SCHEMA = pa.schema([
 ])
 ERROR_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("part", pa.string()), ("row", pa.int32())])
-ROW_GROUP_SIZE = 64  # a lookup by key reads one group of at most 64 masks
-# ... and at most this many bytes of cells (format 2 cells are the raw maps: 0.6 MB a 640x480 image), so that a
-# lookup decompresses a few MB, and the groups a store keeps decoded (_CACHED_GROUPS) stay small.
-ROW_GROUP_BYTES = 4 << 20
+ROW_GROUP_SIZE = 64  # a lookup by key reads one group of ~64 masks
 # A lookup reads one index group: 2048 keys (about 40 kB) read and scanned in well under a millisecond; groups
 # of 16384 took 4x longer per lookup on a million keys (benchmarks/bench_store.py), smaller ones grow the footer.
 INDEX_ROW_GROUP_SIZE = 2048
@@ -79,6 +75,10 @@ MAP_COLUMNS = ("mask", "confidence")
 WRITER_FIELDS = ("code_version", FORMAT_FIELD)
 IGNORE_8BIT, IGNORE_16BIT = 255, 65535
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# zstd level 1: level 3 stores 4% fewer bytes of the upper-bound 640x480 maps, none fewer of DenseCLIP's own
+# predictions, and takes up to 40% longer to encode them (benchmarks/mask_encoding.py).
+_ZSTD = pa.Codec("zstd", compression_level=1)
 _PART_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _PART_FILE = re.compile(r"^part-(.+)\.parquet$")
 _OPEN_PARTS = 16  # parts a store keeps open for lookups (each holds its parsed footer)
@@ -143,13 +143,35 @@ def _shape(shape: tuple[int, int] | None, format_version: int) -> tuple[int, int
 def encode_mask(mask: np.ndarray, format_version: int = FORMAT_VERSION) -> bytes:
     """Integer (H, W) label map -> its ``mask`` cell: uint8 maps as uint8, any wider integer type (the labeler
     returns int32 maps for vocabularies of more than 255 classes) as uint16; values must fit 16 bits. Format 2:
-    the values, row-major (little-endian uint16); format 1: a single-channel PNG."""
+    a zstd frame of the values, row-major (uint16 little-endian); format 1: a single-channel PNG."""
     mask = np.asarray(mask)
     if mask.dtype != np.uint8 and mask.size and (mask.min() < 0 or mask.max() > IGNORE_16BIT):
         raise ValueError(f"label map values must lie in 0..{IGNORE_16BIT}, got {mask.min()}..{mask.max()}")
     if format_version == PNG_FORMAT:
         return label_png(mask)
-    return np.ascontiguousarray(mask, dtype=np.uint8 if mask.dtype == np.uint8 else "<u2").tobytes()
+    return _ZSTD.compress(np.ascontiguousarray(mask, dtype=np.uint8 if mask.dtype == np.uint8 else "<u2"),
+                          asbytes=True)
+
+
+def _zstd_content_size(frame: bytes) -> int:
+    """The decompressed size a zstd frame records in its header (RFC 8878, 3.1.1.1), -1 where it records none."""
+    if frame[:4] != _ZSTD_MAGIC or len(frame) < 6:
+        raise ValueError(f"a cell of {len(frame)} bytes is no zstd frame")
+    descriptor = frame[4]
+    single_segment = descriptor >> 5 & 1
+    size_bytes = (single_segment, 2, 4, 8)[descriptor >> 6]
+    start = 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]  # after the window and dictionary fields
+    if not size_bytes:
+        return -1
+    return int.from_bytes(frame[start:start + size_bytes], "little") + (256 if size_bytes == 2 else 0)
+
+
+def _unpacked(data: bytes, sizes: tuple[int, ...], what: str, shape: tuple[int, int]) -> pa.Buffer:
+    """The bytes of the zstd frame ``data``, whose decompressed size must be one of ``sizes``."""
+    size = _zstd_content_size(data)
+    if size not in sizes:
+        raise ValueError(f"a {what} cell of {size} bytes (decompressed) holds no {shape} map")
+    return _ZSTD.decompress(data, decompressed_size=size)
 
 
 def decode_mask(data: bytes, shape: tuple[int, int] | None = None, format_version: int = FORMAT_VERSION) -> np.ndarray:
@@ -158,11 +180,11 @@ def decode_mask(data: bytes, shape: tuple[int, int] | None = None, format_versio
     if format_version == PNG_FORMAT:
         return decode_label_map(data, "mask", wide=True)
     height, width = _shape(shape, format_version)
-    if len(data) not in (height * width, 2 * height * width):
-        raise ValueError(f"a mask cell of {len(data)} bytes holds no ({height}, {width}) label map")
-    wide = len(data) == 2 * height * width and height * width > 0
-    values = np.frombuffer(data, "<u2" if wide else np.uint8).reshape(height, width)
-    return values.astype(np.uint16 if wide else np.uint8)  # a copy in native order, writable like any array
+    values = _unpacked(data, (height * width, 2 * height * width), "mask", (height, width))
+    wide = values.size == 2 * height * width and values.size > 0
+    # A copy in native byte order, writable like any array.
+    return np.frombuffer(values, "<u2" if wide else np.uint8).reshape(height, width).astype(
+        np.uint16 if wide else np.uint8)
 
 
 def quantise_confidence(confidence: np.ndarray) -> np.ndarray:
@@ -175,8 +197,8 @@ def quantise_confidence(confidence: np.ndarray) -> np.ndarray:
 
 def encode_confidence(confidence: np.ndarray, format_version: int = FORMAT_VERSION) -> bytes:
     """float (H, W) in [0, 1] or uint8 (H, W) (see :func:`quantise_confidence`) -> its ``confidence`` cell.
-    Format 2: the 2-D difference of the quantised map (uint8, modulo 256; smooth maps become runs of small
-    values, which zstd packs as tightly as PNG's filters); format 1: a PNG of the quantised map."""
+    Format 2: a zstd frame of the 2-D difference of the quantised map (uint8, modulo 256: smooth maps become runs
+    of small values, which zstd packs as tightly as PNG's filters); format 1: a PNG of the quantised map."""
     quantised = quantise_confidence(np.asarray(confidence))
     if format_version == PNG_FORMAT:
         return encode_png(quantised)
@@ -184,7 +206,7 @@ def encode_confidence(confidence: np.ndarray, format_version: int = FORMAT_VERSI
     vertical[1:] -= quantised[:-1]
     difference = vertical.copy()
     difference[:, 1:] -= vertical[:, :-1]
-    return difference.tobytes()
+    return _ZSTD.compress(difference, asbytes=True)
 
 
 def decode_confidence(data: bytes, shape: tuple[int, int] | None = None,
@@ -194,9 +216,8 @@ def decode_confidence(data: bytes, shape: tuple[int, int] | None = None,
     if format_version == PNG_FORMAT:
         return decode_label_map(data, "confidence").astype(np.float32) / 255
     height, width = _shape(shape, format_version)
-    if len(data) != height * width:
-        raise ValueError(f"a confidence cell of {len(data)} bytes holds no ({height}, {width}) map")
-    difference = np.frombuffer(data, np.uint8).reshape(height, width)
+    difference = np.frombuffer(_unpacked(data, (height * width,), "confidence", (height, width)),
+                               np.uint8).reshape(height, width)
     quantised = np.cumsum(np.cumsum(difference, axis=0, dtype=np.uint8), axis=1, dtype=np.uint8)
     return quantised.astype(np.float32) / 255
 
@@ -228,36 +249,21 @@ def rows_to_table(rows: list[dict], format_version: int = FORMAT_VERSION) -> pa.
 def _check_cells(table: pa.Table, format_version: int, what: str) -> None:
     """Raise ValueError unless every ``mask`` and ``confidence`` cell of ``table`` (a masks table) is a cell of
     ``format_version`` (a missing confidence is one)."""
-    if format_version == PNG_FORMAT:
-        fits = {c: pc.equal(pc.binary_slice(table[c], 0, len(_PNG_SIGNATURE)), pa.scalar(_PNG_SIGNATURE))
-                for c in MAP_COLUMNS}
-    else:
-        pixels = pc.multiply(table["height"].cast(pa.int64()), table["width"].cast(pa.int64()))
-        length = {c: pc.binary_length(table[c]).cast(pa.int64()) for c in MAP_COLUMNS}
-        fits = {"mask": pc.or_(pc.equal(length["mask"], pixels), pc.equal(length["mask"], pc.multiply(pixels, 2))),
-                "confidence": pc.equal(length["confidence"], pixels)}
-    for column, fit in fits.items():
+    signature = _PNG_SIGNATURE if format_version == PNG_FORMAT else _ZSTD_MAGIC
+    for column in MAP_COLUMNS:
+        fit = pc.equal(pc.binary_slice(table[column], 0, len(signature)), pa.scalar(signature))
         if pc.any(pc.invert(pc.fill_null(fit, column == "confidence"))).as_py():
             raise ValueError(f"{what}: {column} cells are not cells of format {format_version}, the store's (encode "
                              f"them with rows_to_table(rows, {format_version}))")
 
 
-def _row_group_rows(table: pa.Table) -> int:
-    """Rows per row group of a masks table: :data:`ROW_GROUP_SIZE`, fewer where that many rows' cells would
-    exceed :data:`ROW_GROUP_BYTES`."""
-    row_bytes = sum(table[c].nbytes for c in MAP_COLUMNS) / max(1, table.num_rows)
-    return max(1, min(ROW_GROUP_SIZE, int(ROW_GROUP_BYTES // max(1.0, row_bytes))))
-
-
-def _parquet_bytes(table: pa.Table, row_group_size: int = ROW_GROUP_SIZE, compress_maps: bool = False) -> bytes:
-    """``table`` as Parquet: every column zstd-compressed, except the map cells unless ``compress_maps``
-    (PNG cells are compressed already); the map cells get neither a dictionary nor min/max statistics (every
-    cell is unique and large: both would cost time and help no reader)."""
+def _parquet_bytes(table: pa.Table, row_group_size: int = ROW_GROUP_SIZE) -> bytes:
+    """``table`` as Parquet, its small columns zstd-compressed. The map cells are compressed already, and unique:
+    they get neither compression, nor a dictionary, nor min/max statistics (each would cost time for nothing)."""
     buf = io.BytesIO()
     small = [c for c in table.column_names if c not in MAP_COLUMNS]
-    compression = {c: "zstd" if c in small or compress_maps else "none" for c in table.column_names}
-    pq.write_table(table, buf, row_group_size=row_group_size, compression=compression, use_dictionary=small,
-                   write_statistics=small)
+    pq.write_table(table, buf, row_group_size=row_group_size, use_dictionary=small, write_statistics=small,
+                   compression={c: "zstd" if c in small else "none" for c in table.column_names})
     return buf.getvalue()
 
 
@@ -325,8 +331,7 @@ class MaskStoreWriter:
         storage.write_bytes(storage.join(self.root, ERRORS_DIR, name), _parquet_bytes(error_table),
                             **self.storage_options)
         url = storage.join(self.root, MASKS_DIR, name)
-        data = _parquet_bytes(table, _row_group_rows(table), compress_maps=self.format_version != PNG_FORMAT)
-        storage.write_bytes(url, data, **self.storage_options)  # the commit point
+        storage.write_bytes(url, _parquet_bytes(table), **self.storage_options)  # the commit point
         return url
 
 

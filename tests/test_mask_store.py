@@ -7,6 +7,7 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -128,18 +129,23 @@ def test_encoded_tables_are_accepted_and_bad_rows_refused(tmp_path):
     assert MASK_SCHEMA.names == ["key", "shard", "height", "width", "mask", "confidence"]
 
 
+def unzstd(frame: bytes, size: int) -> bytes:
+    return pa.Codec("zstd").decompress(frame, decompressed_size=size, asbytes=True)
+
+
 def test_mask_and_confidence_codecs_of_both_formats():
     rng = np.random.default_rng(7)
     narrow = rng.integers(0, 256, (13, 17)).astype(np.uint8)
     wide = rng.integers(0, 65536, (13, 17)).astype(np.int32)
     confidence = np.linspace(-0.5, 1.5, 13 * 17).reshape(13, 17)
     quantised = np.round(np.clip(confidence, 0, 1) * 255).astype(np.int64)
-    # Format 2 as documented: the values row-major (uint16 little-endian), the confidence's 2-D difference mod 256.
-    assert encode_mask(narrow) == narrow.tobytes()
-    assert encode_mask(wide) == b"".join(int(v).to_bytes(2, "little") for v in wide.ravel())
+    # Format 2 as documented: zstd frames of the values row-major (uint16 little-endian) and of the confidence's
+    # 2-D difference mod 256.
+    assert unzstd(encode_mask(narrow), narrow.size) == narrow.tobytes()
+    assert unzstd(encode_mask(wide), 2 * wide.size) == b"".join(int(v).to_bytes(2, "little") for v in wide.ravel())
     padded = np.pad(quantised, ((1, 0), (1, 0)))
     difference = (padded[1:, 1:] - padded[:-1, 1:] - padded[1:, :-1] + padded[:-1, :-1]) % 256
-    assert encode_confidence(confidence) == difference.astype(np.uint8).tobytes()
+    assert unzstd(encode_confidence(confidence), difference.size) == difference.astype(np.uint8).tobytes()
     for version in (1, 2):
         for mask in (narrow, wide):
             restored = decode_mask(encode_mask(mask, version), mask.shape, version)
@@ -150,9 +156,11 @@ def test_mask_and_confidence_codecs_of_both_formats():
         np.testing.assert_array_equal(restored * 255, quantised)  # exactly the quantised values
     assert encode_mask(narrow, 1)[:8] == encode_confidence(confidence, 1)[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="need the map's"):
-        decode_mask(narrow.tobytes())
-    with pytest.raises(ValueError, match=r"221 bytes holds no \(13, 16\) label map"):
-        decode_mask(narrow.tobytes(), (13, 16))
+        decode_mask(encode_mask(narrow))
+    with pytest.raises(ValueError, match=r"a mask cell of 221 bytes \(decompressed\) holds no \(13, 16\) map"):
+        decode_mask(encode_mask(narrow), (13, 16))
+    with pytest.raises(ValueError, match="is no zstd frame"):
+        decode_confidence(encode_confidence(confidence, 1), confidence.shape)
     with pytest.raises(ValueError, match="format 3 is not one this version of denseclip reads"):
         mask_format({"format_version": 3})
 

@@ -30,6 +30,7 @@ from denseclip.ray.labeling import (
     read_shard_rows,
     run_provenance,
 )
+from denseclip.ray.train_data import read_samples
 from denseclip.synthetic import write_shards
 
 OLD = Path(__file__).resolve().parent / "data" / "stores" / "format-1"
@@ -121,13 +122,15 @@ def test_exports_do_not_depend_on_the_format(tmp_path):
     np.testing.assert_array_equal(wide, EXPECTED["wide"])
 
 
-def decode_row(mask: bytes, confidence: bytes | None, height: int, width: int):
-    """A format-2 row decoded with numpy alone, as docs/capacity.md describes it."""
-    wide = len(mask) == 2 * height * width
-    labels = np.frombuffer(mask, "<u2" if wide else np.uint8).reshape(height, width)
+def decode_row(mask: bytes, confidence: bytes | None, height: int, width: int, pixel_bytes: int):
+    """A format-2 row decoded with pyarrow's zstd and numpy, as docs/capacity.md describes it."""
+    zstd = pa.Codec("zstd")
+    values = zstd.decompress(mask, decompressed_size=pixel_bytes * height * width)
+    labels = np.frombuffer(values, "<u2" if pixel_bytes == 2 else np.uint8).reshape(height, width)
     if confidence is None:
         return labels, None
-    difference = np.frombuffer(confidence, np.uint8).reshape(height, width)
+    difference = np.frombuffer(zstd.decompress(confidence, decompressed_size=height * width), np.uint8)
+    difference = difference.reshape(height, width)
     return labels, np.cumsum(np.cumsum(difference, axis=0, dtype=np.uint8), axis=1, dtype=np.uint8)
 
 
@@ -146,7 +149,8 @@ def test_format_2_reads_with_pyarrow_pandas_and_duckdb(tmp_path):
         assert sorted(frame["key"]) == sorted(maps), reader
         for row in frame.itertuples():
             confidence = None if row.confidence is None or pd.isna(row.confidence) else bytes(row.confidence)
-            labels, quantised = decode_row(bytes(row.mask), confidence, row.height, row.width)
+            labels, quantised = decode_row(bytes(row.mask), confidence, row.height, row.width,
+                                           maps[row.key][0].itemsize)
             np.testing.assert_array_equal(labels, maps[row.key][0])
             if maps[row.key][1] is None:
                 assert quantised is None, (reader, row.key)
@@ -155,16 +159,14 @@ def test_format_2_reads_with_pyarrow_pandas_and_duckdb(tmp_path):
 
 
 
-def format_1_run(tmp_path) -> tuple[list[str], LabelingPlan, Labeler]:
-    """Shards of three scenes and a format-1 store that a run of the synthetic tiny CLIP started; the plan of
-    the run that resumes it, and its labeller."""
+def format_1_run(tmp_path, fingerprint: str) -> tuple[list[str], LabelingPlan]:
+    """Shards of three scenes and a format-1 store that a run of the synthetic tiny CLIP (weights
+    ``fingerprint``) started; the plan of the run that resumes it."""
     shards = write_shards(seed=3, n=3, out=str(tmp_path / "in"), shard_size=2, size=64)
-    labeler = Labeler(CONFIG, CLASSES)
-    provenance = {**run_provenance(CONFIG, CLASSES), "fingerprint": labeler.fingerprint, "format_version": 1}
+    provenance = {**run_provenance(CONFIG, CLASSES), "fingerprint": fingerprint, "format_version": 1}
     labels = np.zeros((4, 4), np.uint8)
     MaskStoreWriter(str(tmp_path / "out"), provenance).write_part("earlier", [{"key": "earlier/0", "mask": labels}])
-    plan = prepare_labeling(shards, str(tmp_path / "out"), CONFIG, CLASSES)
-    return shards, plan, labeler
+    return shards, prepare_labeling(shards, str(tmp_path / "out"), CONFIG, CLASSES)
 
 
 def check_format_1_parts(root: str, keys: list[str]) -> None:
@@ -178,10 +180,14 @@ def check_format_1_parts(root: str, keys: list[str]) -> None:
 
 
 def test_a_labelling_run_into_a_format_1_store_encodes_and_commits_format_1(tmp_path):
-    shards, plan, labeler = format_1_run(tmp_path)
+    shards, plan = format_1_run(tmp_path, "weights")
     assert plan.mask_format == 1 and len(plan.new) == 2
     rows = [r for s in shards for r in read_shard_rows(s)]
-    encoded = encode_batch(labeler(decode_batch(ray_batch(rows))), plan.mask_format)
+    labelled = decode_batch(ray_batch(rows))  # what the labeller makes of it: maps of each image's size
+    labelled["labels"] = ray_batch([{"m": np.ones((64, 64), np.uint8)} for _ in rows])["m"]
+    labelled["confidence"] = ray_batch([{"c": np.full((64, 64), 200, np.uint8)} for _ in rows])["c"]
+    labelled["fingerprint"] = np.full(len(rows), "weights", dtype=object)
+    encoded = encode_batch(labelled, plan.mask_format)
     committer = ShardCommitter(plan)
     committer.add(pa.Table.from_pydict({k: list(v) for k, v in encoded.items()}))
     check_format_1_parts(plan.output, [r["key"] for r in rows])
@@ -189,7 +195,27 @@ def test_a_labelling_run_into_a_format_1_store_encodes_and_commits_format_1(tmp_
 
 @pytest.mark.slow
 def test_the_pipeline_resumes_a_format_1_store_in_format_1(tmp_path):
-    _, plan, _ = format_1_run(tmp_path)
+    _, plan = format_1_run(tmp_path, Labeler(CONFIG, CLASSES).fingerprint)
     summary = label_shards(plan, CONFIG, CLASSES)  # CPU actors: the encode tasks encode in the store's format
     assert summary["images_labelled"] == 3
     check_format_1_parts(plan.output, [f"synthetic/s3/{i:06d}" for i in range(3)])
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_training_reads_pseudo_labels_of_either_format_and_the_confidence_only_when_asked(tmp_path, version):
+    shard = write_shards(seed=9, n=2, out=str(tmp_path / "in"), shard_size=2, size=64)[0]
+    rng = np.random.default_rng(version)
+    maps = {f"synthetic/s9/{i:06d}": (rng.integers(0, len(CLASSES), (64, 64)).astype(np.uint8),
+                                      rng.integers(0, 256, (64, 64)).astype(np.uint8)) for i in range(2)}
+    MaskStoreWriter(str(tmp_path / "masks"), {**PROVENANCE, "format_version": version}).write_part(
+        "0", [{"key": k, "mask": m, "confidence": c} for k, (m, c) in maps.items()])
+    for with_confidence in (True, False):
+        rows = list(read_samples({"shard": shard}, len(CLASSES), False, str(tmp_path / "masks"),
+                                 with_confidence=with_confidence))
+        assert [r["key"] for r in rows] == list(maps)
+        for row in rows:
+            np.testing.assert_array_equal(row["pseudo_label"], maps[row["key"]][0])
+            if with_confidence:
+                np.testing.assert_array_equal(np.round(row["pseudo_confidence"] * 255), maps[row["key"]][1])
+            else:
+                assert "pseudo_confidence" not in row

@@ -336,7 +336,8 @@ def build_datasets(job: TrainJob) -> dict[str, ray.data.Dataset]:
         items = ray.data.from_items([{"shard": url} for url in urls], override_num_blocks=len(urls))
         return items.flat_map(read_samples, num_cpus=job.workers.data_cpus,
                               fn_kwargs={"num_classes": job.info.num_classes, "with_label": with_label,
-                                         "mask_store": mask_store, "label_lut": job.info.label_lut})
+                                         "mask_store": mask_store, "label_lut": job.info.label_lut,
+                                         "with_confidence": job.training.confidence_threshold is not None})
 
     training = job.training
     precomputed = training.uses_pseudo_labels and training.pseudo_labels == "precomputed"
