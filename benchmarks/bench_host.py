@@ -51,7 +51,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from denseclip.images import decode_image
+from denseclip.images import decode_image, decode_sample_image
 from denseclip.mask_store import (
     FORMAT_VERSION,
     MASK_SCHEMA,
@@ -85,7 +85,6 @@ WORLD_SEED = 31  # a synthetic world the tiny CLIP never saw
 UPPER_BOUND = {"classes": 171, "stride": 30}  # COCO-Stuff's classes; RN50's stride on 683x512 seen at 640x480
 FORMAT_NAMES = {1: "format 1 (PNG)", 2: "format 2 (zstd)"}
 STAGES = ("read", "decode", "encode label", "encode confidence", "Parquet write", "commit")
-READ_PATH = ("decode cells", "store get")
 
 
 # ----------------------------------------------------------------------------------------------- maps
@@ -100,7 +99,7 @@ def world_jpegs(world: str | None, count: int, workdir: Path) -> list[bytes]:
     jpegs = []
     for shard in expand_shards(world):
         for sample in read_shard(shard):
-            image = Image.fromarray(decode_image(sample.get("jpg") or sample.get("png") or b"", sample["__key__"]))
+            image = Image.fromarray(decode_sample_image(sample))
             out = io.BytesIO()
             image.resize(SIZE[::-1], Image.BICUBIC).save(out, format="JPEG", quality=JPEG_QUALITY)
             jpegs.append(out.getvalue())
@@ -262,18 +261,21 @@ def write_images(url: str, jpegs: list[bytes], ids: range) -> None:
 
 
 def _tree_cpu_s() -> float:
-    """CPU seconds (user + system) of this process and its descendants alive now (the local Ray's processes)."""
-    import psutil
-
-    total = 0.0
-    me = psutil.Process()
-    for process in [me, *me.children(recursive=True)]:
+    """CPU seconds (user + system) of this process and of its descendants alive now (the local Ray's processes),
+    from /proc."""
+    stats = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            times = process.cpu_times()
-        except psutil.Error:  # ended meanwhile
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
             continue
-        total += times.user + times.system
-    return total
+        stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime (ticks)
+    ticks, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        ticks += stats.get(pid, (0, 0))[1]
+        todo += [child for child, (parent, _) in stats.items() if parent == pid]
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -98,6 +98,7 @@ def target_flops(embed_dim: int) -> tuple[float, float]:
 def host_costs(path: str) -> dict:
     """Per image at 640x480, from bench_host.py's measurements at ``path``: ``cpu_ms`` (one core, all host
     stages) and ``bytes`` stored, by case (``realistic``, ``upper_bound``) and format; ``jpeg_decode_ms``;
+    ``ceiling_cpu_ms``: the whole pipeline's CPU time per image with replayed predictions (None if not measured);
     ``command`` and ``load_average`` of the measurement."""
     report = json.loads(Path(path).read_text())
     costs: dict = {"command": report["command"], "load_average": report["load_average"], "cpu_ms": {}, "bytes": {}}
@@ -106,6 +107,7 @@ def host_costs(path: str) -> dict:
             costs["cpu_ms"][case, int(version)] = sum(stages[s] for s in STAGES)
             costs["bytes"][case, int(version)] = stages["bytes"]
     costs["jpeg_decode_ms"] = report["realistic"]["one core"][str(FORMAT_VERSION)]["JPEG decode"]
+    costs["ceiling_cpu_ms"] = report.get("ceiling", {}).get("marginal_cpu_ms_per_image")
     return costs
 
 
@@ -164,22 +166,27 @@ def plan(args: argparse.Namespace, measured: dict) -> None:
         print(f"| 10M-image bulk annotation, {model} | {_hours(bulk_h)} (+ {cpu_h:.0f} CPU core-hours of host "
               f"stages) | {BULK_IMAGES * jpeg / 1e12:.2f} TB / {BULK_IMAGES * stored / 1e9:.0f} GB | "
               f"{BULK_IMAGES * stored / 1e9:.0f} GB | {_hours(wall)} h ({bound}; GPU-bound from "
-              f"{cpu_h / bulk_h:.0f} cores per GPU) |")
+              f"{cpu_h / bulk_h:.1f} cores per GPU) |")
 
 
 def cores_per_gpu(args: argparse.Namespace, measured: dict) -> None:
-    """CPU cores one GPU needs beside it so that labelling is GPU-bound: its images/s x host CPU per image."""
+    """CPU cores one GPU needs beside it so that labelling is GPU-bound: its images/s x host CPU per image (of
+    the host stages, by maps and format; and of the whole pipeline with replayed predictions, where measured)."""
     rate = args.gpu_tflops * 1e12 * args.inference_utilization
     host = measured["host"]
     cases = [(case, version) for version in (FORMAT_VERSION, PNG_FORMAT) for case in ("realistic", "upper_bound")]
     names = {"realistic": "DenseCLIP's predictions", "upper_bound": "upper-bound maps"}
-    print("\n| model | images/s one GPU labels | " + " | ".join(
-        f"cores per GPU, {names[case]}, format {version}" for case, version in cases) + " |")
-    print("|---" * (len(cases) + 2) + "|")
+    columns = [f"host stages, {names[case]}, format {version}" for case, version in cases]
+    costs = [host["cpu_ms"][case] for case in cases]
+    if host["ceiling_cpu_ms"] is not None:
+        columns.append(f"the whole pipeline (host ceiling), format {FORMAT_VERSION}")
+        costs.append(host["ceiling_cpu_ms"])
+    print("\ncores per GPU to keep labelling GPU-bound:\n\n| model | images/s one GPU labels | "
+          + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 2) + "|")
     for model in ("RN50", "RN50x16"):
         images_per_s = rate / measured["label"][model]
-        print(f"| {model} | {images_per_s:.0f} | " + " | ".join(
-            f"{images_per_s * host['cpu_ms'][case, version] / 1e3:.1f}" for case, version in cases) + " |")
+        print(f"| {model} | {images_per_s:.0f} | " + " | ".join(f"{images_per_s * ms / 1e3:.1f}" for ms in costs) + " |")
 
 
 def main() -> None:

@@ -66,8 +66,8 @@ ROW_GROUP_SIZE = 64  # a lookup by key reads one group of ~64 masks
 # of 16384 took 4x longer per lookup on a million keys (benchmarks/bench_store.py), smaller ones grow the footer.
 INDEX_ROW_GROUP_SIZE = 2048
 # The cell encodings (see the module docstring), recorded as FORMAT_FIELD in the provenance of format 2 and later.
-PNG_FORMAT, RAW_FORMAT = 1, 2
-FORMAT_VERSION = RAW_FORMAT  # what new stores are written in
+PNG_FORMAT, ZSTD_FORMAT = 1, 2
+FORMAT_VERSION = ZSTD_FORMAT  # what new stores are written in
 FORMAT_FIELD = "format_version"
 MAP_COLUMNS = ("mask", "confidence")
 # Provenance fields that record who wrote a part rather than what its labels mean: parts of one store may differ
@@ -118,9 +118,9 @@ def mask_format(provenance: dict | None) -> int:
     if provenance is None:
         return FORMAT_VERSION
     version = provenance.get(FORMAT_FIELD, PNG_FORMAT)
-    if version not in (PNG_FORMAT, RAW_FORMAT):
+    if version not in (PNG_FORMAT, ZSTD_FORMAT):
         raise ValueError(f"mask-store format {version!r} is not one this version of denseclip reads "
-                         f"({PNG_FORMAT}, {RAW_FORMAT}): upgrade denseclip")
+                         f"({PNG_FORMAT}, {ZSTD_FORMAT}): upgrade denseclip")
     return version
 
 
