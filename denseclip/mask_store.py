@@ -77,7 +77,7 @@ IGNORE_8BIT, IGNORE_16BIT = 255, 65535
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # zstd level 1: level 3 stores 4% fewer bytes of the upper-bound 640x480 maps, none fewer of DenseCLIP's own
-# predictions, and takes up to 40% longer to encode them (benchmarks/mask_encoding.py).
+# predictions, and encodes those 30-45% slower (benchmarks/mask_encoding.py).
 _ZSTD = pa.Codec("zstd", compression_level=1)
 _PART_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _PART_FILE = re.compile(r"^part-(.+)\.parquet$")
