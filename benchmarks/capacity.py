@@ -2,6 +2,7 @@
 164k (labelled and trained at the paper's protocol) and for a 10-million-image bulk annotation.
 
     python benchmarks/capacity.py [--gpu-tflops 312 --inference-utilization 0.35 --training-utilization 0.25]
+                                  [--input benchmarks/host_costs.json]
 
 Measured here (no GPU needed):
 - FLOPs with ``torch.utils.flop_counter`` (matrix multiplies and convolutions; elementwise ops, softmax and
@@ -12,11 +13,11 @@ Measured here (no GPU needed):
   - the on-the-fly teacher on one 512x512 training crop; DeepLabv2-ResNet-101 (output stride 8) forward and
     backward on one 512x512 crop (DenseCLIP+ training); its forward on one 683x512 validation image;
   - encoding the prompts of a vocabulary (171 classes x 85 templates, once per run).
-- Bytes per stored mask at 640x480 (label map and confidence PNGs): a prediction whose every feature cell of
-  RN50's stride draws its own logits over the 171 classes (the most fragmented a prediction at this stride can
-  be: an upper bound, used in the plan) and a real VOC annotation (a lower bound).
-- Per image, CPU time of one core: decoding a 640x480 JPEG (quality 90), encoding its two PNGs; and the rate at
-  which one core hashes local shards (SHA-256, the content fingerprint of re-runs).
+- The rate at which one core hashes local shards (SHA-256, the content fingerprint of re-runs).
+Read from ``--input`` (written by benchmarks/bench_host.py; the committed file holds the measured defaults): the
+host side of labelling per 640x480 image, CPU time of one core for read, JPEG decode, mask encode, Parquet write
+and commit, and the bytes stored, on DenseCLIP's own predictions (the plan's figures) and on upper-bound maps, in
+each mask-store format.
 Assumed (flags): the GPU's peak dense fp16/bf16 rate and the fraction of it reached, the CPU cores beside each
 GPU, the mean JPEG size.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
+import json
 import math
 import time
 from pathlib import Path
@@ -33,16 +34,14 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-from mask_encoding import ms, predicted_maps  # benchmarks/mask_encoding.py
-from PIL import Image
+from bench_host import STAGES  # benchmarks/bench_host.py
 from torch.utils.flop_counter import FlopCounterMode
 
 from denseclip.dense import dense_features_and_keys
-from denseclip.images import decode_image, encode_png
-from denseclip.mask_store import encode_mask
+from denseclip.mask_store import FORMAT_VERSION, PNG_FORMAT
 from denseclip.plus.target import TargetConfig, build_target
 
-SAMPLES = Path(__file__).resolve().parents[1] / "tests" / "data" / "samples"
+HOST_COSTS = Path(__file__).resolve().parent / "host_costs.json"
 COCO_STUFF_CLASSES = 171
 TEMPLATES = 85
 PROTOCOL_SIZE = (512, 683)  # a 640x480 image scaled by min(2048 / 640, 512 / 480)
@@ -96,38 +95,28 @@ def target_flops(embed_dim: int) -> tuple[float, float]:
     return train, infer
 
 
-def photo(path: Path) -> np.ndarray:
-    """A sample photo resized to COCO's typical 640x480."""
-    return np.asarray(Image.open(path).convert("RGB").resize((640, 480), Image.BICUBIC))
+def host_costs(path: str) -> dict:
+    """Per image at 640x480, from bench_host.py's measurements at ``path``: ``cpu_ms`` (one core, all host
+    stages) and ``bytes`` stored, by case (``realistic``, ``upper_bound``) and format; ``jpeg_decode_ms``;
+    ``ceiling_cpu_ms``: the whole pipeline's CPU time per image with replayed predictions (None if not measured);
+    ``command`` and ``load_average`` of the measurement."""
+    report = json.loads(Path(path).read_text())
+    costs: dict = {"command": report["command"], "load_average": report["load_average"], "cpu_ms": {}, "bytes": {}}
+    for case in ("realistic", "upper_bound"):
+        for version, stages in report[case]["one core"].items():
+            costs["cpu_ms"][case, int(version)] = sum(stages[s] for s in STAGES)
+            costs["bytes"][case, int(version)] = stages["bytes"]
+    costs["jpeg_decode_ms"] = report["realistic"]["one core"][str(FORMAT_VERSION)]["JPEG decode"]
+    costs["ceiling_cpu_ms"] = report.get("ceiling", {}).get("marginal_cpu_ms_per_image")
+    return costs
 
 
-def mask_bytes() -> dict[str, np.ndarray | float]:
-    """PNG bytes at 640x480 of: a prediction whose every feature cell (22x16 cells of stride 32 on the 683x512
-    input, 30 output pixels each) draws its own logits over the 171 classes, bilinearly upsampled (the most
-    fragmented map a prediction at this stride can be: an upper bound), its confidence; and a real VOC
-    annotation (smooth regions: a lower bound)."""
-    labels, confidence = predicted_maps(noise=0.0, size=(480, 640), k=COCO_STUFF_CLASSES, stride=30)
-    annotation = np.asarray(Image.open(next((SAMPLES / "voc" / "SegmentationClass").glob("*.png"))))
-    annotation = np.asarray(Image.fromarray(annotation).resize((640, 480), Image.NEAREST))
-    return {"label": float(len(encode_mask(labels))), "confidence": float(len(encode_png(confidence))),
-            "annotation": float(len(encode_mask(annotation))), "maps": (labels, confidence)}
-
-
-def cpu_ms(fn, *args, repeats: int = 20) -> float:
-    # CPU time, not wall time: other jobs on the machine slow the wall clock down, not the work.
-    return ms(fn, *args, repeats=repeats, clock=time.process_time)
-
-
-def cpu_costs(labels: np.ndarray, confidence: np.ndarray) -> dict[str, float]:
-    image = photo(min(SAMPLES.glob("*.jpg")))
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=90)
-    jpeg = buf.getvalue()
+def sha256_mb_s() -> float:
+    """MB/s one core hashes (CPU time: other jobs on the machine slow the wall clock down, not the work)."""
     block = np.random.default_rng(0).bytes(64 << 20)
-    hash_s = cpu_ms(lambda: hashlib.sha256(block).digest(), repeats=5) / 1e3
-    return {"jpeg_bytes": float(len(jpeg)), "decode_ms": cpu_ms(decode_image, jpeg),
-            "encode_ms": cpu_ms(lambda: (encode_mask(labels), encode_png(confidence))),
-            "sha256_mb_s": len(block) / 1e6 / hash_s}
+    start = time.process_time()
+    hashlib.sha256(block).digest()
+    return len(block) / 1e6 / (time.process_time() - start)
 
 
 def check_meta_count() -> None:
@@ -145,9 +134,10 @@ def plan(args: argparse.Namespace, measured: dict) -> None:
     """The two cases from the measured per-image numbers and the assumptions in ``args``."""
     infer_rate = args.gpu_tflops * 1e12 * args.inference_utilization
     train_rate = args.gpu_tflops * 1e12 * args.training_utilization
-    stored = measured["mask"]["label"] + measured["mask"]["confidence"] + 64  # + key, shard, sizes, Parquet
+    host = measured["host"]
+    stored = host["bytes"]["realistic", FORMAT_VERSION]  # the part's bytes per image: cells, key, shard, sizes
     jpeg = args.jpeg_kb * 1e3
-    cpu_s = (measured["cpu"]["decode_ms"] + measured["cpu"]["encode_ms"]) / 1e3  # per image labelled
+    cpu_s = host["cpu_ms"]["realistic", FORMAT_VERSION] / 1e3  # host stages per image labelled
     epochs = ITERATIONS * BATCH / COCO_TRAIN
     print(f"\nassumed: {args.gpu_tflops:g} TFLOP/s peak per GPU, {args.inference_utilization:.0%} of it reached "
           f"when labelling ({infer_rate / 1e12:.0f} TFLOP/s), {args.training_utilization:.0%} when training "
@@ -160,7 +150,7 @@ def plan(args: argparse.Namespace, measured: dict) -> None:
         train_h = ITERATIONS * BATCH * measured["train"][model] / train_rate / 3600
         teacher_h = ITERATIONS * BATCH * measured["teacher"][model] / infer_rate / 3600
         eval_h = COCO_VAL * measured["target_eval"][model] / infer_rate / 3600
-        # Labelling waits for decoding and PNG encoding when the GPU's CPUs cannot keep up.
+        # Labelling waits for the host stages (decoding, encoding, writing) when the GPU's CPUs cannot keep up.
         label_wall = max(label_h / args.gpus, COCO_TRAIN * cpu_s / 3600 / (args.gpus * args.cpus_per_gpu))
         read = (COCO_TRAIN * jpeg * (1 + epochs) + COCO_TRAIN * stored * epochs + COCO_VAL * jpeg) / 1e9
         written = ((COCO_TRAIN + COCO_VAL) * jpeg + COCO_TRAIN * stored) / 1e9
@@ -173,10 +163,30 @@ def plan(args: argparse.Namespace, measured: dict) -> None:
         cpu_h = BULK_IMAGES * cpu_s / 3600
         wall = max(bulk_h, cpu_h / args.cpus_per_gpu) / args.gpus
         bound = "CPU-bound" if cpu_h / args.cpus_per_gpu > bulk_h else "GPU-bound"
-        print(f"| 10M-image bulk annotation, {model} | {_hours(bulk_h)} (+ {cpu_h:.0f} CPU core-hours decoding "
-              f"and encoding) | {BULK_IMAGES * jpeg / 1e12:.2f} TB / {BULK_IMAGES * stored / 1e9:.0f} GB | "
+        print(f"| 10M-image bulk annotation, {model} | {_hours(bulk_h)} (+ {cpu_h:.0f} CPU core-hours of host "
+              f"stages) | {BULK_IMAGES * jpeg / 1e12:.2f} TB / {BULK_IMAGES * stored / 1e9:.0f} GB | "
               f"{BULK_IMAGES * stored / 1e9:.0f} GB | {_hours(wall)} h ({bound}; GPU-bound from "
-              f"{cpu_h / bulk_h:.0f} cores per GPU) |")
+              f"{cpu_h / bulk_h:.1f} cores per GPU) |")
+
+
+def cores_per_gpu(args: argparse.Namespace, measured: dict) -> None:
+    """CPU cores one GPU needs beside it so that labelling is GPU-bound: its images/s x host CPU per image (of
+    the host stages, by maps and format; and of the whole pipeline with replayed predictions, where measured)."""
+    rate = args.gpu_tflops * 1e12 * args.inference_utilization
+    host = measured["host"]
+    cases = [(case, version) for version in (FORMAT_VERSION, PNG_FORMAT) for case in ("realistic", "upper_bound")]
+    names = {"realistic": "DenseCLIP's predictions", "upper_bound": "upper-bound maps"}
+    columns = [f"host stages, {names[case]}, format {version}" for case, version in cases]
+    costs = [host["cpu_ms"][case] for case in cases]
+    if host["ceiling_cpu_ms"] is not None:
+        columns.append(f"the whole pipeline (host ceiling), format {FORMAT_VERSION}")
+        costs.append(host["ceiling_cpu_ms"])
+    print("\ncores per GPU to keep labelling GPU-bound:\n\n| model | images/s one GPU labels | "
+          + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 2) + "|")
+    for model in ("RN50", "RN50x16"):
+        images_per_s = rate / measured["label"][model]
+        print(f"| {model} | {images_per_s:.0f} | " + " | ".join(f"{images_per_s * ms / 1e3:.1f}" for ms in costs) + " |")
 
 
 def main() -> None:
@@ -189,6 +199,8 @@ def main() -> None:
                         help="mean JPEG size (COCO train2017: about 18 GB for 118,287 images)")
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--cpus-per-gpu", type=int, default=8, help="CPU cores beside each GPU (g5.2xlarge: 8)")
+    parser.add_argument("--input", default=str(HOST_COSTS),
+                        help="bench_host.py's measurements of the host side (default: the committed ones)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -206,16 +218,20 @@ def main() -> None:
               f"{measured['teacher'][model] / 1e9:.0f}, DeepLabv2-R101 train step per 512 crop "
               f"{measured['train'][model] / 1e9:.0f} (fwd+bwd), its eval 683x512 "
               f"{measured['target_eval'][model] / 1e9:.0f}; 171 x 85 prompts once {prompts / 1e12:.1f} TFLOPs")
-    measured["mask"] = mask_bytes()
-    measured["cpu"] = cpu_costs(*measured["mask"].pop("maps"))
-    mask, cpu = measured["mask"], measured["cpu"]
-    print(f"  stored mask 640x480: label PNG {mask['label'] / 1e3:.1f} kB + confidence PNG "
-          f"{mask['confidence'] / 1e3:.1f} kB (independent logits per RN50 feature cell: upper bound); "
-          f"a VOC annotation at 640x480 {mask['annotation'] / 1e3:.1f} kB (lower bound)")
-    print(f"  one CPU core (CPU time): decode a 640x480 JPEG ({cpu['jpeg_bytes'] / 1e3:.0f} kB, q90) "
-          f"{cpu['decode_ms']:.1f} ms, encode its label + confidence PNGs {cpu['encode_ms']:.1f} ms; SHA-256 of "
-          f"local shards (their content fingerprint) {cpu['sha256_mb_s']:.0f} MB/s")
+    measured["host"] = host = host_costs(args.input)
+    print(f"  host stages per 640x480 image, one core (CPU time; {host['command']}, load average "
+          f"{host['load_average']['start']}): JPEG decode {host['jpeg_decode_ms']:.1f} ms; read, decode, encode, "
+          f"write and commit of DenseCLIP's predictions {host['cpu_ms']['realistic', FORMAT_VERSION]:.1f} ms "
+          f"(format {FORMAT_VERSION}; PNG, format {PNG_FORMAT}: {host['cpu_ms']['realistic', PNG_FORMAT]:.1f} ms), "
+          f"of upper-bound maps {host['cpu_ms']['upper_bound', FORMAT_VERSION]:.1f} ms (PNG: "
+          f"{host['cpu_ms']['upper_bound', PNG_FORMAT]:.1f} ms); stored "
+          f"{host['bytes']['realistic', FORMAT_VERSION] / 1e3:.1f} kB (PNG: "
+          f"{host['bytes']['realistic', PNG_FORMAT] / 1e3:.1f} kB), upper bound "
+          f"{host['bytes']['upper_bound', FORMAT_VERSION] / 1e3:.1f} kB (PNG: "
+          f"{host['bytes']['upper_bound', PNG_FORMAT] / 1e3:.1f} kB)")
+    print(f"  SHA-256 of local shards (their content fingerprint), one core: {sha256_mb_s():.0f} MB/s")
     plan(args, measured)
+    cores_per_gpu(args, measured)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pycocotools import mask as coco_mask
 
 from denseclip import storage
 from denseclip.images import encode_png
-from denseclip.mask_store import MaskStore, encode_mask, ignore_label
+from denseclip.mask_store import MaskStore, ignore_label, label_png
 from denseclip.shards import sanitize_key
 from denseclip.visualize import default_palette
 
@@ -58,7 +58,7 @@ def export_png(store: MaskStore, out: str, class_names: list[str] | None = None)
     with storage.open_atomic(storage.join(out, FILES_FILE)) as files:
         for key, mask in store.iter_masks():
             name = file_stem(key) + ".png"
-            data = encode_png(mask, palette) if mask.dtype == np.uint8 else encode_mask(mask)
+            data = encode_png(mask, palette) if mask.dtype == np.uint8 else label_png(mask)
             storage.write_bytes(storage.join(out, name), data)
             files.write(json.dumps({"key": key, "file": name}).encode() + b"\n")
             count += 1

@@ -12,11 +12,13 @@ A part that disagrees with its manifest or record, or does not parse, is damaged
 :func:`verify_store` finds every one (``denseclip verify``), readers name it or skip it, and a labelling run
 relabels its shard. docs/mask-store.md describes the checks.
 
-Masks are single-channel PNGs: 8-bit for vocabularies of up to 255 classes (255 = ignore), 16-bit for larger
-ones (65535 = ignore). On 500x334 maps (benchmarks/mask_encoding.py) 8-bit PNGs are within 10% of raw uint8 +
-zstd on label maps (6.6 kB vs 4.9 kB ground truth, 23 kB vs 22 kB a DenseCLIP-like prediction) and smaller on
-smooth confidence maps (55 kB vs 74 kB); they decode in about 1 ms (zstd: 0.1 ms) and encode in 2-20 ms (zstd:
-under 1 ms). PNG wins on what matters downstream: every cell is a standard file any tool opens.
+Cells (format 2, ``format_version`` 2 in the provenance) are zstd frames: ``mask`` of the label map's values in
+row-major order, one byte a pixel (uint8: vocabularies of up to 255 classes, 255 = ignore) or two (little-endian
+uint16: larger vocabularies, 65535 = ignore); ``confidence`` of the winning probability quantised to uint8 (x 255,
+rounded) as its 2-D difference (``c[i, j] - c[i-1, j] - c[i, j-1] + c[i-1, j-1]`` modulo 256, zero outside the
+map; two cumulative sums restore it). Format 1 (parts without ``format_version``) stored single-channel PNGs
+(8-bit, 16-bit beyond 255 classes); it stays readable, and a store keeps the format it was started in. The
+measurements behind the choice are in docs/capacity.md (``python benchmarks/bench_host.py``).
 
 The key index maps every key to its part and row, sorted by key in small row groups whose min/max statistics lead
 a lookup to one group: ``get(key)`` reads one index row group and one row group of one part, however large the
@@ -77,10 +79,20 @@ ROW_GROUP_SIZE = 64  # a lookup by key reads one group of ~64 masks
 # A lookup reads one index group: 2048 keys (about 40 kB) read and scanned in well under a millisecond; groups
 # of 16384 took 4x longer per lookup on a million keys (benchmarks/bench_store.py), smaller ones grow the footer.
 INDEX_ROW_GROUP_SIZE = 2048
+# The cell encodings (see the module docstring), recorded as FORMAT_FIELD in the provenance of format 2 and later.
+PNG_FORMAT, ZSTD_FORMAT = 1, 2
+FORMAT_VERSION = ZSTD_FORMAT  # what new stores are written in
+FORMAT_FIELD = "format_version"
+MAP_COLUMNS = ("mask", "confidence")
 # Provenance fields that record who wrote a part rather than what its labels mean: parts of one store may differ
-# in them (a run resumed after an upgrade of this package).
-WRITER_FIELDS = ("code_version",)
+# in them (a run resumed after an upgrade of this package). A store's format is decided by the store itself.
+WRITER_FIELDS = ("code_version", FORMAT_FIELD)
 IGNORE_8BIT, IGNORE_16BIT = 255, 65535
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# zstd level 1: level 3 stores 4% fewer bytes of the upper-bound 640x480 maps, none fewer of DenseCLIP's own
+# predictions, and encodes those 30-45% slower (benchmarks/mask_encoding.py).
+_ZSTD = pa.Codec("zstd", compression_level=1)
 _PART_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _PART_FILE = re.compile(r"^part-(.+)\.parquet$")
 _OPEN_PARTS = 16  # parts a store keeps open for lookups (each holds its parsed footer)
@@ -114,38 +126,117 @@ def ignore_label(mask: np.ndarray) -> int:
     return IGNORE_8BIT if mask.dtype == np.uint8 else IGNORE_16BIT
 
 
-def encode_mask(mask: np.ndarray) -> bytes:
+def mask_format(provenance: dict | None) -> int:
+    """The cell format of a part or store with this provenance: its ``format_version``, 1 for parts written
+    before formats were recorded, :data:`FORMAT_VERSION` for a store without parts (``None``)."""
+    if provenance is None:
+        return FORMAT_VERSION
+    version = provenance.get(FORMAT_FIELD, PNG_FORMAT)
+    if version not in (PNG_FORMAT, ZSTD_FORMAT):
+        raise ValueError(f"mask-store format {version!r} is not one this version of denseclip reads "
+                         f"({PNG_FORMAT}, {ZSTD_FORMAT}): upgrade denseclip")
+    return version
+
+
+def label_png(mask: np.ndarray) -> bytes:
     """Integer (H, W) label map -> single-channel PNG bytes: 8-bit for uint8 maps, 16-bit for any wider integer
-    type (the labeler returns int32 maps for vocabularies of more than 255 classes); values must fit 16 bits."""
-    mask = np.asarray(mask)
+    type (format 1's mask cells; the export's 16-bit maps)."""
     if mask.dtype == np.uint8:
         return encode_png(mask)
-    if mask.size and (mask.min() < 0 or mask.max() > IGNORE_16BIT):
-        raise ValueError(f"label map values must lie in 0..{IGNORE_16BIT}, got {mask.min()}..{mask.max()}")
     out = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint16)).save(out, format="PNG")
     return out.getvalue()
 
 
-def decode_mask(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 (H, W) label map, or uint16 (H, W) for a 16-bit map."""
-    return decode_label_map(data, "mask", wide=True)
+def _shape(shape: tuple[int, int] | None, format_version: int) -> tuple[int, int]:
+    if shape is None:
+        raise ValueError(f"format {format_version} cells need the map's (height, width) (the row's columns)")
+    return int(shape[0]), int(shape[1])
 
 
-def encode_confidence(confidence: np.ndarray) -> bytes:
-    """float (H, W) in [0, 1] -> PNG of the values quantised to uint8 (step 1/255); uint8 (H, W) is taken as
-    already quantised (as ``DenseCLIP.label_maps`` gives it)."""
+def encode_mask(mask: np.ndarray, format_version: int = FORMAT_VERSION) -> bytes:
+    """Integer (H, W) label map -> its ``mask`` cell: uint8 maps as uint8, any wider integer type (the labeler
+    returns int32 maps for vocabularies of more than 255 classes) as uint16; values must fit 16 bits. Format 2:
+    a zstd frame of the values, row-major (uint16 little-endian); format 1: a single-channel PNG."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.uint8 and mask.size and (mask.min() < 0 or mask.max() > IGNORE_16BIT):
+        raise ValueError(f"label map values must lie in 0..{IGNORE_16BIT}, got {mask.min()}..{mask.max()}")
+    if format_version == PNG_FORMAT:
+        return label_png(mask)
+    return _ZSTD.compress(np.ascontiguousarray(mask, dtype=np.uint8 if mask.dtype == np.uint8 else "<u2"),
+                          asbytes=True)
+
+
+def _zstd_content_size(frame: bytes) -> int:
+    """The decompressed size a zstd frame records in its header (RFC 8878, 3.1.1.1), -1 where it records none."""
+    if frame[:4] != _ZSTD_MAGIC or len(frame) < 6:
+        raise ValueError(f"a cell of {len(frame)} bytes is no zstd frame")
+    descriptor = frame[4]
+    single_segment = descriptor >> 5 & 1
+    size_bytes = (single_segment, 2, 4, 8)[descriptor >> 6]
+    start = 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]  # after the window and dictionary fields
+    if not size_bytes:
+        return -1
+    return int.from_bytes(frame[start:start + size_bytes], "little") + (256 if size_bytes == 2 else 0)
+
+
+def _unpacked(data: bytes, sizes: tuple[int, ...], what: str, shape: tuple[int, int]) -> pa.Buffer:
+    """The bytes of the zstd frame ``data``, whose decompressed size must be one of ``sizes``."""
+    size = _zstd_content_size(data)
+    if size not in sizes:
+        raise ValueError(f"a {what} cell of {size} bytes (decompressed) holds no {shape} map")
+    return _ZSTD.decompress(data, decompressed_size=size)
+
+
+def decode_mask(data: bytes, shape: tuple[int, int] | None = None, format_version: int = FORMAT_VERSION) -> np.ndarray:
+    """A ``mask`` cell -> uint8 (H, W) label map, or uint16 (H, W) for a 16-bit map. ``shape``: the row's
+    (height, width), needed by format 2 (whose cells hold only the values)."""
+    if format_version == PNG_FORMAT:
+        return decode_label_map(data, "mask", wide=True)
+    height, width = _shape(shape, format_version)
+    values = _unpacked(data, (height * width, 2 * height * width), "mask", (height, width))
+    wide = values.size == 2 * height * width and values.size > 0
+    # A copy in native byte order, writable like any array.
+    return np.frombuffer(values, "<u2" if wide else np.uint8).reshape(height, width).astype(
+        np.uint16 if wide else np.uint8)
+
+
+def quantise_confidence(confidence: np.ndarray) -> np.ndarray:
+    """float (H, W) in [0, 1] -> uint8 (H, W), x 255 and rounded (step 1/255); uint8 is taken as already
+    quantised (as ``DenseCLIP.label_maps`` gives it)."""
     if confidence.dtype == np.uint8:
-        return encode_png(confidence)
-    return encode_png(np.round(np.clip(confidence, 0.0, 1.0) * 255).astype(np.uint8))
+        return confidence
+    return np.round(np.clip(confidence, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def decode_confidence(data: bytes) -> np.ndarray:
-    """PNG bytes -> float32 (H, W) in [0, 1]."""
-    return decode_label_map(data, "confidence").astype(np.float32) / 255
+def encode_confidence(confidence: np.ndarray, format_version: int = FORMAT_VERSION) -> bytes:
+    """float (H, W) in [0, 1] or uint8 (H, W) (see :func:`quantise_confidence`) -> its ``confidence`` cell.
+    Format 2: a zstd frame of the 2-D difference of the quantised map (uint8, modulo 256: smooth maps become runs
+    of small values, which zstd packs as tightly as PNG's filters); format 1: a PNG of the quantised map."""
+    quantised = quantise_confidence(np.asarray(confidence))
+    if format_version == PNG_FORMAT:
+        return encode_png(quantised)
+    vertical = quantised.copy()
+    vertical[1:] -= quantised[:-1]
+    difference = vertical.copy()
+    difference[:, 1:] -= vertical[:, :-1]
+    return _ZSTD.compress(difference, asbytes=True)
 
 
-def _row(row: dict) -> dict:
+def decode_confidence(data: bytes, shape: tuple[int, int] | None = None,
+                      format_version: int = FORMAT_VERSION) -> np.ndarray:
+    """A ``confidence`` cell -> float32 (H, W) in [0, 1] (multiples of 1/255). ``shape``: as for
+    :func:`decode_mask`."""
+    if format_version == PNG_FORMAT:
+        return decode_label_map(data, "confidence").astype(np.float32) / 255
+    height, width = _shape(shape, format_version)
+    difference = np.frombuffer(_unpacked(data, (height * width,), "confidence", (height, width)),
+                               np.uint8).reshape(height, width)
+    quantised = np.cumsum(np.cumsum(difference, axis=0, dtype=np.uint8), axis=1, dtype=np.uint8)
+    return quantised.astype(np.float32) / 255
+
+
+def _row(row: dict, format_version: int) -> dict:
     mask = np.asarray(row["mask"])
     if mask.ndim != 2 or mask.size == 0 or not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(f"mask of {row['key']!r} must be a non-empty integer (H, W) label map, "
@@ -154,27 +245,39 @@ def _row(row: dict) -> dict:
     if confidence is not None and np.shape(confidence) != mask.shape:
         raise ValueError(f"confidence of {row['key']!r} has shape {np.shape(confidence)}, mask {mask.shape}")
     try:
-        encoded = encode_mask(mask)
+        encoded = encode_mask(mask, format_version)
     except ValueError as exc:
         raise ValueError(f"mask of {row['key']!r}: {exc}") from exc
     return {"key": row["key"], "shard": row.get("shard", ""), "height": mask.shape[0], "width": mask.shape[1],
             "mask": encoded,
-            "confidence": None if confidence is None else encode_confidence(np.asarray(confidence))}
+            "confidence": None if confidence is None else encode_confidence(np.asarray(confidence), format_version)}
 
 
-def rows_to_table(rows: list[dict]) -> pa.Table:
-    """``[{"key", "shard", "mask": integer (H, W), "confidence": float (H, W) in [0, 1] | None}]`` -> an
-    encoded table in :data:`MASK_SCHEMA` (also usable to encode in a parallel stage and write elsewhere)."""
-    return pa.Table.from_pylist([_row(r) for r in rows], schema=MASK_SCHEMA)
+def rows_to_table(rows: list[dict], format_version: int = FORMAT_VERSION) -> pa.Table:
+    """``[{"key", "shard", "mask": integer (H, W), "confidence": float (H, W) in [0, 1] | None}]`` -> a table
+    in :data:`MASK_SCHEMA` with cells of ``format_version`` (also usable to encode in a parallel stage and write
+    elsewhere)."""
+    return pa.Table.from_pylist([_row(r, format_version) for r in rows], schema=MASK_SCHEMA)
+
+
+def _check_cells(table: pa.Table, format_version: int, what: str) -> None:
+    """Raise ValueError unless every ``mask`` and ``confidence`` cell of ``table`` (a masks table) is a cell of
+    ``format_version`` (a missing confidence is one)."""
+    signature = _PNG_SIGNATURE if format_version == PNG_FORMAT else _ZSTD_MAGIC
+    for column in MAP_COLUMNS:
+        fit = pc.equal(pc.binary_slice(table[column], 0, len(signature)), pa.scalar(signature))
+        if pc.any(pc.invert(pc.fill_null(fit, column == "confidence"))).as_py():
+            raise ValueError(f"{what}: {column} cells are not cells of format {format_version}, the store's (encode "
+                             f"them with rows_to_table(rows, {format_version}))")
 
 
 def _parquet_bytes(table: pa.Table, row_group_size: int = ROW_GROUP_SIZE) -> bytes:
+    """``table`` as Parquet, its small columns zstd-compressed. The map cells are compressed already, and unique:
+    they get neither compression, nor a dictionary, nor min/max statistics (each would cost time for nothing)."""
     buf = io.BytesIO()
-    # PNG cells are already compressed; only the small columns are worth compressing again.
-    compression = {"key": "zstd", "shard": "zstd", "height": "zstd", "width": "zstd", "reason": "zstd",
-                   "part": "zstd", "row": "zstd", "mask": "none", "confidence": "none"}
-    pq.write_table(table, buf, row_group_size=row_group_size,
-                   compression={c: compression[c] for c in table.column_names})
+    small = [c for c in table.column_names if c not in MAP_COLUMNS]
+    pq.write_table(table, buf, row_group_size=row_group_size, use_dictionary=small, write_statistics=small,
+                   compression={c: "zstd" if c in small else "none" for c in table.column_names})
     return buf.getvalue()
 
 
@@ -185,11 +288,20 @@ class MaskStoreWriter:
     ``vocabulary``, ``templates``; ``code_version`` is added (:func:`code_version`) unless given. A store holds
     one run: writing parts with a provenance that differs from the parts already committed (in anything but
     :data:`WRITER_FIELDS`) raises ValueError.
+
+    ``format_version``: the cell format parts are written in, that of the parts already committed (a store keeps
+    its format: a re-run into a format-1 store writes format-1 parts), or for a new store ``provenance``'s
+    ``format_version`` (default :data:`FORMAT_VERSION`); a ``format_version`` in ``provenance`` that differs from
+    the store's raises ValueError.
     """
 
     def __init__(self, root: str, provenance: dict, **storage_options):
         provenance = {**provenance}
         provenance.setdefault("code_version", code_version())
+        existing = MaskStore(root, skip_damaged=True, **storage_options).provenance
+        self.format_version = _writer_format(root, existing, provenance.pop(FORMAT_FIELD, None))
+        if self.format_version != PNG_FORMAT:  # format-1 parts carry no format field, as they always did
+            provenance[FORMAT_FIELD] = self.format_version
         try:
             self._provenance_json = json.dumps(provenance, sort_keys=True)
         except TypeError as exc:
@@ -197,7 +309,6 @@ class MaskStoreWriter:
         self.root = root
         self.provenance = json.loads(self._provenance_json)
         self.storage_options = storage_options
-        existing = MaskStore(root, skip_damaged=True, **storage_options).provenance
         changed = provenance_differences(existing, self.provenance) if existing is not None else []
         if changed:
             raise ValueError(f"mask store {root} holds another run (provenance differs in {', '.join(changed)}); "
@@ -214,11 +325,12 @@ class MaskStoreWriter:
         """
         if not _PART_ID.match(part_id):
             raise ValueError(f"part id {part_id!r} may hold only letters, digits and _ . - (not first)")
-        table = rows if isinstance(rows, pa.Table) else rows_to_table(rows)
+        table = rows if isinstance(rows, pa.Table) else rows_to_table(rows, self.format_version)
         try:
             table = table.select(MASK_SCHEMA.names).cast(MASK_SCHEMA)
         except (KeyError, ValueError, pa.ArrowInvalid) as exc:
             raise ValueError(f"part {part_id}: rows do not fit the mask schema {MASK_SCHEMA.names}: {exc}") from exc
+        _check_cells(table, self.format_version, f"part {part_id}")
         keys = table.column("key").to_pylist()
         if len(set(keys)) != len(keys):
             raise ValueError(f"part {part_id}: duplicate keys")
@@ -250,6 +362,17 @@ def part_url(root: str, folder: str, part_id: str) -> str:
 
 def _file_manifest(data: bytes, rows: int) -> dict:
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rows": rows}
+
+
+def _writer_format(root: str, existing: dict | None, asked: int | None) -> int:
+    """The format of the parts a writer adds to the store at ``root`` whose committed parts carry the provenance
+    ``existing`` (None: no part yet), ``asked`` for by its provenance (None: no preference); see
+    :class:`MaskStoreWriter`."""
+    version = mask_format(existing if existing is not None or asked is None else {FORMAT_FIELD: asked})
+    if asked is not None and asked != version:
+        raise ValueError(f"mask store {root} holds format-{version} parts, not format {asked}: a store keeps "
+                         f"its format; write to a new root (or replace the store)")
+    return version
 
 
 def _file_id(info: dict) -> str:
@@ -469,6 +592,12 @@ def part_record(metadata: dict | None) -> dict | None:
     return json.loads(data) if data else None
 
 
+def part_format(metadata: dict | None) -> int:
+    """The cell format of a part from its schema ``metadata`` (see :func:`mask_format`)."""
+    data = (metadata or {}).get(PROVENANCE_KEY)
+    return mask_format(json.loads(data) if data else {})
+
+
 class MaskStore:
     """Reads the committed parts of the store at ``root`` (a path or fsspec URL).
 
@@ -666,7 +795,8 @@ class MaskStore:
             raise KeyError(f"no mask for key {key!r} in {self.root}{skipped}")
         return found
 
-    def _cell(self, key: str, column: str) -> bytes | None:
+    def _cell(self, key: str, column: str) -> tuple[bytes | None, tuple[int, int], int]:
+        """The ``column`` cell of ``key``, its map's (height, width) and its part's format."""
         part, row = self.locate(key)
         url = self._url(MASKS_DIR, part)
         with self._damage_of(part):
@@ -674,26 +804,28 @@ class MaskStore:
             if opened is None:
                 parquet = self._open(url)
                 sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-                opened = self._parts.put(part, (parquet, np.cumsum([0] + sizes).tolist()))
-            parquet, starts = opened
+                opened = self._parts.put(part, (parquet, np.cumsum([0] + sizes).tolist(),
+                                                part_format(parquet.schema_arrow.metadata)))
+            parquet, starts, version = opened
             group = bisect.bisect_right(starts, row) - 1
             cells = self._cells.hit((part, group, column))
             if cells is None:
                 with _reading(url):
                     cells = self._cells.put((part, group, column),
-                                            parquet.read_row_group(group, columns=[column]).column(0))
-            return cells[row - starts[group]].as_py()
+                                            parquet.read_row_group(group, columns=[column, "height", "width"]))
+            data, height, width = (cells.column(c)[row - starts[group]].as_py() for c in range(3))
+            return data, (height, width), version
         raise KeyError(f"no mask for key {key!r}: its part {url} is damaged (skipped)")
 
     def get(self, key: str) -> np.ndarray:
         """The label map of ``key``: uint8 (H, W), or uint16 (H, W) for vocabularies of more than 255 classes;
         KeyError naming the key when absent."""
-        return decode_mask(self._cell(key, "mask"))
+        return decode_mask(*self._cell(key, "mask"))
 
     def get_confidence(self, key: str) -> np.ndarray | None:
         """The float32 (H, W) confidence in [0, 1] of ``key`` (quantised to 1/255), or None if not stored."""
-        data = self._cell(key, "confidence")
-        return None if data is None else decode_confidence(data)
+        data, shape, version = self._cell(key, "confidence")
+        return None if data is None else decode_confidence(data, shape, version)
 
     def read_part(self, part_id: str) -> pa.Table:
         """One committed part as an encoded table in :data:`MASK_SCHEMA`, rows sorted by key."""
@@ -703,21 +835,28 @@ class MaskStore:
         """``[{"key", "shard", "reason"}]`` of one committed part."""
         return self._read(ERRORS_DIR, part_id).to_pylist()
 
-    def iter_rows(self, columns: list[str]) -> Iterator[dict]:
-        """The committed rows, part by part (by key within a part), one row group in memory at a time:
-        ``{column: value}`` with the encoded cells of :data:`MASK_SCHEMA`."""
+    def _iter_batches(self, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """``(part format, batch of columns)`` of the committed parts, part by part, a row group at a time."""
         for part in self._readable_parts():
             url = self._url(MASKS_DIR, part)
             with self._damage_of(part):
                 parquet = self._open(url)
+                version = part_format(parquet.schema_arrow.metadata)
                 with _reading(url):
                     for batch in parquet.iter_batches(batch_size=ROW_GROUP_SIZE, columns=columns):
-                        yield from batch.to_pylist()
+                        yield version, batch
+
+    def iter_rows(self, columns: list[str]) -> Iterator[dict]:
+        """The committed rows, part by part (by key within a part), one row group in memory at a time:
+        ``{column: value}`` with the encoded cells of :data:`MASK_SCHEMA`."""
+        for _, batch in self._iter_batches(columns):
+            yield from batch.to_pylist()
 
     def iter_masks(self) -> Iterator[tuple[str, np.ndarray]]:
         """``(key, label map (H, W))`` for every committed row, part by part, by key within a part."""
-        for row in self.iter_rows(["key", "mask"]):
-            yield row["key"], decode_mask(row["mask"])
+        for version, batch in self._iter_batches(["key", "mask", "height", "width"]):
+            for row in batch.to_pylist():
+                yield row["key"], decode_mask(row["mask"], (row["height"], row["width"]), version)
 
     def errors(self) -> list[dict]:
         """``[{"key", "shard", "reason"}]`` of the committed parts."""

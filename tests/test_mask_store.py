@@ -7,6 +7,7 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -20,6 +21,7 @@ from denseclip.mask_store import (
     encode_confidence,
     encode_mask,
     ignore_label,
+    mask_format,
     rows_to_table,
     write_key_index,
 )
@@ -49,7 +51,7 @@ def check_store(root: str):
     rows = {r["key"]: r for rs in parts.values() for r in rs}
     assert store.committed_parts() == set(parts)
     assert store.keys() == set(rows)
-    assert store.provenance == PROVENANCE
+    assert store.provenance == {**PROVENANCE, "format_version": 2}
     for key in ("a/0000", "a/0041", "b/0004"):
         np.testing.assert_array_equal(store.get(key), rows[key]["mask"])
     assert store.get_confidence("a/0000") is None
@@ -69,7 +71,7 @@ def test_local_store_round_trip(tmp_path):
     check_store(str(tmp_path / "store"))
     part = pq.ParquetFile(tmp_path / "store" / "masks" / "part-shard-0.parquet")
     assert part.metadata.num_rows == 70 and part.metadata.num_row_groups == 2  # small groups: cheap lookups
-    assert json.loads(part.schema_arrow.metadata[b"denseclip.provenance"]) == PROVENANCE
+    assert json.loads(part.schema_arrow.metadata[b"denseclip.provenance"]) == {**PROVENANCE, "format_version": 2}
 
 
 def test_s3_store_round_trip(make_bucket):
@@ -128,14 +130,54 @@ def test_encoded_tables_are_accepted_and_bad_rows_refused(tmp_path):
     assert MASK_SCHEMA.names == ["key", "shard", "height", "width", "mask", "confidence"]
 
 
-def test_mask_and_confidence_codecs():
-    mask = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    data = encode_mask(mask)
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    np.testing.assert_array_equal(decode_mask(data), mask)
-    confidence = np.linspace(-0.5, 1.5, 64).reshape(8, 8)
-    restored = decode_confidence(encode_confidence(confidence))
-    np.testing.assert_allclose(restored, np.clip(confidence, 0, 1), atol=0.5 / 255 + 1e-7)
+def unzstd(frame: bytes, size: int) -> bytes:
+    return pa.Codec("zstd").decompress(frame, decompressed_size=size, asbytes=True)
+
+
+def test_mask_and_confidence_codecs_of_both_formats():
+    rng = np.random.default_rng(7)
+    narrow = rng.integers(0, 256, (13, 17)).astype(np.uint8)
+    wide = rng.integers(0, 65536, (13, 17)).astype(np.int32)
+    confidence = np.linspace(-0.5, 1.5, 13 * 17).reshape(13, 17)
+    quantised = np.round(np.clip(confidence, 0, 1) * 255).astype(np.int64)
+    # Format 2 as documented: zstd frames of the values row-major (uint16 little-endian) and of the confidence's
+    # 2-D difference mod 256.
+    assert unzstd(encode_mask(narrow), narrow.size) == narrow.tobytes()
+    assert unzstd(encode_mask(wide), 2 * wide.size) == b"".join(int(v).to_bytes(2, "little") for v in wide.ravel())
+    padded = np.pad(quantised, ((1, 0), (1, 0)))
+    difference = (padded[1:, 1:] - padded[:-1, 1:] - padded[1:, :-1] + padded[:-1, :-1]) % 256
+    assert unzstd(encode_confidence(confidence), difference.size) == difference.astype(np.uint8).tobytes()
+    for version in (1, 2):
+        for mask in (narrow, wide):
+            restored = decode_mask(encode_mask(mask, version), mask.shape, version)
+            assert restored.dtype == (np.uint8 if mask is narrow else np.uint16) and restored.flags.writeable
+            np.testing.assert_array_equal(restored, mask)
+        restored = decode_confidence(encode_confidence(confidence, version), confidence.shape, version)
+        assert restored.dtype == np.float32
+        np.testing.assert_array_equal(restored * 255, quantised)  # exactly the quantised values
+    assert encode_mask(narrow, 1)[:8] == encode_confidence(confidence, 1)[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="need the map's"):
+        decode_mask(encode_mask(narrow))
+    with pytest.raises(ValueError, match=r"a mask cell of 221 bytes \(decompressed\) holds no \(13, 16\) map"):
+        decode_mask(encode_mask(narrow), (13, 16))
+    with pytest.raises(ValueError, match="is no zstd frame"):
+        decode_confidence(encode_confidence(confidence, 1), confidence.shape)
+    with pytest.raises(ValueError, match="format 3 is not one this version of denseclip reads"):
+        mask_format({"format_version": 3})
+
+
+def test_a_table_in_another_format_than_the_stores_is_refused(tmp_path):
+    rows = make_rows(0, 3, "a")
+    MaskStoreWriter(str(tmp_path / "v2"), PROVENANCE).write_part("0", rows_to_table(rows, 2))
+    with pytest.raises(ValueError, match="part 1: mask cells are not cells of format 2"):
+        MaskStoreWriter(str(tmp_path / "v2"), PROVENANCE).write_part("1", rows_to_table(rows, 1))
+    v1 = MaskStoreWriter(str(tmp_path / "v1"), {**PROVENANCE, "format_version": 1})
+    v1.write_part("0", rows)  # rows given as maps are encoded in the store's format
+    with pytest.raises(ValueError, match="part 1: mask cells are not cells of format 1"):
+        v1.write_part("1", rows_to_table(rows))
+    assert MaskStore(str(tmp_path / "v1")).provenance == PROVENANCE  # format-1 parts carry no format field
+    with pytest.raises(ValueError, match="holds format-1 parts, not format 2"):
+        MaskStoreWriter(str(tmp_path / "v1"), {**PROVENANCE, "format_version": 2})
 
 
 def test_vocabularies_over_255_classes_are_stored_as_16_bit_maps(tmp_path):

@@ -6,7 +6,7 @@ shards whose part is committed, so after ``kill -9`` at any moment every image e
 
     read shards (tasks) -> decode (tasks) -> Labeler (actor pool) -> encode masks -> commit parts (driver)
 
-Masks are PNG-encoded by CPU tasks behind GPU actors, and by the actors themselves on CPU-only clusters.
+Masks are encoded by CPU tasks behind GPU actors, and by the actors themselves on CPU-only clusters.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from denseclip.images import ImageDecodeError, check_rgb_image, decode_image, is
 from denseclip.lease import Lease
 from denseclip.mask_store import (
     ERRORS_DIR,
+    FORMAT_VERSION,
     INDEX_DIR,
     MANIFESTS_DIR,
     MASK_SCHEMA,
@@ -50,6 +51,7 @@ from denseclip.mask_store import (
     PartDamage,
     encode_confidence,
     encode_mask,
+    mask_format,
     part_record,
     provenance_differences,
     write_key_index,
@@ -120,7 +122,8 @@ class LabelingPlan:
     :class:`~denseclip.mask_store.PartDamage` of every damaged part found (those of shards no longer in the input
     stay as they are); ``fingerprints``: each input shard's content fingerprint now (:func:`shard_fingerprints`);
     ``provenance``: what every part of ``output`` must carry (without the weights' fingerprint, which the actors
-    report); ``lease``: the output's lease this run holds, checked before every commit.
+    report); ``lease``: the output's lease this run holds, checked before every commit; ``mask_format``: the cell
+    format of ``output`` (a store keeps the format it was started in).
     """
 
     shards: list[str]
@@ -137,6 +140,7 @@ class LabelingPlan:
     lease: Lease | None = None
     repaired: list[str] = field(default_factory=list)
     damaged: dict[str, PartDamage] = field(default_factory=dict)
+    mask_format: int = FORMAT_VERSION
 
 
 @dataclass(frozen=True)
@@ -312,7 +316,8 @@ def prepare_labeling(
         store = MaskStore(output, skip_damaged=True, **storage_options)
         records = store.part_records(digests="all" if deep else "changed")
         write_summary(output, {"status": "running", "input": input, "shards": len(shards)}, storage_options)
-        plan = LabelingPlan(shards, [], output, provenance, storage_options, fingerprints, lease=lease)
+        plan = LabelingPlan(shards, [], output, provenance, storage_options, fingerprints, lease=lease,
+                            mask_format=mask_format(store.provenance))
         by_part = {part_id(shard): shard for shard in shards}
         plan.damaged = {p: dataclasses.replace(d, shard=d.shard or by_part.get(p)) for p, d in store.skipped.items()}
         for shard in shards:
@@ -758,12 +763,13 @@ class Labeler:
                 "fingerprint": np.full(len(errors), self.fingerprint, dtype=object)}
 
 
-def encode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Label and confidence maps -> PNG bytes (``mask``, ``confidence``) with ``height``/``width``."""
+def encode_batch(batch: dict[str, np.ndarray], format_version: int = FORMAT_VERSION) -> dict[str, np.ndarray]:
+    """Label and confidence maps -> mask-store cells of ``format_version`` (``mask``, ``confidence``; see
+    :func:`denseclip.mask_store.encode_mask`) with ``height``/``width``."""
     masks, confidences, heights, widths = [], [], [], []
     for labels, confidence, error in zip(batch["labels"], batch["confidence"], batch["error"]):
-        masks.append(b"" if error else encode_mask(labels))
-        confidences.append(b"" if error else encode_confidence(confidence))
+        masks.append(b"" if error else encode_mask(labels, format_version))
+        confidences.append(b"" if error else encode_confidence(confidence, format_version))
         heights.append(labels.shape[0])
         widths.append(labels.shape[1])
     return {"key": batch["key"], "shard": batch["shard"], "shard_total": batch["shard_total"],
@@ -897,10 +903,10 @@ def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[
                                  fn_kwargs={"storage_options": plan.storage_options, "batch_size": config.batch_size})
     images = samples.map_batches(decode_batch, batch_size=None, num_cpus=actors.task_cpus, compute=reading,
                                  fn_kwargs={"defer_jpeg": actors.decode_on_device})
-    # CPU actors encode their own masks: shipping each image's raw maps (5 bytes a pixel) through the object
+    # CPU actors encode their own masks (in the current format): shipping each image's maps through the object
     # store to another CPU process costs more than the encoding. GPU actors leave it to CPU tasks, so the GPU
-    # never waits for PNG encoding.
-    separate_encode = actors.gpus_per_actor > 0
+    # never waits for encoding, and so does a store of an older format (the tasks encode in the store's format).
+    separate_encode = actors.gpus_per_actor > 0 or plan.mask_format != FORMAT_VERSION
     labelled = images.map_batches(
         labeler,
         fn_constructor_kwargs={"config": config, "classes": classes, "torch_threads": actors.torch_threads,
@@ -918,7 +924,8 @@ def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[
     )
     if not separate_encode:
         return labelled
-    return labelled.map_batches(encode_batch, batch_size=config.batch_size, num_cpus=actors.task_cpus)
+    return labelled.map_batches(encode_batch, batch_size=config.batch_size, num_cpus=actors.task_cpus,
+                                fn_kwargs={"format_version": plan.mask_format})
 
 
 def label_shards(

@@ -347,7 +347,8 @@ def build_datasets(job: TrainJob) -> dict[str, ray.data.Dataset]:
         return items.flat_map(read_samples, num_cpus=job.workers.data_cpus,
                               fn_kwargs={"num_classes": job.info.num_classes, "with_label": with_label,
                                          "mask_store": mask_store, "label_lut": job.info.label_lut,
-                                         "skip_damaged": job.data.skip_damaged})
+                                         "skip_damaged": job.data.skip_damaged,
+                                         "with_confidence": job.training.confidence_threshold is not None})
 
     training = job.training
     precomputed = training.uses_pseudo_labels and training.pseudo_labels == "precomputed"

@@ -19,11 +19,12 @@ from denseclip.shards import read_shard
 log = logging.getLogger(__name__)
 
 
-def decode_training_sample(sample: dict, num_classes: int, with_label: bool,
-                           store: MaskStore | None, label_lut: np.ndarray | None = None) -> dict:
+def decode_training_sample(sample: dict, num_classes: int, with_label: bool, store: MaskStore | None,
+                           label_lut: np.ndarray | None = None, with_confidence: bool = True) -> dict:
     """One shard sample -> a row: ``key``, ``image`` uint8 (H, W, 3), and as asked ``label`` uint8 (H, W)
     (ground truth, mapped through ``label_lut`` (256,) when given: ``voc`` shards read as ``voc20``),
-    ``pseudo_label`` uint8 (H, W) and ``pseudo_confidence`` float32 (H, W) in [0, 1] (from ``store``).
+    ``pseudo_label`` uint8 (H, W) and, ``with_confidence``, ``pseudo_confidence`` float32 (H, W) in [0, 1] (from
+    ``store``; training needs it only for a confidence threshold, and it costs most of a row's mask decoding).
     Raises ``ImageDecodeError``, ``ValueError`` or ``KeyError`` naming the sample when it cannot be used."""
     key = sample["__key__"]
     image = decode_sample_image(sample)
@@ -36,6 +37,7 @@ def decode_training_sample(sample: dict, num_classes: int, with_label: bool,
         row["label"] = _checked_map(labels, image, num_classes, key, "ground truth")
     if store is not None:
         row["pseudo_label"] = _checked_map(store.get(key), image, num_classes, key, "pseudo label")
+    if store is not None and with_confidence:
         confidence = store.get_confidence(key)
         row["pseudo_confidence"] = np.ones(image.shape[:2], np.float32) if confidence is None else confidence
     return row
@@ -52,7 +54,8 @@ def _checked_map(labels: np.ndarray, image: np.ndarray, num_classes: int, key: s
 
 
 def read_samples(item: dict, num_classes: int, with_label: bool, mask_store: str | None,
-                 label_lut: np.ndarray | None = None, skip_damaged: bool = False) -> Iterator[dict]:
+                 label_lut: np.ndarray | None = None, skip_damaged: bool = False,
+                 with_confidence: bool = True) -> Iterator[dict]:
     """Ray Data ``flat_map``: the rows of the shard ``item["shard"]`` (see :func:`decode_training_sample`).
     A sample that cannot be used is logged and skipped, so every worker's split holds only usable rows; a
     damaged tar ends its shard early. A damaged part of ``mask_store`` raises DamagedPartError naming it, or
@@ -62,7 +65,7 @@ def read_samples(item: dict, num_classes: int, with_label: bool, mask_store: str
     try:
         for sample in read_shard(shard):
             try:
-                yield decode_training_sample(sample, num_classes, with_label, store, label_lut)
+                yield decode_training_sample(sample, num_classes, with_label, store, label_lut, with_confidence)
             except (ImageDecodeError, ValueError, KeyError) as exc:
                 log.warning("skipping a sample of %s: %s", shard, exc)
     except DamagedShardError as exc:
