@@ -115,6 +115,33 @@ def test_a_raycronjob_schedules_label_py_with_a_job_spec_of_jobs():
         assert job.output.startswith("s3://") and job.labeler.device == "cuda"
 
 
+def _gpus(cluster_spec: dict) -> int:
+    """The GPUs a RayClusterSpec's worker groups reach at most: maxReplicas x each pod's nvidia.com/gpu limit."""
+    return sum(group["maxReplicas"] * sum(int(c["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
+                                          for c in group["template"]["spec"]["containers"])
+               for group in cluster_spec["workerGroupSpecs"])
+
+
+def test_every_labelling_job_runs_one_actor_per_gpu_of_its_cluster():
+    label = load_pipeline("label")
+    jobs = [(name, doc) for name, doc in kuberay_manifests() if doc["kind"] in ("RayJob", "RayCronJob")]
+    assert len(jobs) == 2
+    for name, doc in jobs:
+        spec = doc["spec"]["jobTemplate"] if doc["kind"] == "RayCronJob" else doc["spec"]
+        argv = shlex.split(spec["entrypoint"])
+        assert argv[:2] == ["python", "pipelines/label.py"], name
+        args = [str(ROOT / a) if a.startswith("jobs/") else a for a in argv[2:]]
+        job = label.load_job(label.build_parser().parse_args(args))
+        assert job.num_actors == _gpus(spec["rayClusterSpec"]), name
+
+
+def test_every_pod_runs_as_the_object_store_service_account():
+    for name, doc in kuberay_manifests():
+        cluster = _at(doc, CLUSTER_SPEC[doc["kind"]])
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            assert group["template"]["spec"].get("serviceAccountName") == "denseclip-labeler", name
+
+
 def test_no_credentials_in_infra_or_jobs():
     for path in sorted([*(ROOT / "infra").rglob("*"), *(ROOT / "jobs").glob("*.yaml")]):
         if not path.is_file():
