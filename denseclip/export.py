@@ -2,8 +2,10 @@
 
 Class ids in the PNGs are the train ids (palette PNGs for up to 255 classes, 16-bit grey PNGs beyond); COCO
 category ids are train id + 1 (COCO reserves 0). Both exports stream: one mask is in memory at a time, so a store
-of millions of images exports in constant memory. Every output path is derived from a sanitised key, so no key
-can write outside the output folder, and two keys never share a file (see :func:`file_stem`).
+of millions of images exports in constant memory, and the COCO export is sharded like the store: one COCO file
+(and one JSON Lines file) per committed part, i.e. per input shard. Every output path is derived from a sanitised
+key or a part id, so nothing can write outside the output folder, and two keys never share a file (see
+:func:`file_stem`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from denseclip.mask_store import MaskStore, ignore_label, label_png
 from denseclip.shards import sanitize_key
 from denseclip.visualize import default_palette
 
-COCO_FILE = "annotations.json"
+COCO_DIR = "annotations"  # annotations/<part>.json (a COCO dataset) and annotations/<part>.jsonl, per part
+CATEGORIES_FILE = "categories.json"
 CLASSES_FILE = "classes.json"
 FILES_FILE = "files.jsonl"  # one {"key", "file"} per exported mask
 
@@ -96,11 +99,11 @@ def _categories(class_names: list[str], skip: set[int]) -> list[dict]:
     return [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate(class_names) if i not in skip]
 
 
-def _coco_images(store: MaskStore, class_names: list[str], image_ext: str,
-                 skip: set[int]) -> Iterator[tuple[dict, list[dict]]]:
-    """``(image, its annotations)`` for every mask of the store, ids counting up from 1."""
+def _coco_images(store: MaskStore, class_names: list[str], image_ext: str, skip: set[int],
+                 parts: Iterable[str] | None = None) -> Iterator[tuple[str, dict, list[dict]]]:
+    """``(key, image, its annotations)`` for every mask of the store (or of ``parts``), ids counting up from 1."""
     next_annotation = 1
-    for image_id, (key, mask) in enumerate(store.iter_masks(), start=1):
+    for image_id, (key, mask) in enumerate(store.iter_masks(parts), start=1):
         image = {"id": image_id, "file_name": f"{file_stem(key)}.{image_ext}", "height": int(mask.shape[0]),
                  "width": int(mask.shape[1])}
         try:
@@ -108,35 +111,50 @@ def _coco_images(store: MaskStore, class_names: list[str], image_ext: str,
         except ValueError as exc:
             raise ValueError(f"mask {key!r}: {exc}") from exc
         next_annotation += len(annotations)
-        yield image, annotations
+        yield key, image, annotations
 
 
 def coco_dataset(store: MaskStore, class_names: list[str], image_ext: str = "jpg",
-                 skip_ids: Iterable[int] = ()) -> dict:
-    """The store as a COCO dict (images, categories, annotations with RLE masks per class and image), in memory:
-    for small stores; :func:`export_coco` writes the same JSON streaming.
+                 skip_ids: Iterable[int] = (), parts: Iterable[str] | None = None) -> dict:
+    """The store (or its ``parts``) as one COCO dict (images, categories, annotations with RLE masks per class
+    and image), in memory: for small stores; :func:`export_coco` writes the same, a part at a time, streaming.
 
     ``file_name`` is ``<file_stem(key)>.<image_ext>``, the image's name in the shards.
     """
     skip = set(skip_ids)
     images, annotations = [], []
-    for image, found in _coco_images(store, class_names, image_ext, skip):
+    for _, image, found in _coco_images(store, class_names, image_ext, skip, parts):
         images.append(image)
         annotations += found
     return {"images": images, "annotations": annotations, "categories": _categories(class_names, skip)}
 
 
 def export_coco(store: MaskStore, out: str, class_names: list[str], image_ext: str = "jpg",
-                skip_ids: Iterable[int] = ()) -> str:
-    """Write :func:`coco_dataset` to ``out/annotations.json`` streaming (annotations as they are made, the
-    image entries spooled to a temporary file and appended after them); returns its URL."""
+                skip_ids: Iterable[int] = ()) -> list[str]:
+    """Write the store as COCO, one file per committed part, streaming: ``out/annotations/<part>.json`` (what
+    :func:`coco_dataset` gives for that part: ids count from 1 within each file, ``file_name`` names the image),
+    ``out/annotations/<part>.jsonl`` (the same images, one per line, each ``{..., "key", "annotations": [...]}``)
+    and ``out/categories.json``. Returns the URLs of the ``.json`` files."""
     skip = set(skip_ids)
-    url = storage.join(out, COCO_FILE)
-    with storage.open_atomic(url) as f, tempfile.TemporaryFile() as images:
-        f.write(b'{"categories": ' + json.dumps(_categories(class_names, skip)).encode() + b', "annotations": [')
+    categories = _categories(class_names, skip)
+    storage.write_bytes(storage.join(out, CATEGORIES_FILE), json.dumps(categories, indent=1).encode())
+    return [_export_coco_part(store, part, storage.join(out, COCO_DIR, part), categories, class_names,
+                              image_ext, skip)
+            for part in store.readable_parts()]
+
+
+def _export_coco_part(store: MaskStore, part: str, stem: str, categories: list[dict], class_names: list[str],
+                      image_ext: str, skip: set[int]) -> str:
+    """``<stem>.json`` and ``<stem>.jsonl`` of one part: annotations written as they are made, the image entries
+    spooled to a temporary file and appended after them. Returns the ``.json`` URL."""
+    url = stem + ".json"
+    with (storage.open_atomic(url) as f, storage.open_atomic(stem + ".jsonl") as lines,
+          tempfile.TemporaryFile() as images):
+        f.write(b'{"categories": ' + json.dumps(categories).encode() + b', "annotations": [')
         separator = b""
-        for count, (image, annotations) in enumerate(_coco_images(store, class_names, image_ext, skip)):
+        for count, (key, image, annotations) in enumerate(_coco_images(store, class_names, image_ext, skip, [part])):
             images.write((b"," if count else b"") + json.dumps(image).encode())
+            lines.write(json.dumps({**image, "key": key, "annotations": annotations}).encode() + b"\n")
             for annotation in annotations:
                 f.write(separator + json.dumps(annotation).encode())
                 separator = b","

@@ -41,7 +41,7 @@ import os
 import re
 import subprocess
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -768,8 +768,8 @@ class MaskStore:
             self._index = _KeyIndex(self)
         return self._index
 
-    def _readable_parts(self) -> list[str]:
-        """The committed parts found undamaged (re-reads the store)."""
+    def readable_parts(self) -> list[str]:
+        """The committed parts found undamaged, sorted (re-reads the store)."""
         self._index = None
         index = self._key_index()
         return sorted(set(index.listing) - set(index.damaged))
@@ -835,9 +835,11 @@ class MaskStore:
         """``[{"key", "shard", "reason"}]`` of one committed part."""
         return self._read(ERRORS_DIR, part_id).to_pylist()
 
-    def _iter_batches(self, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch]]:
-        """``(part format, batch of columns)`` of the committed parts, part by part, a row group at a time."""
-        for part in self._readable_parts():
+    def _iter_batches(self, columns: list[str], parts: Iterable[str] | None = None
+                      ) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """``(part format, batch of columns)`` of the committed parts (or of ``parts``), part by part, a row group
+        at a time."""
+        for part in self.readable_parts() if parts is None else parts:
             url = self._url(MASKS_DIR, part)
             with self._damage_of(part):
                 parquet = self._open(url)
@@ -852,16 +854,17 @@ class MaskStore:
         for _, batch in self._iter_batches(columns):
             yield from batch.to_pylist()
 
-    def iter_masks(self) -> Iterator[tuple[str, np.ndarray]]:
-        """``(key, label map (H, W))`` for every committed row, part by part, by key within a part."""
-        for version, batch in self._iter_batches(["key", "mask", "height", "width"]):
+    def iter_masks(self, parts: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        """``(key, label map (H, W))`` for every committed row (or those of ``parts``), part by part, by key
+        within a part."""
+        for version, batch in self._iter_batches(["key", "mask", "height", "width"], parts):
             for row in batch.to_pylist():
                 yield row["key"], decode_mask(row["mask"], (row["height"], row["width"]), version)
 
     def errors(self) -> list[dict]:
         """``[{"key", "shard", "reason"}]`` of the committed parts."""
         rows: list[dict] = []
-        for part in self._readable_parts():
+        for part in self.readable_parts():
             with self._damage_of(part):
                 rows += self.read_errors(part)
         return rows

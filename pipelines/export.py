@@ -4,8 +4,9 @@
     python pipelines/export.py --store s3://bucket/run --format coco --out exported/coco --dataset voc
 
 ``png``: ``<key>.png`` palette label maps (16-bit grey past 255 classes), ``files.jsonl`` (key -> file: keys
-that sanitise to the same name get distinct files) and ``classes.json``; ``coco``: ``annotations.json`` with one
-RLE mask per class and image (FiftyOne, CVAT and Label Studio import it), written streaming.
+that sanitise to the same name get distinct files) and ``classes.json``; ``coco``: one COCO file per committed
+part (input shard), ``annotations/<part>.json`` with one RLE mask per class and image (FiftyOne, CVAT and Label
+Studio import it), the same as JSON Lines in ``annotations/<part>.jsonl``, and ``categories.json``; streaming.
 
 A damaged part of the store (docs/mask-store.md) stops the export with exit code 2 and a line naming the file;
 ``--skip-damaged`` exports the rest and lists the parts it skipped.
@@ -46,7 +47,8 @@ def export(args: argparse.Namespace, store: MaskStore) -> int:
         print("export: the store's provenance has no vocabulary; name the classes with --dataset", file=sys.stderr)
         return 2
     skip = [i for i, n in enumerate(names) if n.lower() == "background"] if args.skip_background else []
-    print(f"wrote {export_coco(store, args.out, names, args.image_ext, skip)}")
+    files = export_coco(store, args.out, names, args.image_ext, skip)
+    print(f"{len(files)} COCO files (one per part) written to {args.out}/annotations/")
     return 0
 
 

@@ -54,7 +54,8 @@ def test_coco_export_decodes_back_to_the_masks(tmp_path, store):
     root, masks = store
     out = tmp_path / "coco"
     assert export_pipeline.main(["--store", root, "--format", "coco", "--out", str(out)]) == 0
-    coco = json.loads((out / "annotations.json").read_text())
+    coco = json.loads((out / "annotations" / "0.json").read_text())
+    assert coco["categories"] == json.loads((out / "categories.json").read_text())
     assert [c["name"] for c in coco["categories"]] == ["background", "cat", "dog", "sofa"]
     assert [c["id"] for c in coco["categories"]] == [1, 2, 3, 4]
     by_file = {image["file_name"]: image for image in coco["images"]}
@@ -77,12 +78,41 @@ def test_coco_export_can_skip_background_and_name_classes_from_a_dataset(tmp_pat
     root, masks = store
     assert export_pipeline.main(["--store", root, "--format", "coco", "--out", str(tmp_path), "--dataset", "voc",
                                  "--skip-background"]) == 0
-    coco = json.loads((tmp_path / "annotations.json").read_text())
+    coco = json.loads((tmp_path / "annotations" / "0.json").read_text())
     assert coco["categories"][0] == {"id": 2, "name": "airplane", "supercategory": ""}
     assert {a["category_id"] for a in coco["annotations"]} == {2, 3, 4}
     background = sum(int((m == 0).sum()) for m in masks.values())
     labelled = sum(int(((m != 255) & (m != 0)).sum()) for m in masks.values())
     assert background > 0 and sum(a["area"] for a in coco["annotations"]) == labelled
+
+
+def test_coco_export_is_sharded_like_the_store_one_file_and_one_json_lines_file_per_part(tmp_path):
+    rng = np.random.default_rng(2)
+    parts = {f"shard-{p}": {f"s{p}/{i}": rng.integers(0, 3, (4, 5), dtype=np.uint8) for i in range(3)}
+             for p in range(3)}
+    root = str(tmp_path / "store")
+    writer = MaskStoreWriter(root, {"model": "RN50", "vocabulary": VOCABULARY})
+    for part, masks in parts.items():
+        writer.write_part(part, [{"key": k, "mask": m} for k, m in masks.items()])
+    out = tmp_path / "coco"
+    urls = export_coco(MaskStore(root), str(out), ["background", "cat", "dog", "sofa"])
+    assert sorted(Path(u).name for u in urls) == ["shard-0.json", "shard-1.json", "shard-2.json"]
+    assert sorted(p.name for p in (out / "annotations").iterdir()) == sorted(
+        f"{part}.{ext}" for part in parts for ext in ("json", "jsonl"))
+    for part, masks in parts.items():
+        coco = json.loads((out / "annotations" / f"{part}.json").read_text())
+        assert coco == coco_dataset(MaskStore(root), ["background", "cat", "dog", "sofa"], parts=[part])
+        assert sorted(image["file_name"] for image in coco["images"]) == sorted(f"{k}.jpg" for k in masks)
+        lines = [json.loads(line) for line in (out / "annotations" / f"{part}.jsonl").read_text().splitlines()]
+        assert [line["key"] for line in lines] == sorted(masks)
+        for line in lines:  # each line: the image entry and its annotations, decoding back to the mask
+            image = {k: line[k] for k in ("id", "file_name", "height", "width")}
+            assert image in coco["images"]
+            assert line["annotations"] == [a for a in coco["annotations"] if a["image_id"] == line["id"]]
+            rebuilt = np.zeros((4, 5), np.uint8)
+            for ann in line["annotations"]:
+                rebuilt[coco_mask.decode(ann["segmentation"]) == 1] = ann["category_id"] - 1
+            np.testing.assert_array_equal(rebuilt, masks[line["key"]])
 
 
 def test_labels_outside_the_vocabulary_are_reported(store):
@@ -110,7 +140,8 @@ def test_keys_that_sanitise_alike_get_distinct_files_and_the_mapping_says_which(
     assert len(list(out.rglob("*.png"))) == len(keys)
     for key, name in files.items():
         np.testing.assert_array_equal(np.array(Image.open(out / name)), masks[key])
-    coco = json.loads(Path(export_coco(MaskStore(root), str(tmp_path / "coco"), ["a", "b", "c", "d"])).read_text())
+    [url] = export_coco(MaskStore(root), str(tmp_path / "coco"), ["a", "b", "c", "d"])
+    coco = json.loads(Path(url).read_text())
     assert len({image["file_name"] for image in coco["images"]}) == len(keys)
 
 
