@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 
-from ray.job_submission import JobStatus
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 from denseclip.ray.auth import job_client
 
-_POLL_S = 5.0
+_STATUS_POLL_S = 1.0
 
 
 def run_ray_job(address: str, entrypoint: str, submission_id: str, working_dir: str) -> None:
@@ -21,15 +22,17 @@ def run_ray_job(address: str, entrypoint: str, submission_id: str, working_dir: 
     client = job_client(address)
     client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
                       runtime_env={"working_dir": working_dir})
-    shown = 0
-    while True:
+    asyncio.run(_follow_logs(client, submission_id))
+    status = client.get_job_status(submission_id)
+    while not status.is_terminal():  # the log stream ended a moment before the job's status was updated
+        time.sleep(_STATUS_POLL_S)
         status = client.get_job_status(submission_id)
-        logs = client.get_job_logs(submission_id)
-        sys.stdout.write(logs[shown:])
-        sys.stdout.flush()
-        shown = len(logs)
-        if status.is_terminal():
-            break
-        time.sleep(_POLL_S)
     if status != JobStatus.SUCCEEDED:
         raise RuntimeError(f"Ray job {submission_id} {status.value.lower()}: {entrypoint}")
+
+
+async def _follow_logs(client: JobSubmissionClient, submission_id: str) -> None:
+    """Print the job's log as the dashboard streams it (one websocket), until the job ends."""
+    async for lines in client.tail_job_logs(submission_id):
+        sys.stdout.write(lines)
+        sys.stdout.flush()
