@@ -19,6 +19,7 @@ from denseclip.vocabulary import parse_class_list, read_classes_file, validate_c
 # Kept free of torch imports so a bad configuration fails in well under a second.
 TINY_MODEL = "denseclip-tiny-shapes"
 TINY_VIT_MODEL = "denseclip-tiny-shapes-vit"
+DEFAULT_MODEL = "RN50"  # the paper's CLIP, with OpenAI's weights: the labeller when no model is named
 TINY_MODELS = (TINY_MODEL, TINY_VIT_MODEL)  # the shipped models, trained at one resolution: "auto" keeps images as they are
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTO = "auto"
@@ -32,7 +33,7 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of x86 CP
 CUDA_SIZE_BUCKET = 128
 
 MODES = ("whole", "slide")
-_DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 # Dense heads (denseclip.dense): MaskCLIP/DenseCLIP's (the default, and the ResNet towers' only head), then the
 # training-free ViT heads that followed it: SCLIP's, ClearCLIP's and NACLIP's.
 HEADS = ("maskclip", "sclip", "clearclip", "naclip")
@@ -137,7 +138,7 @@ def resolve_vocabulary(spec: str | list, synonyms: bool = False) -> list[list[st
 class LabelerConfig:
     """How DenseCLIP labels: model, weights, prompt templates and inference options (see ``DenseCLIP``)."""
 
-    model: str = TINY_MODEL
+    model: str = DEFAULT_MODEL
     pretrained: str | None = None
     head: str = DEFAULT_HEAD  # the dense head (HEADS); ResNet towers have "maskclip" only
     templates: str | None = None  # None: "synthetic" for the tiny models, "denseclip85" otherwise
@@ -155,7 +156,7 @@ class LabelerConfig:
     prompt_denoising: float | None = None
     upsample_topk: int | None = 3
     batch_size: int = 8
-    device: str = "cpu"
+    device: str = AUTO  # cpu, cuda, cuda:N or "auto": cuda where the labeller has a GPU (see with_gpus)
     precision: str = AUTO  # fp32, bf16, fp16 or "auto" (see effective_precision)
     size_bucket: int | str | None = AUTO  # pixels, null (the stride) or "auto" (see effective_size_bucket)
     extra: dict = field(default_factory=dict, repr=False)
@@ -177,7 +178,7 @@ class LabelerConfig:
             except ProtocolError as exc:
                 raise ConfigError(f"{where}.protocol: {exc}") from exc
             # The shipped tiny models see images at the size they were trained at, whatever the preset says.
-            if values.get("model", TINY_MODEL) in TINY_MODELS or any(
+            if values.get("model", DEFAULT_MODEL) in TINY_MODELS or any(
                     values.get(name) is not None for name in _RESIZE_FIELDS):
                 defaults = {k: v for k, v in defaults.items() if k not in _RESIZE_FIELDS}
         values = {**defaults, **values}
@@ -237,7 +238,7 @@ class LabelerConfig:
                                                    and 0 < self.key_smoothing <= 1):
             fail("key_smoothing", "must be a probability threshold in (0, 1] (1: smooth everywhere) or null")
         if not _DEVICE.match(self.device):
-            fail("device", "must be cpu, cuda or cuda:N")
+            fail("device", "must be auto, cpu, cuda or cuda:N")
 
     @property
     def effective_resize_to(self) -> tuple[int, int] | None:
@@ -248,6 +249,13 @@ class LabelerConfig:
         if self.resize_to in (RESIZE_NATIVE, None):
             return None
         return tuple(self.resize_to)
+
+    def with_gpus(self, available: bool) -> LabelerConfig:
+        """A copy whose device "auto" is resolved: ``cuda`` when GPUs are ``available`` to the labeller, else
+        ``cpu``; any other device stays as it is."""
+        if self.device != AUTO:
+            return self
+        return dataclasses.replace(self, device="cuda" if available else "cpu")
 
     @property
     def on_cuda(self) -> bool:
@@ -272,7 +280,10 @@ class LabelerConfig:
 
     def resolved(self) -> LabelerConfig:
         """A copy with every "auto" setting resolved to what it means for this model on this machine (for
-        provenance, and for workers that must compute what the driver recorded)."""
+        provenance, and for workers that must compute what the driver recorded). The device must be known first
+        (:meth:`with_gpus`): precision and padding depend on it."""
+        if self.device == AUTO:
+            raise ValueError("LabelerConfig.resolved(): resolve device 'auto' first (with_gpus)")
         resize = self.effective_resize_to
         return dataclasses.replace(self, resize_to=None if resize is None else list(resize),
                                    precision=self.effective_precision, size_bucket=self.effective_size_bucket)
@@ -284,24 +295,10 @@ class LabelerConfig:
         return "synthetic" if self.model in TINY_MODELS else "denseclip85"
 
     def build(self, classes: list[list[str]], clip=None, background_class: int | None = None):
-        """Load the model (unless ``clip`` is given) and return the ``DenseCLIP`` labeler for ``classes``.
-
-        ``background_class``: the class of ``classes`` that the background threshold falls to (None: the labeler
-        prepends a background class of its own)."""
-        from denseclip.models import load_clip
+        """``DenseCLIP.from_config(self, classes, clip, background_class)``."""
         from denseclip.predictor import DenseCLIP
 
-        if clip is None:
-            check_device(self.device)
-        clip = clip or load_clip(self.model, self.pretrained, device=self.device, precision=self.effective_precision)
-        return DenseCLIP(
-            clip, classes, self.template_set, mode=self.mode, crop_size=self.crop_size,
-            crop_stride=self.crop_stride, short_side=self.short_side, resize_to=self.effective_resize_to,
-            temperature=self.temperature, background_threshold=self.background_threshold,
-            background_class=background_class, key_smoothing=self.key_smoothing,
-            prompt_denoising=self.prompt_denoising, upsample_topk=self.upsample_topk,
-            size_bucket=self.effective_size_bucket, batch_size=self.batch_size, head=self.head, name_softmax=self.name_softmax,
-        )
+        return DenseCLIP.from_config(self, classes, clip, background_class)
 
 
 def check_device(device: str, where: str = "device") -> None:
@@ -322,8 +319,9 @@ def check_device(device: str, where: str = "device") -> None:
 def add_labeler_arguments(parser) -> None:
     """Add every LabelerConfig field to an argparse parser as ``--field-name``."""
     group = parser.add_argument_group("model and inference")
-    group.add_argument("--model", default=TINY_MODEL, help="open_clip model name, e.g. RN50, RN50x16, ViT-B-16 "
-                       f"(default: the shipped {TINY_MODEL})")
+    group.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name, e.g. RN50, RN50x16, ViT-B-16, "
+                       f"or a shipped tiny CLIP ({', '.join(TINY_MODELS)}; they only know their synthetic worlds) "
+                       f"(default: {DEFAULT_MODEL}, the paper's, with OpenAI's weights)")
     group.add_argument("--pretrained", default=None, help="open_clip tag, checkpoint path or URL, or 'random' "
                        "(default: openai for open_clip models, the shipped weights for the tiny ones)")
     group.add_argument("--head", default=DEFAULT_HEAD, choices=HEADS, help="dense head: maskclip (DenseCLIP's, "
@@ -350,7 +348,8 @@ def add_labeler_arguments(parser) -> None:
     group.add_argument("--prompt-denoising", type=float, default=None, help="prompt-denoising threshold")
     group.add_argument("--upsample-topk", type=int, default=3, help="0 upsamples every class (exact)")
     group.add_argument("--batch-size", type=int, default=8)
-    group.add_argument("--device", default="cpu")
+    group.add_argument("--device", default=AUTO, help="auto (default: cuda where the labeller has a GPU, cpu "
+                       "otherwise), cpu, cuda or cuda:N")
     group.add_argument("--precision", default=AUTO, help="fp32, bf16, fp16 or auto (default: fp16 on CUDA, bf16 "
                        "on CPUs with native bf16 (AVX-512 BF16 or AMX), else fp32)")
     group.add_argument("--size-bucket", type=_size_bucket_argument, default=AUTO,

@@ -22,6 +22,7 @@ from pycocotools import mask as coco_mask
 from denseclip import storage
 from denseclip.images import encode_png
 from denseclip.mask_store import MaskStore, ignore_label, label_png
+from denseclip.runlog import progress
 from denseclip.shards import sanitize_key
 from denseclip.visualize import default_palette
 
@@ -51,15 +52,16 @@ def file_stem(key: str) -> str:
     return safe if safe == key else f"{safe}.{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
-def export_png(store: MaskStore, out: str, class_names: list[str] | None = None) -> int:
+def export_png(store: MaskStore, out: str, class_names: list[str] | None = None, bar: bool = False) -> int:
     """Write ``out/<file_stem(key)>.png`` label maps (palette PNGs, index = train id, 255 = ignore in VOC's void
     colour; 16-bit grey PNGs for vocabularies of more than 255 classes, 65535 = ignore), ``out/files.jsonl``
     (which key went to which file) and, when ``class_names`` are known, ``out/classes.json`` (id, name, colour).
-    Returns the number of masks."""
+    Returns the number of masks. ``bar``: a progress bar on a terminal."""
     palette = default_palette(256)
     count = 0
+    masks = store.iter_masks()
     with storage.open_atomic(storage.join(out, FILES_FILE)) as files:
-        for key, mask in store.iter_masks():
+        for key, mask in progress(masks, "export", unit="mask") if bar else masks:
             name = file_stem(key) + ".png"
             data = encode_png(mask, palette) if mask.dtype == np.uint8 else label_png(mask)
             storage.write_bytes(storage.join(out, name), data)
@@ -130,17 +132,18 @@ def coco_dataset(store: MaskStore, class_names: list[str], image_ext: str = "jpg
 
 
 def export_coco(store: MaskStore, out: str, class_names: list[str], image_ext: str = "jpg",
-                skip_ids: Iterable[int] = ()) -> list[str]:
+                skip_ids: Iterable[int] = (), bar: bool = False) -> list[str]:
     """Write the store as COCO, one file per committed part, streaming: ``out/annotations/<part>.json`` (what
     :func:`coco_dataset` gives for that part: ids count from 1 within each file, ``file_name`` names the image),
     ``out/annotations/<part>.jsonl`` (the same images, one per line, each ``{..., "key", "annotations": [...]}``)
-    and ``out/categories.json``. Returns the URLs of the ``.json`` files."""
+    and ``out/categories.json``. Returns the URLs of the ``.json`` files. ``bar``: a progress bar on a terminal."""
     skip = set(skip_ids)
     categories = _categories(class_names, skip)
     storage.write_bytes(storage.join(out, CATEGORIES_FILE), json.dumps(categories, indent=1).encode())
+    parts = store.readable_parts()
     return [_export_coco_part(store, part, storage.join(out, COCO_DIR, part), categories, class_names,
                               image_ext, skip)
-            for part in store.readable_parts()]
+            for part in (progress(parts, "export", unit="part") if bar else parts)]
 
 
 def _export_coco_part(store: MaskStore, part: str, stem: str, categories: list[dict], class_names: list[str],

@@ -8,6 +8,7 @@ aligned with the stored pixel grid, and every stage decodes through here, so ima
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -125,6 +126,18 @@ def is_plain_jpeg(data: bytes, key: str = "", max_pixels: int = MAX_PIXELS) -> b
     if width * height > max_pixels:
         raise ImageDecodeError(key, f"decompression bomb: {width}x{height} = {width * height} pixels > limit {max_pixels}")
     return fmt == "JPEG" and mode in ("RGB", "L")
+
+
+def as_rgb_array(image: np.ndarray | Image.Image | str | os.PathLike) -> np.ndarray:
+    """What people hold as an image -> what every labeller takes, an ``(H, W, 3)`` uint8 RGB array: a path is read
+    and decoded (:func:`decode_image`: the formats the labeller accepts; :class:`ImageDecodeError` names it), a PIL
+    image converted as a decoded file would be (CMYK, palette, 16-bit, alpha), an array passed through."""
+    if isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as f:
+            return decode_image(f.read(), key=str(image))
+    if isinstance(image, Image.Image):
+        return _to_rgb(image)
+    return image
 
 
 def check_rgb_image(image: np.ndarray) -> None:

@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +31,12 @@ from open_clip.transformer import LayerNormFp32, QuickGELU
 from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
-from denseclip.config import TINY_MODEL, TINY_VIT_MODEL
+from denseclip.config import DEFAULT_MODEL, TINY_MODEL, TINY_MODELS, TINY_VIT_MODEL
 from denseclip.packed_weights import (
     PackedWeightsError,
     initialised_under,
     packed_seed,
+    trained_token_rows,
     unpack_token_embedding,
 )
 
@@ -43,7 +45,6 @@ TINY_ASSETS = {
     TINY_MODEL: Path(__file__).parent / "assets" / "tiny_clip",
     TINY_VIT_MODEL: Path(__file__).parent / "assets" / "tiny_clip_vit",
 }
-DEFAULT_MODEL = TINY_MODEL
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RANDOM = "random"  # the pretrained value that asks for randomly initialised weights
 PAPER_TAG = "openai"  # the weights the paper used, and the default of every model open_clip has them for
@@ -244,7 +245,8 @@ def _no_weights(model: str, tag: str, reason: str) -> ModelLoadError:
     return ModelLoadError(
         f"cannot download the weights {model}/{tag} ({reason}); give a local copy instead: --model {named} "
         f"--pretrained PATH_OR_URL (open_clip's {model}/{tag} weights as .safetensors or a torch state dict, "
-        "downloaded on a connected machine)")
+        f"downloaded on a connected machine); to try things out offline, the shipped tiny CLIPs: --model "
+        f"{' / '.join(TINY_MODELS)} (they know only their synthetic worlds)")
 
 
 def weights_file(model: str, tag: str) -> str:
@@ -263,6 +265,29 @@ def weights_file(model: str, tag: str) -> str:
             return open_clip.download_pretrained(cfg)
     except Exception as exc:  # any download failure becomes the one line above
         raise _no_weights(model, tag, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def unknown_names(model: str, pretrained: str | None, classes: list[list[str]]) -> list[str]:
+    """The class names a shipped tiny CLIP (with its shipped weights) never saw in training: those with a token
+    whose embedding training never moved. Empty for every other model, which knows any name."""
+    if model not in TINY_ASSETS or pretrained not in (None, str(TINY_ASSETS[model] / "model.safetensors")):
+        return []
+    _register_tiny()
+    known = trained_token_rows(TINY_ASSETS[model] / "model.safetensors")
+    names = [name for names in classes for name in names]
+    tokens = open_clip.get_tokenizer(model)(names)  # (N, context), zero-padded
+    return [name for name, row in zip(names, tokens.tolist()) if any(t and t not in known for t in row)]
+
+
+def warn_unknown_names(config, classes: list[list[str]], prog: str) -> None:
+    """One line on stderr when the labeller of ``config`` (a LabelerConfig) is a tiny CLIP that never saw some of
+    the names of ``classes``: its labels for them mean nothing."""
+    unknown = unknown_names(config.model, config.pretrained, classes)
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        print(f"{prog}: warning: {config.model} never saw {shown} in training (it knows only its synthetic world's "
+              f"names), so it cannot label them; a real CLIP knows any name: --model RN50 (the default)",
+              file=sys.stderr, flush=True)
 
 
 def check_weights(model: str, pretrained: str | None) -> None:

@@ -64,6 +64,15 @@ def pack_token_embedding(state: dict[str, torch.Tensor], initial: torch.Tensor, 
     return packed
 
 
+def trained_token_rows(path) -> frozenset[int]:
+    """The token ids whose embedding rows the packed checkpoint at ``path`` (a local ``.safetensors`` file) keeps:
+    the tokens its training saw. Reads that one tensor."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return frozenset(f.get_tensor(ROWS).tolist())
+
+
 def packed_seed(state: dict[str, torch.Tensor]) -> int | None:
     """The seed a packed checkpoint's model must be built under; None for an ordinary state dict."""
     return int(state[SEED]) if SEED in state else None

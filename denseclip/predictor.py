@@ -10,17 +10,28 @@ and a batch of label maps reaches the host in one synchronisation.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from denseclip.config import (
+    AUTO,
+    CUDA_SIZE_BUCKET,
+    DEFAULT_RESIZE,
+    RESIZE_AUTO,
+    TINY_MODELS,
+    LabelerConfig,
+    check_device,
+)
 from denseclip.dense import DEFAULT_HEAD, check_head, dense_features, dense_features_and_keys, output_stride
 from denseclip.engine import inference_tower, input_memory_format
 from denseclip.gpu import to_device, to_host
-from denseclip.images import check_rgb_image
-from denseclip.models import LoadedCLIP
+from denseclip.images import as_rgb_array, check_rgb_image
+from denseclip.models import LoadedCLIP, load_clip
 from denseclip.text import class_embeddings
 from denseclip.vocabulary import load_templates
 
@@ -47,17 +58,27 @@ class _Canvas:
 class DenseCLIP:
     """A frozen CLIP and a vocabulary, giving per-pixel class log-probabilities and label maps.
 
+        labeler = DenseCLIP(load_clip(), ["cat", "dog", "sofa"])          # RN50 with OpenAI's weights
+        labels, confidence = labeler.label_images(["photo.jpg"])[0]        # (H, W) each, at the photo's size
+
+    The defaults are those of the command line (``LabelerConfig``): real CLIP models see images resized to fit
+    (2048, 512) and the paper's 85 prompt templates; the shipped tiny CLIPs see them as they are, with their
+    world's templates. ``DenseCLIP.from_config(config, classes)`` builds one from a ``LabelerConfig``.
+
     Args:
         clip: the loaded model (``denseclip.models.load_clip``).
-        classes: one list of names per class; a class scores the max over its names (windows average the
-            names' logits first).
-        templates: a template set name / file, or a list of templates with ``{}``.
+        classes: one entry per class: a name (``"cat"``), or a list of names, synonyms after the first
+            (``["person", "man", "woman"]``); a class scores the max over its names (windows average the names'
+            logits first).
+        templates: a template set name / file, or a list of templates with ``{}``; None: ``denseclip85`` (the
+            paper's), ``synthetic`` for the shipped tiny CLIPs.
         mode: ``"whole"`` (one forward per image, padded to the stride) or ``"slide"`` (crop windows).
         crop_size, crop_stride: sliding-window size and step in pixels (multiples of the tower's stride).
         short_side: resize each image so its short side has this length before inference (None: as is).
         resize_to: ``(long, short)``: instead, resize each image keeping its aspect ratio to fit both, by
             ``min(long / max(h, w), short / min(h, w))`` (MMSegmentation's keep-ratio ``Resize``: a 500x375
-            image becomes 683x512 for (2048, 512)). Labels are returned at each input's own size either way.
+            image becomes 683x512 for (2048, 512)); ``"auto"``: (2048, 512) for real CLIP models, None for the
+            tiny ones (and with ``short_side``); None: as they are. Labels are returned at each input's own size.
         temperature: logit scale applied to cosine similarities before the softmax.
         background_threshold: prepend a ``background`` class that wins where no class has probability >= it.
         background_class: with ``background_threshold``, instead of prepending one: the index of the vocabulary
@@ -74,8 +95,8 @@ class DenseCLIP:
             (near-exact labels, far cheaper for large vocabularies); None upsamples every class.
         size_bucket: whole mode pads each image (bottom and right, with the mean colour) to a multiple of this
             many pixels (rounded up to the tower's stride), so that images of nearly the same size share a forward
-            pass; None pads to the stride only. An image's labels depend on its own size only, never on the other
-            images of its batch.
+            pass; None pads to the stride only; ``"auto"``: 128 on CUDA, None elsewhere. An image's labels depend on
+            its own size only, never on the other images of its batch.
         batch_size: images (whole) or windows, of any images (slide), per forward pass.
         head: the dense head (``denseclip.dense.HEADS``; ViT towers only for all but ``maskclip``).
         name_softmax: class probabilities as the successors of DenseCLIP compute them: a softmax over every name,
@@ -86,14 +107,14 @@ class DenseCLIP:
     def __init__(
         self,
         clip: LoadedCLIP,
-        classes: list[list[str]],
-        templates: str | list[str] = "denseclip85",
+        classes: list[list[str]] | list[str],
+        templates: str | list[str] | None = None,
         *,
         mode: str = "whole",
         crop_size: int = 448,
         crop_stride: int = 224,
         short_side: int | None = None,
-        resize_to: tuple[int, int] | None = None,
+        resize_to: tuple[int, int] | str | None = RESIZE_AUTO,
         temperature: float = 100.0,
         background_threshold: float | None = None,
         background_class: int | None = None,
@@ -101,12 +122,19 @@ class DenseCLIP:
         key_smoothing: float | None = None,
         prompt_denoising: float | None = None,
         upsample_topk: int | None = 3,
-        size_bucket: int | None = None,
+        size_bucket: int | str | None = AUTO,
         batch_size: int = 8,
         head: str = DEFAULT_HEAD,
         name_softmax: bool = False,
     ) -> None:
         self.clip = clip
+        classes = [[c] if isinstance(c, str) else list(c) for c in classes]  # a bare name is a class of one name
+        if resize_to == RESIZE_AUTO:  # as LabelerConfig: the paper's resize for real CLIP, native for tiny ones
+            resize_to = None if short_side is not None or clip.name in TINY_MODELS else DEFAULT_RESIZE
+        if size_bucket == AUTO:
+            size_bucket = CUDA_SIZE_BUCKET if clip.device.type == "cuda" else None
+        if templates is None:
+            templates = "synthetic" if clip.name in TINY_MODELS else "denseclip85"
         check_head(clip.model, head)
         self.head, self.name_softmax = head, name_softmax
         self.stride = output_stride(clip.model)
@@ -164,6 +192,28 @@ class DenseCLIP:
             # and keeps the fastest (with unbucketed sizes every image would be timed anew).
             torch.backends.cudnn.benchmark |= mode == "slide" or size_bucket is not None
 
+    @classmethod
+    def from_config(cls, config: LabelerConfig, classes: list[list[str]] | list[str], clip: LoadedCLIP | None = None,
+                    background_class: int | None = None) -> DenseCLIP:
+        """The labeller a :class:`~denseclip.config.LabelerConfig` describes, for ``classes``; the model is loaded
+        (on the config's device, in its precision) unless ``clip`` is given. ``background_class``: the class of
+        ``classes`` the background threshold falls to (None: the labeller prepends a background class of its
+        own)."""
+        # Device "auto": the given model's device, else a GPU where this process has one.
+        config = config.with_gpus(clip.device.type == "cuda" if clip is not None else torch.cuda.is_available())
+        if clip is None:
+            check_device(config.device)
+            clip = load_clip(config.model, config.pretrained, device=config.device,
+                             precision=config.effective_precision)
+        return cls(
+            clip, classes, config.template_set, mode=config.mode, crop_size=config.crop_size,
+            crop_stride=config.crop_stride, short_side=config.short_side, resize_to=config.effective_resize_to,
+            temperature=config.temperature, background_threshold=config.background_threshold,
+            background_class=background_class, key_smoothing=config.key_smoothing,
+            prompt_denoising=config.prompt_denoising, upsample_topk=config.upsample_topk,
+            size_bucket=config.effective_size_bucket, batch_size=config.batch_size, head=config.head,
+            name_softmax=config.name_softmax)
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -213,8 +263,9 @@ class DenseCLIP:
                 for canvas, image in zip(self._canvases(images, normalised), images)]
 
     @torch.inference_mode()
-    def label_maps(self, images: list[np.ndarray | torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(H, W, 3)`` uint8 RGB images (or ``(3, H, W)`` uint8 tensors on any device, as torchvision decodes)
+    def label_maps(self, images: list[np.ndarray | torch.Tensor | Image.Image | str | os.PathLike]
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Images as for :meth:`label_images` (or ``(3, H, W)`` uint8 tensors on any device, as torchvision decodes)
         -> ``(labels (H, W) uint8|int32, confidence (H, W) uint8)`` each, confidence = the winning probability
         x 255, rounded (as the mask store keeps it). Computed on the device; the batch reaches the host in one
         synchronisation."""
@@ -223,9 +274,11 @@ class DenseCLIP:
         return to_host(on_device)
 
     @torch.inference_mode()
-    def label_images(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(H, W, 3)`` uint8 RGB images -> ``(labels (H, W) uint8|int32, confidence (H, W) float32)`` each,
-        confidence the winning class's probability; the batch reaches the host in one synchronisation."""
+    def label_images(self, images: list[np.ndarray | Image.Image | str | os.PathLike]
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Images (``(H, W, 3)`` uint8 RGB arrays, PIL images or image file paths) -> ``(labels (H, W)
+        uint8|int32, confidence (H, W) float32)`` each, confidence the winning class's probability; the batch
+        reaches the host in one synchronisation."""
         on_device = [(labels, log_conf.exp_()) for labels, log_conf in self._predict(self._pixels(images), False)]
         return to_host(on_device)
 
@@ -236,6 +289,7 @@ class DenseCLIP:
         batch: filling one is a plain copy). The arrays travel to a GPU together, in one copy from one pinned
         buffer (:func:`denseclip.gpu.to_device`)."""
         arrays = []
+        images = [image if isinstance(image, torch.Tensor) else as_rgb_array(image) for image in images]
         for image in images:
             if isinstance(image, torch.Tensor):
                 if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8 or not image.numel():

@@ -1,6 +1,7 @@
 """Quiet command lines: what the libraries print (Ray's driver and the lines it forwards from its workers,
-Ray's C++ core, open_clip, warnings) goes to a log file in the run's folder; the pipeline's own lines go to
-the terminal through a :class:`Console`.
+Ray's C++ core, open_clip, warnings) goes to a log file in the run's folder (:func:`run_log`), or is kept below
+warnings for the commands that run in one process (:func:`library_output`); the command's own lines go to the
+terminal through a :class:`Console`, and long steps show a progress bar (:func:`progress`).
 
 The redirection is done on the file descriptors 1 and 2, not on ``sys.stdout``: Ray's C++ core and the worker
 lines Ray forwards write there directly. Every process Ray starts afterwards inherits the log file too.
@@ -9,11 +10,13 @@ lines Ray forwards write there directly. Every process Ray starts afterwards inh
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -69,6 +72,33 @@ def run_log(url: str | None) -> Iterator[Console]:
                 print(f"warning: could not upload the log to {url} ({exc}); it stays at {path}", file=sys.stderr)
             else:
                 os.unlink(path)
+
+
+@contextlib.contextmanager
+def library_output(verbose: bool) -> Iterator[None]:
+    """Within the block the libraries' log records below warnings and their warnings are dropped, unless
+    ``verbose``, which shows their information records too."""
+    root = logging.getLogger()
+    level = root.level
+    with warnings.catch_warnings():
+        if verbose:
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+            root.setLevel(logging.INFO)
+        else:
+            warnings.simplefilter("ignore")
+            root.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            root.setLevel(level)
+
+
+def progress(items: Iterable, description: str, total: int | None = None, unit: str = "it") -> Iterable:
+    """``items`` with a progress bar on stderr while the terminal is a TTY (none in logs and pipes)."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, total=total, unit=unit, disable=None, mininterval=1.0, leave=False,
+                file=sys.stderr)
 
 
 @contextlib.contextmanager

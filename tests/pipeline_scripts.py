@@ -3,6 +3,7 @@ error-level lines in what a command printed."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 import sys
@@ -13,8 +14,11 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
 
 def load_pipeline(name: str) -> ModuleType:
-    """``pipelines/<name>.py`` as the module ``pipelines_<name>``, loaded once per process and registered in
+    """The command behind ``pipelines/<name>.py``: its module in ``denseclip.commands``, or where the script is the
+    command itself, the script as the module ``pipelines_<name>``, loaded once per process and registered in
     ``sys.modules`` (dataclasses and pickling look their module up there)."""
+    if importlib.util.find_spec(f"denseclip.commands.{name}") is not None:
+        return importlib.import_module(f"denseclip.commands.{name}")
     module_name = f"pipelines_{name}"
     if module_name not in sys.modules:
         spec = importlib.util.spec_from_file_location(module_name, PIPELINES / f"{name}.py")

@@ -1,6 +1,6 @@
 """The offline demo: DenseCLIP and DenseCLIP+ on the synthetic world with the shipped tiny CLIP, on CPU.
 
-    python pipelines/demo.py --seed 1 --num-images 200 --out runs/demo
+    denseclip demo --seed 1 --num-images 200 --output runs/demo
 
 Writes ``DIR/index.html`` (every method side by side: the table, IoU per class, the same scenes under each
 method), ``DIR/report.json`` (one entry per method, plus ``unseen_classes``, timings and the training logs) and
@@ -17,19 +17,22 @@ from pathlib import Path
 
 import torch
 
+from denseclip.commands.options import Parser, add_verbose, renamed
 from denseclip.config import ConfigError
 from denseclip.demo import METHODS, RESERVED_SEEDS, DemoConfig, default_training, run_demo
 from denseclip.models import ModelLoadError
+from denseclip.runlog import library_output
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = Parser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults, training = DemoConfig(), default_training()
     parser.add_argument("--seed", type=int, required=True,
                         help=f"world seed of the held-out set (any but the training seeds {RESERVED_SEEDS})")
     parser.add_argument("--num-images", type=int, default=defaults.num_images, help="held-out scenes")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--output", required=True, help="output folder")
+    renamed(parser, "--out", "--output")
     parser.add_argument("--train-images", type=int, default=defaults.train_images,
                         help="DenseCLIP+ training scenes")
     parser.add_argument("--iterations", type=int, default=training.iterations,
@@ -41,11 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared 2-core machine a second thread "
                              "made each training step ~10x slower, not faster)")
-    return parser.parse_args(argv)
+    add_verbose(parser)
+    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.threads < 1:
         print(f"error: --threads must be >= 1 (got {args.threads})", file=sys.stderr)
         return 2
@@ -63,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
 
     try:
-        report = run_demo(config, args.out, on_log=progress)
+        with library_output(args.verbose):
+            report = run_demo(config, args.output, on_log=progress)
     except (ConfigError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage, seconds in report["timings_s"].items():
         print(f"  {stage:24s} {seconds:8.1f} s")
     print(f"  {'total':24s} {sum(report['timings_s'].values()):8.1f} s")
-    out = Path(args.out)
+    out = Path(args.output)
     print(f"\nall methods side by side: {out / report['pages']['comparison']}")
     print(f"each method: {out}/<method>/index.html ({', '.join(m.key for m in METHODS)})")
     print(f"numbers: {out / 'report.json'}")

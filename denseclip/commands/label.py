@@ -1,14 +1,16 @@
 """Label WebDataset shards with DenseCLIP on Ray and write the Parquet mask store.
 
-    python pipelines/label.py --input 's3://bucket/shards/*.tar' --output s3://bucket/masks/ \\
-        --vocabulary coco_stuff --model RN50x16 --pretrained openai [--device cuda] [--config jobs/x.yaml]
+    denseclip label --input 's3://bucket/shards/*.tar' --output s3://bucket/masks/ \\
+        --classes coco_stuff --model RN50x16 --pretrained openai [--config jobs/x.yaml] [--set KEY=VALUE]
 
+Without ``--model``: the paper's RN50 with OpenAI's weights; ``--device auto`` (the default) labels on GPUs, one per
+actor, where the cluster has them. ``--classes``: a dataset preset, a class file or a comma list.
 On a cluster: ``ray job submit --working-dir . -- python pipelines/label.py ...`` (every node needs this
 project's dependencies, e.g. the container image in infra/; object-store credentials and endpoints reach the
 workers as environment variables, e.g. ``--runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": "..."}}'``,
 or as node roles). Without ``--address`` or ``$RAY_ADDRESS`` a private local Ray is started and stopped.
 
-Flags override the job file (``jobs/*.yaml``: input, output, vocabulary, num_actors, cpus_per_actor and a
+Flags override the job file (``jobs/*.yaml``: input, output, classes, num_actors, cpus_per_actor and a
 ``labeler:`` mapping of model and inference options). Re-running with the same output labels the new shards and
 those whose content changed since they were committed, leaves the others alone and reports shards that left
 the input (their masks are kept); ``--retry-errors`` also relabels the error rows of committed shards. An output
@@ -36,6 +38,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from denseclip.commands.options import Parser, add_address, add_classes, add_config, add_verbose, renamed
 from denseclip.config import (
     ConfigError,
     LabelerConfig,
@@ -48,7 +51,8 @@ from denseclip.datasets import DATASET_NAMES, DatasetError
 from denseclip.runlog import Console, log_url, run_log
 from denseclip.vocabulary import VocabularyError
 
-JOB_FIELDS = ("input", "output", "vocabulary", "num_actors", "cpus_per_actor", "labeler")
+JOB_FIELDS = ("input", "output", "classes", "num_actors", "cpus_per_actor", "labeler")
+RENAMED_FIELDS = {"vocabulary": "classes"}  # job-file fields that were renamed: the old name still works
 LABELER_FIELDS = tuple(f.name for f in dataclasses.fields(LabelerConfig) if f.name != "extra")
 # Label maps are 8-bit PNGs up to 255 classes (255 = ignore), 16-bit beyond (65535 = ignore).
 MAX_CLASSES = 65535
@@ -74,21 +78,18 @@ class LabelJob:
     deep: bool = False
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="job file (YAML); flags override its values")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="set a job-file field by its dotted path, the value read as YAML "
-                        "(labeler.resize_to=[2048,512]; repeatable; flags still win)")
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_config(parser, what="job file (YAML)")
     parser.add_argument("--input", help="shards: a path, glob, folder or URL (s3://bucket/shards/*.tar)")
     parser.add_argument("--output", help="mask store root (a folder or URL)")
-    parser.add_argument("--vocabulary", help="dataset name (voc, context, coco_stuff, synthetic), classes file "
-                        "or comma-separated class names")
+    add_classes(parser)
+    renamed(parser, "--vocabulary", "--classes")
     parser.add_argument("--overwrite", action="store_true", help="replace an output written by another run")
     parser.add_argument("--num-actors", type=int, help="labeler actors (default: one per GPU, else per CPU)")
     parser.add_argument("--cpus-per-actor", type=float,
                         help="CPUs each actor reserves, fractional allowed (default: half the CPUs shared out)")
-    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    add_address(parser)
     parser.add_argument("--retry-errors", action="store_true",
                         help="also relabel the error rows of committed shards (stores written before errors "
                         "were told apart by cause)")
@@ -96,8 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="when another run holds the output's lease, wait this long for it (default: exit 3)")
     parser.add_argument("--lease-ttl", type=float, default=60.0, metavar="SECONDS",
                         help="how long the lease outlives this run if it dies (renewed every third of it)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show what Ray and the libraries print instead of writing it to OUTPUT/logs/")
+    add_verbose(parser, "OUTPUT/logs/")
     parser.add_argument("--verify", action="store_true",
                         help="only check the mask store at --output (footers, sizes, row counts, key index; "
                         "with --deep SHA-256 digests): one line per damaged part, exit 1 if any")
@@ -118,6 +118,12 @@ def _read_job_file(path: str | None, overrides: list[str]) -> dict:
         raise ConfigError(f"{where}: a job file must be a mapping of {', '.join(JOB_FIELDS)}")
     for assignment in overrides:
         apply_override(spec, assignment)
+    for old, new in RENAMED_FIELDS.items():
+        if old in spec:
+            if new in spec:
+                raise ConfigError(f"{where}: give {new} (the new name of {old}), not both")
+            print(f"label: {where}: the field {old} is now {new}", file=sys.stderr)
+            spec[new] = spec.pop(old)
     unknown = sorted(set(spec) - set(JOB_FIELDS))
     if unknown:
         raise ConfigError(f"{where}: {unknown[0]}: unknown field (known: {', '.join(JOB_FIELDS)})")
@@ -132,9 +138,9 @@ def load_job(args: argparse.Namespace) -> LabelJob:
     spec = _read_job_file(args.config, args.set)
     where = f"{args.config}: " if args.config else ""
     values = {name: getattr(args, name) if getattr(args, name) is not None else spec.get(name)
-              for name in ("input", "output", "vocabulary", "num_actors", "cpus_per_actor")}
-    # A protocol preset (labeler.protocol) takes the values it gives a dataset named as the vocabulary.
-    dataset = values["vocabulary"] if values["vocabulary"] in DATASET_NAMES else None
+              for name in ("input", "output", "classes", "num_actors", "cpus_per_actor")}
+    # A protocol preset (labeler.protocol) takes the values it gives a dataset named as the classes.
+    dataset = values["classes"] if values["classes"] in DATASET_NAMES else None
     file_labeler = spec.get("labeler") or {}
     LabelerConfig.from_dict(file_labeler, where=f"{where}labeler", dataset=dataset)
     flags = {name: getattr(args, name) for name in LABELER_FIELDS if getattr(args, name) is not None}
@@ -142,7 +148,7 @@ def load_job(args: argparse.Namespace) -> LabelJob:
         flags["upsample_topk"] = None  # --upsample-topk 0: upsample every class (exact)
     labeler = LabelerConfig.from_dict({**file_labeler, **flags}, where="labeler", dataset=dataset)
 
-    for name in ("input", "output", "vocabulary"):
+    for name in ("input", "output", "classes"):
         if not values[name] or not isinstance(values[name], (str, list)):
             raise ConfigError(f"{name}: required (--{name} or '{name}:' in the job file), got {values[name]!r}")
     if not isinstance(values["output"], str):
@@ -152,11 +158,11 @@ def load_job(args: argparse.Namespace) -> LabelJob:
         if value is not None and (isinstance(value, bool) or not isinstance(value, types) or value <= 0):
             raise ConfigError(f"{name}: must be a positive {'integer' if types is int else 'number'}, got {value!r}")
     try:
-        classes = resolve_vocabulary(values["vocabulary"], synonyms=labeler.synonyms)
+        classes = resolve_vocabulary(values["classes"], synonyms=labeler.synonyms)
     except (VocabularyError, DatasetError, OSError) as exc:
-        raise ConfigError(f"vocabulary: {exc}") from exc
+        raise ConfigError(f"classes: {exc}") from exc
     if len(classes) + (labeler.background_threshold is not None) > MAX_CLASSES:
-        raise ConfigError(f"vocabulary: {len(classes)} classes do not fit 16-bit label maps (at most {MAX_CLASSES})")
+        raise ConfigError(f"classes: {len(classes)} classes do not fit 16-bit label maps (at most {MAX_CLASSES})")
     if args.wait_for_lease < 0 or args.lease_ttl <= 0:
         raise ConfigError(f"--wait-for-lease must be >= 0 and --lease-ttl > 0, got {args.wait_for_lease} and "
                           f"{args.lease_ttl}")
@@ -220,16 +226,16 @@ def run(job: LabelJob, console: Console) -> int:
 
 def verify(args: argparse.Namespace) -> int:
     """--verify: ``denseclip verify`` on the output of the flags or the job file (0 sound, 1 damaged)."""
-    from denseclip.cli import verify as verify_store
+    from denseclip.commands.verify import verify as verify_store
 
     output = args.output or _read_job_file(args.config, args.set).get("output")
     if not isinstance(output, str) or not output:
         raise ConfigError(f"output: required with --verify (--output or 'output:' in the job file), got {output!r}")
-    return verify_store(argparse.Namespace(store=output, deep=args.deep))
+    return verify_store(output, args.deep)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         if args.verify:
             return verify(args)
@@ -238,13 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"label: error: {exc}", file=sys.stderr)
         return 2
     from denseclip.lease import LeaseError, LeaseHeld
-    from denseclip.models import ModelLoadError, check_weights
+    from denseclip.models import ModelLoadError, check_weights, warn_unknown_names
     from denseclip.ray.auth import ClusterAccessError, check_access
-    from denseclip.ray.labeling import LabelingError, validate_labeling
+    from denseclip.ray.labeling import LabelingError, cluster_device, validate_labeling
 
     try:
         check_weights(job.labeler.model, job.labeler.pretrained)  # e.g. offline: one line, before any output or actor
         check_access(job.address)  # the cluster reachable and its token found, just as early
+        job.labeler = cluster_device(job.labeler, job.address)
+        warn_unknown_names(job.labeler, job.classes, "label")
         # Checked before the log and the lease exist: a refused run writes nothing into the output.
         validate_labeling(job.input, job.output, job.labeler, job.classes, overwrite=job.overwrite)
     except (ModelLoadError, ClusterAccessError, LabelingError) as exc:

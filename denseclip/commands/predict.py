@@ -1,8 +1,11 @@
-"""The ``denseclip`` command: ``denseclip predict`` labels image files with any vocabulary; ``denseclip verify``
-checks a mask store.
+"""Label image files with any vocabulary.
 
-``predict`` prints one line per image with the files it wrote (errors on stderr), then a summary. ``verify``
-prints one line per damaged part and per disagreement of the key index, then a total; it exits 1 when any.
+    denseclip predict photo.jpg --classes "red car, yellow car, road, tree" --output out/
+    denseclip predict *.jpg --classes my_classes.txt --mode slide --output out/
+
+Writes ``<stem>.png`` (palette label map at the image's size, value = class index), ``<stem>_overlay.jpg`` (with a
+legend) and ``<stem>.json`` (the vocabulary, the model and the classes present); prints one line per image with the
+files it wrote (errors on stderr), then a summary. Without ``--model``: the paper's RN50 with OpenAI's weights.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from denseclip.commands.options import Parser, add_classes, add_verbose, renamed
 from denseclip.config import ConfigError, add_labeler_arguments, labeler_config_from_args, resolve_vocabulary
 from denseclip.images import ImageDecodeError, decode_image, encode_png
+from denseclip.models import warn_unknown_names
+from denseclip.predictor import DenseCLIP
+from denseclip.runlog import library_output
 from denseclip.visualize import class_palette, overlay
-from denseclip.vocabulary import parse_class_list, read_classes_file
 
 # Bad input of any kind (ConfigError, VocabularyError, ImageDecodeError and the models' ModelLoadError are
 # ValueErrors), and files or a storage that cannot be read: one line, no traceback.
@@ -44,19 +50,15 @@ def _palette(vocabulary: str | None, class_names: list[str]) -> np.ndarray:
     return class_palette(class_names)
 
 
-def predict(args: argparse.Namespace) -> int:
+def predict(args: argparse.Namespace, prog: str) -> int:
     config = labeler_config_from_args(args)
-    if args.classes is not None:
-        classes = parse_class_list(args.classes)
-    elif args.classes_file is not None:
-        classes = read_classes_file(args.classes_file)
-    else:
-        classes = resolve_vocabulary(args.vocabulary, synonyms=config.synonyms)
+    classes = resolve_vocabulary(args.classes, synonyms=config.synonyms)
     if len(classes) + (config.background_threshold is not None) > 255:
-        raise ConfigError(f"vocabulary: {len(classes)} classes do not fit an 8-bit PNG label map (max 255)")
-    labeler = config.build(classes)
-    palette = _palette(args.vocabulary, labeler.class_names)
-    out = Path(args.out)
+        raise ConfigError(f"classes: {len(classes)} classes do not fit an 8-bit PNG label map (max 255)")
+    warn_unknown_names(config, classes, prog)
+    labeler = DenseCLIP.from_config(config, classes)
+    palette = _palette(args.classes, labeler.class_names)
+    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in args.images]
     failures = 0
@@ -65,7 +67,7 @@ def predict(args: argparse.Namespace) -> int:
             image = decode_image(path.read_bytes(), key=str(path))
         except (OSError, ImageDecodeError) as exc:
             reason = exc.reason if isinstance(exc, ImageDecodeError) else (exc.strerror or str(exc))
-            print(f"denseclip: error: {path}: {reason}", file=sys.stderr, flush=True)
+            print(f"{prog}: error: {path}: {reason}", file=sys.stderr, flush=True)
             failures += 1
             continue
         labels, _ = labeler.label_images([image])[0]
@@ -83,50 +85,35 @@ def predict(args: argparse.Namespace) -> int:
         }
         files[2].write_text(json.dumps(meta, indent=2))
         print(f"{path} -> {', '.join(f.name for f in files)} ({', '.join(present)})", flush=True)
-    print(f"denseclip: {len(paths) - failures} of {len(paths)} images labelled into {out}/"
+    print(f"{prog}: {len(paths) - failures} of {len(paths)} images labelled into {out}/"
           + (f", {failures} failed" if failures else ""))
     return 1 if failures else 0
 
 
-def verify(args: argparse.Namespace) -> int:
-    from denseclip.mask_store import verify_store
-
-    report = verify_store(args.store, deep=args.deep)
-    if not report.parts:
-        raise FileNotFoundError(f"no committed mask parts under {args.store}")
-    for line in report.lines():
-        print(line, flush=True)
-    return 0 if report.ok else 1
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="denseclip", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="label images with an open vocabulary")
-    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-    vocab = p.add_mutually_exclusive_group(required=True)
-    vocab.add_argument("--classes", help='comma-separated class names, e.g. "cat, dog, sofa"')
-    vocab.add_argument("--classes-file", help="one class per line, synonyms after commas")
-    vocab.add_argument("--vocabulary", help="a dataset name (voc, context, coco_stuff, synthetic)")
-    p.add_argument("--out", required=True, help="output folder")
-    add_labeler_arguments(p)
-    p.set_defaults(func=predict)
-    v = sub.add_parser("verify", help="check every part of a mask store against its record and manifest")
-    v.add_argument("--store", required=True, help="mask store root (a folder or URL)")
-    v.add_argument("--deep", action="store_true", help="also compare every part's SHA-256 with its manifest "
-                   "(reads the whole store)")
-    v.set_defaults(func=verify)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("images", nargs="*", help="image files (JPEG, PNG, WebP, BMP, TIFF)")
+    parser.add_argument("--input", action="append", default=[], help="an image file (repeatable; or give them "
+                        "as arguments)")
+    add_classes(parser, required=True)
+    renamed(parser, "--classes-file", "--classes")
+    renamed(parser, "--vocabulary", "--classes")
+    parser.add_argument("--output", required=True, help="output folder")
+    renamed(parser, "--out", "--output")
+    add_verbose(parser)
+    add_labeler_arguments(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    args.images = [*args.images, *args.input]
+    if not args.images:
+        parser.error("give the image files (as arguments or with --input)")
     try:
-        return args.func(args)
+        with library_output(args.verbose):
+            return predict(args, parser.prog)
     except USER_ERRORS as exc:
-        print(f"denseclip: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

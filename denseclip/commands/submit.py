@@ -1,9 +1,9 @@
 """Submit a command to a Ray cluster as a Ray job, with the cluster's token, and wait for it.
 
-    python pipelines/submit.py --address http://127.0.0.1:8265 -- python pipelines/label.py --config jobs/label_bulk.yaml
+    denseclip submit --address http://127.0.0.1:8265 -- python pipelines/label.py --config jobs/label_bulk.yaml
 
-What ``ray job submit --working-dir .`` does (this checkout is the job's working directory, the job's log is
-streamed here), for a cluster with token authentication: the token comes from ``$RAY_AUTH_TOKEN``,
+What ``ray job submit --working-dir .`` does (``--working-dir``, by default the current folder, is the job's working
+directory; the job's log is streamed here), for a cluster with token authentication: the token comes from ``$RAY_AUTH_TOKEN``,
 ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` and no ``RAY_AUTH_MODE`` is needed here; a missing or refused
 token, or a cluster that does not answer, is one line naming the fix (docs/cluster.md). ``--address`` is the
 dashboard (the local end of ``ray dashboard infra/cluster.yaml`` or of ``kubectl port-forward``) or a Ray address.
@@ -17,15 +17,15 @@ import os
 import shlex
 import sys
 import uuid
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from denseclip.commands.options import Parser, add_address
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                        help="the cluster's dashboard (http://127.0.0.1:8265) or Ray address (default: $RAY_ADDRESS)")
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_address(parser)
+    parser.set_defaults(address=os.environ.get("RAY_ADDRESS"))
+    parser.add_argument("--working-dir", default=".", help="the folder the job runs in, uploaded (default: .)")
     parser.add_argument("--submission-id", help="the job's id (default: submit-<random>)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command the job runs")
     args = parser.parse_args(argv)
@@ -35,14 +35,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     from denseclip.ray.auth import ClusterAccessError
     from denseclip.ray.jobs import run_ray_job
 
     submission_id = args.submission_id or f"submit-{uuid.uuid4().hex[:8]}"
     try:
-        run_ray_job(args.address, shlex.join(args.command), submission_id, str(ROOT))
+        run_ray_job(args.address, shlex.join(args.command), submission_id, os.path.abspath(args.working_dir))
     except ClusterAccessError as exc:
         print(f"submit: error: {exc}", file=sys.stderr)
         return 2

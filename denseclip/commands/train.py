@@ -1,16 +1,17 @@
 """Train DenseCLIP+ on Ray Train: guided learning on DenseCLIP pseudo labels, then optional self-training.
 
-    python pipelines/train.py --config jobs/train_synthetic_zero_shot.yaml [--set training.iterations=480 ...]
+    denseclip train --config jobs/train_synthetic_zero_shot.yaml [--set training.iterations=480 ...] [--output DIR]
 
 The YAML job spec holds the dataset (vocabulary and zero-shot split), the train/val shards, the pseudo-label
 source (a frozen DenseCLIP on the fly, or the mask store of pipelines/label.py), the DenseCLIP teacher, the
 target network and schedule, the workers, and the run (name + storage path, local or s3://). ``--set``
-overrides any field by its dotted path; the value is read as YAML (``--set run.resume_from=null``). The spec
+overrides any field by its dotted path; the value is read as YAML (``--set run.resume_from=null``); ``--output``
+is ``run.storage_path``. The spec
 and its inputs are checked before Ray starts. Re-running the same run name and storage path resumes from its
 latest checkpoint. Without ``--address`` or ``$RAY_ADDRESS`` a private local Ray is started and stopped.
 A spec may ``extends: other.yaml`` and name only what it changes (jobs/train_*_rn50x16.yaml).
 ``dataset: custom`` with ``data.classes`` (a class file) trains annotation-free DenseCLIP+ for any vocabulary on
-unlabelled shards (pipelines/prepare.py --dataset folder); ``training.setting: seen_only`` is the paper's
+unlabelled shards (``denseclip prepare --dataset folder``); ``training.setting: seen_only`` is the paper's
 Table 2a baseline. The run ends by evaluating on the validation shards (against the ground truth, or, for a
 custom vocabulary, against the DenseCLIP teacher) and writes report.json next to the final checkpoint.
 Prints one line per ``run.log_every`` steps and a summary naming the report files; what Ray and the model
@@ -26,6 +27,7 @@ import time
 import traceback
 
 from denseclip import storage
+from denseclip.commands.options import Parser, add_address, add_config, add_verbose
 from denseclip.config import ConfigError, apply_override, read_job_spec
 from denseclip.ray.auth import ClusterAccessError, check_access
 from denseclip.ray.labeling import ray_cluster
@@ -42,16 +44,13 @@ from denseclip.runlog import Console, log_url, run_log
 HEADLINE = ("miou", "miou_seen", "miou_unseen", "hiou", "pixel_accuracy")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True,
-                        help="job spec (YAML), e.g. jobs/train_synthetic_zero_shot.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec field by its dotted path (repeatable)")
-    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show what Ray and the libraries print instead of writing it to the run's logs/")
-    return parser.parse_args(argv)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_config(parser, required=True, what="job spec (YAML), e.g. jobs/train_synthetic_zero_shot.yaml")
+    parser.add_argument("--output", help="where the run's folder goes (run.storage_path: a folder or s3:// URL)")
+    add_address(parser)
+    add_verbose(parser, "the run's logs/")
+    return parser
 
 
 def load_spec(path: str, overrides: list[str]) -> dict:
@@ -109,10 +108,11 @@ def train(job: TrainJob, address: str | None, console: Console) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    overrides = args.set + ([f"run.storage_path={args.output}"] if args.output else [])
     try:
-        job = TrainJob.from_dict(load_spec(args.config, args.set))
+        job = TrainJob.from_dict(load_spec(args.config, overrides))
         check_inputs(job)
         check_access(args.address)
     except (ConfigError, ClusterAccessError) as exc:

@@ -35,7 +35,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from denseclip import storage
-from denseclip.config import LabelerConfig
+from denseclip.config import AUTO, LabelerConfig
 from denseclip.damage import DamagedShardError
 from denseclip.images import ImageDecodeError, check_rgb_image, decode_image, is_plain_jpeg
 from denseclip.lease import Lease
@@ -254,6 +254,22 @@ def _error_keys(store: MaskStore, shards: list[str], records: dict[str, dict | N
         if found:
             keys[shard] = found
     return keys
+
+
+def cluster_device(config: LabelerConfig, address: str | None = None) -> LabelerConfig:
+    """``config`` with device "auto" resolved for the cluster the run will use (``address``, ``$RAY_ADDRESS``, or a
+    private local Ray on this machine): ``cuda`` when it has GPUs now, else ``cpu`` (an autoscaling cluster that
+    starts without GPU nodes needs ``device: cuda`` to ask for them)."""
+    if config.device != AUTO:
+        return config
+    if address or os.environ.get("RAY_ADDRESS"):
+        with ray_cluster(address):
+            gpus = ray.cluster_resources().get("GPU", 0)
+    else:
+        import torch
+
+        gpus = torch.cuda.device_count()  # what a private local Ray finds on this machine
+    return config.with_gpus(gpus > 0)
 
 
 def validate_labeling(input: str | list[str], output: str, config: LabelerConfig, classes: list[list[str]], *,
