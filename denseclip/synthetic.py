@@ -48,7 +48,8 @@ class Scene:
 
     Attributes:
         image: ``(H, W, 3)`` uint8 RGB.
-        labels: ``(H, W)`` uint8 class ids into :data:`CLASS_NAMES` (0 = background).
+        labels: ``(H, W)`` uint8 class ids into :data:`CLASS_NAMES` (0 = background); in the COCO-Stuff world
+            (:mod:`denseclip.synthetic_coco_stuff`) raw COCO-Stuff ids, 255 unlabelled.
         caption: names exactly the visible objects, in random order.
         objects: one dict per visible object (``class``, ``label``, ``colour``, ``shape``, ``center``,
             ``radius``, ``angle``, ``pixels``), in drawing order.
@@ -65,7 +66,7 @@ def _canvas(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _background(rng: np.random.Generator, size: int | tuple[int, int]) -> np.ndarray:
+def grey_background(rng: np.random.Generator, size: int | tuple[int, int]) -> np.ndarray:
     """``(H, W, 3)`` float: blocky low-saturation noise, so no background pixel looks like an object colour.
     ``size``: the side of a square, or ``(H, W)`` (square blocks, ``cells`` of them across the short side)."""
     height, width = _canvas(size)
@@ -101,7 +102,7 @@ def _shape_mask(shape: str, size: int | tuple[int, int], cx: float, cy: float, r
     return np.asarray(canvas, dtype=bool)
 
 
-def _caption(rng: np.random.Generator, names: list[str], frames: tuple[str, ...] = CAPTION_FRAMES,
+def list_caption(rng: np.random.Generator, names: list[str], frames: tuple[str, ...] = CAPTION_FRAMES,
              article: str = "a ") -> str:
     """``names`` (a background name when empty) in random order, each after ``article``, listed in a random frame:
     "there is a red circle and a blue star."."""
@@ -151,7 +152,7 @@ def render_scene(seed: int, index: int, size: int = 128) -> Scene:
     if size < 32:
         raise ValueError(f"scene size {size} is too small: use at least 32 pixels")
     rng = np.random.default_rng([seed, index])
-    image = _background(rng, size)
+    image = grey_background(rng, size)
     labels = np.zeros((size, size), dtype=np.uint8)
     count = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, MAX_OBJECTS + 1))
     classes = rng.choice(len(CLASS_NAMES) - 1, size=count, replace=False) + 1
@@ -166,7 +167,7 @@ def render_scene(seed: int, index: int, size: int = 128) -> Scene:
         image[mask] = fill + rng.normal(0, 6, size=(obj["pixels"], 3))
         labels[mask] = label
     objects = visible_objects(placed)
-    caption = _caption(rng, [obj["class"] for obj in objects])
+    caption = list_caption(rng, [obj["class"] for obj in objects])
     return Scene(np.clip(image, 0, 255).round().astype(np.uint8), labels, caption, objects)
 
 

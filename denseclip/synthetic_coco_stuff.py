@@ -21,7 +21,14 @@ import numpy as np
 from PIL import Image
 
 from denseclip.datasets import get_dataset, train_id_lut
-from denseclip.synthetic import Scene, _background, _caption, place_object, scene_sample, visible_objects
+from denseclip.synthetic import (
+    Scene,
+    grey_background,
+    list_caption,
+    place_object,
+    scene_sample,
+    visible_objects,
+)
 from denseclip.vocabulary import load_templates
 
 DATASET = "coco_stuff"
@@ -172,7 +179,7 @@ def render_scene(seed: int, index: int, split: str = "train") -> Scene:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     ids = raw_ids()
-    image = _background(rng, SIZE)  # what the unlabelled region shows
+    image = grey_background(rng, SIZE)  # what the unlabelled region shows
     labels = np.full(SIZE, UNLABELLED, dtype=np.uint8)
     regions, names = _stuff_regions(rng)
     stuff = []
@@ -194,7 +201,7 @@ def render_scene(seed: int, index: int, split: str = "train") -> Scene:
     for obj in stuff:  # what the things left of each region
         obj["pixels"] = int((labels == obj["raw_id"]).sum())
     objects = [obj for obj in stuff + things if obj["pixels"]]
-    caption = _caption(rng, [obj["class"] for obj in objects], frames=caption_frames(), article="")
+    caption = list_caption(rng, [obj["class"] for obj in objects], frames=caption_frames(), article="")
     return Scene(np.clip(image, 0, 255).round().astype(np.uint8), labels, caption, objects)
 
 
@@ -215,7 +222,7 @@ def caption_crops(scene: Scene, rng: np.random.Generator, count: int, out: int,
         if not named:
             continue
         crop = Image.fromarray(scene.image[y:y + side, x:x + side]).resize((out, out), Image.BILINEAR)
-        caption = _caption(rng, [name_of[i] for i in named], frames=caption_frames(), article="")
+        caption = list_caption(rng, [name_of[i] for i in named], frames=caption_frames(), article="")
         crops.append((np.asarray(crop), caption, named))
     return crops
 
