@@ -30,7 +30,7 @@ from open_clip.transformer import QuickGELU
 from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
-from denseclip.config import TINY_MODEL, TINY_VIT_MODEL
+from denseclip.config import TINY_COCO_STUFF_MODEL, TINY_MODEL, TINY_VIT_MODEL
 from denseclip.packed_weights import (
     PackedWeightsError,
     initialised_under,
@@ -42,6 +42,7 @@ from denseclip.packed_weights import (
 TINY_ASSETS = {
     TINY_MODEL: Path(__file__).parent / "assets" / "tiny_clip",
     TINY_VIT_MODEL: Path(__file__).parent / "assets" / "tiny_clip_vit",
+    TINY_COCO_STUFF_MODEL: Path(__file__).parent / "assets" / "tiny_clip_cocostuff",
 }
 DEFAULT_MODEL = TINY_MODEL
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
