@@ -20,7 +20,9 @@ from denseclip.vocabulary import parse_class_list, read_classes_file, validate_c
 TINY_MODEL = "denseclip-tiny-shapes"
 TINY_VIT_MODEL = "denseclip-tiny-shapes-vit"
 DEFAULT_MODEL = "RN50"  # the paper's CLIP, with OpenAI's weights: the labeller when no model is named
-TINY_MODELS = (TINY_MODEL, TINY_VIT_MODEL)  # the shipped models, trained at one resolution: "auto" keeps images as they are
+TINY_COCO_STUFF_MODEL = "denseclip-tiny-cocostuff"  # the COCO-Stuff world's (denseclip.synthetic_coco_stuff)
+# The shipped models, trained at one resolution: "auto" keeps images as they are.
+TINY_MODELS = (TINY_MODEL, TINY_VIT_MODEL, TINY_COCO_STUFF_MODEL)
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTO = "auto"
 # precision "auto": half precision on a GPU; bf16 on CPUs that compute in it natively, where it labelled RN50 images

@@ -31,7 +31,7 @@ from open_clip.transformer import LayerNormFp32, QuickGELU
 from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
-from denseclip.config import DEFAULT_MODEL, TINY_MODEL, TINY_MODELS, TINY_VIT_MODEL
+from denseclip.config import DEFAULT_MODEL, TINY_COCO_STUFF_MODEL, TINY_MODEL, TINY_MODELS, TINY_VIT_MODEL
 from denseclip.packed_weights import (
     PackedWeightsError,
     initialised_under,
@@ -44,6 +44,7 @@ from denseclip.packed_weights import (
 TINY_ASSETS = {
     TINY_MODEL: Path(__file__).parent / "assets" / "tiny_clip",
     TINY_VIT_MODEL: Path(__file__).parent / "assets" / "tiny_clip_vit",
+    TINY_COCO_STUFF_MODEL: Path(__file__).parent / "assets" / "tiny_clip_cocostuff",
 }
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RANDOM = "random"  # the pretrained value that asks for randomly initialised weights

@@ -1,5 +1,6 @@
-"""One command per reproduction: a spec (``jobs/reproduce_<dataset>_<setting>.yaml``) becomes four stages,
-prepare -> label -> train -> evaluate, each the command line of a pipeline script run as its own Ray job step.
+"""One command per reproduction: a spec (``jobs/reproduce_<dataset>_<setting>.yaml``) becomes five stages,
+prepare -> label -> train -> evaluate -> baseline, each the command lines of pipeline scripts run as one Ray job
+step.
 
     name: coco-stuff-zero-shot
     workdir: s3://bucket/reproduce/coco-stuff-zero-shot     # every stage's outputs, under fixed names
@@ -10,7 +11,10 @@ prepare -> label -> train -> evaluate, each the command line of a pipeline scrip
     evaluate: {num_overlays: 8}
 
 The train spec is the one source of the dataset, the teacher and the schedule; the reproduction only points its
-data at the stages' outputs and switches it to the precomputed pseudo labels of the label stage. A stage is
+data at the stages' outputs and switches it to the precomputed pseudo labels of the label stage. The baseline
+stage labels the validation shards with that same teacher and scores it as the evaluate stage scores DenseCLIP+
+(``<workdir>/baseline/report.json`` beside ``<workdir>/evaluation/report.json``: the paper's tables put DenseCLIP
+beside DenseCLIP+). A spec may ``extends:`` another (``denseclip.config.read_job_spec``). A stage is
 complete when its record (``<workdir>/stages/<stage>.json``, written once its step succeeded) holds the same
 commands and its outputs exist; complete stages are skipped, so a re-run continues where the last one stopped
 (and the stage it stopped in resumes: labeling skips committed shards, training restarts from its checkpoint).
@@ -21,14 +25,15 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from denseclip import storage
-from denseclip.config import ConfigError, LabelerConfig, apply_override, read_job_spec, read_yaml_file
+from denseclip.config import ConfigError, LabelerConfig, apply_override, read_job_spec
 from denseclip.mask_store import code_version
 from denseclip.sources.sharding import MANIFEST
 
-STAGES = ("prepare", "label", "train", "evaluate")
+STAGES = ("prepare", "label", "train", "evaluate", "baseline")
 PROTOCOL = "paper"  # the preset (denseclip/data/protocols.json) reproductions label under by default
 SPEC_FIELDS = ("name", "workdir", "prepare", "label", "train", "evaluate")
 SYNTHETIC_FIELDS = ("seed", "num_images", "shard_size", "size")
@@ -36,6 +41,7 @@ DATASET_FIELDS = ("root", "train_split", "val_split", "shard_size", "workers")
 LABEL_FIELDS = ("num_actors", "cpus_per_actor", "labeler")
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.json"
+BASELINE_MASKS = "masks"  # <workdir>/baseline/masks: the teacher's labels of the validation shards
 
 
 @dataclass
@@ -68,11 +74,12 @@ class Reproduction:
     evaluate: dict
 
     @classmethod
-    def from_file(cls, path: str) -> Reproduction:
-        """Read and check the spec at ``path`` and the train spec it names; ConfigError names the field."""
-        spec = read_yaml_file(path, "reproduction spec")
-        if not isinstance(spec, dict):
-            raise ConfigError(f"{path}: a reproduction spec must be a mapping of {', '.join(SPEC_FIELDS)}")
+    def from_file(cls, path: str, overrides: Sequence[str] = ()) -> Reproduction:
+        """Read and check the spec at ``path`` (with the ``KEY=VALUE`` ``overrides`` applied, dotted keys into it)
+        and the train spec it names; ConfigError names the field."""
+        spec = read_job_spec(path, kind="reproduction spec")
+        for assignment in overrides:
+            apply_override(spec, assignment)
         _known(spec, SPEC_FIELDS, path)
         for name in ("name", "workdir"):
             if not isinstance(spec.get(name), str) or not spec[name]:
@@ -109,6 +116,8 @@ class Reproduction:
         train_spec = read_job_spec(train_spec_path, kind="train spec")
         if not isinstance(train_spec, dict) or not isinstance(train_set, dict):
             raise ConfigError(f"{path}: train: spec must name a job spec and set must be a mapping")
+        # Nested mappings (from --set train.set.training.iterations=...) set fields, never replace sections.
+        train_set = _dotted(train_set)
         for key, value in train_set.items():
             apply_override(train_spec, f"{key}={json.dumps(value)}")
         reproduction = cls(path, spec["name"], spec["workdir"].rstrip("/"), prepare, sections["label"],
@@ -138,7 +147,7 @@ class Reproduction:
 
     # ---------------------------------------------------------------------------------------- the stages
     def stages(self) -> list[Stage]:
-        return [self._prepare(), self._label(), self._train(), self._evaluate()]
+        return [self._prepare(), self._label(), self._train(), self._evaluate(), self._baseline()]
 
     def _prepare(self) -> Stage:
         commands, outputs = [], []
@@ -160,11 +169,15 @@ class Reproduction:
         return Stage("prepare", commands, outputs)
 
     def _label(self) -> Stage:
-        command = ["python", "pipelines/label.py", "--input", self.path_of("shards/train"), "--output",
-                   self.path_of("pseudo-labels"), "--vocabulary", self.dataset,
-                   *(x for key, value in sorted(self.labeler.items()) for x in ("--set", _set(f"labeler.{key}", value))),
-                   *_flags({k: self.label.get(k) for k in ("num_actors", "cpus_per_actor")})]
-        return Stage("label", [command], [self.path_of(f"pseudo-labels/{SUMMARY_FILE}")])
+        vocabulary = ["--vocabulary", self.dataset, *_labeler_flags(self.labeler)]
+        return Stage("label", [self._label_command("shards/train", "pseudo-labels", vocabulary)],
+                     [self.path_of(f"pseudo-labels/{SUMMARY_FILE}")])
+
+    def _label_command(self, shards: str, masks: str, vocabulary: list[str]) -> list[str]:
+        """pipelines/label.py labelling ``<workdir>/<shards>`` into the mask store ``<workdir>/<masks>`` with the
+        ``vocabulary`` and labeller flags, on the label stage's actors."""
+        return ["python", "pipelines/label.py", "--input", self.path_of(shards), "--output", self.path_of(masks),
+                *vocabulary, *_flags({k: self.label.get(k) for k in ("num_actors", "cpus_per_actor")})]
 
     def _train(self) -> Stage:
         data = {"data.train": self.path_of("shards/train"), "data.val": self.path_of("shards/val"),
@@ -181,6 +194,18 @@ class Reproduction:
                    self.path_of("shards/val"), "--dataset", self.dataset, "--out", out,
                    *_flags({"num_overlays": self.evaluate.get("num_overlays")})]
         return Stage("evaluate", [command], [storage.join(out, REPORT_FILE)])
+
+    def _baseline(self) -> Stage:
+        """The teacher (DenseCLIP) on the validation shards, over every class of the dataset, scored like
+        DenseCLIP+."""
+        out = self.path_of("baseline")
+        vocabulary = ["--vocabulary", self.dataset, *_labeler_flags(self.labeler)]
+        score = ["python", "pipelines/evaluate.py", "--pred", self.path_of(f"baseline/{BASELINE_MASKS}"), "--gt",
+                 self.path_of("shards/val"), "--dataset", self.dataset, "--out", out,
+                 "--method", f"DenseCLIP {self.labeler['model']}",
+                 *_flags({"num_overlays": self.evaluate.get("num_overlays")})]
+        label = self._label_command("shards/val", f"baseline/{BASELINE_MASKS}", vocabulary)
+        return Stage("baseline", [label, score], [storage.join(out, REPORT_FILE)])
 
     # ---------------------------------------------------------------------------------- stage records
     def record_url(self, stage: Stage) -> str:
@@ -207,10 +232,25 @@ def _known(section: dict, fields: tuple[str, ...], where: str) -> None:
         raise ConfigError(f"{where}: {unknown[0]}: unknown field (known: {', '.join(fields)})")
 
 
+def _dotted(mapping: dict, prefix: str = "") -> dict:
+    """``{"training": {"iterations": 40}, "run.name": "x"} -> {"training.iterations": 40, "run.name": "x"}``."""
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _flags(values: dict) -> list[str]:
     """``{"num_images": 200} -> ["--num-images", "200"]``, leaving out unset values."""
     return [x for key, value in values.items() if value is not None
             for x in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def _labeler_flags(labeler: dict) -> list[str]:
+    return [x for key, value in sorted(labeler.items()) for x in ("--set", _set(f"labeler.{key}", value))]
 
 
 def _set(key: str, value) -> str:

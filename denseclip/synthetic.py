@@ -38,6 +38,7 @@ EMPTY_FRACTION = 0.1
 TINY_CLIP_WORLD_SEED = 20220
 MAX_OBJECTS = 3
 MIN_VISIBLE_FRACTION = 0.4  # an occluded object keeps at least this share of its own pixels
+RADIUS_RANGE = (0.1, 0.25)  # object radius, as a fraction of the scene's side
 _PLACEMENT_TRIES = 20
 
 
@@ -47,7 +48,8 @@ class Scene:
 
     Attributes:
         image: ``(H, W, 3)`` uint8 RGB.
-        labels: ``(H, W)`` uint8 class ids into :data:`CLASS_NAMES` (0 = background).
+        labels: ``(H, W)`` uint8 class ids into :data:`CLASS_NAMES` (0 = background); in the COCO-Stuff world
+            (:mod:`denseclip.synthetic_coco_stuff`) raw COCO-Stuff ids, 255 unlabelled.
         caption: names exactly the visible objects, in random order.
         objects: one dict per visible object (``class``, ``label``, ``colour``, ``shape``, ``center``,
             ``radius``, ``angle``, ``pixels``), in drawing order.
@@ -59,18 +61,27 @@ class Scene:
     objects: list[dict]
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """``(size, size, 3)`` float: blocky low-saturation noise, so no background pixel looks like an object colour."""
+def _canvas(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` of a square ``size`` or of a ``(height, width)`` pair."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def grey_background(rng: np.random.Generator, size: int | tuple[int, int]) -> np.ndarray:
+    """``(H, W, 3)`` float: blocky low-saturation noise, so no background pixel looks like an object colour.
+    ``size``: the side of a square, or ``(H, W)`` (square blocks, ``cells`` of them across the short side)."""
+    height, width = _canvas(size)
     cells = int(rng.integers(3, 17))
-    grey = rng.uniform(50, 200, size=(cells, cells, 1))
+    block = min(height, width) // cells + 1
+    rows, cols = max(cells, -(-height // block)), max(cells, -(-width // block))
+    grey = rng.uniform(50, 200, size=(rows, cols, 1))
     tint = rng.uniform(-1, 1, size=3) * rng.uniform(0, 18)
-    blocks = grey + tint + rng.normal(0, 10, size=(cells, cells, 3))
-    image = np.kron(blocks, np.ones((size // cells + 1, size // cells + 1, 1)))[:size, :size]
+    blocks = grey + tint + rng.normal(0, 10, size=(rows, cols, 3))
+    image = np.kron(blocks, np.ones((block, block, 1)))[:height, :width]
     return image + rng.normal(0, 8, size=image.shape)
 
 
 def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
-    corners = {"square": 4, "triangle": 3, "star": 10}[shape]
+    corners = {"square": 4, "triangle": 3, "star": 10, "pentagon": 5, "hexagon": 6}[shape]
     radii = np.full(corners, radius)
     if shape == "star":
         radii[1::2] = 0.42 * radius
@@ -78,8 +89,11 @@ def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> l
     return list(zip(cx + radii * np.cos(theta), cy + radii * np.sin(theta)))
 
 
-def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
-    canvas = Image.new("L", (size, size), 0)
+def _shape_mask(shape: str, size: int | tuple[int, int], cx: float, cy: float, radius: float,
+                angle: float) -> np.ndarray:
+    """``(H, W)`` bool: ``shape`` centred at ``(cx, cy)`` on a canvas of ``size`` (a side or ``(H, W)``)."""
+    height, width = _canvas(size)
+    canvas = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
     if shape == "circle":
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=1)
@@ -88,11 +102,49 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float, angl
     return np.asarray(canvas, dtype=bool)
 
 
-def _caption(rng: np.random.Generator, names: list[str]) -> str:
-    phrases = [f"a {name}" for name in names] if names else [f"a {rng.choice(BACKGROUND_NAMES)}"]
+def list_caption(rng: np.random.Generator, names: list[str], frames: tuple[str, ...] = CAPTION_FRAMES,
+             article: str = "a ") -> str:
+    """``names`` (a background name when empty) in random order, each after ``article``, listed in a random frame:
+    "there is a red circle and a blue star."."""
+    phrases = [f"{article}{name}" for name in names] if names else [f"{article}{rng.choice(BACKGROUND_NAMES)}"]
     phrases = [phrases[i] for i in rng.permutation(len(phrases))]
     listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return str(rng.choice(CAPTION_FRAMES)).format(listed)
+    return str(rng.choice(frames)).format(listed)
+
+
+def place_object(rng: np.random.Generator, obj: dict, size: int | tuple[int, int],
+                 radius_range: tuple[float, float], placed: list[tuple[dict, np.ndarray]]) -> np.ndarray | None:
+    """Draw ``obj["shape"]`` on top of the ``placed`` objects (``(object, (H, W) bool visible mask)`` pairs), so
+    that each keeps :data:`MIN_VISIBLE_FRACTION` of its pixels; None after :data:`_PLACEMENT_TRIES` failed tries.
+
+    ``radius_range``: the radius as a fraction of the canvas' short side. On success ``obj`` gains ``center``,
+    ``radius``, ``angle`` and ``pixels`` (its whole area), the earlier masks lose its pixels, ``placed`` gains
+    ``(obj, mask)`` and its ``(H, W)`` bool mask is returned.
+    """
+    height, width = _canvas(size)
+    for _ in range(_PLACEMENT_TRIES):
+        radius = rng.uniform(*radius_range) * min(height, width)
+        cx, cy = rng.uniform(0.5 * radius, np.array([width, height]) - 0.5 * radius)
+        angle = rng.uniform(0, 2 * np.pi)
+        mask = _shape_mask(obj["shape"], size, cx, cy, radius, angle)
+        area = int(mask.sum())
+        # Drawing this object on top must leave every earlier object visible enough.
+        if area and all((own & ~mask).sum() >= MIN_VISIBLE_FRACTION * other["pixels"] for other, own in placed):
+            break
+    else:
+        return None
+    placed[:] = [(other, own & ~mask) for other, own in placed]
+    obj.update({"center": [round(float(cx), 2), round(float(cy), 2)], "radius": round(float(radius), 2),
+                "angle": round(float(angle), 4), "pixels": area})
+    placed.append((obj, mask))
+    return mask
+
+
+def visible_objects(placed: list[tuple[dict, np.ndarray]]) -> list[dict]:
+    """The placed objects in drawing order, each ``pixels`` now the count of its visible pixels."""
+    for obj, own in placed:
+        obj["pixels"] = int(own.sum())
+    return [obj for obj, _ in placed]
 
 
 def render_scene(seed: int, index: int, size: int = 128) -> Scene:
@@ -100,37 +152,22 @@ def render_scene(seed: int, index: int, size: int = 128) -> Scene:
     if size < 32:
         raise ValueError(f"scene size {size} is too small: use at least 32 pixels")
     rng = np.random.default_rng([seed, index])
-    image = _background(rng, size)
+    image = grey_background(rng, size)
     labels = np.zeros((size, size), dtype=np.uint8)
     count = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, MAX_OBJECTS + 1))
     classes = rng.choice(len(CLASS_NAMES) - 1, size=count, replace=False) + 1
     placed: list[tuple[dict, np.ndarray]] = []
     for label in classes:
         colour, shape = CLASS_NAMES[label].split(" ")
-        for _ in range(_PLACEMENT_TRIES):
-            radius = rng.uniform(0.1, 0.25) * size
-            cx, cy = rng.uniform(0.5 * radius, size - 0.5 * radius, size=2)
-            angle = rng.uniform(0, 2 * np.pi)
-            mask = _shape_mask(shape, size, cx, cy, radius, angle)
-            area = int(mask.sum())
-            # Drawing this object on top must leave every earlier object visible enough.
-            if area and all((own & ~mask).sum() >= MIN_VISIBLE_FRACTION * obj["pixels"] for obj, own in placed):
-                break
-        else:
+        obj = {"class": CLASS_NAMES[label], "label": int(label), "colour": colour, "shape": shape}
+        mask = place_object(rng, obj, size, RADIUS_RANGE, placed)
+        if mask is None:
             continue
-        placed = [(obj, own & ~mask) for obj, own in placed]
-        obj = {"class": CLASS_NAMES[label], "label": int(label), "colour": colour, "shape": shape,
-               "center": [round(float(cx), 2), round(float(cy), 2)], "radius": round(float(radius), 2),
-               "angle": round(float(angle), 4), "pixels": area}
-        placed.append((obj, mask))
         fill = np.asarray(COLOURS[colour], dtype=float) + rng.uniform(-25, 25, size=3)
-        image[mask] = fill + rng.normal(0, 6, size=(area, 3))
+        image[mask] = fill + rng.normal(0, 6, size=(obj["pixels"], 3))
         labels[mask] = label
-    objects = []
-    for obj, own in placed:
-        obj["pixels"] = int(own.sum())
-        objects.append(obj)
-    caption = _caption(rng, [obj["class"] for obj in objects])
+    objects = visible_objects(placed)
+    caption = list_caption(rng, [obj["class"] for obj in objects])
     return Scene(np.clip(image, 0, 255).round().astype(np.uint8), labels, caption, objects)
 
 

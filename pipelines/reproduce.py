@@ -1,11 +1,16 @@
-"""Reproduce a result with one command: prepare -> label -> train -> evaluate, each stage its own Ray job step.
+"""Reproduce a result with one command: prepare -> label -> train -> evaluate -> baseline, each stage its own Ray
+job step.
 
     python pipelines/reproduce.py --config jobs/reproduce_synthetic_zero_shot.yaml
     python pipelines/reproduce.py --config jobs/reproduce_coco_stuff_zero_shot.yaml --address http://127.0.0.1:8265
+    python pipelines/reproduce.py --config jobs/rehearse_coco_stuff_zero_shot.yaml \
+        --set prepare.dataset.root=runs/coco-world --set workdir=runs/rehearsal
 
 The stages are the pipeline scripts: prepare.py (or render_world.py), label.py (pseudo labels of the train
-shards into a mask store), train.py (DenseCLIP+ from those precomputed pseudo labels) and evaluate.py (the final
-checkpoint on the validation shards). Without --address they run one after another on this machine, each on its
+shards into a mask store), train.py (DenseCLIP+ from those precomputed pseudo labels), evaluate.py (the final
+checkpoint on the validation shards) and the baseline: label.py and evaluate.py scoring the teacher, DenseCLIP, on
+the same validation shards. --set KEY=VALUE changes a field of the spec by its dotted path (repeatable; the value
+read as YAML). Without --address they run one after another on this machine, each on its
 own local Ray. With --address (a Ray dashboard) each stage is submitted as its own Ray job, with this checkout as
 its working directory, and awaited; the spec's workdir must then be storage both sides reach (s3://...). A stage
 whose outputs are complete is skipped, so a re-run after a failure continues where it stopped; --stages runs only
@@ -33,6 +38,9 @@ HEADLINE = ("miou", "miou_seen", "miou_unseen", "hiou", "pixel_accuracy")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="reproduction spec, e.g. jobs/reproduce_coco_stuff_zero_shot.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="set a spec field by its dotted path, the value read as YAML "
+                        "(prepare.dataset.root=/data/coco_stuff164k; repeatable)")
     parser.add_argument("--address", help="Ray dashboard (http://<head>:8265): submit each stage as a Ray job")
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma-separated stages to run, in order (default: {','.join(STAGES)})")
@@ -62,7 +70,7 @@ def run_stage(stage: Stage, reproduction: Reproduction, address: str | None) -> 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        reproduction = Reproduction.from_file(args.config)
+        reproduction = Reproduction.from_file(args.config, args.overrides)
     except ConfigError as exc:
         print(f"reproduce: error: {exc}", file=sys.stderr)
         return 2
@@ -92,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         reproduction.record(stage, time.perf_counter() - start)
         print(f"reproduce: {stage.name}: done in {time.perf_counter() - start:.0f} s", flush=True)
-    report_url = storage.join(reproduction.path_of("evaluation"), REPORT_FILE)
-    if "evaluate" in args.stages and not args.dry_run and storage.exists(report_url):
-        report = json.loads(storage.read_bytes(report_url))
-        cells = " | ".join(f"{k} {report[k]:.2f}" for k in HEADLINE if report.get(k) is not None)
-        print(f"reproduce: {reproduction.name}: {cells} ({report_url})")
+    for stage, method in (("evaluate", "DenseCLIP+"), ("baseline", "DenseCLIP")):
+        report_url = storage.join(reproduction.path_of("evaluation" if stage == "evaluate" else stage), REPORT_FILE)
+        if stage in args.stages and not args.dry_run and storage.exists(report_url):
+            report = json.loads(storage.read_bytes(report_url))
+            cells = " | ".join(f"{k} {report[k]:.2f}" for k in HEADLINE if report.get(k) is not None)
+            print(f"reproduce: {reproduction.name}: {method}: {cells} ({report_url})")
     return 0
 
 

@@ -1,9 +1,13 @@
-"""Train a shipped tiny CLIP on captions of the synthetic world, on CPU.
+"""Train a shipped tiny CLIP on captions of a synthetic world, on CPU.
 
     python pipelines/train_tiny_clip.py [--model denseclip-tiny-shapes-vit] [--steps 600 --seed 0]
+    python pipelines/train_tiny_clip.py --model denseclip-tiny-cocostuff --steps 1200
 
-``--model`` is ``denseclip-tiny-shapes`` (ResNet, the default) or ``denseclip-tiny-shapes-vit`` (ViT, patch 8);
-their open_clip configs live in ``denseclip/assets/``. Writes ``model.safetensors`` (fp16 state dict of the
+``--model`` is ``denseclip-tiny-shapes`` (ResNet, the default) or ``denseclip-tiny-shapes-vit`` (ViT, patch 8),
+trained on the shapes world's 128-pixel scenes, or ``denseclip-tiny-cocostuff`` (ResNet), trained on 128-pixel
+crops of the COCO-Stuff world's 640x480 scenes (``denseclip/synthetic_coco_stuff.py``) captioned with the COCO-Stuff
+names they show; ``--world`` picks another world than the model's own. Their open_clip configs live in
+``denseclip/assets/``. Writes ``model.safetensors`` (fp16 state dict of the
 open_clip ``CLIP``, its token embedding packed: ``denseclip/packed_weights.py``), the model config and
 ``training.json`` (command, seeds, steps, wall time, final loss) into ``--out`` (default
 ``runs/tiny_clip/<model>``). Replacing the shipped weights in ``denseclip/assets/`` takes ``--overwrite-shipped``.
@@ -26,17 +30,28 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from denseclip.config import TINY_MODEL, TINY_MODELS
+from denseclip import synthetic, synthetic_coco_stuff
+from denseclip.config import TINY_COCO_STUFF_MODEL, TINY_MODEL, TINY_MODELS
 from denseclip.models import TINY_ASSETS
 from denseclip.packed_weights import pack_token_embedding
-from denseclip.synthetic import TINY_CLIP_WORLD_SEED, render_scene
 
 SHIPPED_ASSETS = Path(TINY_ASSETS[TINY_MODEL]).parent
+WORLDS = ("shapes", "coco_stuff")
+WORLD_SEEDS = {"shapes": synthetic.TINY_CLIP_WORLD_SEED, "coco_stuff": synthetic_coco_stuff.TINY_CLIP_WORLD_SEED}
+CROPS_PER_SCENE = 16  # COCO-Stuff world: crops taken from each rendered scene (a scene takes 80 ms to render)
+CLIP_STATS = (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# The (mean, std) each world's batches are normalised with, in equal shares. The COCO-Stuff world's CLIP labels
+# under the paper's protocol, whose official code feeds CLIP ImageNet's statistics: it learns to read either.
+NORMALISATIONS = {"shapes": (CLIP_STATS,), "coco_stuff": (CLIP_STATS, IMAGENET_STATS)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=TINY_MODEL, choices=TINY_MODELS, help="which tiny CLIP to train")
+    parser.add_argument("--world", choices=WORLDS, default=None,
+                        help="the captioned world (default: the model's own: coco_stuff for "
+                        f"{TINY_COCO_STUFF_MODEL}, shapes otherwise)")
     parser.add_argument("--out", default=None, help="output folder for model.safetensors, config and training.json "
                         "(default: runs/tiny_clip/<model>)")
     parser.add_argument("--overwrite-shipped", action="store_true",
@@ -45,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear warm-up, cosine decay)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weight initialisation")
-    parser.add_argument("--world-seed", type=int, default=TINY_CLIP_WORLD_SEED, help="seed of the rendered scenes")
+    parser.add_argument("--world-seed", type=int, default=None,
+                        help=f"seed of the rendered scenes (default: the world's own, {WORLD_SEEDS})")
     parser.add_argument("--log-every", type=int, default=20)
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "log_every"):
@@ -53,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.lr <= 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
+    args.world = args.world or ("coco_stuff" if args.model == TINY_COCO_STUFF_MODEL else "shapes")
+    args.world_seed = WORLD_SEEDS[args.world] if args.world_seed is None else args.world_seed
     args.out = Path(args.out or Path("runs") / "tiny_clip" / args.model)
     if args.out.resolve().is_relative_to(SHIPPED_ASSETS.resolve()) and not args.overwrite_shipped:
         parser.error(f"--out {args.out} would replace the shipped weights in {SHIPPED_ASSETS}; "
@@ -60,13 +78,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def render_batch(world_seed: int, start: int, batch_size: int, mean: torch.Tensor, std: torch.Tensor):
-    """Images ``(B, 3, H, W)`` normalised, captions, and a ``(B,)`` id of each scene's object set."""
-    scenes = [render_scene(world_seed, start + i) for i in range(batch_size)]
-    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255
-    object_sets = [tuple(sorted(o["label"] for o in s.objects)) for s in scenes]
-    set_ids = {key: i for i, key in enumerate(dict.fromkeys(object_sets))}
-    return (images - mean) / std, [s.caption for s in scenes], torch.tensor([set_ids[k] for k in object_sets])
+def world_batch(world: str, world_seed: int, start: int, batch_size: int
+                ) -> tuple[list[np.ndarray], list[str], list[tuple[int, ...]]]:
+    """``batch_size`` training pairs from scenes ``start, start + 1, ...``: ``(S, S, 3)`` uint8 images, captions
+    and the label set each caption names. Shapes: whole scenes; COCO-Stuff: :data:`CROPS_PER_SCENE` crops of
+    each scene."""
+    if world == "shapes":
+        scenes = [synthetic.render_scene(world_seed, start + i) for i in range(batch_size)]
+        return ([s.image for s in scenes], [s.caption for s in scenes],
+                [tuple(sorted(o["label"] for o in s.objects)) for s in scenes])
+    rng = np.random.default_rng([world_seed, start])
+    crops: list[tuple[np.ndarray, str, tuple[int, ...]]] = []
+    index = start
+    while len(crops) < batch_size:
+        scene = synthetic_coco_stuff.render_scene(world_seed, index)
+        crops += synthetic_coco_stuff.caption_crops(scene, rng, CROPS_PER_SCENE, out=128)
+        index += 1
+    images, captions, label_sets = zip(*crops[:batch_size])
+    return list(images), list(captions), list(label_sets)
+
+
+def render_batch(world: str, world_seed: int, start: int, batch_size: int):
+    """Images ``(B, 3, H, W)`` normalised (in equal shares with each of the world's :data:`NORMALISATIONS`),
+    captions, and a ``(B,)`` id of each caption's label set."""
+    pixels, captions, label_sets = world_batch(world, world_seed, start, batch_size)
+    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
+    shares = np.array_split(np.arange(batch_size), len(NORMALISATIONS[world]))
+    mean, std = (torch.tensor([stats[k] for stats, share in zip(NORMALISATIONS[world], shares) for _ in share])
+                 .view(-1, 3, 1, 1) for k in (0, 1))
+    set_ids = {key: i for i, key in enumerate(dict.fromkeys(label_sets))}
+    return (images - mean) / std, captions, torch.tensor([set_ids[k] for k in label_sets])
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
@@ -99,8 +140,6 @@ def main(argv: list[str] | None = None) -> None:
     model = open_clip.create_model(args.model)
     initial_embedding = model.token_embedding.weight.detach().clone()  # the rows no caption moves stay so
     tokenizer = open_clip.get_tokenizer(args.model)
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
@@ -112,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr)
-        images, captions, set_ids = render_batch(args.world_seed, step * args.batch_size, args.batch_size, mean, std)
+        start = step * args.batch_size
+        images, captions, set_ids = render_batch(args.world, args.world_seed, start, args.batch_size)
         image_features, text_features, scale = model(images, tokenizer(captions))
         loss = contrastive_loss(image_features, text_features, scale, set_ids)
         optimizer.zero_grad(set_to_none=True)
@@ -136,8 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         shutil.copyfile(config_path, out / config_path.name)
     record = {
         "model": args.model, "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
-        "seed": args.seed, "world_seed": args.world_seed, "steps": args.steps, "batch_size": args.batch_size,
-        "lr": args.lr, "wall_seconds": round(wall, 1), "steps_per_second": round(args.steps / wall, 4),
+        "seed": args.seed, "world": args.world, "world_seed": args.world_seed, "steps": args.steps,
+        "batch_size": args.batch_size, "lr": args.lr, "wall_seconds": round(wall, 1),
+        "steps_per_second": round(args.steps / wall, 4),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "final_loss": round(float(np.mean(recent)), 4), "torch": torch.__version__,
         "open_clip": open_clip.__version__,

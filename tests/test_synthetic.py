@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 from PIL import Image
 from pipeline_scripts import load_pipeline
 
+from denseclip import synthetic_coco_stuff
+from denseclip.datasets import get_dataset, train_id_lut
 from denseclip.shards import expand_shards, read_shard
 from denseclip.synthetic import (
     BACKGROUND_NAMES,
@@ -132,3 +135,93 @@ def test_bad_arguments_are_rejected():
         render_scene(0, 0, size=16)
     with pytest.raises(ValueError, match="n=0"):
         write_shards(0, 0, "unused")
+
+
+# ------------------------------------------------------------------------------------- the COCO-Stuff world
+COCO_SCENES = [synthetic_coco_stuff.render_scene(5, i, "val") for i in range(16)]
+
+
+def test_coco_stuff_world_draws_real_classes_with_the_official_unseen_split():
+    info = get_dataset("coco_stuff")
+    names = set(synthetic_coco_stuff.CLASSES)
+    assert len(names) >= 30 and names <= set(info.class_names)
+    assert set(info.unseen) <= names and len(info.unseen) == 15
+    signatures = list(synthetic_coco_stuff.CLASSES.values())
+    assert len(set(signatures)) == len(signatures), "every class needs its own look"
+    # Raw ids: the class's position in the 182-id space, i.e. the inverse of the converter's lookup table.
+    lut = train_id_lut("coco_stuff")
+    for name, raw in synthetic_coco_stuff.raw_ids().items():
+        assert raw not in info.raw_unused_ids and info.class_names[lut[raw]] == name
+
+
+def test_coco_stuff_scenes_are_640x480_in_raw_ids_and_captioned_with_the_visible_classes():
+    ids = synthetic_coco_stuff.raw_ids()
+    unused = set(get_dataset("coco_stuff").raw_unused_ids)
+    drawn = set()
+    for scene in COCO_SCENES:
+        assert scene.image.shape == (480, 640, 3) and scene.labels.shape == (480, 640)
+        present = set(np.unique(scene.labels).tolist())
+        drawn |= present
+        assert not present & unused
+        assert present - {255} == {obj["raw_id"] for obj in scene.objects}
+        for obj in scene.objects:
+            assert ids[obj["class"]] == obj["raw_id"]
+            assert obj["pixels"] == int((scene.labels == obj["raw_id"]).sum()) > 0
+            assert obj["class"] in scene.caption
+        listed = {name for name in ids if re.search(rf"(^|[ ,]){name}([ ,.]|$)", scene.caption)}
+        assert listed == {obj["class"] for obj in scene.objects}, scene.caption
+    assert 255 in drawn, "some scenes hold an unlabelled region"
+    assert len(drawn - {255}) >= 20
+
+
+def test_coco_stuff_world_is_a_function_of_seed_split_and_index():
+    again = synthetic_coco_stuff.render_scene(5, 3, "val")
+    assert again.image.tobytes() == COCO_SCENES[3].image.tobytes() and again.caption == COCO_SCENES[3].caption
+    train = synthetic_coco_stuff.render_scene(5, 3, "train")
+    assert train.labels.tobytes() != COCO_SCENES[3].labels.tobytes()
+    with pytest.raises(ValueError, match="split"):
+        synthetic_coco_stuff.render_scene(5, 3, "test")
+
+
+def test_coco_stuff_pixels_follow_the_class_signature():
+    for scene in COCO_SCENES:
+        for obj in scene.objects:
+            sig = synthetic_coco_stuff.CLASSES[obj["class"]]
+            pixels = scene.image[scene.labels == obj["raw_id"]].astype(float)
+            # Each pixel lies near the segment between the class's two colours (texture mixes them).
+            first, second = np.asarray(sig.colour, float), np.asarray(sig.second, float)
+            t = np.clip((pixels - first) @ (second - first) / max(1.0, (second - first) @ (second - first)), 0, 1)
+            distance = np.linalg.norm(pixels - (first + t[:, None] * (second - first)), axis=1)
+            assert np.median(distance) < 30, obj["class"]
+
+
+def test_render_world_writes_the_coco_stuff_layout_that_the_real_converter_reads(tmp_path):
+    render_world = load_pipeline("render_world")
+    prepare = load_pipeline("prepare")
+    root = tmp_path / "coco"
+    for split, n in (("train", 3), ("val", 2)):
+        render_world.main(["--layout", "coco_stuff", "--split", split, "--seed", "5", "--num-images", str(n),
+                           "--out", str(root)])
+    assert sorted(p.name for p in (root / "images" / "val2017").iterdir()) == ["000000000000.jpg",
+                                                                              "000000000001.jpg"]
+    assert len(list((root / "annotations" / "train2017").glob("*.png"))) == 3
+    assert prepare.main(["--dataset", "coco_stuff", "--root", str(root), "--split", "val", "--out",
+                         str(tmp_path / "shards"), "--no-progress"]) == 0
+    samples = [s for url in expand_shards(str(tmp_path / "shards")) for s in read_shard(url)]
+    info, lut = get_dataset("coco_stuff"), train_id_lut("coco_stuff")
+    for index, sample in enumerate(samples):
+        scene = synthetic_coco_stuff.render_scene(5, index, "val")
+        assert Image.open(io.BytesIO(sample["jpg"])).size == (640, 480)
+        train_ids = np.asarray(Image.open(io.BytesIO(sample["seg.png"])))
+        assert np.array_equal(train_ids, lut[scene.labels])
+        assert {info.class_names[i] for i in np.unique(train_ids) if i != 255} == {o["class"] for o in scene.objects}
+
+
+def test_render_world_layouts_refuse_the_other_layouts_flags(tmp_path):
+    render_world = load_pipeline("render_world")
+    for argv in (["--layout", "coco_stuff", "--seed", "1", "--num-images", "1"],  # no --split
+                 ["--layout", "coco_stuff", "--split", "val", "--size", "64", "--seed", "1", "--num-images", "1"],
+                 ["--split", "val", "--seed", "1", "--num-images", "1"]):
+        with pytest.raises(SystemExit):
+            render_world.main([*argv, "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
