@@ -16,10 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from denseclip.config import IMAGENET_MEAN, IMAGENET_STD, NORMALISATIONS
 from denseclip.dense import DEFAULT_HEAD, check_head, dense_features, dense_features_and_keys, output_stride
 from denseclip.engine import inference_tower, input_memory_format
 from denseclip.images import check_rgb_image
 from denseclip.models import LoadedCLIP
+from denseclip.protocols import keep_ratio_size
 from denseclip.text import class_embeddings
 from denseclip.vocabulary import load_templates
 
@@ -75,6 +77,8 @@ class DenseCLIP:
         name_softmax: class probabilities as the successors of DenseCLIP compute them: a softmax over every name,
             each class the max of its names' probabilities (a class's synonyms share its probability mass, so
             probabilities of classes with synonyms sum to less than 1). False: a softmax over the classes' scores.
+        normalisation: the mean/std images are normalised with (``denseclip.config.NORMALISATIONS``): ``clip``
+            (the model's own) or ``imagenet`` (what the official DenseCLIP configs feed CLIP).
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class DenseCLIP:
         batch_size: int = 8,
         head: str = DEFAULT_HEAD,
         name_softmax: bool = False,
+        normalisation: str = "clip",
     ) -> None:
         self.clip = clip
         check_head(clip.model, head)
@@ -119,6 +124,8 @@ class DenseCLIP:
                                              or not 0 <= background_class < len(classes)):
             raise ValueError(f"background_class {background_class} needs a background_threshold and must index "
                              f"one of the {len(classes)} classes")
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
         if size_bucket is not None and size_bucket <= 0:
             raise ValueError(f"size_bucket must be a positive number of pixels or None, got {size_bucket}")
         self.mode, self.crop_size, self.crop_stride = mode, crop_size, crop_stride
@@ -142,8 +149,10 @@ class DenseCLIP:
         self.name_embeddings = embeddings.float().to(clip.device)  # (N, D)
         self.class_of_name = class_of_name.to(clip.device)  # (N,)
         self.class_names = (["background"] if self.has_background_slot else []) + [c[0] for c in self.classes]
-        self.mean = torch.tensor(clip.mean, device=clip.device).view(3, 1, 1)
-        self.std = torch.tensor(clip.std, device=clip.device).view(3, 1, 1)
+        mean, std = (clip.mean, clip.std) if normalisation == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+        self.normalisation = normalisation
+        self.mean = torch.tensor(mean, device=clip.device).view(3, 1, 1)
+        self.std = torch.tensor(std, device=clip.device).view(3, 1, 1)
         # Normalisation of 0-255 pixels as one multiply-add: x * scale + shift = (x / 255 - mean) / std.
         self._scale, self._shift = 1 / (255 * self.std), -self.mean / self.std
         self.tower = inference_tower(clip.model)
@@ -160,7 +169,12 @@ class DenseCLIP:
     # ----------------------------------------------------------------------------------------- public API
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """``(H, W, 3)`` uint8 RGB -> ``(3, H, W)`` float32 normalised with the model's mean/std, on its device."""
-        return torch.addcmul(self._shift, self._pixels(image), self._scale)
+        return self.normalise(self._pixels(image))
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixel values in 0-255, ``(..., 3, H, W)`` of any dtype on the model's device -> float32, normalised as
+        every labelling path here normalises them (one multiply-add, so the same pixels give the same inputs)."""
+        return torch.addcmul(self._shift, pixels, self._scale)
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
@@ -245,13 +259,9 @@ class DenseCLIP:
     def inference_size(self, height: int, width: int) -> tuple[int, int]:
         """The size ``(h, w)`` an ``height x width`` image is resized to before inference (``short_side`` or
         ``resize_to``; rounded as MMSegmentation rounds: ``int(x * scale + 0.5)``)."""
-        if self.resize_to is not None:
-            long, short = self.resize_to
-            scale = min(long / max(height, width), short / min(height, width))
-        elif self.short_side is not None:
-            scale = self.short_side / min(height, width)
-        else:
-            return height, width
+        if self.short_side is None:
+            return keep_ratio_size(height, width, self.resize_to)
+        scale = self.short_side / min(height, width)
         return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
     def _resize(self, image: torch.Tensor) -> torch.Tensor:

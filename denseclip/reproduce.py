@@ -10,7 +10,8 @@ prepare -> label -> train -> evaluate, each the command line of a pipeline scrip
     evaluate: {num_overlays: 8}
 
 The train spec is the one source of the dataset, the teacher and the schedule; the reproduction only points its
-data at the stages' outputs and switches it to the precomputed pseudo labels of the label stage. A stage is
+data at the stages' outputs and switches it to the precomputed pseudo labels of the label stage (labelled, in the
+zero-shot setting, with the unseen classes alone: the targets' argmax among them). A stage is
 complete when its record (``<workdir>/stages/<stage>.json``, written once its step succeeded) holds the same
 commands and its outputs exist; complete stages are skipped, so a re-run continues where the last one stopped
 (and the stage it stopped in resumes: labeling skips committed shards, training restarts from its checkpoint).
@@ -18,6 +19,7 @@ commands and its outputs exist; complete stages are skipped, so a re-run continu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import time
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 
 from denseclip import storage
 from denseclip.config import ConfigError, LabelerConfig, apply_override, read_job_spec, read_yaml_file
+from denseclip.datasets import get_dataset
 from denseclip.mask_store import code_version
 from denseclip.sources.sharding import MANIFEST
 
@@ -161,10 +164,22 @@ class Reproduction:
 
     def _label(self) -> Stage:
         command = ["python", "pipelines/label.py", "--input", self.path_of("shards/train"), "--output",
-                   self.path_of("pseudo-labels"), "--vocabulary", self.dataset,
-                   *(x for key, value in sorted(self.labeler.items()) for x in ("--set", _set(f"labeler.{key}", value))),
+                   self.path_of("pseudo-labels"), *self._label_vocabulary(),
                    *_flags({k: self.label.get(k) for k in ("num_actors", "cpus_per_actor")})]
         return Stage("label", [command], [self.path_of(f"pseudo-labels/{SUMMARY_FILE}")])
+
+    def _label_vocabulary(self) -> list[str]:
+        """The label stage's vocabulary and labeller flags. A zero-shot reproduction labels with the unseen
+        classes alone: its targets take the teacher's argmax among them (as the official teacher's, and the
+        on-the-fly teacher's), which an argmax over every class cannot give back. That vocabulary names no
+        dataset, so the labeller's settings go resolved, the preset's values for this dataset included."""
+        if (self.train_spec.get("training") or {}).get("setting") != "zero_shot":
+            return ["--vocabulary", self.dataset, *_labeler_flags(self.labeler)]
+        info = get_dataset(self.dataset)
+        config = LabelerConfig.from_dict(self.labeler, dataset=self.dataset)
+        resolved = {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"}
+        return ["--set", _set("vocabulary", [list(info.classes[i]) for i in info.unseen_ids]),
+                *_labeler_flags(resolved)]
 
     def _train(self) -> Stage:
         data = {"data.train": self.path_of("shards/train"), "data.val": self.path_of("shards/val"),
@@ -211,6 +226,10 @@ def _flags(values: dict) -> list[str]:
     """``{"num_images": 200} -> ["--num-images", "200"]``, leaving out unset values."""
     return [x for key, value in values.items() if value is not None
             for x in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def _labeler_flags(labeler: dict) -> list[str]:
+    return [x for key, value in sorted(labeler.items()) for x in ("--set", _set(f"labeler.{key}", value))]
 
 
 def _set(key: str, value) -> str:

@@ -216,7 +216,14 @@ def test_teacher_labels_at_feature_resolution_upsampling_only_the_candidates(mon
         assert float(confidence.max()) <= 1
         if class_ids is not None:
             assert set(labels.unique().tolist()) <= set(UNSEEN)
-        if topk is None:  # every allowed class upsampled: exactly the full-resolution computation
+        if class_ids is None:  # the labeller's own labels, image by image
+            own = p.predict(p.normalise(images * 255))
+            torch.testing.assert_close(labels, torch.stack([lab for lab, _ in own]).long())
+            torch.testing.assert_close(confidence, torch.stack([conf for _, conf in own]))
+            if topk is None:  # the argmax of every class's upsampled log-probability
+                torch.testing.assert_close(labels, reference)
+                torch.testing.assert_close(confidence, reference_confidence, atol=1e-3, rtol=0)
+        elif topk is None:  # every allowed class upsampled: exactly the full-resolution computation
             torch.testing.assert_close(labels, reference)
             torch.testing.assert_close(confidence, reference_confidence)
             assert upsampled == [3 * allowed]
