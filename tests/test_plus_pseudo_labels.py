@@ -14,6 +14,7 @@ from denseclip.plus import training
 from denseclip.plus.losses import segmentation_loss
 from denseclip.plus.pseudo_labels import (
     DenseCLIPTeacher,
+    build_teacher,
     hide_unseen,
     label_training_set,
     pseudo_labels,
@@ -257,3 +258,38 @@ def test_teacher_refinement_and_precomputed_training_set(monkeypatch, teacher):
     assert (full == refined).float().mean() > 0.95
     monkeypatch.setattr(p, "upsample_topk", None)
     torch.testing.assert_close(refiner.pseudo_labels(batch)[0], full)
+
+
+def test_the_training_teacher_sees_each_crop_as_it_is():
+    """The official teacher labels the augmented crop as the batch holds it; the labeller's protocol (resize, size
+    buckets) is for whole images."""
+    config = LabelerConfig(pretrained="random", resize_to=(160, 80), size_bucket=96)
+    labeler = config.build(CLASSES)
+    teacher = build_teacher(config, CLASSES, clip=labeler.clip)
+    seen = {}
+    for name, predictor in (("labeler", labeler), ("teacher", teacher.predictor)):
+        predictor.tower.conv1.register_forward_pre_hook(lambda _, args, name=name: seen.update({name: args[0].shape}))
+    crops = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    labels, _ = teacher.pseudo_labels(crops)
+    labeler.label_images([(crops[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy()])
+    assert labels.shape == (2, 64, 64)
+    assert tuple(seen["teacher"]) == (2, 3, 64, 64)  # as it is: 64 pixels are two cells of the stride 32
+    assert tuple(seen["labeler"][-2:]) == (96, 96)  # resized to 80, padded to the 96-pixel bucket
+
+
+def test_a_teacher_of_the_unseen_classes_labels_them_by_their_dataset_ids():
+    """The zero-shot teacher's vocabulary is the unseen classes (the official teacher scores only those): its
+    labels are their dataset ids, the argmax the whole vocabulary's teacher finds among them."""
+    clip = load_clip(TINY_MODEL)  # the shipped weights: labels that mean something
+    config = LabelerConfig()
+    unseen = build_teacher(config, [CLASSES[i] for i in UNSEEN], UNSEEN, clip=clip)
+    everything = build_teacher(config, CLASSES, clip=clip)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    labels, confidence = unseen.pseudo_labels(images, UNSEEN)
+    assert torch.equal(labels, unseen.pseudo_labels(images)[0])  # its whole vocabulary: the same request
+    assert set(labels.unique().tolist()) <= set(UNSEEN) and len(labels.unique()) == 2
+    restricted, restricted_confidence = everything.pseudo_labels(images, UNSEEN)
+    assert (labels == restricted).float().mean() > 0.99
+    torch.testing.assert_close(confidence, restricted_confidence, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match=r"classes \[1\] are not in the teacher's vocabulary"):
+        unseen.pseudo_labels(images, [1, 2])
