@@ -465,6 +465,6 @@ class DenseCLIP:
         ids = candidates[self._possible_winners(scores[candidates])]
         upsampled = self.upsample(scores[ids], extent, size)
         if len(ids) == 1:
-            return torch.full(size, int(ids[0]), dtype=label_dtype), upsampled[0]
+            return torch.full(size, int(ids[0]), dtype=label_dtype, device=upsampled.device), upsampled[0]
         best, index = upsampled.max(dim=0)
         return ids.to(label_dtype)[index], best
