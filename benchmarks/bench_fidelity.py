@@ -10,20 +10,20 @@ reproduction's label stage makes them) and the training step's precision (fp32 o
 
 ``--config``: a train spec (``jobs/train_*.yaml``) or a reproduction spec (``jobs/reproduce_*.yaml``, whose train
 spec is used with its ``train.set`` and ``label.labeler`` overrides); ``--set`` overrides it further. Its dataset,
-teacher and recipe are used as they are, with the data from ``--train`` / ``--val`` (WebDataset shards of
-images of one size, ``seg.png`` ground truth), without self-training (the teacher's part of a schedule) and
-without pseudo-label refinement (the official teacher has none, a label stage neither). Everything runs in this process on the CPU (``--device`` cuda: one GPU), interleaved in one process so
-the variants share the machine's load.
+teacher and recipe are used as they are, with the data from ``--train`` / ``--val`` (WebDataset shards of images of
+one size, ``seg.png`` ground truth), without self-training (the teacher's part of a schedule) and without
+pseudo-label refinement (the official teacher has none, a label stage neither). Everything runs in this process,
+on the CPU (``--device cuda``: one GPU), the variants interleaved so that they share the machine's load.
 
 Prints two tables (and writes them as JSON with ``--out``):
-1. The teacher (DenseCLIP, the spec's labeler) on the val shards: mIoU all / seen / unseen and, against the
-   spec's own labels, the share of pixels labelled alike, for each normalisation and precision; and
-   ``unseen_argmax_unseen``: of the pixels annotated unseen, the share whose argmax over every class is unseen
-   (what a zero-shot merge of every class's argmax could supervise). A precision whose
-   oneDNN kernels this CPU lacks runs on plain kernels, marked "(emulated)": the same rounding, another speed.
-2. DenseCLIP+ trained on the train shards, per variant and seed: mIoU all / seen / unseen / hIoU on the val
-   shards, ``unseen_supervised`` (of the targets) and the training time relative to the spec's own run. The spec's
-   own run takes its teacher on the fly, in the spec's precisions.
+1. The teacher (DenseCLIP, the spec's labeler) on the val shards, for each normalisation and precision: mIoU all /
+   seen / unseen; the share of pixels labelled as the spec's own labeller labels them; ``unseen_argmax_unseen``:
+   of the pixels annotated unseen, the share whose argmax over every class is an unseen class (all that a
+   zero-shot merge of every class's argmax could supervise). A precision whose oneDNN kernels this CPU lacks runs
+   on plain kernels, marked "(emulated)": the same rounding, another speed.
+2. DenseCLIP+ trained on the train shards, per variant (mean over the seeds): mIoU all / seen / unseen / hIoU on
+   the val shards, the unseen mIoU of each seed, ``unseen_supervised`` of its targets and its training time
+   relative to the spec's own run (its teacher on the fly, in the spec's precisions).
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def load_job(config: str, overrides: list[str], train: str, val: str) -> TrainJo
         apply_override(spec, assignment)
     spec["data"] = {**spec.get("data", {}), "train": train, "val": val, "mask_store": None}
     # The teacher's part of the schedule (no self-training), unrefined as the official teacher and a label stage.
-    spec["training"] = {**spec["training"], "pseudo_labels": "on_the_fly", "self_training": False, "guided_iterations": None,
-                        "pseudo_label_refinement": 0}
+    spec["training"] = {**spec["training"], "pseudo_labels": "on_the_fly", "self_training": False,
+                        "guided_iterations": None, "pseudo_label_refinement": 0}
     return TrainJob.from_dict(spec)
 
 
@@ -216,7 +216,8 @@ def _cell(value) -> str:
 def print_table(title: str, table: dict, columns: list[str]) -> None:
     print(f"\n{title}\n| variant | {' | '.join(columns)} |\n|---|{'---|' * len(columns)}")
     for name, row in table.items():
-        print(f"| {name}{' (emulated)' if row['emulated'] else ''} | {' | '.join(_cell(row.get(c)) for c in columns)} |")
+        cells = " | ".join(_cell(row.get(c)) for c in columns)
+        print(f"| {name}{' (emulated)' if row['emulated'] else ''} | {cells} |")
 
 
 def main(argv: list[str] | None = None) -> dict:

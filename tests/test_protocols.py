@@ -33,7 +33,8 @@ def test_paper_preset_is_the_official_code_in_normalisation_padding_and_precisio
     """configs/_base_/datasets/*: Normalize with ImageNet's mean/std; whole-image test, the image padded to the
     tower's stride only (no 128-pixel buckets on a GPU, where a ViT's padding tokens would join attention); fp32."""
     config = LabelerConfig.from_dict({"model": "RN50", "protocol": "paper", "device": device}, dataset=dataset)
-    assert (config.normalisation, config.effective_precision, config.effective_size_bucket) == ("imagenet", "fp32", None)
+    official = ("imagenet", "fp32", None)
+    assert (config.normalisation, config.effective_precision, config.effective_size_bucket) == official
     assert (config.mode, config.upsample_topk) == ("whole", None)
     assert LabelerConfig.from_dict({"protocol": "paper"}, dataset="synthetic").normalisation == "clip"  # ours
     assert LabelerConfig.from_dict({"model": "RN50", "protocol": "successors"}, dataset=dataset).normalisation == "clip"

@@ -349,6 +349,9 @@ def in_self_training(step: int, config: TrainingConfig) -> bool:
     return config.self_training and step >= config.num_guided
 
 
+PHASES = ("guided", "self_training", "seen_only")
+
+
 def phase(step: int, config: TrainingConfig) -> str:
     """What trains the target at ``step``: ``guided`` (DenseCLIP's pseudo labels), ``self_training`` (its own)
     or ``seen_only`` (ground truth of the seen classes alone)."""

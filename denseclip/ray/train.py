@@ -57,6 +57,7 @@ from denseclip.plus.pseudo_labels import DenseCLIPTeacher, build_teacher
 from denseclip.plus.target import SegmentationTarget, TargetConfig, build_target
 from denseclip.plus.training import (
     COVERAGE_COUNTS,
+    PHASES,
     Batch,
     TrainingConfig,
     augment,
@@ -492,9 +493,6 @@ class StepContext:
 StepCallback = Callable[[StepContext], None]
 
 
-PHASES = ("guided", "self_training", "seen_only")  # denseclip.plus.training.phase
-
-
 @dataclass
 class _Worker:
     """Everything one training worker holds."""
@@ -548,8 +546,8 @@ def _setup_worker(job: TrainJob) -> _Worker:
 def train_on(worker: _Worker, rows: dict[str, np.ndarray], step: int,
              callbacks: Sequence[StepCallback] = ()) -> tuple[torch.Tensor, str, float]:
     """One step of Algorithm 1 on this worker's ``rows``: augment (on the device, seeded by seed, rank and
-    step), make the targets (counted in ``worker.coverage``), call ``callbacks``, and take the optimizer step. Returns ``(loss, phase, lr)``;
-    the loss stays on the device (reading it would wait for the step to finish)."""
+    step), make the targets (counted in ``worker.coverage``), call ``callbacks``, and take the optimizer step.
+    Returns ``(loss, phase, lr)``; the loss stays on the device (reading it would wait for the step to finish)."""
     training = worker.job.training
     rng = np.random.default_rng([training.seed, worker.rank, step])
     batch = training_batch(rows, rng, training, worker.device)
