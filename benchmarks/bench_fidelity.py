@@ -23,7 +23,8 @@ Prints two tables (and writes them as JSON with ``--out``):
    on plain kernels, marked "(emulated)": the same rounding, another speed.
 2. DenseCLIP+ trained on the train shards, per variant (mean over the seeds): mIoU all / seen / unseen / hIoU on
    the val shards, the unseen mIoU of each seed, ``unseen_supervised`` of its targets and its training time
-   relative to the spec's own run (its teacher on the fly, in the spec's precisions).
+   relative to the spec's own run (its teacher on the fly, in the spec's precisions); a variant that changes
+   nothing in the spec is not run again (``same_as``).
 """
 
 from __future__ import annotations
@@ -193,10 +194,20 @@ def training_table(job: TrainJob, train_rows: list[dict], val: list[dict], seeds
     images = np.stack([row["image"] for row in train_rows])
     truth = np.stack([row["label"] for row in train_rows])
     runs: dict[str, list[dict]] = {name: [] for name in TRAINING_VARIANTS}
+    same_as: dict[str, str] = {}  # a variant that changes nothing in this spec is the spec's run
     for seed in seeds:  # variants interleaved: each seed's runs share the machine's load of the moment
+        done: dict[str, str] = {}
         for name, changes in TRAINING_VARIANTS.items():
             seeded = variant(job, {**changes, "training": {**changes.get("training", {}), "seed": seed}})
+            key = json.dumps(seeded.to_dict(), sort_keys=True, default=str)
+            if key in done:
+                same_as[name] = done[key]
+                runs[name].append(runs[done[key]][-1])
+                continue
+            done[key] = name
             runs[name].append(run(lambda job=seeded: train_once(job, images, truth, val, device)))
+            print(f"  seed {seed}, {name}: mIoU unseen {runs[name][-1]['miou_unseen']:.2f}, "
+                  f"{runs[name][-1]['seconds']:.0f} s", flush=True)
     base = statistics.mean(r["seconds"] for r in runs["spec (teacher on the fly)"])
     table = {}
     for name, done in runs.items():
@@ -206,6 +217,7 @@ def training_table(job: TrainJob, train_rows: list[dict], val: list[dict], seeds
         table[name]["unseen_supervised"] = statistics.mean(coverage) if coverage else None
         table[name]["time_vs_spec"] = statistics.mean(r["seconds"] for r in done) / base
         table[name]["emulated"] = any(r.get("emulated", False) for r in done)
+        table[name]["same_as"] = same_as.get(name)
     return table
 
 
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--skip-training", action="store_true", help="the teacher's table only")
+    parser.add_argument("--tables", default="teacher,training", help="which tables: teacher, training or both")
     parser.add_argument("--out", help="write the tables as JSON here")
     args = parser.parse_args(argv)
     job = load_job(args.config, args.set, args.train, args.val)
@@ -236,15 +248,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{job.dataset}: {len(train_rows)} train / {len(val)} val images, teacher {job.labeler.model} "
           f"({job.labeler.protocol or 'no'} protocol), {job.training.iterations} iterations, "
           f"{torch.get_num_threads()} torch threads")
-    results = {"teacher": teacher_table(job, val, args.device)}
-    print_table("Teacher (DenseCLIP) on the val shards", results["teacher"],
-                ["miou", "miou_seen", "miou_unseen", "agreement_with_spec", "unseen_argmax_unseen", "precision",
-                 "normalisation"])
-    if not args.skip_training:
+    tables, results = args.tables.split(","), {}
+    if "teacher" in tables:
+        results["teacher"] = teacher_table(job, val, args.device)
+        print_table("Teacher (DenseCLIP) on the val shards", results["teacher"],
+                    ["miou", "miou_seen", "miou_unseen", "agreement_with_spec", "unseen_argmax_unseen", "precision",
+                     "normalisation"])
+    if "training" in tables:
         seeds = [int(s) for s in args.seeds.split(",")]
         results["training"] = training_table(job, train_rows, val, seeds, args.device)
         print_table(f"DenseCLIP+ (mean of seeds {args.seeds})", results["training"],
-                    [*HEADLINE, "per_seed_miou_unseen", "unseen_supervised", "time_vs_spec"])
+                    [*HEADLINE, "per_seed_miou_unseen", "unseen_supervised", "time_vs_spec", "same_as"])
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return results
