@@ -62,7 +62,9 @@ class DenseCLIPTeacher:
             threshold: pixels whose confidence is below it become ``ignore_index``.
         Returns:
             ``(labels (B, H, W) int64 dataset ids, confidence (B, H, W) float in [0, 1])`` on the device of
-            ``images``; the confidence is the winner's probability among the classes that may win.
+            ``images``; the confidence is the winner's probability: the labeller's (its log-probability resampled
+            to the pixel, what a mask store holds) for unrefined labels over the whole vocabulary, else
+            renormalised among the classes upsampled.
         """
         local = self._local_ids(class_ids)
         if local is None and not self.refine_iterations:
