@@ -206,8 +206,8 @@ def training_table(job: TrainJob, train_rows: list[dict], val: list[dict], seeds
                 continue
             done[key] = name
             runs[name].append(run(lambda job=seeded: train_once(job, images, truth, val, device)))
-            print(f"  seed {seed}, {name}: mIoU unseen {runs[name][-1]['miou_unseen']:.2f}, "
-                  f"{runs[name][-1]['seconds']:.0f} s", flush=True)
+            print(f"  seed {seed}, {name}: " + ", ".join(f"{k} {_cell(v)}" for k, v in runs[name][-1].items()),
+                  flush=True)
     base = statistics.mean(r["seconds"] for r in runs["spec (teacher on the fly)"])
     table = {}
     for name, done in runs.items():

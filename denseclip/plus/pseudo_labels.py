@@ -48,6 +48,7 @@ class DenseCLIPTeacher:
         self.class_ids = list(range(self.num_classes)) if class_ids is None else [int(c) for c in class_ids]
         if len(self.class_ids) != self.num_classes:
             raise ValueError(f"class_ids names {len(self.class_ids)} classes, the predictor has {self.num_classes}")
+        self._dataset_ids = torch.as_tensor(self.class_ids, device=predictor.device)  # copied once, not per batch
 
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, class_ids: Sequence[int] | None = None,
@@ -71,7 +72,7 @@ class DenseCLIPTeacher:
             index, confidence = self._labeller_labels(images)
         else:
             index, confidence = self._batch_labels(images, local)
-        labels = torch.as_tensor(self.class_ids, device=index.device)[index]
+        labels = self._dataset_ids[index]
         if threshold is not None:
             labels = labels.masked_fill(confidence < threshold, ignore_index)
         return labels.to(images.device), confidence.to(images.device)
