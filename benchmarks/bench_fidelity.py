@@ -15,13 +15,15 @@ one size, ``seg.png`` ground truth), without self-training (the teacher's part o
 pseudo-label refinement (the official teacher has none, a label stage neither). Everything runs in this process,
 on the CPU (``--device cuda``: one GPU), the variants interleaved so that they share the machine's load.
 
-Prints two tables (and writes them as JSON with ``--out``):
+Prints three tables (and writes them as JSON with ``--out``):
 1. The teacher (DenseCLIP, the spec's labeler) on the val shards, for each normalisation and precision: mIoU all /
    seen / unseen; the share of pixels labelled as the spec's own labeller labels them; ``unseen_argmax_unseen``:
    of the pixels annotated unseen, the share whose argmax over every class is an unseen class (all that a
    zero-shot merge of every class's argmax could supervise). A precision whose oneDNN kernels this CPU lacks runs
    on plain kernels, marked "(emulated)": the same rounding, another speed.
-2. DenseCLIP+ trained on the train shards, per variant (mean over the seeds): mIoU all / seen / unseen / hIoU on
+2. The targets of the training's first ``--target-steps`` augmented batches, per teacher variant: of the annotated
+   pixels they pseudo-label (zero-shot: those annotated unseen), the share whose target is the annotation.
+3. DenseCLIP+ trained on the train shards, per variant (mean over the seeds): mIoU all / seen / unseen / hIoU on
    the val shards, the unseen mIoU of each seed, ``unseen_supervised`` of its targets and its training time
    relative to the spec's own run (its teacher on the fly, in the spec's precisions); a variant that changes
    nothing in the spec is not run again (``same_as``).
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import statistics
 import time
@@ -46,7 +49,7 @@ from denseclip.config import LabelerConfig, apply_override, read_job_spec
 from denseclip.evaluation import ImageLabeler
 from denseclip.metrics import ConfusionMatrix, summarize
 from denseclip.plus.amp import MixedPrecision
-from denseclip.plus.training import InMemoryBatches, train
+from denseclip.plus.training import InMemoryBatches, make_targets, train
 from denseclip.ray.train import TrainJob, build_worker
 from denseclip.ray.train_data import read_samples
 from denseclip.reproduce import Reproduction
@@ -67,6 +70,12 @@ TRAINING_VARIANTS = {
     "teacher normalisation imagenet": {"labeler": {"normalisation": "imagenet"}},
     "training fp32": {"training": {"precision": "fp32"}},
     "training bf16 autocast": {"training": {"precision": "bf16"}},
+}
+TARGET_VARIANTS = {
+    "spec (teacher on the fly)": {},
+    "teacher precomputed": TRAINING_VARIANTS["teacher precomputed"],
+    "teacher normalisation imagenet": TRAINING_VARIANTS["teacher normalisation imagenet"],
+    "teacher fp16": {"labeler": {"precision": "fp16"}},
 }
 HEADLINE = ("miou", "miou_seen", "miou_unseen", "hiou")
 
@@ -171,12 +180,35 @@ def precomputed_maps(job: TrainJob, images: np.ndarray, device: str) -> dict[str
             "pseudo_confidence": np.stack([confidence for _, confidence in maps])}
 
 
-def train_once(job: TrainJob, images: np.ndarray, truth: np.ndarray, val: list[dict], device: str) -> dict:
+def _setup(job: TrainJob, images: np.ndarray, truth: np.ndarray, device: str) -> tuple:
+    """A training worker of ``job`` and its augmented batches (with the label stage's maps when precomputed)."""
     worker = build_worker(job, 0, 1, torch.device(device))
     maps = {"label": truth}
     if job.training.pseudo_labels == "precomputed":
         maps.update(precomputed_maps(job, images, device))
-    batches = InMemoryBatches(images, maps, job.training)
+    return worker, InMemoryBatches(images, maps, job.training)
+
+
+def target_accuracy(job: TrainJob, images: np.ndarray, truth: np.ndarray, device: str, steps: int) -> dict:
+    """Over the first ``steps`` batches of the guided phase, of the annotated pixels the targets pseudo-label
+    (in the zero-shot setting: those annotated unseen), the share (percent) whose target is the annotation,
+    which the loss never sees."""
+    worker, batches = _setup(job, images, truth, device)
+    right = judged = 0
+    for step in range(steps):
+        batch = batches.batch(step)
+        targets = make_targets(batch, step, job.training, worker.model, worker.teacher, job.info.unseen_ids)
+        label = batch["label"]
+        pseudo = batch["valid"] & (label != 255) & (targets != 255)
+        if job.training.setting == "zero_shot":
+            pseudo &= torch.isin(label, torch.as_tensor(job.info.unseen_ids))
+        right += int((pseudo & (targets == label)).sum())
+        judged += int(pseudo.sum())
+    return {"pseudo_label_accuracy": 100 * right / judged if judged else None, "pixels": judged}
+
+
+def train_once(job: TrainJob, images: np.ndarray, truth: np.ndarray, val: list[dict], device: str) -> dict:
+    worker, batches = _setup(job, images, truth, device)
     start = time.perf_counter()
     history = train(worker.model, worker.optimizer, batches.batch, job.training, range(job.training.iterations),
                     worker.teacher, job.info.unseen_ids, log_every=job.training.iterations,
@@ -187,12 +219,22 @@ def train_once(job: TrainJob, images: np.ndarray, truth: np.ndarray, val: list[d
             "unseen_supervised": history[-1]["target_coverage"].get("unseen_supervised")}
 
 
-def training_table(job: TrainJob, train_rows: list[dict], val: list[dict], seeds: list[int], device: str) -> dict:
-    sizes = {row["image"].shape for row in train_rows}
+def stacked(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """``(images (N, H, W, 3), ground truth (N, H, W))`` of rows of one size (batches are drawn in memory)."""
+    sizes = {row["image"].shape for row in rows}
     if len(sizes) != 1:
         raise SystemExit(f"--train: images of one size are needed (in memory, stacked), got {sorted(sizes)[:3]}")
-    images = np.stack([row["image"] for row in train_rows])
-    truth = np.stack([row["label"] for row in train_rows])
+    return np.stack([row["image"] for row in rows]), np.stack([row["label"] for row in rows])
+
+
+def targets_table(job: TrainJob, train_rows: list[dict], steps: int, device: str) -> dict:
+    images, truth = stacked(train_rows)
+    return {name: run(functools.partial(target_accuracy, variant(job, changes), images, truth, device, steps))
+            for name, changes in TARGET_VARIANTS.items()}
+
+
+def training_table(job: TrainJob, train_rows: list[dict], val: list[dict], seeds: list[int], device: str) -> dict:
+    images, truth = stacked(train_rows)
     runs: dict[str, list[dict]] = {name: [] for name in TRAINING_VARIANTS}
     same_as: dict[str, str] = {}  # a variant that changes nothing in this spec is the spec's run
     for seed in seeds:  # variants interleaved: each seed's runs share the machine's load of the moment
@@ -229,7 +271,7 @@ def print_table(title: str, table: dict, columns: list[str]) -> None:
     print(f"\n{title}\n| variant | {' | '.join(columns)} |\n|---|{'---|' * len(columns)}")
     for name, row in table.items():
         cells = " | ".join(_cell(row.get(c)) for c in columns)
-        print(f"| {name}{' (emulated)' if row['emulated'] else ''} | {cells} |")
+        print(f"| {name}{' (emulated)' if row.get('emulated') else ''} | {cells} |")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -240,7 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tables", default="teacher,training", help="which tables: teacher, training or both")
+    parser.add_argument("--tables", default="teacher,targets,training",
+                        help="comma-separated: teacher, targets, training")
+    parser.add_argument("--target-steps", type=int, default=25, help="batches the targets table judges")
     parser.add_argument("--out", help="write the tables as JSON here")
     args = parser.parse_args(argv)
     job = load_job(args.config, args.set, args.train, args.val)
@@ -254,6 +298,10 @@ def main(argv: list[str] | None = None) -> dict:
         print_table("Teacher (DenseCLIP) on the val shards", results["teacher"],
                     ["miou", "miou_seen", "miou_unseen", "agreement_with_spec", "unseen_argmax_unseen", "precision",
                      "normalisation"])
+    if "targets" in tables:
+        results["targets"] = targets_table(job, train_rows, args.target_steps, args.device)
+        print_table(f"Targets of the first {args.target_steps} batches", results["targets"],
+                    ["pseudo_label_accuracy", "pixels"])
     if "training" in tables:
         seeds = [int(s) for s in args.seeds.split(",")]
         results["training"] = training_table(job, train_rows, val, seeds, args.device)
