@@ -45,6 +45,11 @@ DEFAULT_HEAD = "maskclip"
 DEFAULT_RESIZE = (2048, 512)
 RESIZE_AUTO, RESIZE_NATIVE = "auto", "native"
 NO_PROTOCOL = "none"  # --protocol none: no preset, even where one is the default (evaluate.py --dataset)
+# The mean/std images are normalised with: CLIP's own (what CLIP was trained with; the successors use it), or the
+# ImageNet statistics MMSegmentation's configs hold, which the official DenseCLIP code feeds CLIP too.
+NORMALISATIONS = ("clip", "imagenet")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESIZE_FIELDS = ("resize_to", "short_side")
 
 
@@ -146,6 +151,7 @@ class LabelerConfig:
     templates: str | None = None  # None: "synthetic" for the tiny models, "denseclip85" otherwise
     synonyms: bool = False  # a dataset vocabulary's synonym-enriched class lists (get_dataset(..., synonyms=True))
     name_softmax: bool = False  # class probabilities as the successors compute them (see DenseCLIP)
+    normalisation: str = "clip"  # the images' mean/std (NORMALISATIONS)
     protocol: str | None = None  # the preset (protocols.json) that supplied the defaults, recorded
     resize_to: tuple[int, int] | str | None = RESIZE_AUTO  # [long, short], "auto" or "native" (= null)
     mode: str = "whole"
@@ -209,6 +215,8 @@ class LabelerConfig:
         for name in ("synonyms", "name_softmax"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
+        if self.normalisation not in NORMALISATIONS:
+            fail("normalisation", f"must be one of {', '.join(NORMALISATIONS)}")
         if self.precision not in PRECISIONS + (AUTO,):
             fail("precision", f"must be one of {', '.join(PRECISIONS + (AUTO,))}")
         if self.size_bucket not in (AUTO, None) and (not isinstance(self.size_bucket, int)
@@ -333,6 +341,8 @@ def add_labeler_arguments(parser) -> None:
                        help="a dataset vocabulary with its synonym-enriched class lists (max over names)")
     group.add_argument("--name-softmax", action="store_true", default=False,
                        help="class probabilities as a softmax over every name, each class the max over its names")
+    group.add_argument("--normalisation", default="clip", choices=NORMALISATIONS,
+                       help="the images' mean/std: CLIP's own (default) or ImageNet's, as the official code feeds CLIP")
     group.add_argument("--mode", default="whole", help="whole or slide")
     group.add_argument("--crop-size", type=int, default=448)
     group.add_argument("--crop-stride", type=int, default=224)

@@ -50,7 +50,9 @@ def dense_features_and_keys(model: nn.Module, images: torch.Tensor,
                             head: str = DEFAULT_HEAD) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`dense_features`, also returning the final attention's key features ``(B, C, H/s, W/s)``.
 
-    The keys are what the paper's key smoothing compares between locations (the same for every head).
+    The keys are what the paper's key smoothing compares between locations (the same for every head): the
+    attention pool's ``k_proj`` of a ResNet, and of a ViT the last block's keys passed through its attention's
+    ``out_proj``, as the official code takes them.
     """
     return _dense(model, images, head, with_keys=True)
 
@@ -66,7 +68,7 @@ def _dense(model: nn.Module, images: torch.Tensor, head: str,
     images = images.to(visual.conv1.weight.dtype)
     if isinstance(visual, ModifiedResNet):
         return _resnet_dense(visual, images, with_keys)
-    return _vit_dense(visual, images, head)
+    return _vit_dense(visual, images, head, with_keys)
 
 
 def check_head(model: nn.Module, head: str) -> nn.Module:
@@ -124,7 +126,8 @@ def _resized_positional_embedding(visual: VisionTransformer, grid: tuple[int, in
     return torch.cat([cls_pos, patch_pos], dim=0)
 
 
-def _vit_dense(visual: VisionTransformer, images: torch.Tensor, head: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _vit_dense(visual: VisionTransformer, images: torch.Tensor, head: str,
+               with_keys: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     batch = images.shape[0]
     x = visual.conv1(images)  # (B, C, gh, gw)
     grid = (x.shape[2], x.shape[3])
@@ -152,8 +155,12 @@ def _vit_dense(visual: VisionTransformer, images: torch.Tensor, head: str) -> tu
 
     tokens = visual.ln_post(x[:, 1:]) @ visual.proj  # (B, gh*gw, D)
     features = tokens.transpose(1, 2).reshape(batch, -1, *grid)
-    keys = k[:, 1:].transpose(1, 2).reshape(batch, -1, *grid)
-    return features, keys
+    if not with_keys:
+        return features, None
+    # The official code passes q, k and v alike through the attention's out_proj; its key smoothing compares
+    # those keys.
+    keys = attn.out_proj(k[:, 1:])
+    return features, keys.transpose(1, 2).reshape(batch, -1, *grid)
 
 
 # ----------------------------------------------------------------------------------------------- ViT heads

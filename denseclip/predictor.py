@@ -22,6 +22,9 @@ from denseclip.config import (
     AUTO,
     CUDA_SIZE_BUCKET,
     DEFAULT_RESIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NORMALISATIONS,
     RESIZE_AUTO,
     TINY_MODELS,
     LabelerConfig,
@@ -32,6 +35,7 @@ from denseclip.engine import inference_tower, input_memory_format
 from denseclip.gpu import to_device, to_host
 from denseclip.images import as_rgb_array, check_rgb_image
 from denseclip.models import LoadedCLIP, load_clip
+from denseclip.protocols import keep_ratio_size
 from denseclip.text import class_embeddings
 from denseclip.vocabulary import load_templates
 
@@ -102,6 +106,8 @@ class DenseCLIP:
         name_softmax: class probabilities as the successors of DenseCLIP compute them: a softmax over every name,
             each class the max of its names' probabilities (a class's synonyms share its probability mass, so
             probabilities of classes with synonyms sum to less than 1). False: a softmax over the classes' scores.
+        normalisation: the mean/std images are normalised with (``denseclip.config.NORMALISATIONS``): ``clip``
+            (the model's own) or ``imagenet`` (what the official DenseCLIP configs feed CLIP).
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class DenseCLIP:
         batch_size: int = 8,
         head: str = DEFAULT_HEAD,
         name_softmax: bool = False,
+        normalisation: str = "clip",
     ) -> None:
         self.clip = clip
         classes = [[c] if isinstance(c, str) else list(c) for c in classes]  # a bare name is a class of one name
@@ -153,6 +160,8 @@ class DenseCLIP:
                                              or not 0 <= background_class < len(classes)):
             raise ValueError(f"background_class {background_class} needs a background_threshold and must index "
                              f"one of the {len(classes)} classes")
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
         if size_bucket is not None and size_bucket <= 0:
             raise ValueError(f"size_bucket must be a positive number of pixels or None, got {size_bucket}")
         self.mode, self.crop_size, self.crop_stride = mode, crop_size, crop_stride
@@ -176,8 +185,10 @@ class DenseCLIP:
         self.name_embeddings = embeddings.float().to(clip.device)  # (N, D)
         self.class_of_name = class_of_name.to(clip.device)  # (N,)
         self.class_names = (["background"] if self.has_background_slot else []) + [c[0] for c in self.classes]
-        self.mean = torch.tensor(clip.mean, device=clip.device).view(3, 1, 1)
-        self.std = torch.tensor(clip.std, device=clip.device).view(3, 1, 1)
+        mean, std = (clip.mean, clip.std) if normalisation == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+        self.normalisation = normalisation
+        self.mean = torch.tensor(mean, device=clip.device).view(3, 1, 1)
+        self.std = torch.tensor(std, device=clip.device).view(3, 1, 1)
         # Normalisation of 0-255 pixels as one multiply-add: x * scale + shift = (x / 255 - mean) / std.
         self._scale, self._shift = 1 / (255 * self.std), -self.mean / self.std
         self.tower = inference_tower(clip.model)
@@ -212,7 +223,7 @@ class DenseCLIP:
             background_class=background_class, key_smoothing=config.key_smoothing,
             prompt_denoising=config.prompt_denoising, upsample_topk=config.upsample_topk,
             size_bucket=config.effective_size_bucket, batch_size=config.batch_size, head=config.head,
-            name_softmax=config.name_softmax)
+            name_softmax=config.name_softmax, normalisation=config.normalisation)
 
     @property
     def num_classes(self) -> int:
@@ -221,7 +232,12 @@ class DenseCLIP:
     # ----------------------------------------------------------------------------------------- public API
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """``(H, W, 3)`` uint8 RGB -> ``(3, H, W)`` float32 normalised with the model's mean/std, on its device."""
-        return torch.addcmul(self._shift, self._pixels([image])[0], self._scale)
+        return self.normalise(self._pixels([image])[0])
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixel values in 0-255, ``(..., 3, H, W)`` of any dtype on the model's device -> float32, normalised as
+        every labelling path here normalises them (one multiply-add, so the same pixels give the same inputs)."""
+        return torch.addcmul(self._shift, pixels, self._scale)
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
@@ -305,13 +321,9 @@ class DenseCLIP:
     def inference_size(self, height: int, width: int) -> tuple[int, int]:
         """The size ``(h, w)`` an ``height x width`` image is resized to before inference (``short_side`` or
         ``resize_to``; rounded as MMSegmentation rounds: ``int(x * scale + 0.5)``)."""
-        if self.resize_to is not None:
-            long, short = self.resize_to
-            scale = min(long / max(height, width), short / min(height, width))
-        elif self.short_side is not None:
-            scale = self.short_side / min(height, width)
-        else:
-            return height, width
+        if self.short_side is None:
+            return keep_ratio_size(height, width, self.resize_to)
+        scale = self.short_side / min(height, width)
         return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
     def _resize(self, image: torch.Tensor) -> torch.Tensor:
@@ -515,6 +527,6 @@ class DenseCLIP:
         ids = candidates[self._possible_winners(scores[candidates])]
         upsampled = self.upsample(scores[ids], extent, size)
         if len(ids) == 1:
-            return torch.full(size, int(ids[0]), dtype=label_dtype), upsampled[0]
+            return torch.full(size, int(ids[0]), dtype=label_dtype, device=upsampled.device), upsampled[0]
         best, index = upsampled.max(dim=0)
         return ids.to(label_dtype)[index], best

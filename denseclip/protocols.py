@@ -46,3 +46,14 @@ def protocol_defaults(protocol: str, dataset: str | None = None) -> dict:
     values.update(entry.get("datasets", {}).get(dataset, {}))
     values["protocol"] = protocol
     return values
+
+
+def keep_ratio_size(height: int, width: int, resize_to: tuple[int, int] | None) -> tuple[int, int]:
+    """The size ``(h, w)`` MMSegmentation's keep-ratio ``Resize(img_scale=(long, short))`` gives a ``height x
+    width`` image: scaled by ``min(long / max(h, w), short / min(h, w))``, rounded as ``int(x * scale + 0.5)``
+    (a 500x375 image becomes 683x512 for (2048, 512)); as it is for None."""
+    if resize_to is None:
+        return height, width
+    long, short = resize_to
+    scale = min(long / max(height, width), short / min(height, width))
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))

@@ -11,8 +11,9 @@ step.
     evaluate: {num_overlays: 8}
 
 The train spec is the one source of the dataset, the teacher and the schedule; the reproduction only points its
-data at the stages' outputs and switches it to the precomputed pseudo labels of the label stage. The baseline
-stage labels the validation shards with that same teacher and scores it as the evaluate stage scores DenseCLIP+
+data at the stages' outputs and switches it to the precomputed pseudo labels of the label stage (labelled, in the
+zero-shot setting, with the unseen classes alone: the targets' argmax among them). The baseline stage labels the
+validation shards with that same teacher over every class and scores it as the evaluate stage scores DenseCLIP+
 (``<workdir>/baseline/report.json`` beside ``<workdir>/evaluation/report.json``: the paper's tables put DenseCLIP
 beside DenseCLIP+). A spec may ``extends:`` another (``denseclip.config.read_job_spec``). A stage is
 complete when its record (``<workdir>/stages/<stage>.json``, written once its step succeeded) holds the same
@@ -22,6 +23,7 @@ commands and its outputs exist; complete stages are skipped, so a re-run continu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import time
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 
 from denseclip import storage
 from denseclip.config import ConfigError, LabelerConfig, apply_override, read_job_spec
+from denseclip.datasets import get_dataset
 from denseclip.mask_store import code_version
 from denseclip.sources.sharding import MANIFEST
 
@@ -169,8 +172,7 @@ class Reproduction:
         return Stage("prepare", commands, outputs)
 
     def _label(self) -> Stage:
-        vocabulary = ["--vocabulary", self.dataset, *_labeler_flags(self.labeler)]
-        return Stage("label", [self._label_command("shards/train", "pseudo-labels", vocabulary)],
+        return Stage("label", [self._label_command("shards/train", "pseudo-labels", self._label_vocabulary())],
                      [self.path_of(f"pseudo-labels/{SUMMARY_FILE}")])
 
     def _label_command(self, shards: str, masks: str, vocabulary: list[str]) -> list[str]:
@@ -178,6 +180,19 @@ class Reproduction:
         ``vocabulary`` and labeller flags, on the label stage's actors."""
         return ["python", "pipelines/label.py", "--input", self.path_of(shards), "--output", self.path_of(masks),
                 *vocabulary, *_flags({k: self.label.get(k) for k in ("num_actors", "cpus_per_actor")})]
+
+    def _label_vocabulary(self) -> list[str]:
+        """The label stage's vocabulary and labeller flags. A zero-shot reproduction labels with the unseen
+        classes alone: its targets take the teacher's argmax among them (as the official teacher's, and the
+        on-the-fly teacher's), which an argmax over every class cannot give back. That vocabulary names no
+        dataset, so the labeller's settings go resolved, the preset's values for this dataset included."""
+        if (self.train_spec.get("training") or {}).get("setting") != "zero_shot":
+            return ["--classes", self.dataset, *_labeler_flags(self.labeler)]
+        info = get_dataset(self.dataset)
+        config = LabelerConfig.from_dict(self.labeler, dataset=self.dataset)
+        resolved = {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"}
+        return ["--set", _set("classes", [list(info.classes[i]) for i in info.unseen_ids]),
+                *_labeler_flags(resolved)]
 
     def _train(self) -> Stage:
         data = {"data.train": self.path_of("shards/train"), "data.val": self.path_of("shards/val"),
@@ -199,7 +214,7 @@ class Reproduction:
         """The teacher (DenseCLIP) on the validation shards, over every class of the dataset, scored like
         DenseCLIP+."""
         out = self.path_of("baseline")
-        vocabulary = ["--vocabulary", self.dataset, *_labeler_flags(self.labeler)]
+        vocabulary = ["--classes", self.dataset, *_labeler_flags(self.labeler)]
         score = ["python", "pipelines/evaluate.py", "--pred", self.path_of(f"baseline/{BASELINE_MASKS}"), "--gt",
                  self.path_of("shards/val"), "--dataset", self.dataset, "--out", out,
                  "--method", f"DenseCLIP {self.labeler['model']}",

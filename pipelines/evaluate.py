@@ -11,6 +11,9 @@ as for ``denseclip predict``; the vocabulary is the evaluation's; with --dataset
 dataset's preset of --protocol, by default ``paper``: the paper's resize and whole-image inference; ``--protocol
 none`` for none). --checkpoint: label them with a trained
 DenseCLIP+ target network (a checkpoint folder of pipelines/train.py, trained on the same classes).
+The target scores each image as the official test pipeline does: resized keeping its ratio to fit the
+training's ``resize_to`` (COCO-Stuff and VOC (2048, 512), Context (520, 520)), its logits resized back to the
+image; ``--resize-to LONG,SHORT`` or ``native`` scores it otherwise.
 --gt: a folder of ``<key>.png`` label maps (the images, for labelling or the overlays, from --images) or
 WebDataset shards (``seg.png`` and the image). Every ground-truth key must have a prediction of the same size,
 otherwise the run stops with exit code 2 and a one-line error naming the key: a silently skipped image would
@@ -188,15 +191,18 @@ def labeler_source(args: argparse.Namespace, vocab: Vocabulary, inputs: dict
         classes = vocab.synonyms if config.synonyms and vocab.synonyms else vocab.classes
         make = functools.partial(build_dense_clip, config, classes, background_index=vocab.background_index)
         return make, config.device, f"DenseCLIP {config.model}" + (f" {config.head}" if config.head != "maskclip" else "")
-    from denseclip.ray.train import load_target_checkpoint, read_checkpoint_meta
+    from denseclip.ray.train import load_target_checkpoint, read_checkpoint_meta, scoring_resize
 
-    trained = read_checkpoint_meta(args.checkpoint).get("class_names", [])
+    meta = read_checkpoint_meta(args.checkpoint)
+    trained = meta.get("class_names", [])
     if [normalize_class_name(n) for n in trained] != [normalize_class_name(n) for n in vocab.class_names]:
         raise ValueError(f"--checkpoint {args.checkpoint}: trained on {len(trained)} classes ({', '.join(trained[:4])}"
                          f", ...), not on the {len(vocab.class_names)} classes of {vocab.name}")
     inputs["checkpoint"] = args.checkpoint
+    # Scored at the training's keep-ratio resize, as the official test pipeline does, unless --resize-to says.
+    inputs["scored_at"] = scoring_resize(meta, args.resize_to)
     method = f"DenseCLIP+ {Path(args.checkpoint.rstrip('/')).name}"
-    return functools.partial(load_target_checkpoint, args.checkpoint), args.device, method
+    return functools.partial(load_target_checkpoint, args.checkpoint, resize_to=args.resize_to), args.device, method
 
 
 def run_on_ray(args: argparse.Namespace, evaluation: Evaluation, device: str = "cpu", **source) -> Evaluation:

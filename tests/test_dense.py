@@ -232,6 +232,27 @@ def test_batched_equals_one_image_at_a_time(tiny_vit, head):
     torch.testing.assert_close(keys, torch.cat([k for _, k in singles]), rtol=1e-5, atol=1e-5)
 
 
+def test_vit_keys_pass_through_out_proj_as_the_official_code_takes_them(tiny_vit):
+    """The official ViT backbone (mmseg/models/backbones/vit.py, ``return_qkv``) splits the last block's in_proj
+    output into q, k and v and passes each through the attention's out_proj; its key smoothing compares those k."""
+    torch.manual_seed(5)
+    images = torch.randn(2, 3, 64, 96)
+    visual = tiny_vit.visual
+    attn = visual.transformer.resblocks[-1].attn
+    with torch.no_grad():
+        _, keys = dense_features_and_keys(tiny_vit, images)
+        x = tokens_entering_last_block(visual, images)
+        y = F.linear(visual.transformer.resblocks[-1].ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+        n, length, c = y.shape
+        y = y.view(n, length, 3, c // 3).permute(2, 0, 1, 3).reshape(3 * n, length, c // 3)
+        _, k, _ = F.linear(y, attn.out_proj.weight, attn.out_proj.bias).tensor_split(3, dim=0)
+    grid = (64 // visual.patch_size[0], 96 // visual.patch_size[1])
+    official = k[:, 1:].transpose(1, 2).reshape(2, -1, *grid)
+    torch.testing.assert_close(keys, official, rtol=1e-5, atol=1e-5)
+    raw = y[n:2 * n, 1:].transpose(1, 2).reshape(2, -1, *grid)  # the keys before out_proj differ
+    assert not torch.allclose(keys, raw, atol=1e-3)
+
+
 def test_neighbourhood_bias_is_cached_per_grid_and_skips_the_class_token():
     first = neighbourhood_bias((3, 4))
     assert neighbourhood_bias((3, 4)) is first and neighbourhood_bias((4, 3)) is not first

@@ -97,12 +97,12 @@ def test_worker_setup_steps_and_labeller_create_no_tensor_off_the_device(shards)
         worker = build_worker(job, 0, 1, CPU)
         losses = [train_on(worker, ray_batch(rows[2 * step:2 * step + 2]), step)[0] for step in range(2)]
         evaluation = Evaluation(job.info.num_classes, num_overlays=1)
-        for labeler in (worker.model, worker.teacher.predictor):
+        for labeler in (worker.model, worker.labeler, worker.teacher.predictor):
             evaluation.add_labelled(labeler, CLEAN, [(r["key"], r["image"], r["label"]) for r in rows])
         out = Labeler(LabelerConfig(), resolve_vocabulary("synthetic")).label_batch(
             decode_batch(ray_batch(labeller_rows)))
     assert worker.precision.name == "fp16" and worker.precision.scaler is not None
-    assert all(torch.isfinite(loss) for loss in losses) and evaluation.num_images == 2 * len(rows)
+    assert all(torch.isfinite(loss) for loss in losses) and evaluation.num_images == 3 * len(rows)
     assert not any(out["error"])
     assert {call for call in audit.calls if call not in ALLOWED} == set(), audit.calls
     assert audit.calls  # the allowed call was met: the audit watched the project's code

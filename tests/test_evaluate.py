@@ -353,7 +353,7 @@ def test_denseclip_plus_checkpoint_on_the_fly(tmp_path, capsys):
     from denseclip.vocabulary import load_templates
 
     job = TrainJob.from_dict({"dataset": "synthetic", "data": {"train": "unused", "val": "unused"},
-                              "run": {"name": "eval"}, "training": {"target": {
+                              "run": {"name": "eval"}, "training": {"resize_to": [128, 32], "target": {
                                   "backbone": "clip", "backbone_weights": "clip", "head": "deeplabv3plus",
                                   "output_stride": 16, "aspp_rates": [1, 2], "head_channels": 16}}})
     clip = load_clip()
@@ -374,6 +374,11 @@ def test_denseclip_plus_checkpoint_on_the_fly(tmp_path, capsys):
     assert reports["plus"]["per_class_iou"] == reports["stored"]["per_class_iou"]
     assert reports["plus"]["pixel_accuracy"] == reports["stored"]["pixel_accuracy"]
     assert reports["plus"]["method"] == "DenseCLIP+ checkpoint"
+    # Scored at the training's keep-ratio resize (the 64-pixel scenes at 32), as the official test pipeline does.
+    assert reports["plus"]["inputs"]["scored_at"] == [128, 32]
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--gt", shards, "--dataset", "synthetic",
+                          "--resize-to", "native", "--out", str(tmp_path / "native")]) == 0
+    assert json.loads((tmp_path / "native" / "report.json").read_text())["inputs"]["scored_at"] is None
 
     assert evaluate.main(["--checkpoint", str(checkpoint), "--gt", shards, "--dataset", "voc",
                           "--out", str(tmp_path / "voc")]) == 2

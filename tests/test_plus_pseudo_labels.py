@@ -14,6 +14,7 @@ from denseclip.plus import training
 from denseclip.plus.losses import segmentation_loss
 from denseclip.plus.pseudo_labels import (
     DenseCLIPTeacher,
+    build_teacher,
     hide_unseen,
     label_training_set,
     pseudo_labels,
@@ -216,7 +217,14 @@ def test_teacher_labels_at_feature_resolution_upsampling_only_the_candidates(mon
         assert float(confidence.max()) <= 1
         if class_ids is not None:
             assert set(labels.unique().tolist()) <= set(UNSEEN)
-        if topk is None:  # every allowed class upsampled: exactly the full-resolution computation
+        if class_ids is None:  # the labeller's own labels, image by image
+            own = p.predict(p.normalise(images * 255))
+            torch.testing.assert_close(labels, torch.stack([lab for lab, _ in own]).long())
+            torch.testing.assert_close(confidence, torch.stack([conf for _, conf in own]))
+            if topk is None:  # the argmax of every class's upsampled log-probability
+                torch.testing.assert_close(labels, reference)
+                torch.testing.assert_close(confidence, reference_confidence, atol=1e-3, rtol=0)
+        elif topk is None:  # every allowed class upsampled: exactly the full-resolution computation
             torch.testing.assert_close(labels, reference)
             torch.testing.assert_close(confidence, reference_confidence)
             assert upsampled == [3 * allowed]
@@ -250,3 +258,41 @@ def test_teacher_refinement_and_precomputed_training_set(monkeypatch, teacher):
     assert (full == refined).float().mean() > 0.95
     monkeypatch.setattr(p, "upsample_topk", None)
     torch.testing.assert_close(refiner.pseudo_labels(batch)[0], full)
+
+
+def test_the_training_teacher_sees_each_crop_as_it_is():
+    """The official teacher labels the augmented crop as the batch holds it; the labeller's protocol (resize, size
+    buckets) is for whole images."""
+    config = LabelerConfig(pretrained="random", resize_to=(160, 80), size_bucket=96)
+    labeler = config.build(CLASSES)
+    teacher = build_teacher(config, CLASSES, clip=labeler.clip)
+    seen = {}
+    for name, predictor in (("labeler", labeler), ("teacher", teacher.predictor)):
+        predictor.tower.conv1.register_forward_pre_hook(lambda _, args, name=name: seen.update({name: args[0].shape}))
+    crops = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    labels, _ = teacher.pseudo_labels(crops)
+    labeler.label_images([(crops[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy()])
+    assert labels.shape == (2, 64, 64)
+    assert tuple(seen["teacher"]) == (2, 3, 64, 64)  # as it is: 64 pixels are two cells of the stride 32
+    assert tuple(seen["labeler"][-2:]) == (96, 96)  # resized to 80, padded to the 96-pixel bucket
+
+
+def test_a_teacher_of_the_unseen_classes_labels_them_by_their_dataset_ids():
+    """The zero-shot teacher's vocabulary is the unseen classes (the official teacher scores only those): its
+    labels are their dataset ids, the argmax the whole vocabulary's teacher finds among them."""
+    clip = load_clip(TINY_MODEL)  # the shipped weights: labels that mean something
+    config = LabelerConfig()
+    unseen = build_teacher(config, [CLASSES[i] for i in UNSEEN], UNSEEN, clip=clip)
+    everything = build_teacher(config, CLASSES, clip=clip)
+    images = torch.full((2, 3, 64, 96), 0.5)  # grey, a red square and a blue one (each scene flipped)
+    images[:, :, 16:48, 8:40] = torch.tensor([0.9, 0.1, 0.1]).view(3, 1, 1)
+    images[:, :, 16:48, 56:88] = torch.tensor([0.1, 0.1, 0.9]).view(3, 1, 1)
+    images[1] = images[1].flip(-1)
+    labels, confidence = unseen.pseudo_labels(images, UNSEEN)
+    assert torch.equal(labels, unseen.pseudo_labels(images)[0])  # its whole vocabulary: the same request
+    assert set(labels.unique().tolist()) <= set(UNSEEN) and len(labels.unique()) == 2
+    restricted, _ = everything.pseudo_labels(images, UNSEEN)
+    assert (labels == restricted).float().mean() > 0.99
+    assert 0 <= float(confidence.min()) and float(confidence.max()) <= 1
+    with pytest.raises(ValueError, match=r"classes \[1\] are not in the teacher's vocabulary"):
+        unseen.pseudo_labels(images, [1, 2])

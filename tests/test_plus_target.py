@@ -146,6 +146,27 @@ def test_label_images_matches_predict(clip, embeddings):
         model.label_images([np.zeros((8, 8), dtype=np.uint8)])
 
 
+def test_label_images_scores_at_the_keep_ratio_resize_and_answers_at_the_image_size(clip, embeddings):
+    """As MMSegmentation's whole-image test: the image resized keeping its ratio to fit ``resize_to``, the
+    network's logits resized bilinearly back to the image, argmax there."""
+    model = build_target(tiny(), embeddings, clip=clip).eval()
+    model.resize_to = (128, 32)  # a 48x64 image is scored at 32x43
+    seen = []
+    hook = model.backbone.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape[-2:])))
+    image = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    (labels, confidence), = model.label_images([image])
+    hook.remove()
+    assert seen == [(32, 43)] and labels.shape == confidence.shape == (48, 64)
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        logits = model(F.interpolate(pixels, size=(32, 43), mode="bilinear", align_corners=False, antialias=True))
+        expected = F.interpolate(logits, size=(48, 64), mode="bilinear", align_corners=False).softmax(dim=1)
+    np.testing.assert_array_equal(labels, expected.argmax(dim=1)[0].numpy())
+    np.testing.assert_allclose(confidence, expected.max(dim=1).values[0].numpy(), rtol=1e-5)
+    _, native = model.predict(pixels)  # scored at its own size, the scores differ
+    assert np.abs(native[0].numpy() - confidence).max() > 1e-6
+
+
 @pytest.mark.parametrize("head", ["deeplabv2", "deeplabv3plus"])
 def test_resnet_deeplab_loads_imagenet_weights_by_path(tmp_path, embeddings, head):
     torch.manual_seed(3)

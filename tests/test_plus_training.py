@@ -26,6 +26,8 @@ from denseclip.plus.training import (
     poly_lr,
     scale_saturation,
     set_learning_rate,
+    target_counts,
+    target_coverage,
     train,
 )
 
@@ -273,6 +275,23 @@ def test_loss_ignores_pixels_and_survives_an_all_ignored_batch():
         segmentation_loss(logits, targets, average="sum")
 
 
+def test_target_coverage_counts_where_each_valid_pixels_target_came_from():
+    unseen = [2, 4]
+    batch = {"label": torch.tensor([[[0, 2, 4, 255], [1, 2, 3, 4]]]),
+             "valid": torch.tensor([[[True, True, True, True], [True, True, True, False]]])}
+    # Seen truth kept; unseen pixels: an unseen pseudo label, or none; void and padding ignored.
+    targets = torch.tensor([[[0, 2, 255, 255], [1, 4, 3, 255]]])
+    zero_shot = TrainingConfig(setting="zero_shot")
+    counts = target_counts(batch, targets, zero_shot, unseen)
+    assert counts.tolist() == [7, 3, 2, 2, 3, 2]
+    assert target_coverage(counts.tolist(), "zero_shot") == {
+        "ground_truth": 3 / 7, "pseudo_label": 2 / 7, "ignored": 2 / 7, "unseen_supervised": 2 / 3,
+        "pixels": 7, "unseen_pixels": 3}
+    free = target_coverage(target_counts(batch, targets, TrainingConfig(), unseen).tolist(), "annotation_free")
+    assert free == {"ground_truth": 0.0, "pseudo_label": 5 / 7, "ignored": 2 / 7, "pixels": 7, "unseen_pixels": 0}
+    assert target_coverage([0] * 6, "zero_shot")["unseen_supervised"] is None
+
+
 def test_short_training_run_learns_its_pseudo_labels():
     """Precomputed pseudo labels that follow the image colour: a few real SGD steps must fit them."""
     torch.manual_seed(0)
@@ -289,6 +308,9 @@ def test_short_training_run_learns_its_pseudo_labels():
                     log_every=10)
     assert [r["step"] for r in history] == [10, 20, 30, 40]
     assert {r["phase"] for r in history} == {"guided"}
+    # Annotation-free, no threshold, crops inside the images: every pixel is pseudo-labelled, 10 steps x 4 crops.
+    assert all(r["target_coverage"] == {"ground_truth": 0.0, "pseudo_label": 1.0, "ignored": 0.0,
+                                        "pixels": 10 * 4 * 48 * 48, "unseen_pixels": 0} for r in history)
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     predicted = np.stack([labels for labels, _ in model.label_images(list(images))])
     assert (predicted == pseudo).mean() > 0.8

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from denseclip.config import ConfigError, LabelerConfig, add_labeler_arguments, labeler_config_from_args
+from denseclip.config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ConfigError,
+    LabelerConfig,
+    add_labeler_arguments,
+    labeler_config_from_args,
+)
 from denseclip.models import load_clip
 from denseclip.predictor import DenseCLIP
 from denseclip.protocols import protocol_defaults, protocol_names
@@ -18,6 +25,34 @@ def test_paper_protocol_is_registered_with_per_dataset_overrides():
     voc, context = protocol_defaults("paper", "voc"), protocol_defaults("paper", "context")
     assert voc["resize_to"] == [2048, 512] and context["resize_to"] == [520, 520]
     assert voc["protocol"] == "paper" and voc["mode"] == "whole"
+
+
+@pytest.mark.parametrize("dataset", ["voc", "voc20", "coco_stuff", "context", "context59"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_paper_preset_is_the_official_code_in_normalisation_padding_and_precision(dataset, device):
+    """configs/_base_/datasets/*: Normalize with ImageNet's mean/std; whole-image test, the image padded to the
+    tower's stride only (no 128-pixel buckets on a GPU, where a ViT's padding tokens would join attention); fp32."""
+    config = LabelerConfig.from_dict({"model": "RN50", "protocol": "paper", "device": device}, dataset=dataset)
+    official = ("imagenet", "fp32", None)
+    assert (config.normalisation, config.effective_precision, config.effective_size_bucket) == official
+    assert (config.mode, config.upsample_topk) == ("whole", None)
+    assert LabelerConfig.from_dict({"protocol": "paper"}, dataset="synthetic").normalisation == "clip"  # ours
+    assert LabelerConfig.from_dict({"model": "RN50", "protocol": "successors"}, dataset=dataset).normalisation == "clip"
+    kept = LabelerConfig.from_dict({"model": "RN50", "protocol": "paper", "precision": "fp16", "device": device},
+                                   dataset=dataset)
+    assert kept.effective_precision == "fp16"  # a spec that chooses otherwise says so
+
+
+def test_normalisation_feeds_the_tower_clip_or_imagenet_statistics():
+    clip = load_clip()
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    for normalisation, (mean, std) in (("clip", (clip.mean, clip.std)), ("imagenet", (IMAGENET_MEAN, IMAGENET_STD))):
+        predictor = DenseCLIP(clip, [["red circle"]], templates=["a {}."], normalisation=normalisation)
+        expected = (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+        torch.testing.assert_close(predictor.preprocess(image), expected)
+    with pytest.raises(ConfigError, match="labeler.normalisation"):
+        LabelerConfig.from_dict({"normalisation": "caffe"})
 
 
 def test_preset_supplies_defaults_and_explicit_fields_win():

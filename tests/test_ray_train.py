@@ -85,16 +85,17 @@ def small_spec(root: Path, name: str, **sections) -> dict:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """Train shards (24 scenes in 2 shards), val shards (8 scenes), and a mask store whose pseudo labels are
-    the unseen class CANARY everywhere with random per-pixel confidences."""
+    """Train shards (24 scenes in 2 shards), val shards (8 scenes), and a mask store labelled with the unseen
+    classes, as a zero-shot label stage labels, whose pseudo labels are the unseen class CANARY (its label 0)
+    everywhere with random per-pixel confidences."""
     root = tmp_path_factory.mktemp("world")
     write_shards(3, 24, str(root / "train"), shard_size=12, size=64)
     write_shards(4, 8, str(root / "val"), shard_size=8, size=64)
     rng = np.random.default_rng(0)
-    rows = [{"key": s["__key__"], "mask": np.full((64, 64), CANARY, np.uint8),
+    rows = [{"key": s["__key__"], "mask": np.full((64, 64), INFO.unseen_ids.index(CANARY), np.uint8),
              "confidence": rng.uniform(0, 1, (64, 64)).astype(np.float32)}
             for shard in sorted((root / "train").glob("*.tar")) for s in read_shard(str(shard))]
-    provenance = {"vocabulary": [list(c) for c in INFO.classes]}
+    provenance = {"vocabulary": [list(INFO.classes[i]) for i in INFO.unseen_ids]}
     MaskStoreWriter(str(root / "masks"), provenance).write_part("all", rows)
     return root
 
@@ -256,6 +257,13 @@ def test_inputs_are_checked_against_the_mask_store_and_the_resumed_checkpoint(wo
         "p", [{"key": "a", "mask": np.zeros((4, 4), np.uint8)}])
     with pytest.raises(ConfigError, match="data.mask_store.*another vocabulary"):
         check_inputs(TrainJob.from_dict(small_spec(world, "x", data={"mask_store": str(tmp_path / "other")})))
+    # Every class's argmax cannot give the zero-shot target (the argmax among the unseen classes) back.
+    MaskStoreWriter(str(tmp_path / "all"), {"vocabulary": [list(c) for c in INFO.classes]}).write_part(
+        "p", [{"key": "a", "mask": np.zeros((4, 4), np.uint8)}])
+    with pytest.raises(ConfigError, match="data.mask_store.*argmax over all the synthetic classes"):
+        check_inputs(TrainJob.from_dict(small_spec(world, "x", data={"mask_store": str(tmp_path / "all")})))
+    free = small_spec(world, "x", data={"mask_store": str(tmp_path / "all")}, training={"setting": "annotation_free"})
+    check_inputs(TrainJob.from_dict(free))  # ... which is the annotation-free target
     job = TrainJob.from_dict(small_spec(world, "x"))
     model, optimizer = _small_target(job.training)
     save_checkpoint(str(tmp_path), model, optimizer, 3, job, {"log": [], "validation": []})
@@ -425,6 +433,37 @@ def test_zero_shot_loss_never_sees_unseen_ground_truth(killed_run):
         # Unseen objects whose truth differs from the pseudo label: a leak would show there.
         leaks_possible += int((np.isin(label, unseen) & (label != CANARY) & r["valid"]).sum())
     assert leaks_possible > 0  # unseen objects did reach the batches (their number depends on the crops)
+
+
+def test_report_counts_where_each_steps_targets_came_from_once(killed_run):
+    """target_coverage in report.json: the shares recounted from what the loss was given, each (step, worker)
+    once, from the attempt that finished (the killed one's steps after its last checkpoint were redone)."""
+    result, records, _ = killed_run
+    final = {}
+    for path in sorted(records.glob("*.npz"), key=lambda p: p.stat().st_mtime):
+        step, rank, _ = path.stem.split("-")
+        final[(int(step), int(rank))] = dict(np.load(path))  # the later attempt's record wins
+    assert len(final) == 12
+    unseen, seen = INFO.unseen_ids, INFO.seen_ids
+    valid = truth = pseudo = ignored = annotated_unseen = supervised = 0
+    for r in final.values():
+        v, label, targets = r["valid"], r["label"], r["targets"]
+        valid += v.sum()
+        truth += (v & np.isin(label, seen)).sum()
+        pseudo += (v & np.isin(targets, unseen) & ~np.isin(label, seen)).sum()
+        ignored += (v & (targets == 255)).sum()
+        annotated_unseen += (v & np.isin(label, unseen)).sum()
+        supervised += (v & np.isin(label, unseen) & np.isin(targets, unseen)).sum()
+    coverage = result.report["target_coverage"]
+    assert coverage["pixels"] == valid and coverage["unseen_pixels"] == annotated_unseen > 0
+    assert coverage["ground_truth"] == pytest.approx(truth / valid)
+    assert coverage["pseudo_label"] == pytest.approx(pseudo / valid)
+    assert coverage["ignored"] == pytest.approx(ignored / valid)
+    assert coverage["ground_truth"] + coverage["pseudo_label"] + coverage["ignored"] == pytest.approx(1)
+    # The confidence threshold leaves about half of the unseen pixels without a target here.
+    assert coverage["unseen_supervised"] == pytest.approx(supervised / annotated_unseen)
+    assert 0.2 < coverage["unseen_supervised"] < 0.8
+    assert result.report["target_coverage_by_phase"]["guided"] == coverage  # no self-training in this run
 
 
 def test_final_checkpoint_holds_the_report_and_loads_for_inference(killed_run, world):

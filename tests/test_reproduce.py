@@ -13,6 +13,7 @@ from pipeline_scripts import load_pipeline
 from ray_nodes import local_cluster
 
 from denseclip.config import ConfigError
+from denseclip.datasets import get_dataset
 from denseclip.reproduce import STAGES, Reproduction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +46,19 @@ def test_every_reproduction_spec_loads_and_follows_its_train_spec():
         assert f'data.mask_store="{reproduction.path_of("pseudo-labels")}"' in training
         checkpoint = stages[3].commands[0][stages[3].commands[0].index("--checkpoint") + 1]
         assert checkpoint.endswith(f"checkpoint-{reproduction.train_spec['training']['iterations']:06d}")
+        # Zero-shot targets take the teacher's argmax among the unseen classes: the store is labelled with those.
+        info = get_dataset(train["dataset"])
+        if train["training"]["setting"] == "zero_shot":
+            unseen = [list(info.classes[i]) for i in info.unseen_ids]
+            assert f"classes={json.dumps(unseen)}" in label and "--classes" not in label
+        else:
+            assert label[label.index("--classes") + 1] == train["dataset"]
     coco = Reproduction.from_file(str(ROOT / "jobs" / "reproduce_coco_stuff_zero_shot.yaml"))
     assert coco.train_spec["training"]["iterations"] == 80000 and coco.labeler["device"] == "cuda"
+    # That vocabulary names no dataset: the paper preset's values for COCO-Stuff go explicitly.
+    label = coco.stages()[1].commands[0]
+    for value in ("labeler.resize_to=[2048, 512]", 'labeler.normalisation="imagenet"', "labeler.size_bucket=null"):
+        assert value in label
     assert coco.stages()[0].commands[0][:4] == ["python", "pipelines/prepare.py", "--dataset", "coco_stuff"]
 
 

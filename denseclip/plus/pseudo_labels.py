@@ -7,6 +7,7 @@ pixels the loss must skip, class scores ``(B, K, H, W)`` log-probabilities (or l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from denseclip.config import RESIZE_NATIVE, LabelerConfig
+from denseclip.models import LoadedCLIP
 from denseclip.predictor import DenseCLIP
 
 # Pixel-adaptive mask refinement runs at half resolution (a quarter of the cost; labels stay within 2 pixels
@@ -27,15 +30,25 @@ class DenseCLIPTeacher:
     whatever augmentation the batch went through, or once for a whole training set), refined along image
     edges by :func:`refine_with_image` when ``refine_iterations`` > 0.
 
-    Class probabilities are computed at feature resolution, and only the classes that rank in the top
-    ``predictor.upsample_topk`` somewhere in the batch (all with None), as the labeller does, are upsampled to
-    the image and refined: a crop labelled with a 171-class vocabulary never holds 171 full-size score maps.
+    ``class_ids``: the dataset class of each of the predictor's classes (None: the same ids); the zero-shot
+    teacher's vocabulary is the unseen classes alone, as the official teacher scores only those (see
+    :func:`build_teacher`). Unrefined labels over the whole vocabulary are the labeller's own
+    (``DenseCLIP.predict``, image by image): a mask store labelled with the same vocabulary and options holds the
+    same labels for the same image. Refined or restricted labels are computed at feature resolution for the
+    batch, and only the classes that rank in the top ``predictor.upsample_topk`` somewhere in the batch (all with
+    None) are upsampled to the image and refined: a crop labelled with a 171-class vocabulary never holds 171
+    full-size score maps.
     """
 
-    def __init__(self, predictor: DenseCLIP, refine_iterations: int = 0) -> None:
+    def __init__(self, predictor: DenseCLIP, refine_iterations: int = 0,
+                 class_ids: Sequence[int] | None = None) -> None:
         self.predictor = predictor
         self.num_classes = predictor.num_classes
         self.refine_iterations = refine_iterations
+        self.class_ids = list(range(self.num_classes)) if class_ids is None else [int(c) for c in class_ids]
+        if len(self.class_ids) != self.num_classes:
+            raise ValueError(f"class_ids names {len(self.class_ids)} classes, the predictor has {self.num_classes}")
+        self._dataset_ids = torch.as_tensor(self.class_ids, device=predictor.device)  # copied once, not per batch
 
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, class_ids: Sequence[int] | None = None,
@@ -43,28 +56,58 @@ class DenseCLIPTeacher:
                       ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
         """DenseCLIP's argmax labels of ``images``, optionally among ``class_ids`` only.
 
-        With ``predictor.upsample_topk`` None this is exactly :func:`pseudo_labels` of every class's
-        log-probabilities upsampled to full size (and refined); otherwise only the candidate classes are, and
-        a class that ranks in no location's top-k never wins.
-
         Args:
             images: ``(B, 3, H, W)`` float RGB in [0, 1], all of one size (a training batch).
-            class_ids: the classes the argmax may choose (the unseen ones in the zero-shot setting).
+            class_ids: the dataset classes the argmax may choose (the unseen ones in the zero-shot setting);
+                each must be one of the teacher's.
             threshold: pixels whose confidence is below it become ``ignore_index``.
         Returns:
-            ``(labels (B, H, W) int64, confidence (B, H, W) float in [0, 1])`` on the device of ``images``;
-            the confidence is the winner's (refined) probability renormalised among the classes upsampled
-            (as :func:`pseudo_labels` renormalises among ``class_ids``).
+            ``(labels (B, H, W) int64 dataset ids, confidence (B, H, W) float in [0, 1])`` on the device of
+            ``images``; the confidence is the winner's probability: the labeller's (its log-probability resampled
+            to the pixel, what a mask store holds) for unrefined labels over the whole vocabulary, else
+            renormalised among the classes upsampled.
         """
+        local = self._local_ids(class_ids)
+        if local is None and not self.refine_iterations:
+            index, confidence = self._labeller_labels(images)
+        else:
+            index, confidence = self._batch_labels(images, local)
+        labels = self._dataset_ids[index]
+        if threshold is not None:
+            labels = labels.masked_fill(confidence < threshold, ignore_index)
+        return labels.to(images.device), confidence.to(images.device)
+
+    def _local_ids(self, class_ids: Sequence[int] | None) -> list[int] | None:
+        """The predictor's indices of the dataset classes ``class_ids`` (None: every class of the teacher)."""
+        if class_ids is None or sorted(set(class_ids)) == sorted(self.class_ids):
+            return None
+        missing = sorted(set(class_ids) - set(self.class_ids))
+        if missing:
+            raise ValueError(f"classes {missing[:5]} are not in the teacher's vocabulary")
+        return [self.class_ids.index(c) for c in class_ids]
+
+    def _labeller_labels(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The labeller's labels and confidences of each image, ``(B, H, W)`` on the predictor's device."""
+        p = self.predictor
+        # In 0-255 and normalised by the labeller's own multiply-add: float32(k / 255) * 255 is k exactly, so an
+        # unaugmented crop gives the labeller bit for bit the input its uint8 image gives it.
+        pixels = p.normalise(images.to(p.mean.device) * 255)
+        labels, confidence = zip(*p.predict(pixels))
+        return torch.stack(labels).long(), torch.stack(confidence)
+
+    def _batch_labels(self, images: torch.Tensor, local: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels among the predictor's classes ``local`` (None: all), refined as asked: ``(B, H, W)`` indices
+        of the predictor's classes and the winner's (refined) probability renormalised among the classes
+        upsampled."""
         p = self.predictor
         size = tuple(images.shape[-2:])
         pixels = images.to(p.mean.device)
-        per_image = p.feature_log_probs((pixels - p.mean) / p.std)
+        per_image = p.feature_log_probs(p.normalise(pixels * 255))
         extent = per_image[0][1]
         log_probs = torch.stack([lp for lp, _ in per_image])  # (B, K, hc, wc)
         classes = torch.arange(log_probs.shape[1], device=log_probs.device)
-        if class_ids is not None:
-            classes = torch.as_tensor(list(class_ids), dtype=torch.long, device=log_probs.device)
+        if local is not None:
+            classes = torch.as_tensor(local, dtype=torch.long, device=log_probs.device)
             log_probs = log_probs.index_select(1, classes)
         topk = p.upsample_topk
         if topk is not None and topk < len(classes):
@@ -77,10 +120,17 @@ class DenseCLIPTeacher:
         if self.refine_iterations:
             log_probs = refine_with_image(log_probs.exp(), pixels, self.refine_iterations).clamp_min(1e-8).log()
         index, confidence = pseudo_labels(log_probs)  # among the upsampled classes
-        labels = classes[index]
-        if threshold is not None:
-            labels = labels.masked_fill(confidence < threshold, ignore_index)
-        return labels.to(images.device), confidence.to(images.device)
+        return classes[index], confidence
+
+
+def build_teacher(labeler: LabelerConfig, classes: list[list[str]], class_ids: Sequence[int] | None = None,
+                  refine_iterations: int = 0, clip: LoadedCLIP | None = None) -> DenseCLIPTeacher:
+    """The training teacher of ``labeler`` over ``classes`` (the dataset ids ``class_ids``; the zero-shot teacher
+    takes the unseen classes alone): the labeller run on each training crop as it is, without the protocol's
+    resize and padded to the tower's stride only, as the official teacher sees its crop (``clip``: the loaded
+    model to share)."""
+    config = dataclasses.replace(labeler, resize_to=RESIZE_NATIVE, short_side=None, size_bucket=None)
+    return DenseCLIPTeacher(config.build(classes, clip=clip), refine_iterations, class_ids)
 
 
 def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, height: int, width: int) -> torch.Tensor:

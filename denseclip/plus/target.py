@@ -24,16 +24,16 @@ from torchvision.models import resnet50, resnet101
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
+from denseclip.config import IMAGENET_MEAN, IMAGENET_STD
 from denseclip.dense import dense_features
 from denseclip.gpu import to_device, to_host
 from denseclip.images import check_rgb_image
 from denseclip.models import LoadedCLIP, norms_in_fp32, read_state_dict
+from denseclip.protocols import keep_ratio_size
 
 BACKBONES = ("clip", "resnet50", "resnet101", "resnet50_v1c", "resnet101_v1c")
 HEADS = ("deeplabv2", "deeplabv3plus", "clip_dense")
 CLASSIFIERS = ("dot_product", "cosine")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _LOW_LEVEL_CHANNELS = 48  # DeepLabv3+'s reduction of the stride-4 features
 
 
@@ -358,6 +358,10 @@ class SegmentationTarget(nn.Module):
 
     ``forward(images)``: ``(B, 3, H, W)`` float RGB in [0, 1] (normalised inside with the backbone's mean/std)
     -> ``(B, K, H, W)`` logits (softmax over K gives class probabilities).
+
+    ``resize_to``: ``(long, short)``, the keep-ratio resize :meth:`label_images` scores images at, as the
+    official test pipeline does (the training's ``resize_to``: MMSegmentation tests at the scale it trains at);
+    None scores them as they are.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, classifier: TextClassifier,
@@ -368,6 +372,7 @@ class SegmentationTarget(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1))
         self.freeze_backbone = freeze_backbone
+        self.resize_to: tuple[int, int] | None = None
         if freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -407,8 +412,10 @@ class SegmentationTarget(nn.Module):
     def label_images(self, images: list[np.ndarray],
                      batch_size: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(H, W, 3)`` uint8 RGB images -> ``(labels (H, W) uint8|int32, confidence (H, W) float32)`` each,
-        as ``DenseCLIP.label_images`` gives them. Each ``batch_size`` images travel to the device in one copy
-        (as uint8) and their maps back in one synchronisation; images of one size share a forward pass."""
+        as ``DenseCLIP.label_images`` gives them. As MMSegmentation's whole-image test does: each image resized
+        keeping its ratio to fit :attr:`resize_to`, the logits resized bilinearly back to the image's own size,
+        softmax and argmax there (in eval mode). Each ``batch_size`` images travel to the device in one copy (as
+        uint8) and their maps back in one synchronisation; images of one size share a forward pass."""
         label_dtype = torch.uint8 if self.num_classes <= 255 else torch.int32
         results = []
         for start in range(0, len(images), batch_size):
@@ -420,10 +427,31 @@ class SegmentationTarget(nn.Module):
             groups = [torch.stack(pixels)] if same_size else [p[None] for p in pixels]
             maps = []
             for group in groups:
-                labels, confidence = self.predict(group.permute(0, 3, 1, 2).float() / 255)
-                maps += zip(labels.to(label_dtype), confidence.float())
+                for labels, confidence in self._score(group.permute(0, 3, 1, 2).float() / 255):
+                    maps.append((labels.to(label_dtype), confidence.float()))
             results += to_host(maps)
         return results
+
+    @torch.no_grad()
+    def _score(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(B, 3, H, W)`` in [0, 1] -> per image ``(labels (H, W) int64, confidence (H, W))``, scored at
+        :attr:`resize_to` (see :meth:`label_images`)."""
+        size = tuple(images.shape[-2:])
+        scaled = keep_ratio_size(*size, self.resize_to)
+        if scaled != size:
+            images = F.interpolate(images, size=scaled, mode="bilinear", align_corners=False,
+                                   antialias=scaled[0] < size[0])
+        was_training = self.training
+        self.eval()
+        logits = self(images)
+        self.train(was_training)
+        out = []
+        for one in logits:  # one image's K full-size maps at a time: 171 classes of a photo are 200 MB
+            if scaled != size:
+                one = F.interpolate(one[None], size=size, mode="bilinear", align_corners=False)[0]
+            confidence, labels = one.softmax(dim=0).max(dim=0)
+            out.append((labels, confidence))
+        return out
 
 
 def _clip_visual(clip: LoadedCLIP | None) -> ModifiedResNet | VisionTransformer:

@@ -1,7 +1,8 @@
 """DenseCLIP+ training (the paper's Algorithm 1) from small pieces a single process or a distributed worker
 loop can call: a validated ``TrainingConfig``, joint augmentation of images and label maps, ``make_targets``
 (guided learning on DenseCLIP pseudo labels for the first N_g iterations, then optional self-training on the
-target's own predictions, with the zero-shot merge), a poly learning-rate schedule, and ``train_step``.
+target's own predictions, with the zero-shot merge), where the targets came from (``target_counts``,
+``target_coverage``), a poly learning-rate schedule, and ``train_step``.
 
 A batch is a dict of tensors: ``image (B, 3, H, W)`` float RGB in [0, 1], ``valid (B, H, W)`` bool (False
 on padding), and as the setting needs ``label (B, H, W)`` int64 ground truth, ``pseudo_label (B, H, W)``
@@ -348,6 +349,9 @@ def in_self_training(step: int, config: TrainingConfig) -> bool:
     return config.self_training and step >= config.num_guided
 
 
+PHASES = ("guided", "self_training", "seen_only")
+
+
 def phase(step: int, config: TrainingConfig) -> str:
     """What trains the target at ``step``: ``guided`` (DenseCLIP's pseudo labels), ``self_training`` (its own)
     or ``seen_only`` (ground truth of the seen classes alone)."""
@@ -395,6 +399,48 @@ def make_targets(batch: Batch, step: int, config: TrainingConfig, model: Segment
     if zero_shot:
         labels = zero_shot_merge(batch["label"], labels, unseen_ids, IGNORE_INDEX)
     return labels.masked_fill(~batch["valid"], IGNORE_INDEX)
+
+
+# ------------------------------------------------------------------------------------------ target coverage
+COVERAGE_COUNTS = ("pixels", "ground_truth", "pseudo_label", "ignored", "unseen_pixels", "unseen_supervised")
+
+
+def target_counts(batch: Batch, targets: torch.Tensor, config: TrainingConfig,
+                  unseen_ids: Sequence[int] = ()) -> torch.Tensor:
+    """Where the targets ``(B, H, W)`` of ``batch`` came from, as pixel counts: ``(6,)`` int64 on their device
+    (summed over steps without waiting for it), in the order of :data:`COVERAGE_COUNTS`: the valid pixels (not
+    padding), of which the target is the ground truth, a pseudo label (DenseCLIP's or, in self-training, the
+    target's own) or ignored; the valid pixels annotated with an unseen class, of which the target is an unseen
+    class."""
+    valid = batch["valid"]
+    ignored = valid & (targets == IGNORE_INDEX)
+    from_truth = annotated_unseen = torch.zeros_like(valid)
+    unseen = torch.as_tensor(list(unseen_ids), dtype=targets.dtype, device=targets.device)
+    if config.setting != "annotation_free":  # the annotation-free setting reads no annotation
+        label = batch["label"]
+        is_unseen = torch.isin(label, unseen)
+        from_truth = valid & ~is_unseen & (label != IGNORE_INDEX) & (targets == label)
+        annotated_unseen = valid & is_unseen
+    pseudo = valid & ~ignored & ~from_truth
+    supervised = annotated_unseen & torch.isin(targets, unseen)
+    return torch.stack([m.sum() for m in (valid, from_truth, pseudo, ignored, annotated_unseen, supervised)])
+
+
+def target_coverage(counts: Sequence[int], setting: str) -> dict:
+    """Shares of summed :func:`target_counts`: ``ground_truth``, ``pseudo_label`` and ``ignored`` (of the valid
+    pixels; they sum to 1) and, in the zero-shot setting, ``unseen_supervised`` (of the pixels annotated with an
+    unseen class, the share that got an unseen-class target: 1.0 in the official recipe, where every one takes
+    the teacher's argmax among the unseen classes); ``pixels`` and ``unseen_pixels``: the counts. A share of no
+    pixels is None."""
+    total = dict(zip(COVERAGE_COUNTS, (int(c) for c in counts)))
+
+    def share(part: str, whole: str) -> float | None:
+        return total[part] / total[whole] if total[whole] else None
+
+    coverage = {name: share(name, "pixels") for name in ("ground_truth", "pseudo_label", "ignored")}
+    if setting == "zero_shot":
+        coverage["unseen_supervised"] = share("unseen_supervised", "unseen_pixels")
+    return {**coverage, "pixels": total["pixels"], "unseen_pixels": total["unseen_pixels"]}
 
 
 # ----------------------------------------------------------------------------------------- optimisation
@@ -445,22 +491,25 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 def train(model: SegmentationTarget, optimizer: torch.optim.Optimizer, batch_at: Callable[[int], Batch],
           config: TrainingConfig, steps: range, teacher: DenseCLIPTeacher | None = None,
           unseen_ids: Sequence[int] = (), log_every: int = 50,
-          on_log: Callable[[dict], None] | None = None) -> list[dict]:
+          on_log: Callable[[dict], None] | None = None, precision: MixedPrecision = FP32) -> list[dict]:
     """Run Algorithm 1 over ``steps`` (a sub-range lets a run stop at N_g and branch); ``batch_at(step)``
-    gives each step's batch; ``on_log`` may add keys to each record (an evaluation, say). Returns the log
-    records ``{step, phase, lr, loss}`` (mean loss since the previous record)."""
+    gives each step's batch; ``on_log`` may add keys to each record (an evaluation, say); forward passes in
+    ``precision``. Returns the log records ``{step, phase, lr, loss, target_coverage}`` (the mean loss and the
+    :func:`target_coverage` since the previous record)."""
     device = next(model.parameters()).device
-    history, losses = [], []
+    history, losses, counts = [], [], []
     for step in steps:
         batch = _to_device(batch_at(step), device)
         lr = set_learning_rate(optimizer, step, config)
-        targets = make_targets(batch, step, config, model, teacher, unseen_ids)
-        losses.append(train_step(model, optimizer, batch, targets, loss_average=config.loss_average))
+        targets = make_targets(batch, step, config, model, teacher, unseen_ids, precision)
+        counts.append(target_counts(batch, targets, config, unseen_ids))
+        losses.append(train_step(model, optimizer, batch, targets, precision, config.loss_average))
         if (step + 1) % log_every == 0 or step + 1 == steps.stop:
             record = {"step": step + 1, "phase": phase(step, config), "lr": lr,
-                      "loss": float(torch.stack(losses).mean())}
+                      "loss": float(torch.stack(losses).mean()),
+                      "target_coverage": target_coverage(torch.stack(counts).sum(0).tolist(), config.setting)}
             history.append(record)
-            losses = []
+            losses, counts = [], []
             if on_log is not None:
                 on_log(record)
     return history

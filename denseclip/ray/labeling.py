@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 SUMMARY_FILE = "summary.json"
 # Options that change the labels, hence part of the provenance (batch size and device do not).
-RESULT_OPTIONS = ("protocol", "head", "synonyms", "name_softmax", "mode", "resize_to", "short_side",
+RESULT_OPTIONS = ("protocol", "head", "synonyms", "name_softmax", "normalisation", "mode", "resize_to", "short_side",
                   "temperature", "background_threshold", "key_smoothing", "prompt_denoising", "upsample_topk",
                   "precision", "size_bucket")
 SLIDE_OPTIONS = ("crop_size", "crop_stride")

@@ -39,7 +39,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import nn
 
 from denseclip import storage
-from denseclip.config import DEFAULT_HEAD, ConfigError, LabelerConfig, resolve_vocabulary
+from denseclip.config import (
+    DEFAULT_HEAD,
+    RESIZE_AUTO,
+    RESIZE_NATIVE,
+    ConfigError,
+    LabelerConfig,
+    resolve_vocabulary,
+)
 from denseclip.damage import DamagedPartError
 from denseclip.datasets import CUSTOM, DATASET_NAMES, DatasetInfo, custom_dataset, get_dataset
 from denseclip.evaluation import Evaluation, ImageLabeler
@@ -48,9 +55,11 @@ from denseclip.mask_store import MaskStore
 from denseclip.metrics import ConfusionMatrix, summarize
 from denseclip.models import ModelLoadError, check_weights, load_clip, weights_activation
 from denseclip.plus.amp import FP32, MixedPrecision
-from denseclip.plus.pseudo_labels import DenseCLIPTeacher
+from denseclip.plus.pseudo_labels import DenseCLIPTeacher, build_teacher
 from denseclip.plus.target import SegmentationTarget, TargetConfig, build_target
 from denseclip.plus.training import (
+    COVERAGE_COUNTS,
+    PHASES,
     Batch,
     TrainingConfig,
     augment,
@@ -59,8 +68,11 @@ from denseclip.plus.training import (
     make_targets,
     phase,
     set_learning_rate,
+    target_counts,
+    target_coverage,
     train_step,
 )
+from denseclip.predictor import DenseCLIP
 from denseclip.ray.train_data import read_samples
 from denseclip.report import write_report
 from denseclip.robustness import CLEAN
@@ -250,6 +262,20 @@ class TrainJob:
         return custom_dataset(self.data.classes) if self.dataset == CUSTOM else get_dataset(self.dataset)
 
     @property
+    def teacher_class_ids(self) -> list[int] | None:
+        """The dataset classes the teacher labels among, as its vocabulary: the unseen ones in the zero-shot
+        setting (the official teacher scores only those), every class otherwise (None). A mask store for
+        ``training.pseudo_labels: precomputed`` is labelled with the same vocabulary."""
+        return self.info.unseen_ids if self.training.setting == "zero_shot" else None
+
+    @property
+    def teacher_classes(self) -> list[list[str]]:
+        """The teacher's vocabulary: one name list per class of :attr:`teacher_class_ids`."""
+        ids = self.teacher_class_ids
+        classes = [list(c) for c in self.info.classes]
+        return classes if ids is None else [classes[i] for i in ids]
+
+    @property
     def has_ground_truth(self) -> bool:
         """Whether the validation shards are scored against their annotation (else: against the teacher)."""
         return self.dataset != CUSTOM
@@ -322,9 +348,15 @@ def check_inputs(job: TrainJob) -> None:
         if provenance is None:
             _fail("data", "mask_store", job.data.mask_store, "holds no committed masks")
         vocabulary = provenance.get("vocabulary")
-        if vocabulary is not None and vocabulary != [list(c) for c in job.info.classes]:
+        if vocabulary is not None and vocabulary != job.teacher_classes:
+            if job.teacher_class_ids is not None and vocabulary == [list(c) for c in job.info.classes]:
+                _fail("data", "mask_store", job.data.mask_store, f"holds each pixel's argmax over all the "
+                      f"{job.dataset} classes; zero-shot targets take the teacher's argmax among the unseen classes "
+                      "(a pixel annotated unseen whose argmax is a seen class would go unsupervised): label with the "
+                      "unseen classes' vocabulary, as pipelines/reproduce.py does")
             _fail("data", "mask_store", job.data.mask_store, f"was labelled with another vocabulary than the "
-                  f"{job.dataset} classes (its label ids would mean other classes)")
+                  f"{'unseen ' if job.teacher_class_ids is not None else ''}{job.dataset} classes (its label ids "
+                  "would mean other classes)")
     if job.run.resume_from:
         try:
             meta = read_checkpoint_meta(job.run.resume_from)
@@ -348,7 +380,8 @@ def build_datasets(job: TrainJob) -> dict[str, ray.data.Dataset]:
                               fn_kwargs={"num_classes": job.info.num_classes, "with_label": with_label,
                                          "mask_store": mask_store, "label_lut": job.info.label_lut,
                                          "skip_damaged": job.data.skip_damaged,
-                                         "with_confidence": job.training.confidence_threshold is not None})
+                                         "with_confidence": job.training.confidence_threshold is not None,
+                                         "pseudo_label_ids": job.teacher_class_ids})
 
     training = job.training
     precomputed = training.uses_pseudo_labels and training.pseudo_labels == "precomputed"
@@ -404,10 +437,12 @@ def read_checkpoint_meta(path: str) -> dict:
     return json.loads(storage.read_bytes(storage.join(path, META_FILE)))
 
 
-def load_target_checkpoint(path: str, device: str | torch.device = "cpu") -> SegmentationTarget:
+def load_target_checkpoint(path: str, device: str | torch.device = "cpu",
+                           resize_to: tuple[int, int] | str | None = RESIZE_AUTO) -> SegmentationTarget:
     """The trained target network of the checkpoint folder ``path`` (local or fsspec URL), in eval mode, ready
     for ``predict`` / ``label_images``. Its architecture comes from ``checkpoint.json``; no CLIP weights are
-    read."""
+    read. ``label_images`` scores at ``resize_to`` (``(long, short)``, None or "native": as the images are),
+    by default ("auto") at the job's ``training.resize_to``, as the official test pipeline does."""
     meta = read_checkpoint_meta(path)
     # Checkpoints from before the classifier was a choice used the cosine one.
     target = {"classifier": "cosine", **meta["target"], "backbone_weights": None}
@@ -418,7 +453,16 @@ def load_target_checkpoint(path: str, device: str | torch.device = "cpu") -> Seg
     model = build_target(config, state["classifier.embeddings"], state["classifier.class_of_name"], clip=clip,
                          clip_head=meta.get("clip_head", DEFAULT_HEAD))
     model.load_state_dict(state, strict=True)
+    model.resize_to = scoring_resize(meta, resize_to)
     return model.to(device).eval()
+
+
+def scoring_resize(meta: dict, resize_to: tuple[int, int] | str | None = RESIZE_AUTO) -> tuple[int, int] | None:
+    """The keep-ratio resize the target of a checkpoint (``meta``: its ``checkpoint.json``) scores images at:
+    ``resize_to``, "auto" meaning the job's ``training.resize_to``; None for "native" or None."""
+    if resize_to == RESIZE_AUTO:
+        resize_to = meta.get("job", {}).get("training", {}).get("resize_to")
+    return None if resize_to in (None, RESIZE_NATIVE) else tuple(resize_to)
 
 
 def restore_checkpoint(path: str, model: SegmentationTarget, optimizer: torch.optim.Optimizer,
@@ -433,7 +477,8 @@ def restore_checkpoint(path: str, model: SegmentationTarget, optimizer: torch.op
     optimizer.load_state_dict(training["optimizer"])
     precision.load_state_dict(training.get("scaler", {}))
     meta = read_checkpoint_meta(path)
-    return training["step"], {"log": meta.get("log", []), "validation": meta.get("validation", [])}
+    return training["step"], {"log": meta.get("log", []), "validation": meta.get("validation", []),
+                              "target_coverage": meta.get("target_coverage", {})}
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -463,26 +508,36 @@ class _Worker:
     rank: int
     world_size: int
     device: torch.device
-    teacher: DenseCLIPTeacher
+    labeler: DenseCLIP  # the job's labeler, under its protocol: DenseCLIP scored beside the target
+    teacher: DenseCLIPTeacher  # the same model on each training crop as it is (see build_teacher)
     model: SegmentationTarget  # the network itself (saved, used for pseudo labels and evaluation)
     trained: nn.Module  # the same network under DistributedDataParallel when there are several workers
     optimizer: torch.optim.Optimizer
     precision: MixedPrecision
+    # Where this worker's targets came from since the last checkpoint: target_counts per phase of PHASES, summed
+    # on the device (no step waits for it) and over the workers at each checkpoint (_gather_coverage).
+    coverage: torch.Tensor | None = None
 
 
 def build_worker(job: TrainJob, rank: int, world_size: int, device: torch.device) -> _Worker:
-    """The teacher (the job's labeler, in its precision), the target network and its optimizer on ``device``,
-    for worker ``rank`` of ``world_size``."""
-    predictor = dataclasses.replace(job.labeler, device=str(device)).build(job.info.classes)
+    """The labeler (the job's, in its precision), its teacher on training crops, the target network (scored at
+    the training's ``resize_to``, as the official test pipeline resizes) and its optimizer on ``device``, for
+    worker ``rank`` of ``world_size``."""
+    labeler_config = dataclasses.replace(job.labeler, device=str(device))
+    labeler = labeler_config.build(job.info.classes)
+    teacher = build_teacher(labeler_config, job.teacher_classes, job.teacher_class_ids,
+                            job.training.pseudo_label_refinement, clip=labeler.clip)
     torch.manual_seed(job.training.seed)
-    model = build_target(job.training.target, predictor.name_embeddings, predictor.class_of_name,
-                         clip=predictor.clip, clip_head=predictor.head)
+    model = build_target(job.training.target, labeler.name_embeddings, labeler.class_of_name,
+                         clip=labeler.clip, clip_head=labeler.head)
+    model.resize_to = job.training.resize_to
     if device.type == "cuda" and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     optimizer = build_optimizer(model, job.training)
-    return _Worker(job, rank, world_size, device, DenseCLIPTeacher(predictor, job.training.pseudo_label_refinement),
-                   model, model, optimizer, MixedPrecision.for_device(job.training.precision, device))
+    return _Worker(job, rank, world_size, device, labeler, teacher, model, model, optimizer,
+                   MixedPrecision.for_device(job.training.precision, device),
+                   torch.zeros(len(PHASES), len(COVERAGE_COUNTS), dtype=torch.long, device=device))
 
 
 def _setup_worker(job: TrainJob) -> _Worker:
@@ -498,15 +553,16 @@ def _setup_worker(job: TrainJob) -> _Worker:
 def train_on(worker: _Worker, rows: dict[str, np.ndarray], step: int,
              callbacks: Sequence[StepCallback] = ()) -> tuple[torch.Tensor, str, float]:
     """One step of Algorithm 1 on this worker's ``rows``: augment (on the device, seeded by seed, rank and
-    step), make the targets, call ``callbacks``, and take the optimizer step. Returns ``(loss, phase, lr)``;
-    the loss stays on the device (reading it would wait for the step to finish)."""
+    step), make the targets (counted in ``worker.coverage``), call ``callbacks``, and take the optimizer step.
+    Returns ``(loss, phase, lr)``; the loss stays on the device (reading it would wait for the step to finish)."""
     training = worker.job.training
     rng = np.random.default_rng([training.seed, worker.rank, step])
     batch = training_batch(rows, rng, training, worker.device)
     lr = set_learning_rate(worker.optimizer, step, training)
-    targets = make_targets(batch, step, training, worker.model, worker.teacher, worker.job.info.unseen_ids,
-                           worker.precision)
+    unseen_ids = worker.job.info.unseen_ids
+    targets = make_targets(batch, step, training, worker.model, worker.teacher, unseen_ids, worker.precision)
     step_phase = phase(step, training)
+    worker.coverage[PHASES.index(step_phase)] += target_counts(batch, targets, training, unseen_ids)
     for callback in callbacks:
         callback(StepContext(step, worker.rank, worker.world_size, step_phase, batch, targets))
     loss = train_step(worker.trained, worker.optimizer, batch, targets, worker.precision, training.loss_average)
@@ -559,7 +615,7 @@ def evaluate_split(labeler: ImageLabeler, worker: _Worker, num_overlays: int,
 def _evaluate_target(worker: _Worker, num_overlays: int) -> Evaluation:
     """The target on the validation set: against the annotation, or, with a free vocabulary (no ground
     truth), against the DenseCLIP teacher's labels of the same images."""
-    reference = None if worker.job.has_ground_truth else worker.teacher.predictor
+    reference = None if worker.job.has_ground_truth else worker.labeler
     return evaluate_split(worker.model, worker, num_overlays, reference)
 
 
@@ -585,6 +641,7 @@ def _report(worker: _Worker, metrics: dict, step: int, history: dict, final: dic
     if not with_checkpoint:
         ray.train.report(metrics)
         return
+    _gather_coverage(worker, history)
     with tempfile.TemporaryDirectory() as directory:
         if worker.rank == 0:
             save_checkpoint(directory, worker.model, worker.optimizer, step, worker.job, history, worker.precision)
@@ -595,6 +652,27 @@ def _report(worker: _Worker, metrics: dict, step: int, history: dict, final: dic
                              final["samples"], reference=reference)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if worker.rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{step:06d}")
+
+
+def _gather_coverage(worker: _Worker, history: dict) -> None:
+    """Add every worker's target counts since the last checkpoint to ``history["target_coverage"]`` (pixel
+    counts per phase, saved with the checkpoint, so a resumed run counts each step once); on every worker."""
+    counts = worker.coverage
+    if worker.world_size > 1:
+        dist.all_reduce(counts)
+    totals = history.setdefault("target_coverage", {})
+    for name, row in zip(PHASES, counts.tolist()):
+        if any(row):
+            totals[name] = [a + b for a, b in zip(totals.get(name, [0] * len(row)), row)]
+    counts.zero_()
+
+
+def _coverage_report(history: dict, setting: str) -> dict:
+    """``target_coverage`` over the whole run and ``target_coverage_by_phase`` (see ``target_coverage``)."""
+    by_phase = history.get("target_coverage", {})
+    total = [sum(column) for column in zip(*by_phase.values())] or [0] * len(COVERAGE_COUNTS)
+    return {"target_coverage": target_coverage(total, setting),
+            "target_coverage_by_phase": {name: target_coverage(row, setting) for name, row in by_phase.items()}}
 
 
 def _resume(worker: _Worker) -> tuple[int, dict, bool]:
@@ -611,7 +689,7 @@ def _resume(worker: _Worker) -> tuple[int, dict, bool]:
                                            worker.precision)
         finished = False
     else:
-        return 0, {"log": [], "validation": []}, False
+        return 0, {"log": [], "validation": [], "target_coverage": {}}, False
     log.info("rank %d resumes at step %d", worker.rank, step)
     return step, history, finished
 
@@ -672,11 +750,13 @@ def _finish(worker: _Worker, history: dict, step: int) -> None:
     conf, samples = evaluation.matrix(), evaluation.overlays.items
     summary = _summary(conf, job)
     history["validation"].append({"step": step, "phase": "final", **_headline(summary)})
-    report = {**summary, "dataset": job.dataset, "protocol": job.labeler.protocol,
+    _gather_coverage(worker, history)
+    report = {**summary, **_coverage_report(history, job.training.setting),
+              "dataset": job.dataset, "protocol": job.labeler.protocol,
               "method": _method_name(job.training), "inputs": _inputs(job),
               "validation": history["validation"], "training_log": history["log"]}
     if job.evaluation.teacher and job.has_ground_truth:  # else the teacher is the reference itself
-        report["denseclip"] = _summary(evaluate_split(worker.teacher.predictor, worker, 0).matrix(), job)
+        report["denseclip"] = _summary(evaluate_split(worker.labeler, worker, 0).matrix(), job)
     metrics = {"step": step, "phase": "final", **{f"val_{k}": v for k, v in _headline(summary).items()}}
     _report(worker, metrics, step, history, final={"summary": report, "conf": conf, "samples": samples})
 
@@ -694,8 +774,10 @@ def _inputs(job: TrainJob) -> dict:
             "teacher": f"{job.labeler.model}/{job.labeler.pretrained or 'default'}",
             "teacher_head": job.labeler.head, "teacher_protocol": job.labeler.protocol,
             "teacher_activation": weights_activation(job.labeler.model, job.labeler.pretrained),
+            "teacher_normalisation": job.labeler.normalisation, "teacher_precision": job.labeler.effective_precision,
             "target": f"{job.training.target.head}-{job.training.target.backbone}",
-            "classifier": job.training.target.classifier, "workers": job.workers.num_workers}
+            "classifier": job.training.target.classifier, "training_precision": job.training.precision,
+            "scored_at": job.training.resize_to, "workers": job.workers.num_workers}
 
 
 # ---------------------------------------------------------------------------------------------- driver

@@ -20,11 +20,14 @@ log = logging.getLogger(__name__)
 
 
 def decode_training_sample(sample: dict, num_classes: int, with_label: bool, store: MaskStore | None,
-                           label_lut: np.ndarray | None = None, with_confidence: bool = True) -> dict:
+                           label_lut: np.ndarray | None = None, with_confidence: bool = True,
+                           pseudo_label_ids: list[int] | None = None) -> dict:
     """One shard sample -> a row: ``key``, ``image`` uint8 (H, W, 3), and as asked ``label`` uint8 (H, W)
     (ground truth, mapped through ``label_lut`` (256,) when given: ``voc`` shards read as ``voc20``),
     ``pseudo_label`` uint8 (H, W) and, ``with_confidence``, ``pseudo_confidence`` float32 (H, W) in [0, 1] (from
-    ``store``; training needs it only for a confidence threshold, and it costs most of a row's mask decoding).
+    ``store``; training needs it only for a confidence threshold, and it costs most of a row's mask decoding). The
+    store's label ``i`` is the dataset class ``pseudo_label_ids[i]`` when given: a store labelled with the unseen
+    classes.
     Raises ``ImageDecodeError``, ``ValueError`` or ``KeyError`` naming the sample when it cannot be used."""
     key = sample["__key__"]
     image = decode_sample_image(sample)
@@ -36,7 +39,11 @@ def decode_training_sample(sample: dict, num_classes: int, with_label: bool, sto
         labels = labels if label_lut is None else label_lut[labels]
         row["label"] = _checked_map(labels, image, num_classes, key, "ground truth")
     if store is not None:
-        row["pseudo_label"] = _checked_map(store.get(key), image, num_classes, key, "pseudo label")
+        if pseudo_label_ids is None:
+            row["pseudo_label"] = _checked_map(store.get(key), image, num_classes, key, "pseudo label")
+        else:
+            labels = _checked_map(store.get(key), image, len(pseudo_label_ids), key, "pseudo label")
+            row["pseudo_label"] = _id_lut(pseudo_label_ids)[labels]
     if store is not None and with_confidence:
         confidence = store.get_confidence(key)
         row["pseudo_confidence"] = np.ones(image.shape[:2], np.float32) if confidence is None else confidence
@@ -53,9 +60,16 @@ def _checked_map(labels: np.ndarray, image: np.ndarray, num_classes: int, key: s
     return labels
 
 
+def _id_lut(class_ids: list[int]) -> np.ndarray:
+    """``(256,)`` uint8: label ``i`` -> ``class_ids[i]``, 255 (ignored) -> 255."""
+    lut = np.full(256, 255, np.uint8)
+    lut[:len(class_ids)] = class_ids
+    return lut
+
+
 def read_samples(item: dict, num_classes: int, with_label: bool, mask_store: str | None,
                  label_lut: np.ndarray | None = None, skip_damaged: bool = False,
-                 with_confidence: bool = True) -> Iterator[dict]:
+                 with_confidence: bool = True, pseudo_label_ids: list[int] | None = None) -> Iterator[dict]:
     """Ray Data ``flat_map``: the rows of the shard ``item["shard"]`` (see :func:`decode_training_sample`).
     A sample that cannot be used is logged and skipped, so every worker's split holds only usable rows; a
     damaged tar ends its shard early. A damaged part of ``mask_store`` raises DamagedPartError naming it, or
@@ -65,7 +79,8 @@ def read_samples(item: dict, num_classes: int, with_label: bool, mask_store: str
     try:
         for sample in read_shard(shard):
             try:
-                yield decode_training_sample(sample, num_classes, with_label, store, label_lut, with_confidence)
+                yield decode_training_sample(sample, num_classes, with_label, store, label_lut, with_confidence,
+                                             pseudo_label_ids)
             except (ImageDecodeError, ValueError, KeyError) as exc:
                 log.warning("skipping a sample of %s: %s", shard, exc)
     except DamagedShardError as exc:
