@@ -20,7 +20,7 @@ def tiny_clip():
 
 
 def test_the_readme_python_example_runs_as_written(monkeypatch):
-    [example] = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    [example] = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
     monkeypatch.chdir(ROOT)  # the example's image path is relative to the checkout
     scope: dict = {}
     exec(compile(example, "README.md", "exec"), scope)  # noqa: S102 - the README's own code
