@@ -232,7 +232,7 @@ def host_ceiling(jpegs: list[bytes], maps_file: str, sizes: tuple[int, int], sha
     from denseclip.config import LabelerConfig
 
     ReplayLabeler.PREDICTIONS = maps_file
-    config = LabelerConfig(batch_size=8)
+    config = LabelerConfig(model="denseclip-tiny-shapes", batch_size=8)
     classes = [[f"class {i}"] for i in range(UPPER_BOUND["classes"])]
     seconds = {}
     with ray_cluster():

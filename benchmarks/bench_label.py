@@ -151,7 +151,7 @@ def upsample_topk(images: int, size: int = 512) -> None:
     scenes = [render_scene(13, i, size=size).image for i in range(images)]
     results, times = {}, {}
     for topk in (None, 3):
-        dense_clip = LabelerConfig(upsample_topk=topk, batch_size=1).build(classes)
+        dense_clip = LabelerConfig(model="denseclip-tiny-shapes", upsample_topk=topk, batch_size=1).build(classes)
         dense_clip.label_images(scenes[:1])  # warm-up
         per_image = []
         for scene in scenes:
@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of the throughput comparison")
     parser.add_argument("--only", choices=("throughput", "memory", "topk"))
     args = parser.parse_args()
-    config = LabelerConfig()  # the library's defaults, batch size included
+    config = LabelerConfig(model="denseclip-tiny-shapes")  # the library's defaults, batch size included
     classes = resolve_vocabulary("synthetic")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.size} px scenes, "
           f"batch size {config.batch_size}")

@@ -153,7 +153,7 @@ def synthetic_agreement(scenes: int = 200) -> None:
 def precision_speed(repeats: int) -> None:
     info = get_dataset("synthetic")
     cases = {
-        "tiny CLIP, 64 scenes of 128 px": (LabelerConfig(), info.classes,
+        "tiny CLIP, 64 scenes of 128 px": (LabelerConfig(model="denseclip-tiny-shapes"), info.classes,
                                            [s.image for s in render_dataset(EVAL_WORLD_SEED, 64)]),
         "RN50, 16 random images of 512 px": (LabelerConfig(model="RN50", pretrained="random"),
                                              resolve_vocabulary(VOC20), random_images(16, 512)),

@@ -3,9 +3,9 @@ ECCV 2022), distilled into a segmentation network (DenseCLIP+), on Ray.
 
     import denseclip
 
-    clip = denseclip.load_clip("RN50", "openai")        # or denseclip.load_clip() for the shipped tiny CLIP
-    labeler = denseclip.DenseCLIP(clip, [["cat"], ["dog"], ["background", "sky", "wall"]])
-    labels, confidence = labeler.label_images([rgb_uint8_image])[0]
+    clip = denseclip.load_clip()                        # RN50 with OpenAI's weights, as the paper
+    labeler = denseclip.DenseCLIP(clip, ["cat", "dog", ["background", "sky", "wall"]])
+    labels, confidence = labeler.label_images(["photo.jpg"])[0]   # paths, PIL images or (H, W, 3) uint8 arrays
     features = denseclip.dense_features(clip.model, images)   # (B, D, H/s, W/s), CLIP's joint space
 
 The names below are imported when first used, so ``import denseclip`` loads neither torch nor Ray; the Ray

@@ -238,9 +238,9 @@ def run_demo(config: DemoConfig, out: str | Path, on_log: Callable[[str, dict], 
     # fp32 on every machine (not the labeller's "auto"), so the demo's numbers reproduce on any CPU; the same
     # weights initialise the DenseCLIP+ targets' towers.
     clip = load_clip(TINY_MODEL, config.clip_weights)
-    predictor = LabelerConfig().build(info.classes, clip=clip)
+    predictor = LabelerConfig(model="denseclip-tiny-shapes").build(info.classes, clip=clip)
     torch.manual_seed(config.training.seed)  # the random-weights baseline is reproducible too
-    random_predictor = LabelerConfig(pretrained="random").build(info.classes)
+    random_predictor = LabelerConfig(model="denseclip-tiny-shapes", pretrained="random").build(info.classes)
     lap("load")
 
     results: dict[str, tuple[dict, ConfusionMatrix, list[np.ndarray]]] = {}

@@ -11,7 +11,7 @@ from denseclip.config import LabelerConfig, resolve_vocabulary
 from denseclip.mask_store import MaskStore, write_key_index
 from denseclip.ray.labeling import Labeler, LabelingPlan, ShardCommitter, decode_batch, read_shard_rows
 
-CONFIG = LabelerConfig(pretrained="random", batch_size=4)
+CONFIG = LabelerConfig(model="denseclip-tiny-shapes", pretrained="random", batch_size=4)
 CLASSES = resolve_vocabulary("synthetic")
 
 

@@ -367,7 +367,7 @@ def test_device_jpeg_decoding_runs_inside_the_halving_path(monkeypatch):
             for i, im in enumerate(images)]
     batch = decode_batch(ray_batch(rows), defer_jpeg=True)
     assert all(batch["jpeg"])  # every image is left for the actor's device to decode
-    labeler = Labeler(LabelerConfig(pretrained="random", batch_size=5), CLASSES)
+    labeler = Labeler(LabelerConfig(model="denseclip-tiny-shapes", pretrained="random", batch_size=5), CLASSES)
     expected = labeler.label_batch(batch)
     real = torchvision.io.decode_jpeg
     calls: list[int] = []
@@ -401,7 +401,7 @@ def test_actors_make_the_gpu_ray_assigned_their_current_device(monkeypatch):
 def test_the_throughput_probe_builds_on_the_gpu_its_task_was_given(monkeypatch):
     asked: list[str] = []
     monkeypatch.setattr(labeling, "actor_device", lambda requested: asked.append(requested) or "cpu")
-    measured = measure_throughput(LabelerConfig(pretrained="random", device="cuda:1"), CLASSES,
+    measured = measure_throughput(LabelerConfig(model="denseclip-tiny-shapes", pretrained="random", device="cuda:1"), CLASSES,
                                   [_jpeg(image) for image in _images(2)], rounds=1)
     assert asked == ["cuda:1"] and measured.labels_per_s > 0
 

@@ -99,7 +99,7 @@ def test_worker_setup_steps_and_labeller_create_no_tensor_off_the_device(shards)
         evaluation = Evaluation(job.info.num_classes, num_overlays=1)
         for labeler in (worker.model, worker.labeler, worker.teacher.predictor):
             evaluation.add_labelled(labeler, CLEAN, [(r["key"], r["image"], r["label"]) for r in rows])
-        out = Labeler(LabelerConfig(), resolve_vocabulary("synthetic")).label_batch(
+        out = Labeler(LabelerConfig(model="denseclip-tiny-shapes"), resolve_vocabulary("synthetic")).label_batch(
             decode_batch(ray_batch(labeller_rows)))
     assert worker.precision.name == "fp16" and worker.precision.scaler is not None
     assert all(torch.isfinite(loss) for loss in losses) and evaluation.num_images == 3 * len(rows)

@@ -353,10 +353,11 @@ def test_denseclip_plus_checkpoint_on_the_fly(tmp_path, capsys):
     from denseclip.vocabulary import load_templates
 
     job = TrainJob.from_dict({"dataset": "synthetic", "data": {"train": "unused", "val": "unused"},
+                              "labeler": {"model": "denseclip-tiny-shapes"},
                               "run": {"name": "eval"}, "training": {"resize_to": [128, 32], "target": {
                                   "backbone": "clip", "backbone_weights": "clip", "head": "deeplabv3plus",
                                   "output_stride": 16, "aspp_rates": [1, 2], "head_channels": 16}}})
-    clip = load_clip()
+    clip = load_clip("denseclip-tiny-shapes")
     target = build_target(job.training.target, *class_embeddings(clip, job.info.classes, load_templates("synthetic")),
                           clip=clip)
     checkpoint = tmp_path / "checkpoint"

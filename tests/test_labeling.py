@@ -51,7 +51,7 @@ label_cli = load_pipeline("label")
 # The fault-injecting labeler below runs in Ray's actor processes, which cannot import this test module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-CONFIG = LabelerConfig(pretrained="random", batch_size=4)
+CONFIG = LabelerConfig(model="denseclip-tiny-shapes", pretrained="random", batch_size=4)
 CLASSES = resolve_vocabulary("synthetic")
 
 

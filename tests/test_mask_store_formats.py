@@ -36,7 +36,7 @@ from denseclip.synthetic import write_shards
 OLD = Path(__file__).resolve().parent / "data" / "stores" / "format-1"
 EXPECTED = np.load(OLD / "expected.npz", allow_pickle=False)
 OLD_KEYS = [str(k) for k in EXPECTED["keys"]]
-CONFIG = LabelerConfig(pretrained="random", batch_size=4)
+CONFIG = LabelerConfig(model="denseclip-tiny-shapes", pretrained="random", batch_size=4)
 CLASSES = resolve_vocabulary("synthetic")
 PROVENANCE = {"model": "RN50", "pretrained": "openai", "fingerprint": "abc123", "templates": "denseclip85",
               "vocabulary": [[f"c{i}"] for i in range(1203)]}

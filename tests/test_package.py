@@ -52,7 +52,7 @@ def test_the_shipped_tiny_clip_labels_through_the_public_api():
 
     from denseclip.synthetic import render_scene
 
-    clip = denseclip.load_clip()
+    clip = denseclip.load_clip("denseclip-tiny-shapes")
     labeler = denseclip.DenseCLIP(clip, [["red circle"], ["blue star"], ["background"]])
     labels, confidence = labeler.label_images([render_scene(3, 0, size=64).image])[0]
     assert labels.shape == confidence.shape == (64, 64) and labels.max() < 3

@@ -59,7 +59,7 @@ def test_zero_shot_merge_fills_only_unseen_pixels_and_keeps_void_ignored():
 def teacher():
     torch.manual_seed(0)
     clip = load_clip(TINY_MODEL, "random")
-    predictor = LabelerConfig(templates=None).build(CLASSES, clip=clip)
+    predictor = LabelerConfig(model="denseclip-tiny-shapes", templates=None).build(CLASSES, clip=clip)
     return DenseCLIPTeacher(predictor)
 
 

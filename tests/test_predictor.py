@@ -247,7 +247,7 @@ def test_every_head_labels_windows_of_several_images_in_one_forward(tiny_vit, im
 # ------------------------------------------------------------------ the fast path against the straightforward one
 @pytest.fixture(scope="module")
 def tiny():
-    return load_clip()  # the shipped tiny CLIP: trained weights and BatchNorm statistics, structured label maps
+    return load_clip("denseclip-tiny-shapes")  # the shipped tiny CLIP: trained weights and BatchNorm statistics, structured label maps
 
 
 @pytest.fixture(scope="module")
@@ -415,7 +415,7 @@ def test_size_buckets_batch_different_sizes_without_changing_any_image(tiny):
 def test_low_precision_keeps_norm_layers_in_fp32_and_agrees_with_fp32(tiny, scenes):
     from denseclip.datasets import get_dataset
 
-    half = load_clip(precision="bf16")
+    half = load_clip("denseclip-tiny-shapes", precision="bf16")
     visual = half.model.visual
     assert half.dtype == torch.bfloat16 and visual.conv1.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for m in half.model.modules()

@@ -97,14 +97,14 @@ def test_cli_flags_left_at_default_give_way_to_the_protocol():
     ((333, 500), (520, 520), (346, 520)),      # PASCAL Context
 ])
 def test_keep_ratio_resize_sizes(size, fit, expected):
-    clip = load_clip()
+    clip = load_clip("denseclip-tiny-shapes")
     predictor = DenseCLIP(clip, [["red circle"], ["blue square"]], templates=["a {}."], resize_to=fit)
     assert predictor.inference_size(*size) == expected
 
 
 def test_labels_come_back_at_the_input_size_after_a_resize(monkeypatch, tmp_path):
     monkeypatch.setenv("DENSECLIP_CACHE", str(tmp_path))
-    clip = load_clip()
+    clip = load_clip("denseclip-tiny-shapes")
     seen = []
     predictor = DenseCLIP(clip, [["red circle"], ["blue square"]], templates=["a {}."], resize_to=(256, 64))
     handle = predictor.tower.conv1.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[-2:]))

@@ -85,7 +85,7 @@ def test_stored_predictions_match_single_process(world, cluster):
 
 
 def test_labeler_sweep_matches_single_process(world, cluster):
-    make_labeler = functools.partial(build_dense_clip, LabelerConfig(batch_size=4),
+    make_labeler = functools.partial(build_dense_clip, LabelerConfig(model="denseclip-tiny-shapes", batch_size=4),
                                      get_dataset("synthetic").classes)
     conditions = [CLEAN, Condition("gaussian_noise", 2), Condition("jpeg_compression", 5)]
     single = score_labeler(iter_ground_truth(world["shards"]), make_labeler("cpu"), Evaluation(NUM_CLASSES),

@@ -293,7 +293,7 @@ def test_unusable_samples_are_skipped_not_fatal(tmp_path):
 
 
 def _small_target(training: TrainingConfig):
-    clip = load_clip(pretrained="random")
+    clip = load_clip("denseclip-tiny-shapes", pretrained="random")
     embeddings, class_of_name = class_embeddings(clip, INFO.classes, load_templates("synthetic"))
     torch.manual_seed(0)
     model = build_target(training.target, embeddings, class_of_name, clip=clip)
@@ -537,7 +537,7 @@ def test_custom_vocabulary_trains_on_unlabelled_shards_and_reports_agreement(ray
     # The agreement, recomputed here from the final checkpoint and a fresh teacher on the same images.
     images = list(_shard_images(shards).values())
     target = load_target_checkpoint(result.checkpoint)
-    teacher = LabelerConfig().build(job.info.classes)
+    teacher = LabelerConfig(model="denseclip-tiny-shapes").build(job.info.classes)
     ours = np.stack([labels for labels, _ in target.label_images(images)])
     theirs = np.stack([labels for labels, _ in teacher.label_images(images)])
     # The workers label in their own batches (batched convolutions round differently): near-ties may flip.
@@ -668,7 +668,7 @@ def custom_run(tmp_path_factory) -> dict:
     ordered = [images[f"scene-{i:06d}"] for i in range(200)]
     scores = {}
     for name, labeler in (("target", load_target_checkpoint(str(final))),
-                          ("teacher", LabelerConfig().build(job.info.classes))):
+                          ("teacher", LabelerConfig(model="denseclip-tiny-shapes").build(job.info.classes))):
         conf = ConfusionMatrix(job.info.num_classes)
         for pred, gt in zip((labels for labels, _ in labeler.label_images(ordered)), truth):
             conf.update(pred, gt)

@@ -90,7 +90,7 @@ def world(tmp_path_factory) -> str:
 
 
 def test_results_do_not_depend_on_batching(world):
-    labeler = build_dense_clip(LabelerConfig(), get_dataset("synthetic").classes)
+    labeler = build_dense_clip(LabelerConfig(model="denseclip-tiny-shapes"), get_dataset("synthetic").classes)
     conditions = [CLEAN, Condition("speckle_noise", 3)]
     runs = [score_labeler(iter_ground_truth(world), labeler, Evaluation(17), conditions, seed=5, batch_size=size)
             for size in (3, 16)]

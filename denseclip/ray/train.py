@@ -230,7 +230,7 @@ class TrainJob:
         for name in ("cpus_per_worker", "data_cpus"):
             value = getattr(workers, name)
             _require(_number(value) and value > 0, "workers", name, value, "must be a number > 0")
-        if self.labeler.device != "cpu" and not workers.use_gpu:
+        if self.labeler.device not in ("cpu", "auto") and not workers.use_gpu:
             _fail("labeler", "device", self.labeler.device, "the teacher runs on its worker's device: set "
                   "workers.use_gpu: true to train on GPUs")
         if self.training.batch_size % workers.num_workers:

@@ -149,7 +149,7 @@ def _jpeg_rows(images: list[np.ndarray]) -> list[dict]:
 
 
 def test_jpegs_decoded_on_the_device_label_as_decoded_by_pillow(device, images, on_ray_gpu):
-    labeler = Labeler(LabelerConfig(device=device, precision="fp16"), CLASSES)
+    labeler = Labeler(LabelerConfig(model="denseclip-tiny-shapes", device=device, precision="fp16"), CLASSES)
     rows = ray_batch(_jpeg_rows(images))
     deferred = decode_batch(rows, defer_jpeg=True)
     assert all(deferred["jpeg"])  # decoding forced onto the actor's device
@@ -159,7 +159,7 @@ def test_jpegs_decoded_on_the_device_label_as_decoded_by_pillow(device, images, 
 
 
 def test_running_out_of_device_memory_halves_the_batch(device, images, on_ray_gpu):
-    labeler = Labeler(LabelerConfig(device=device, precision="fp16", batch_size=5), CLASSES)
+    labeler = Labeler(LabelerConfig(model="denseclip-tiny-shapes", device=device, precision="fp16", batch_size=5), CLASSES)
     batch = ray_batch([{"key": f"k{i}", "shard": "s", "shard_total": 0, "error": "", "image": im}
                        for i, im in enumerate(images[:5])])
     expected = labeler.label_batch(batch)
@@ -193,7 +193,7 @@ def test_label_py_on_a_cuda_ordinal(device, world, ordinal, tmp_path):
     decoded = {sample["__key__"]: decode_image(sample["jpg"]) for shard in sorted((world / "train").glob("*.tar"))
                for sample in read_shard(str(shard))}
     keys = sorted(decoded)
-    reference = _fp32_on_cpu(LabelerConfig(device=requested)).label_images([decoded[key] for key in keys])
+    reference = _fp32_on_cpu(LabelerConfig(model="denseclip-tiny-shapes", device=requested)).label_images([decoded[key] for key in keys])
     assert _agreement([store.get(key) for key in keys], [labels for labels, _ in reference]) >= AGREEMENT
     if device == "cuda":  # the same output labelled on another device: refused
         again = run("pipelines/label.py", *args, "--device", "cpu", "--precision", "fp16")
