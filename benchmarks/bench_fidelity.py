@@ -50,6 +50,7 @@ from denseclip.evaluation import ImageLabeler
 from denseclip.metrics import ConfusionMatrix, summarize
 from denseclip.plus.amp import MixedPrecision
 from denseclip.plus.training import InMemoryBatches, make_targets, train
+from denseclip.predictor import DenseCLIP
 from denseclip.ray.train import TrainJob, build_worker
 from denseclip.ray.train_data import read_samples
 from denseclip.reproduce import Reproduction
@@ -146,7 +147,7 @@ def teacher_table(job: TrainJob, rows: list[dict], device: str) -> dict:
         config = dataclasses.replace(job.labeler, device=device, **changes)
 
         def label(config: LabelerConfig = config) -> dict:
-            summary, labels = score(config.build(job.info.classes), job, rows)
+            summary, labels = score(DenseCLIP.from_config(config, job.info.classes), job, rows)
             return {"summary": summary, "labels": labels}
 
         result = run(label)
@@ -173,7 +174,7 @@ def unseen_argmax_unseen(job: TrainJob, rows: list[dict], labels: list[np.ndarra
 def precomputed_maps(job: TrainJob, images: np.ndarray, device: str) -> dict[str, np.ndarray]:
     """What a reproduction's label stage stores for these images (the labeller under the job's protocol, with the
     teacher's vocabulary), in dataset ids, as the training reader hands it on."""
-    labeler = dataclasses.replace(job.labeler, device=device).build(job.teacher_classes)
+    labeler = DenseCLIP.from_config(dataclasses.replace(job.labeler, device=device), job.teacher_classes)
     ids = np.arange(len(job.info.classes)) if job.teacher_class_ids is None else np.asarray(job.teacher_class_ids)
     maps = labeler.label_images(list(images))
     return {"pseudo_label": np.stack([ids[labels] for labels, _ in maps]).astype(np.uint8),

@@ -37,11 +37,13 @@ import torchvision
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from denseclip.config import TINY_MODEL, LabelerConfig, resolve_vocabulary
+from denseclip.config import LabelerConfig, resolve_vocabulary
 from denseclip.dense import dense_features
 from denseclip.gpu import cuda_problem
 from denseclip.images import decode_image
 from denseclip.models import PRECISIONS
+from denseclip.names import TINY_MODEL
+from denseclip.predictor import DenseCLIP
 from denseclip.ray.labeling import is_out_of_memory
 from denseclip.synthetic import render_scene, write_shards
 
@@ -86,7 +88,7 @@ def model_rows(model: str, precisions: list[str], batch_sizes: list[int], images
     for precision in precisions:
         config = LabelerConfig(model=model, pretrained=None if model == TINY_MODEL else "random", device=str(device),
                                precision=precision, resize_to=None if model == TINY_MODEL else PAPER_RESIZE)
-        labeler = config.build(classes)
+        labeler = DenseCLIP.from_config(config, classes)
         height, width = labeler.inference_size(*PHOTO)
         padded = [-(-d // labeler.pad_multiple) * labeler.pad_multiple for d in (height, width)]
         with FlopCounterMode(display=False) as counter, torch.inference_mode():

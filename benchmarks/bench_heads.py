@@ -22,12 +22,13 @@ from collections.abc import Callable
 
 import torch
 
-from denseclip.config import HEADS, TINY_VIT_MODEL, LabelerConfig
+from denseclip.config import LabelerConfig
 from denseclip.datasets import get_dataset
 from denseclip.dense import dense_features
 from denseclip.evaluation import build_dense_clip, iter_ground_truth, load_image
 from denseclip.metrics import ConfusionMatrix, summarize
 from denseclip.models import load_clip
+from denseclip.names import HEADS, TINY_VIT_MODEL
 
 
 def _seconds(call: Callable[[], object], cuda: bool = False) -> float:

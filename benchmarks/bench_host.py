@@ -63,6 +63,7 @@ from denseclip.mask_store import (
     encode_confidence,
     encode_mask,
 )
+from denseclip.predictor import DenseCLIP
 from denseclip.ray.labeling import (
     Labeler,
     LabelingPlan,
@@ -115,7 +116,7 @@ def realistic_maps(jpegs: list[bytes], model: str, vocabulary: str) -> list[tupl
     from denseclip.config import LabelerConfig, resolve_vocabulary
 
     torch.set_num_threads(os.cpu_count() or 1)
-    dense_clip = LabelerConfig(model=model, batch_size=1).build(resolve_vocabulary(vocabulary))
+    dense_clip = DenseCLIP.from_config(LabelerConfig(model=model, batch_size=1), resolve_vocabulary(vocabulary))
     return [dense_clip.label_maps([decode_image(jpeg)])[0] for jpeg in jpegs]
 
 

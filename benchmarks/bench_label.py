@@ -33,6 +33,7 @@ import torch
 from denseclip.config import LabelerConfig, resolve_vocabulary
 from denseclip.images import decode_image
 from denseclip.mask_store import MaskStoreWriter
+from denseclip.predictor import DenseCLIP
 from denseclip.ray.labeling import label_shards, part_id, prepare_labeling, ray_cluster, run_provenance
 from denseclip.shards import read_shard
 from denseclip.synthetic import render_scene, write_shards
@@ -44,7 +45,7 @@ SHARD_SIZE = 100
 def bare_loop(shards: list[str], output: str, config: LabelerConfig, classes: list[list[str]]) -> float:
     """Label ``shards`` in this process, one part per shard as the pipeline does; returns seconds."""
     start = time.perf_counter()
-    dense_clip = config.build(classes)
+    dense_clip = DenseCLIP.from_config(config, classes)
     writer = MaskStoreWriter(output, {**run_provenance(config, classes), "fingerprint": dense_clip.clip.fingerprint})
     for shard in shards:
         samples = list(read_shard(shard))
@@ -151,7 +152,7 @@ def upsample_topk(images: int, size: int = 512) -> None:
     scenes = [render_scene(13, i, size=size).image for i in range(images)]
     results, times = {}, {}
     for topk in (None, 3):
-        dense_clip = LabelerConfig(model="denseclip-tiny-shapes", upsample_topk=topk, batch_size=1).build(classes)
+        dense_clip = DenseCLIP.from_config(LabelerConfig(model="denseclip-tiny-shapes", upsample_topk=topk, batch_size=1), classes)
         dense_clip.label_images(scenes[:1])  # warm-up
         per_image = []
         for scene in scenes:

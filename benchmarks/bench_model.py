@@ -3,7 +3,7 @@ sliding windows batched across images against one at a time.
 
     python benchmarks/bench_model.py [--repeats 5] [--threads 2] [--only rate|bf16|windows]
 
-1. rate. ``LabelerConfig(model="RN50", pretrained="random", precision=P).build(20 VOC classes).label_images``
+1. rate. ``DenseCLIP.from_config(LabelerConfig(model="RN50", pretrained="random", precision=P), 20 VOC classes).label_images``
    on 16 random 512x512 images (the paper's short side: no resize), library defaults otherwise, for P = auto
    (the default: what this machine resolves it to), fp32 and bf16. FLOPs are counted by ``FlopCounterMode`` on
    ``denseclip.dense.dense_features`` at 512x512; the reference is a 2048x2048 matmul in the labeller's dtype,
@@ -40,6 +40,7 @@ from denseclip.dense import dense_features
 from denseclip.engine import input_memory_format
 from denseclip.metrics import ConfusionMatrix, summarize
 from denseclip.models import PRECISIONS
+from denseclip.predictor import DenseCLIP
 from denseclip.synthetic import render_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def rate_rounds(config: LabelerConfig, classes: list[list[str]], pictures: list[
                 repeats: int) -> dict[str, list[float]]:
     """Per round, GFLOP/s of: the matmul (before and after the others), label_images and the dense forward alone
     (the labeller's tower on the same batches, already preprocessed)."""
-    labeler = config.build(classes)
+    labeler = DenseCLIP.from_config(config, classes)
     dtype = PRECISIONS[config.effective_precision]
     size = pictures[0].shape[0]
     gflop = len(pictures) * dense_gflop(labeler.clip.model, size)
@@ -136,7 +137,7 @@ def synthetic_agreement(scenes: int = 200) -> None:
         labels, miou = {}, {}
         for precision in ("fp32", "bf16"):
             config = LabelerConfig.from_dict({**values, "precision": precision}, dataset="synthetic")
-            labeler = config.build(info.classes)
+            labeler = DenseCLIP.from_config(config, info.classes)
             matrix = ConfusionMatrix(info.num_classes)
             labels[precision] = []
             for start in range(0, scenes, 8):
@@ -160,7 +161,7 @@ def precision_speed(repeats: int) -> None:
     }
     print(f"\n## bf16 vs fp32 speed, label_images; {repeats} rounds")
     for name, (config, classes, pictures) in cases.items():
-        labelers = {p: dataclasses.replace(config, precision=p).build(classes) for p in ("fp32", "bf16")}
+        labelers = {p: DenseCLIP.from_config(dataclasses.replace(config, precision=p), classes) for p in ("fp32", "bf16")}
         for labeler in labelers.values():
             labeler.label_images(pictures[:2])
         seconds = {p: [] for p in labelers}
@@ -178,7 +179,7 @@ def windows(repeats: int, images: int = 4, size: int = 512) -> None:
     clip = None
     labelers = {}
     for name, batch_size in (("across images (batch 8)", 8), ("image by image", 8), ("window by window", 1)):
-        labelers[name] = dataclasses.replace(base, batch_size=batch_size).build(classes, clip=clip)
+        labelers[name] = DenseCLIP.from_config(dataclasses.replace(base, batch_size=batch_size), classes, clip=clip)
         clip = labelers[name].clip
     tensors = [labelers["image by image"].preprocess(p) for p in random_images(images, size)]
     runs = {

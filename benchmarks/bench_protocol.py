@@ -22,6 +22,7 @@ from PIL import Image
 
 from denseclip.config import LabelerConfig, resolve_vocabulary
 from denseclip.models import load_clip
+from denseclip.predictor import DenseCLIP
 
 SAMPLES = Path(__file__).resolve().parents[1] / "tests" / "data" / "samples"
 COCO_SIZES = ((480, 640), (640, 480), (427, 640))  # (height, width)
@@ -59,7 +60,7 @@ def main() -> None:
     for name, options in SETTINGS.items():
         config = LabelerConfig.from_dict({"model": args.model, "pretrained": args.pretrained, "protocol": "paper",
                                           "templates": args.templates, **options}, dataset="coco_stuff")
-        labeler = config.build(classes, clip=clip)
+        labeler = DenseCLIP.from_config(config, classes, clip=clip)
         labeler.label_images(images[:1])  # warm-up
         start = time.perf_counter()
         labels = [labeler.label_images([image])[0][0] for image in images]

@@ -29,6 +29,7 @@ from denseclip.models import TINY_MODEL, LoadedCLIP, load_clip
 from denseclip.plus.pseudo_labels import DenseCLIPTeacher, label_training_set
 from denseclip.plus.target import SegmentationTarget, TargetConfig, build_target
 from denseclip.plus.training import InMemoryBatches, TrainingConfig, build_optimizer, train
+from denseclip.predictor import DenseCLIP
 from denseclip.report import write_comparison, write_report
 from denseclip.synthetic import TINY_CLIP_WORLD_SEED, Scene, render_dataset
 
@@ -238,9 +239,9 @@ def run_demo(config: DemoConfig, out: str | Path, on_log: Callable[[str, dict], 
     # fp32 on every machine (not the labeller's "auto"), so the demo's numbers reproduce on any CPU; the same
     # weights initialise the DenseCLIP+ targets' towers.
     clip = load_clip(TINY_MODEL, config.clip_weights)
-    predictor = LabelerConfig(model="denseclip-tiny-shapes").build(info.classes, clip=clip)
+    predictor = DenseCLIP.from_config(LabelerConfig(model="denseclip-tiny-shapes"), info.classes, clip=clip)
     torch.manual_seed(config.training.seed)  # the random-weights baseline is reproducible too
-    random_predictor = LabelerConfig(model="denseclip-tiny-shapes", pretrained="random").build(info.classes)
+    random_predictor = DenseCLIP.from_config(LabelerConfig(model="denseclip-tiny-shapes", pretrained="random"), info.classes)
     lap("load")
 
     results: dict[str, tuple[dict, ConfusionMatrix, list[np.ndarray]]] = {}

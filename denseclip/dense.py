@@ -17,7 +17,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from denseclip.config import DEFAULT_HEAD, HEADS
+from denseclip.names import DEFAULT_HEAD, HEADS
 
 
 def output_stride(model: nn.Module) -> int:

@@ -25,6 +25,7 @@ from denseclip.datasets import normalize_class_name
 from denseclip.images import decode_image, decode_label_map
 from denseclip.mask_store import MASKS_DIR, MaskStore
 from denseclip.metrics import ConfusionMatrix, EvaluationInputError
+from denseclip.predictor import DenseCLIP
 from denseclip.robustness import CLEAN, Condition, apply_condition
 from denseclip.shards import expand_shards, read_shard, sanitize_key
 
@@ -138,13 +139,13 @@ def build_dense_clip(config: LabelerConfig, classes: list[list[str]], device: st
     if device is not None:
         config = dataclasses.replace(config, device=device)
     if config.background_threshold is None:
-        return config.build(classes, clip)
+        return DenseCLIP.from_config(config, classes, clip)
     if config.synonyms and background_index is not None:
-        return config.build(classes, clip, background_class=background_index)
+        return DenseCLIP.from_config(config, classes, clip, background_class=background_index)
     if normalize_class_name(classes[0][0]) != "background":
         raise ConfigError("--background-threshold: the vocabulary's first class (label 0) must be background, "
                           f"got {classes[0][0]!r}")
-    return config.build(classes[1:], clip)
+    return DenseCLIP.from_config(config, classes[1:], clip)
 
 
 # ------------------------------------------------------------------------------------------------ scoring

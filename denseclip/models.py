@@ -31,7 +31,8 @@ from open_clip.transformer import LayerNormFp32, QuickGELU
 from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
-from denseclip.config import DEFAULT_MODEL, TINY_COCO_STUFF_MODEL, TINY_MODEL, TINY_MODELS, TINY_VIT_MODEL
+from denseclip.config import ConfigError
+from denseclip.names import DEFAULT_MODEL, TINY_COCO_STUFF_MODEL, TINY_MODEL, TINY_MODELS, TINY_VIT_MODEL
 from denseclip.packed_weights import (
     PackedWeightsError,
     initialised_under,
@@ -342,6 +343,19 @@ def norms_in_fp32(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.LayerNorm) and not isinstance(module, LayerNormFp32):
             module.__class__ = LayerNormFp32
     return model
+
+
+def check_device(device: str, where: str = "device") -> None:
+    """Refuse a CUDA device this process cannot see (no GPU, or ``cuda:N`` beyond the GPUs present) with a
+    ConfigError naming it, before any model is loaded. Inside Ray actors the device is first mapped to the GPU
+    Ray assigned (``denseclip.ray.devices``), so a job spec's ``cuda:1`` never reaches this check there."""
+    if not device.startswith("cuda"):
+        return
+    count = torch.cuda.device_count()
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        present = "GPUs: " + ", ".join(f"cuda:{i}" for i in range(count)) if count else "it has no CUDA GPU"
+        raise ConfigError(f"{where}: {device} does not exist on this machine ({present})")
 
 
 def load_clip(

@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from denseclip.config import (
+from denseclip.config import LabelerConfig
+from denseclip.dense import DEFAULT_HEAD, check_head, dense_features, dense_features_and_keys, output_stride
+from denseclip.engine import inference_tower, input_memory_format
+from denseclip.gpu import to_device, to_host
+from denseclip.images import as_rgb_array, check_rgb_image
+from denseclip.models import LoadedCLIP, check_device, load_clip
+from denseclip.names import (
     AUTO,
     CUDA_SIZE_BUCKET,
     DEFAULT_RESIZE,
@@ -27,14 +33,7 @@ from denseclip.config import (
     NORMALISATIONS,
     RESIZE_AUTO,
     TINY_MODELS,
-    LabelerConfig,
-    check_device,
 )
-from denseclip.dense import DEFAULT_HEAD, check_head, dense_features, dense_features_and_keys, output_stride
-from denseclip.engine import inference_tower, input_memory_format
-from denseclip.gpu import to_device, to_host
-from denseclip.images import as_rgb_array, check_rgb_image
-from denseclip.models import LoadedCLIP, load_clip
 from denseclip.protocols import keep_ratio_size
 from denseclip.text import class_embeddings
 from denseclip.vocabulary import load_templates

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from denseclip.config import add_labeler_arguments, check_device, labeler_config_from_args
+from denseclip.config import add_labeler_arguments, labeler_config_from_args
 from denseclip.corruptions import CORRUPTIONS
 from denseclip.damage import DamagedPartError
 from denseclip.datasets import DATASET_NAMES, get_dataset, normalize_class_name
@@ -178,6 +178,8 @@ def labeler_source(args: argparse.Namespace, vocab: Vocabulary, inputs: dict
     ``inputs``. Without --ray a CUDA device this machine does not have is refused here (ConfigError); on Ray
     each actor uses the GPU Ray gave it."""
     if not args.ray:
+        from denseclip.models import check_device
+
         check_device(args.device, "--device")
     if args.checkpoint is None:
         from denseclip.models import check_weights, weights_activation

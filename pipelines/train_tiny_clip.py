@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from denseclip import synthetic, synthetic_coco_stuff
-from denseclip.config import TINY_COCO_STUFF_MODEL, TINY_MODEL, TINY_MODELS
 from denseclip.models import TINY_ASSETS
+from denseclip.names import TINY_COCO_STUFF_MODEL, TINY_MODEL, TINY_MODELS
 from denseclip.packed_weights import pack_token_embedding
 
 SHIPPED_ASSETS = Path(TINY_ASSETS[TINY_MODEL]).parent

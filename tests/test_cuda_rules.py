@@ -25,7 +25,7 @@ from cuda_rules import CudaRuleError, CudaRules
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
-from denseclip.config import HEADS, TINY_MODEL, TINY_VIT_MODEL, LabelerConfig, resolve_vocabulary
+from denseclip.config import LabelerConfig, resolve_vocabulary
 from denseclip.dense import dense_features, dense_features_and_keys
 from denseclip.gpu import (
     _pack,
@@ -38,9 +38,11 @@ from denseclip.gpu import (
     to_host,
 )
 from denseclip.models import load_clip
+from denseclip.names import HEADS, TINY_MODEL, TINY_VIT_MODEL
 from denseclip.plus.pseudo_labels import DenseCLIPTeacher
 from denseclip.plus.target import TargetConfig, build_target
 from denseclip.plus.training import build_optimizer
+from denseclip.predictor import DenseCLIP
 from denseclip.ray import devices, labeling
 from denseclip.ray.labeling import Labeler, decode_batch, is_out_of_memory, measure_throughput
 from denseclip.ray.train import TrainJob, build_worker, load_target_checkpoint, save_checkpoint, train_on
@@ -141,7 +143,7 @@ def test_the_mode_lets_copies_cross_devices():
 # ------------------------------------------------------------------------------------------------ labeller
 def _labeller(model: str, precision: str, clip=None, **options):
     config = LabelerConfig(model=model, precision=precision, **options)
-    return config.build(CLASSES, clip)
+    return DenseCLIP.from_config(config, CLASSES, clip)
 
 
 @pytest.mark.parametrize("precision", LOW_PRECISIONS)
@@ -251,7 +253,7 @@ def test_denseclip_plus_steps_keep_to_one_device(model, shards, empty_text_cache
     job = _job(shards, model, "fp16", training_precision="fp32", upsample_topk=None)
     worker = build_worker(job, 0, 1, torch.device("cpu"))
     target = worker.model.to(META)
-    teacher = job.labeler.build(job.info.classes, _on_meta(worker.teacher.predictor.clip))  # prompts cached
+    teacher = DenseCLIP.from_config(job.labeler, job.info.classes, _on_meta(worker.teacher.predictor.clip))  # prompts cached
     worker = dataclasses.replace(worker, device=META, model=target, trained=target, optimizer=build_optimizer(
         target, job.training), teacher=DenseCLIPTeacher(teacher, job.training.pseudo_label_refinement))
     rows = _rows(shards, job)
@@ -316,7 +318,7 @@ def test_open_clip_towers_with_random_weights_keep_cudas_dtype_rules(model, prec
     config = LabelerConfig(model=model, pretrained="random", precision=precision, templates="synthetic",
                            resize_to=None, head="maskclip")
     with CudaRules():
-        labeller = config.build(classes)
+        labeller = DenseCLIP.from_config(config, classes)
         labelled = labeller.label_images(_images(1))
     assert labelled[0][0].shape == (96, 96)
 

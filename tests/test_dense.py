@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from denseclip.config import HEADS
 from denseclip.dense import dense_features, dense_features_and_keys, neighbourhood_bias, output_stride
 from denseclip.models import TINY_VIT_MODEL, load_clip
+from denseclip.names import HEADS
 
 torch.set_num_threads(2)
 

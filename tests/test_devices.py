@@ -16,9 +16,11 @@ from pipeline_scripts import load_pipeline
 from torch.overrides import TorchFunctionMode
 
 import denseclip.config
-from denseclip.config import ConfigError, LabelerConfig, check_device, cpu_has_native_bf16, resolve_vocabulary
+from denseclip.config import ConfigError, LabelerConfig, cpu_has_native_bf16, resolve_vocabulary
 from denseclip.evaluation import Evaluation
+from denseclip.models import check_device
 from denseclip.plus.amp import MixedPrecision, resolve_precision
+from denseclip.predictor import DenseCLIP
 from denseclip.ray.devices import assigned_device
 from denseclip.ray.labeling import Labeler, decode_batch, device_settings, read_shard_rows
 from denseclip.ray.train import TrainJob, build_worker, train_on
@@ -124,7 +126,7 @@ def test_a_cuda_ordinal_that_does_not_exist_is_refused_elsewhere(tmp_path):
     with pytest.raises(ConfigError, match=f"--device: {missing} does not exist on this machine"):
         check_device(missing, "--device")
     with pytest.raises(ConfigError, match=f"device: {missing} does not exist"):
-        LabelerConfig(device=missing).build([["red circle"]])
+        DenseCLIP.from_config(LabelerConfig(device=missing), [["red circle"]])
     for bad in ("cuda:x", "gpu", "cuda:-1", "cuda:1:2"):
         with pytest.raises(ConfigError, match="labeler.device: must be cpu, cuda or cuda:N"):
             LabelerConfig.from_dict({"device": bad})

@@ -23,6 +23,7 @@ from denseclip.plus.pseudo_labels import (
 )
 from denseclip.plus.target import TargetConfig, build_target
 from denseclip.plus.training import TrainingConfig, build_optimizer, make_targets, train
+from denseclip.predictor import DenseCLIP
 
 torch.set_num_threads(1)
 IGNORE = 255
@@ -59,7 +60,7 @@ def test_zero_shot_merge_fills_only_unseen_pixels_and_keeps_void_ignored():
 def teacher():
     torch.manual_seed(0)
     clip = load_clip(TINY_MODEL, "random")
-    predictor = LabelerConfig(model="denseclip-tiny-shapes", templates=None).build(CLASSES, clip=clip)
+    predictor = DenseCLIP.from_config(LabelerConfig(model="denseclip-tiny-shapes", templates=None), CLASSES, clip=clip)
     return DenseCLIPTeacher(predictor)
 
 
@@ -264,7 +265,7 @@ def test_the_training_teacher_sees_each_crop_as_it_is():
     """The official teacher labels the augmented crop as the batch holds it; the labeller's protocol (resize, size
     buckets) is for whole images."""
     config = LabelerConfig(pretrained="random", resize_to=(160, 80), size_bucket=96)
-    labeler = config.build(CLASSES)
+    labeler = DenseCLIP.from_config(config, CLASSES)
     teacher = build_teacher(config, CLASSES, clip=labeler.clip)
     seen = {}
     for name, predictor in (("labeler", labeler), ("teacher", teacher.predictor)):
@@ -281,7 +282,7 @@ def test_a_teacher_of_the_unseen_classes_labels_them_by_their_dataset_ids():
     """The zero-shot teacher's vocabulary is the unseen classes (the official teacher scores only those): its
     labels are their dataset ids, the argmax the whole vocabulary's teacher finds among them."""
     clip = load_clip(TINY_MODEL)  # the shipped weights: labels that mean something
-    config = LabelerConfig()
+    config = LabelerConfig(model=TINY_MODEL)
     unseen = build_teacher(config, [CLASSES[i] for i in UNSEEN], UNSEEN, clip=clip)
     everything = build_teacher(config, CLASSES, clip=clip)
     images = torch.full((2, 3, 64, 96), 0.5)  # grey, a red square and a blue one (each scene flipped)

@@ -7,15 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from denseclip.config import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ConfigError,
-    LabelerConfig,
-    add_labeler_arguments,
-    labeler_config_from_args,
-)
+from denseclip.config import ConfigError, LabelerConfig, add_labeler_arguments, labeler_config_from_args
 from denseclip.models import load_clip
+from denseclip.names import IMAGENET_MEAN, IMAGENET_STD
 from denseclip.predictor import DenseCLIP
 from denseclip.protocols import protocol_defaults, protocol_names
 
@@ -161,7 +155,7 @@ def test_voc_preset_feeds_a_500x375_image_to_the_network_at_683x512(monkeypatch,
     templates.write_text("a photo of a {}.\n")
     config = LabelerConfig.from_dict({"model": "RN50", "pretrained": "random", "protocol": "paper",
                                       "templates": str(templates)}, dataset="voc")
-    predictor = config.build([["cat"], ["dog"]])
+    predictor = DenseCLIP.from_config(config, [["cat"], ["dog"]])
     seen = []
     hook = predictor.tower.conv1.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
     image = np.random.default_rng(0).integers(1, 255, (375, 500, 3), dtype=np.uint8)

@@ -32,6 +32,7 @@ from denseclip.metrics import ConfusionMatrix, summarize
 from denseclip.models import load_clip
 from denseclip.plus.target import build_target
 from denseclip.plus.training import TrainingConfig, build_optimizer
+from denseclip.predictor import DenseCLIP
 from denseclip.ray.auth import local_ray
 from denseclip.ray.train import (
     TrainJob,
@@ -537,7 +538,7 @@ def test_custom_vocabulary_trains_on_unlabelled_shards_and_reports_agreement(ray
     # The agreement, recomputed here from the final checkpoint and a fresh teacher on the same images.
     images = list(_shard_images(shards).values())
     target = load_target_checkpoint(result.checkpoint)
-    teacher = LabelerConfig(model="denseclip-tiny-shapes").build(job.info.classes)
+    teacher = DenseCLIP.from_config(LabelerConfig(model="denseclip-tiny-shapes"), job.info.classes)
     ours = np.stack([labels for labels, _ in target.label_images(images)])
     theirs = np.stack([labels for labels, _ in teacher.label_images(images)])
     # The workers label in their own batches (batched convolutions round differently): near-ties may flip.
@@ -668,7 +669,7 @@ def custom_run(tmp_path_factory) -> dict:
     ordered = [images[f"scene-{i:06d}"] for i in range(200)]
     scores = {}
     for name, labeler in (("target", load_target_checkpoint(str(final))),
-                          ("teacher", LabelerConfig(model="denseclip-tiny-shapes").build(job.info.classes))):
+                          ("teacher", DenseCLIP.from_config(LabelerConfig(model="denseclip-tiny-shapes"), job.info.classes))):
         conf = ConfusionMatrix(job.info.num_classes)
         for pred, gt in zip((labels for labels, _ in labeler.label_images(ordered)), truth):
             conf.update(pred, gt)

@@ -56,7 +56,8 @@ def test_label_images_takes_arrays_pil_images_and_paths_alike(tiny_clip, tmp_pat
 
 
 def test_the_python_defaults_are_the_command_lines(tiny_clip):
-    from denseclip.config import DEFAULT_RESIZE, LabelerConfig
+    from denseclip.config import LabelerConfig
+    from denseclip.names import DEFAULT_RESIZE
 
     labeler = denseclip.DenseCLIP(tiny_clip, ["red circle"])
     configured = denseclip.DenseCLIP.from_config(LabelerConfig(model="denseclip-tiny-shapes"), ["red circle"],

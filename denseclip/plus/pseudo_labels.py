@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from denseclip.config import RESIZE_NATIVE, LabelerConfig
+from denseclip.config import LabelerConfig
 from denseclip.models import LoadedCLIP
+from denseclip.names import RESIZE_NATIVE
 from denseclip.predictor import DenseCLIP
 
 # Pixel-adaptive mask refinement runs at half resolution (a quarter of the cost; labels stay within 2 pixels
@@ -130,7 +131,7 @@ def build_teacher(labeler: LabelerConfig, classes: list[list[str]], class_ids: S
     resize and padded to the tower's stride only, as the official teacher sees its crop (``clip``: the loaded
     model to share)."""
     config = dataclasses.replace(labeler, resize_to=RESIZE_NATIVE, short_side=None, size_bucket=None)
-    return DenseCLIPTeacher(config.build(classes, clip=clip), refine_iterations, class_ids)
+    return DenseCLIPTeacher(DenseCLIP.from_config(config, classes, clip=clip), refine_iterations, class_ids)
 
 
 def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, height: int, width: int) -> torch.Tensor:

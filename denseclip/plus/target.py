@@ -24,11 +24,11 @@ from torchvision.models import resnet50, resnet101
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from denseclip.config import IMAGENET_MEAN, IMAGENET_STD
 from denseclip.dense import dense_features
 from denseclip.gpu import to_device, to_host
 from denseclip.images import check_rgb_image
 from denseclip.models import LoadedCLIP, norms_in_fp32, read_state_dict
+from denseclip.names import IMAGENET_MEAN, IMAGENET_STD
 from denseclip.protocols import keep_ratio_size
 
 BACKBONES = ("clip", "resnet50", "resnet101", "resnet50_v1c", "resnet101_v1c")

@@ -35,7 +35,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from denseclip import storage
-from denseclip.config import AUTO, LabelerConfig
+from denseclip.config import LabelerConfig
 from denseclip.damage import DamagedShardError
 from denseclip.images import ImageDecodeError, check_rgb_image, decode_image, is_plain_jpeg
 from denseclip.lease import Lease
@@ -56,6 +56,8 @@ from denseclip.mask_store import (
     provenance_differences,
     write_key_index,
 )
+from denseclip.names import AUTO
+from denseclip.predictor import DenseCLIP
 from denseclip.ray.auth import connected, local_ray
 from denseclip.ray.devices import actor_device
 from denseclip.runlog import environment
@@ -472,7 +474,7 @@ def measure_throughput(config: LabelerConfig, classes: list[list[str]], samples:
     if not images:
         return None
     # A one-GPU Ray task sees its GPU as cuda:0 (or by its node-wide ordinal), whatever ordinal the job named.
-    labeler = dataclasses.replace(config, device=actor_device(config.device)).build(classes)
+    labeler = DenseCLIP.from_config(dataclasses.replace(config, device=actor_device(config.device)), classes)
     labeler.label_maps(images[:config.batch_size])
     start = time.perf_counter()
     for _ in range(rounds):
@@ -657,7 +659,7 @@ class Labeler:
         config = dataclasses.replace(config, device=actor_device(config.device))
         if config.pretrained == "random":
             torch.manual_seed(0)  # random-weight baselines: every actor, and a resumed run, draws the same weights
-        self.dense_clip = config.build(classes)
+        self.dense_clip = DenseCLIP.from_config(config, classes)
         self.fingerprint = self.dense_clip.clip.fingerprint
         self.encode = encode
         # The Ray node this actor runs on, recorded with each part (which machines labelled what).

@@ -39,14 +39,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import nn
 
 from denseclip import storage
-from denseclip.config import (
-    DEFAULT_HEAD,
-    RESIZE_AUTO,
-    RESIZE_NATIVE,
-    ConfigError,
-    LabelerConfig,
-    resolve_vocabulary,
-)
+from denseclip.config import ConfigError, LabelerConfig, resolve_vocabulary
 from denseclip.damage import DamagedPartError
 from denseclip.datasets import CUSTOM, DATASET_NAMES, DatasetInfo, custom_dataset, get_dataset
 from denseclip.evaluation import Evaluation, ImageLabeler
@@ -54,6 +47,7 @@ from denseclip.gpu import to_device
 from denseclip.mask_store import MaskStore
 from denseclip.metrics import ConfusionMatrix, summarize
 from denseclip.models import ModelLoadError, check_weights, load_clip, weights_activation
+from denseclip.names import DEFAULT_HEAD, RESIZE_AUTO, RESIZE_NATIVE
 from denseclip.plus.amp import FP32, MixedPrecision
 from denseclip.plus.pseudo_labels import DenseCLIPTeacher, build_teacher
 from denseclip.plus.target import SegmentationTarget, TargetConfig, build_target
@@ -524,7 +518,7 @@ def build_worker(job: TrainJob, rank: int, world_size: int, device: torch.device
     the training's ``resize_to``, as the official test pipeline resizes) and its optimizer on ``device``, for
     worker ``rank`` of ``world_size``."""
     labeler_config = dataclasses.replace(job.labeler, device=str(device))
-    labeler = labeler_config.build(job.info.classes)
+    labeler = DenseCLIP.from_config(labeler_config, job.info.classes)
     teacher = build_teacher(labeler_config, job.teacher_classes, job.teacher_class_ids,
                             job.training.pseudo_label_refinement, clip=labeler.clip)
     torch.manual_seed(job.training.seed)

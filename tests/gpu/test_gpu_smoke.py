@@ -32,12 +32,14 @@ import yaml
 from batches import ray_batch
 from PIL import Image
 
-from denseclip.config import HEADS, TINY_MODEL, TINY_VIT_MODEL, LabelerConfig, resolve_vocabulary
+from denseclip.config import LabelerConfig, resolve_vocabulary
 from denseclip.dense import dense_features
 from denseclip.gpu import cuda_problem
 from denseclip.images import decode_image
 from denseclip.mask_store import MaskStore
 from denseclip.models import load_clip
+from denseclip.names import HEADS, TINY_MODEL, TINY_VIT_MODEL
+from denseclip.predictor import DenseCLIP
 from denseclip.ray.labeling import Labeler, decode_batch
 from denseclip.ray.train import TrainJob, build_worker, restore_checkpoint, save_checkpoint, train_on
 from denseclip.ray.train_data import read_samples
@@ -97,7 +99,7 @@ def images() -> list[np.ndarray]:
 
 def _fp32_on_cpu(config: LabelerConfig):
     """The reference labeller of ``config``: fp32 on the CPU, every other setting as it resolves on its device."""
-    return dataclasses.replace(config.resolved(), device="cpu", precision="fp32").build(CLASSES)
+    return DenseCLIP.from_config(dataclasses.replace(config.resolved(), device="cpu", precision="fp32"), CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +131,7 @@ def test_tiny_clips_run_on_the_device(device, model, precision):
 @pytest.mark.parametrize("precision", _precisions())
 @pytest.mark.parametrize("model", [TINY_MODEL, TINY_VIT_MODEL])
 def test_labels_on_the_device_agree_with_an_fp32_cpu_labeller(device, model, precision, images, cpu_labels):
-    labeller = LabelerConfig(model=model, device=device, precision=precision).build(CLASSES)
+    labeller = DenseCLIP.from_config(LabelerConfig(model=model, device=device, precision=precision), CLASSES)
     on_device = labeller.label_images(images)
     assert _agreement([labels for labels, _ in on_device], cpu_labels[model]) >= AGREEMENT, precision
     assert all(conf.dtype == np.float32 and 0 <= conf.min() and conf.max() <= 1 for _, conf in on_device)
