@@ -1,6 +1,6 @@
 """One command per reproduction: a spec (``jobs/reproduce_<dataset>_<setting>.yaml``) becomes five stages,
-prepare -> label -> train -> evaluate -> baseline, each the command lines of pipeline scripts run as one Ray job
-step.
+prepare -> label -> train -> evaluate -> baseline, each the command lines of ``denseclip`` commands run as one Ray
+job step.
 
     name: coco-stuff-zero-shot
     workdir: s3://bucket/reproduce/coco-stuff-zero-shot     # every stage's outputs, under fixed names
@@ -45,6 +45,11 @@ LABEL_FIELDS = ("num_actors", "cpus_per_actor", "labeler")
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.json"
 BASELINE_MASKS = "masks"  # <workdir>/baseline/masks: the teacher's labels of the validation shards
+
+
+# How a stage runs a command: the installed package's, as a module (no checkout needed; on a cluster, the
+# image's denseclip or the job's working directory's).
+DENSECLIP = ["python", "-m", "denseclip"]
 
 
 @dataclass
@@ -93,8 +98,8 @@ class Reproduction:
                 raise ConfigError(f"{path}: {name}: must be a mapping, got {section!r}")
         prepare = sections["prepare"]
         if sorted(prepare) not in (["synthetic"], ["dataset"]):
-            raise ConfigError(f"{path}: prepare: give exactly one of synthetic (pipelines/render_world.py worlds) "
-                              f"or dataset (pipelines/prepare.py), got {sorted(prepare)}")
+            raise ConfigError(f"{path}: prepare: give exactly one of synthetic (denseclip render-world worlds) "
+                              f"or dataset (denseclip prepare), got {sorted(prepare)}")
         if "synthetic" in prepare:
             for split in ("train", "val"):
                 world = prepare["synthetic"].get(split) if isinstance(prepare["synthetic"], dict) else None
@@ -158,15 +163,15 @@ class Reproduction:
             out = self.path_of(f"shards/{split}")
             if "synthetic" in self.prepare:
                 world = self.prepare["synthetic"][split]
-                commands.append(["python", "pipelines/render_world.py", "--out", out,
+                commands.append([*DENSECLIP, "render-world", "--output", out,
                                  *_flags({k: world.get(k) for k in SYNTHETIC_FIELDS})])
                 last = (int(world["num_images"]) - 1) // int(world["shard_size"])
                 outputs.append(storage.join(out, f"shard-{last:06d}.tar"))  # written last
             else:
                 dataset = self.prepare["dataset"]
-                commands.append(["python", "pipelines/prepare.py", "--dataset", self.dataset, "--root",
+                commands.append([*DENSECLIP, "prepare", "--dataset", self.dataset, "--input",
                                  str(dataset["root"]), "--split", str(dataset.get(f"{split}_split", split)),
-                                 "--out", out, "--no-progress",
+                                 "--output", out, "--no-progress",
                                  *_flags({k: dataset.get(k) for k in ("shard_size", "workers")})])
                 outputs.append(storage.join(out, MANIFEST))  # written once every shard is
         return Stage("prepare", commands, outputs)
@@ -176,9 +181,9 @@ class Reproduction:
                      [self.path_of(f"pseudo-labels/{SUMMARY_FILE}")])
 
     def _label_command(self, shards: str, masks: str, vocabulary: list[str]) -> list[str]:
-        """pipelines/label.py labelling ``<workdir>/<shards>`` into the mask store ``<workdir>/<masks>`` with the
+        """``denseclip label`` labelling ``<workdir>/<shards>`` into the mask store ``<workdir>/<masks>`` with the
         ``vocabulary`` and labeller flags, on the label stage's actors."""
-        return ["python", "pipelines/label.py", "--input", self.path_of(shards), "--output", self.path_of(masks),
+        return [*DENSECLIP, "label", "--input", self.path_of(shards), "--output", self.path_of(masks),
                 *vocabulary, *_flags({k: self.label.get(k) for k in ("num_actors", "cpus_per_actor")})]
 
     def _label_vocabulary(self) -> list[str]:
@@ -199,14 +204,14 @@ class Reproduction:
                 "data.mask_store": self.path_of("pseudo-labels"), "training.pseudo_labels": "precomputed",
                 "run.storage_path": self.path_of("train")}
         overrides = {**self.train_set, **data}
-        command = ["python", "pipelines/train.py", "--config", self.train_spec_path,
+        command = [*DENSECLIP, "train", "--config", self.train_spec_path,
                    *(x for key, value in overrides.items() for x in ("--set", _set(key, value)))]
         return Stage("train", [command], [storage.join(self.final_checkpoint, REPORT_FILE)])
 
     def _evaluate(self) -> Stage:
         out = self.path_of("evaluation")
-        command = ["python", "pipelines/evaluate.py", "--checkpoint", self.final_checkpoint, "--gt",
-                   self.path_of("shards/val"), "--dataset", self.dataset, "--out", out,
+        command = [*DENSECLIP, "evaluate", "--checkpoint", self.final_checkpoint, "--input",
+                   self.path_of("shards/val"), "--classes", self.dataset, "--output", out,
                    *_flags({"num_overlays": self.evaluate.get("num_overlays")})]
         return Stage("evaluate", [command], [storage.join(out, REPORT_FILE)])
 
@@ -215,8 +220,8 @@ class Reproduction:
         DenseCLIP+."""
         out = self.path_of("baseline")
         vocabulary = ["--classes", self.dataset, *_labeler_flags(self.labeler)]
-        score = ["python", "pipelines/evaluate.py", "--pred", self.path_of(f"baseline/{BASELINE_MASKS}"), "--gt",
-                 self.path_of("shards/val"), "--dataset", self.dataset, "--out", out,
+        score = [*DENSECLIP, "evaluate", "--pred", self.path_of(f"baseline/{BASELINE_MASKS}"), "--input",
+                 self.path_of("shards/val"), "--classes", self.dataset, "--output", out,
                  "--method", f"DenseCLIP {self.labeler['model']}",
                  *_flags({"num_overlays": self.evaluate.get("num_overlays")})]
         label = self._label_command("shards/val", f"baseline/{BASELINE_MASKS}", vocabulary)

@@ -54,10 +54,10 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     stack: list[str] = []
     on_stack: set[str] = set()
     cycles = []
-    for start in graph:
+    for start, edges in graph.items():
         if start in index:
             continue
-        work = [(start, iter(sorted(graph[start])))]
+        work = [(start, iter(sorted(edges)))]
         index[start] = low[start] = len(index)
         stack.append(start)
         on_stack.add(start)
@@ -98,7 +98,7 @@ def test_the_package_has_no_import_cycle():
 def test_the_cycle_finder_finds_a_planted_cycle(tmp_path):
     """A copy of the package with one cycle put back (config importing the predictor again, lazily, as
     ``LabelerConfig.build`` once did): the finder must name it."""
-    for name, path in module_files(ROOT).items():
+    for path in module_files(ROOT).values():
         copy = tmp_path / path.relative_to(ROOT)
         copy.parent.mkdir(parents=True, exist_ok=True)
         copy.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")

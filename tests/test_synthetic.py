@@ -124,10 +124,11 @@ def test_shards_round_trip(tmp_path):
 
 def test_render_world_cli(tmp_path):
     render_world = load_pipeline("render_world")
-    urls = render_world.main(["--seed", "2", "--num-images", "3", "--out", str(tmp_path), "--size", "48"])
+    assert render_world.main(["--seed", "2", "--num-images", "3", "--output", str(tmp_path), "--size", "48"]) == 0
+    urls = expand_shards(str(tmp_path))
     assert len(urls) == 1 and len(list(read_shard(urls[0]))) == 3
     with pytest.raises(SystemExit):
-        render_world.main(["--seed", "2", "--num-images", "0", "--out", str(tmp_path)])
+        render_world.main(["--seed", "2", "--num-images", "0", "--output", str(tmp_path)])
 
 
 def test_bad_arguments_are_rejected():
@@ -201,11 +202,11 @@ def test_render_world_writes_the_coco_stuff_layout_that_the_real_converter_reads
     root = tmp_path / "coco"
     for split, n in (("train", 3), ("val", 2)):
         render_world.main(["--layout", "coco_stuff", "--split", split, "--seed", "5", "--num-images", str(n),
-                           "--out", str(root)])
+                           "--output", str(root)])
     assert sorted(p.name for p in (root / "images" / "val2017").iterdir()) == ["000000000000.jpg",
                                                                               "000000000001.jpg"]
     assert len(list((root / "annotations" / "train2017").glob("*.png"))) == 3
-    assert prepare.main(["--dataset", "coco_stuff", "--root", str(root), "--split", "val", "--out",
+    assert prepare.main(["--dataset", "coco_stuff", "--input", str(root), "--split", "val", "--output",
                          str(tmp_path / "shards"), "--no-progress"]) == 0
     samples = [s for url in expand_shards(str(tmp_path / "shards")) for s in read_shard(url)]
     info, lut = get_dataset("coco_stuff"), train_id_lut("coco_stuff")
@@ -223,5 +224,5 @@ def test_render_world_layouts_refuse_the_other_layouts_flags(tmp_path):
                  ["--layout", "coco_stuff", "--split", "val", "--size", "64", "--seed", "1", "--num-images", "1"],
                  ["--split", "val", "--seed", "1", "--num-images", "1"]):
         with pytest.raises(SystemExit):
-            render_world.main([*argv, "--out", str(tmp_path)])
+            render_world.main([*argv, "--output", str(tmp_path)])
     assert not any(tmp_path.iterdir())

@@ -73,7 +73,7 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path):
     train = load_pipeline("train_tiny_clip")
     torch.set_num_threads(1)
     name = "denseclip-tiny-shapes-vit"
-    train.main(["--model", name, "--out", str(tmp_path), "--steps", "2", "--batch-size", "8", "--log-every", "1"])
+    train.main(["--model", name, "--output", str(tmp_path), "--steps", "2", "--batch-size", "8", "--log-every", "1"])
     record = json.loads((tmp_path / "training.json").read_text())
     assert record["steps"] == 2 and np.isfinite(record["final_loss"]) and record["model"] == name
     trained = load_clip(name, str(tmp_path / "model.safetensors")).model
@@ -89,9 +89,9 @@ def test_retraining_writes_elsewhere_unless_told_to_replace_the_shipped_weights(
         "runs/tiny_clip/denseclip-tiny-shapes-vit")
     shipped = str(ASSETS["denseclip-tiny-shapes"])
     with pytest.raises(SystemExit):
-        train.parse_args(["--out", shipped])
+        train.parse_args(["--output", shipped])
     assert "would replace the shipped weights" in capsys.readouterr().err
-    assert train.parse_args(["--out", shipped, "--overwrite-shipped"]).out == Path(shipped)
+    assert train.parse_args(["--output", shipped, "--overwrite-shipped"]).output == Path(shipped)
 
 
 def test_soft_targets_treat_repeated_captions_as_positives():

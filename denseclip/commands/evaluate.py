@@ -1,25 +1,27 @@
 """Score predicted label maps against ground truth and write the evaluation report.
 
-    python pipelines/evaluate.py (--pred DIR_OR_STORE | --model NAME [--pretrained TAG_OR_PATH] [labeler options]
+    denseclip evaluate (--pred DIR_OR_STORE | --model NAME [--pretrained TAG_OR_PATH] [labeler options]
         | --checkpoint DENSECLIP_PLUS_DIR) \\
-        --gt DIR_OR_SHARDS (--dataset voc|voc20|context|context59|coco_stuff|synthetic | --classes-file FILE) \\
-        [--unseen "name, name"] [--ignore-index 255] [--corruptions all [--severities 1,2,3,4,5]] [--ray] --out DIR
+        --input DIR_OR_SHARDS --classes voc|voc20|context|context59|coco_stuff|synthetic|FILE|"name, name" \\
+        [--unseen "name, name"] [--ignore-index 255] [--corruptions all [--severities 1,2,3,4,5]] [--ray] \\
+        --output DIR
 
 --pred: a folder of ``<key>.png`` label maps (keys may hold '/') or a Parquet mask store (a folder with
 ``masks/``). --model: label the ground truth's images on the fly with DenseCLIP (the model and inference options
-as for ``denseclip predict``; the vocabulary is the evaluation's; with --dataset, the inference protocol is the
+as for ``denseclip predict``; the vocabulary is the evaluation's; with a dataset preset as --classes, the
+inference protocol is the
 dataset's preset of --protocol, by default ``paper``: the paper's resize and whole-image inference; ``--protocol
 none`` for none). --checkpoint: label them with a trained
-DenseCLIP+ target network (a checkpoint folder of pipelines/train.py, trained on the same classes).
+DenseCLIP+ target network (a checkpoint folder of ``denseclip train``, trained on the same classes).
 The target scores each image as the official test pipeline does: resized keeping its ratio to fit the
 training's ``resize_to`` (COCO-Stuff and VOC (2048, 512), Context (520, 520)), its logits resized back to the
 image; ``--resize-to LONG,SHORT`` or ``native`` scores it otherwise.
---gt: a folder of ``<key>.png`` label maps (the images, for labelling or the overlays, from --images) or
+--input: the ground truth, a folder of ``<key>.png`` label maps (the images, for labelling or the overlays, from --images) or
 WebDataset shards (``seg.png`` and the image). Every ground-truth key must have a prediction of the same size,
 otherwise the run stops with exit code 2 and a one-line error naming the key: a silently skipped image would
 bias the numbers. Writes DIR/report.json (percent), tables.md, confusion.png, overlays/*.png and index.html.
 
---dataset voc20 / context59: the paper's annotation-free evaluation. The ground truth of ``voc`` / ``context``
+--classes voc20 / context59: the paper's annotation-free evaluation. The ground truth of ``voc`` / ``context``
 shards is read without background (MMSegmentation's reduce_zero_label: 0 -> ignored, k -> k - 1), and so are
 predictions in a mask store labelled with the background-aware ``voc`` / ``context`` vocabulary (a background
 prediction is then a miss).
@@ -29,7 +31,7 @@ also labelled after each ImageNet-C corruption (all 8, or a comma-separated list
 by --corruption-seed; DIR/report.json stays the clean evaluation, and DIR/robustness.json, robustness.md and
 robustness.png hold mIoU per corruption x severity next to the clean mIoU.
 
---ray: score on Ray Data (for large validation sets; --gt must be shards): the cluster at --address or
+--ray: score on Ray Data (for large validation sets; --input must be shards): the cluster at --address or
 $RAY_ADDRESS, else a private local Ray on this machine, stopped afterwards. Same numbers as without --ray.
 
 A damaged part of a --pred mask store (docs/mask-store.md) stops the run with exit code 2 and a line naming the
@@ -50,7 +52,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from denseclip.config import add_labeler_arguments, labeler_config_from_args
+from denseclip.commands.options import Parser, add_address, add_classes, add_verbose, renamed
+from denseclip.config import add_labeler_arguments, labeler_config_from_args, resolve_vocabulary
 from denseclip.corruptions import CORRUPTIONS
 from denseclip.damage import DamagedPartError
 from denseclip.datasets import DATASET_NAMES, get_dataset, normalize_class_name
@@ -67,9 +70,9 @@ from denseclip.evaluation import (
 from denseclip.metrics import EvaluationInputError, summarize
 from denseclip.report import write_report, write_robustness_report
 from denseclip.robustness import CLEAN, robustness_summary, sweep_conditions
+from denseclip.runlog import library_output
 from denseclip.shards import expand_shards
 from denseclip.visualize import class_palette
-from denseclip.vocabulary import read_classes_file
 
 
 @dataclass
@@ -88,23 +91,26 @@ class Vocabulary:
     reduced_from: str | None = None  # the background-aware dataset the label_lut reads (voc for voc20)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--pred", help="folder of <key>.png label maps, or a mask store root")
     parser.add_argument("--checkpoint", help="DenseCLIP+ checkpoint folder: label the images with it on the fly")
-    parser.add_argument("--gt", required=True, help="folder of <key>.png label maps, or shards (dir, glob, .tar)")
-    vocab = parser.add_mutually_exclusive_group(required=True)
-    vocab.add_argument("--dataset", choices=DATASET_NAMES, help="registered dataset (voc20, context59: the "
-                       "paper's annotation-free evaluation without background)")
-    vocab.add_argument("--classes-file", help="one class per line (label id = line number), synonyms after ','")
+    parser.add_argument("--input", required=True, help="the ground truth: a folder of <key>.png label maps, or "
+                        "shards (dir, glob, .tar)")
+    renamed(parser, "--gt", "--input")
+    add_classes(parser, required=True, extra=" (label id = position). A preset also gives the zero-shot split and "
+                "the paper's protocol; voc20, context59: the annotation-free evaluation without background")
+    renamed(parser, "--dataset", "--classes")
+    renamed(parser, "--classes-file", "--classes")
     parser.add_argument("--unseen", help='unseen class names, "name, name" (overrides the dataset split)')
     parser.add_argument("--ignore-classes", help='classes left out of scoring, "name, name" (overrides the '
                                                  "dataset convention, e.g. VOC zero-shot drops background)")
     parser.add_argument("--ignore-index", type=int, default=255, help="ground-truth label that is not scored")
-    parser.add_argument("--images", help="folder of <key>.jpg|png images when --gt is a folder of label maps")
+    parser.add_argument("--images", help="folder of <key>.jpg|png images when --input is a folder of label maps")
     parser.add_argument("--num-overlays", type=int, default=8, help="images drawn as image | gt | pred grids")
     parser.add_argument("--method", help="row name in the paper tables (default: the --pred folder or --model)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--output", required=True, help="output folder")
+    renamed(parser, "--out", "--output")
     parser.add_argument("--skip-damaged", action="store_true",
                         help="leave out the damaged parts of a --pred mask store (listed in the report) instead of "
                         "stopping; their ground-truth keys are not scored")
@@ -113,12 +119,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sweep.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities in 1-5")
     sweep.add_argument("--corruption-seed", type=int, default=0, help="seed of the corruptions' randomness")
     distributed = parser.add_argument_group("Ray")
-    distributed.add_argument("--ray", action="store_true", help="score on Ray Data (--gt must be shards)")
-    distributed.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    distributed.add_argument("--ray", action="store_true", help="score on Ray Data (--input must be shards)")
+    add_address(distributed)
     distributed.add_argument("--num-actors", type=int, help="scoring actors (default: one per GPU or CPU)")
+    add_verbose(parser)
     add_labeler_arguments(parser)
     parser.set_defaults(model=None)  # no default model: --pred, --model or --checkpoint says where labels come from
     args = parser.parse_args(argv)
+    args.dataset = args.classes if args.classes in DATASET_NAMES else None
     if sum(source is not None for source in (args.pred, args.model, args.checkpoint)) != 1:
         parser.error("give exactly one of --pred (stored predictions), --model or --checkpoint (label on the fly)")
     if args.corruptions and args.pred is not None:
@@ -131,7 +139,8 @@ def _names(text: str | None) -> list[str] | None:
 
 
 def load_vocabulary(args: argparse.Namespace) -> Vocabulary:
-    """Class names, palette and zero-shot split from --dataset or --classes-file, with the CLI overrides."""
+    """Class names, palette and zero-shot split from --classes (a dataset preset, a class file or a comma list),
+    with the CLI overrides."""
     unseen, ignore = _names(args.unseen), _names(args.ignore_classes)
     if args.dataset:
         info = get_dataset(args.dataset)
@@ -142,9 +151,10 @@ def load_vocabulary(args: argparse.Namespace) -> Vocabulary:
         return Vocabulary(args.dataset, [list(c) for c in info.classes], list(info.class_names),
                           np.asarray(info.palette, np.uint8), unseen, ignore, [list(c) for c in info.synonyms],
                           info.background_index, info.label_lut, info.reduced_from)
-    classes = read_classes_file(args.classes_file)
+    classes = resolve_vocabulary(args.classes)
     class_names = [names[0] for names in classes]
-    return Vocabulary(Path(args.classes_file).stem, classes, class_names, class_palette(class_names),
+    name = Path(args.classes).stem if Path(args.classes).is_file() else "custom"
+    return Vocabulary(name, classes, class_names, class_palette(class_names),
                       unseen or [], ignore or [])
 
 
@@ -212,9 +222,9 @@ def run_on_ray(args: argparse.Namespace, evaluation: Evaluation, device: str = "
     ``make_labeler=``, ``conditions=``, ``seed=``."""
     from denseclip.ray.evaluation import evaluate_shards
 
-    if is_label_map_folder(args.gt):
-        raise ValueError(f"--gt {args.gt}: --ray reads ground truth from shards, not a folder of label maps")
-    return evaluate_shards(expand_shards(args.gt), evaluation, address=args.address, device=device,
+    if is_label_map_folder(args.input):
+        raise ValueError(f"--input {args.input}: --ray reads ground truth from shards, not a folder of label maps")
+    return evaluate_shards(expand_shards(args.input), evaluation, address=args.address, device=device,
                            num_actors=args.num_actors, **source)
 
 
@@ -223,7 +233,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict | None]:
     vocab = load_vocabulary(args)
     conditions = conditions_from_args(args)
     evaluation = Evaluation(len(vocab.class_names), args.ignore_index, args.num_overlays, gt_lut=vocab.label_lut)
-    inputs: dict = {"gt": args.gt, "ignore_index": args.ignore_index}
+    inputs: dict = {"gt": args.input, "ignore_index": args.ignore_index}
     progress = functools.partial(tqdm, desc="evaluate", unit="img", disable=None)
     predictions = None
     if args.pred is not None:
@@ -236,17 +246,17 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict | None]:
         if args.ray:
             run_on_ray(args, evaluation, pred_url=args.pred, skip_damaged=args.skip_damaged)
         else:
-            score_predictions(progress(iter_ground_truth(args.gt)), predictions, args.pred, evaluation, args.images)
+            score_predictions(progress(iter_ground_truth(args.input)), predictions, args.pred, evaluation, args.images)
     else:
         make_labeler, device, method = labeler_source(args, vocab, inputs)
         if args.ray:
             run_on_ray(args, evaluation, device, make_labeler=make_labeler, conditions=conditions,
                        seed=args.corruption_seed)
         else:
-            score_labeler(progress(iter_ground_truth(args.gt)), make_labeler(device), evaluation, conditions,
+            score_labeler(progress(iter_ground_truth(args.input)), make_labeler(device), evaluation, conditions,
                           args.corruption_seed, args.batch_size, args.images)
     if evaluation.num_images == 0:
-        raise EvaluationInputError(f"--gt {args.gt}: no ground-truth samples")
+        raise EvaluationInputError(f"--input {args.input}: no ground-truth samples")
     clean = evaluation.matrix(CLEAN)
     summary = summarize(clean, vocab.class_names, unseen=vocab.unseen, ignore_classes=vocab.ignore_classes)
     labels = {"dataset": vocab.name, "method": args.method or method, "protocol": _protocol(inputs)}
@@ -264,19 +274,20 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict | None]:
             print(f"warning: {len(evaluation.unscored)} ground-truth keys were not scored (their predictions were in "
                   "damaged parts)", file=sys.stderr)
     summary.update(labels, inputs=inputs)
-    write_report(args.out, summary, clean, vocab.class_names, vocab.palette, evaluation.overlays.items)
+    write_report(args.output, summary, clean, vocab.class_names, vocab.palette, evaluation.overlays.items)
     if len(conditions) == 1:
         return summary, None
     robustness = robustness_summary(evaluation.matrices, vocab.class_names, vocab.unseen, vocab.ignore_classes)
     robustness.update(labels, inputs={**inputs, "corruption_seed": args.corruption_seed})
-    write_robustness_report(args.out, robustness)
+    write_robustness_report(args.output, robustness)
     return summary, robustness
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     try:
-        summary, robustness = evaluate(args)
+        with library_output(args.verbose):
+            summary, robustness = evaluate(args)
     except DamagedPartError as exc:
         print(f"error: {exc} (--skip-damaged scores the rest)", file=sys.stderr)
         return 2
@@ -284,10 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     headline = ("miou", "miou_seen", "miou_unseen", "hiou", "pixel_accuracy")
-    print(" | ".join(f"{k} {_fmt(summary[k])}" for k in headline) + f" -> {Path(args.out) / 'report.json'}")
+    print(" | ".join(f"{k} {_fmt(summary[k])}" for k in headline) + f" -> {Path(args.output) / 'report.json'}")
     if robustness is not None:
         print(f"robustness: clean {_fmt(robustness['clean'])} | mean corrupted "
-              f"{_fmt(robustness['mean_corrupted'])} -> {Path(args.out) / 'robustness.json'}")
+              f"{_fmt(robustness['mean_corrupted'])} -> {Path(args.output) / 'robustness.json'}")
     return 0
 
 

@@ -8,7 +8,10 @@ the new name once (on stderr), so existing scripts and job files keep running.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+VERBOSE_ENV = "DENSECLIP_VERBOSE"  # "1": --verbose by default (how reproduce passes --verbose to its stages)
 
 # The old names already announced in this process: each is said once.
 _ANNOUNCED: set[str] = set()
@@ -63,10 +66,10 @@ def add_config(parser: argparse.ArgumentParser, required: bool = False, what: st
                         help="set a field of the spec by its dotted path, the value read as YAML (repeatable)")
 
 
-def add_address(parser: argparse.ArgumentParser) -> None:
+def add_address(parser: argparse.ArgumentParser, use: str = "default: $RAY_ADDRESS, else a private local Ray") -> None:
     """``--address``: the Ray cluster to use."""
     parser.add_argument("--address", help="Ray cluster address (HOST:6379, auto, ray://HOST:10001, or the dashboard "
-                        "through a tunnel, http://127.0.0.1:8265; default: $RAY_ADDRESS, else a private local Ray)")
+                        f"through a tunnel, http://127.0.0.1:8265); {use}")
 
 
 def add_classes(parser: argparse.ArgumentParser, required: bool = False, extra: str = "") -> None:
@@ -78,6 +81,6 @@ def add_classes(parser: argparse.ArgumentParser, required: bool = False, extra: 
 
 def add_verbose(parser: argparse.ArgumentParser, where: str = "") -> None:
     """``--verbose``: what Ray and the libraries print, on the terminal."""
-    parser.add_argument("--verbose", action="store_true",
+    parser.add_argument("--verbose", action="store_true", default=os.environ.get(VERBOSE_ENV) == "1",
                         help="show what Ray and the libraries print" + (f" instead of writing it to {where}"
                                                                          if where else ""))

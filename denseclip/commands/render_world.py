@@ -2,33 +2,36 @@
 ``json``) or, with ``--images-only``, into a folder of plain JPEG files (a stand-in for a folder of unlabelled
 photos); or, with ``--layout coco_stuff``, the COCO-Stuff world in COCO-Stuff 164k's own layout
 (``images/{split}2017/*.jpg``, ``annotations/{split}2017/*.png`` in raw COCO-Stuff ids), which
-``pipelines/prepare.py --dataset coco_stuff --root DIR`` reads like the real dataset.
+``denseclip prepare --dataset coco_stuff --input DIR`` reads like the real dataset.
 
-    python pipelines/render_world.py --seed 1 --num-images 200 --out runs/world-s1 [--shard-size 100 --size 128]
-    python pipelines/render_world.py --seed 7 --num-images 1000 --out runs/photos-s7 --images-only
-    python pipelines/render_world.py --layout coco_stuff --split train --seed 3 --num-images 200 --out runs/coco-s3
+    denseclip render-world --seed 1 --num-images 200 --output runs/world-s1 [--shard-size 100 --size 128]
+    denseclip render-world --seed 7 --num-images 1000 --output runs/photos-s7 --images-only
+    denseclip render-world --layout coco_stuff --split train --seed 3 --num-images 200 --output runs/coco-s3
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from denseclip import synthetic_coco_stuff
+from denseclip.commands.options import Parser, renamed
 from denseclip.synthetic import write_images, write_shards
 
 LAYOUTS = ("shards", "coco_stuff")
 SHAPES_DEFAULTS = {"shard_size": 1000, "size": 128}  # flags of the shapes world only
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", choices=LAYOUTS, default="shards",
                         help="shards: the shapes world as WebDataset shards (or JPEG files with --images-only); "
                         "coco_stuff: the COCO-Stuff world as COCO-Stuff 164k lays it out on disk")
     parser.add_argument("--seed", type=int, required=True, help="world seed (use one the tiny CLIP never saw)")
     parser.add_argument("--num-images", type=int, required=True)
-    parser.add_argument("--out", required=True, help="output folder: local path or fsspec URL (shards), local "
+    parser.add_argument("--output", required=True, help="output folder: local path or fsspec URL (shards), local "
                         "folder (--images-only, --layout coco_stuff)")
+    renamed(parser, "--out", "--output")
     parser.add_argument("--split", choices=synthetic_coco_stuff.SPLITS, default=None,
                         help="--layout coco_stuff: which split to write (the worlds of two splits differ)")
     parser.add_argument("--shard-size", type=int, default=None,
@@ -36,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None,
                         help=f"scene side in pixels (default {SHAPES_DEFAULTS['size']})")
     parser.add_argument("--images-only", action="store_true",
-                        help="write scene-NNNNNN.jpg files into --out (a local folder), no shards, no labels")
+                        help="write scene-NNNNNN.jpg files into --output (a local folder), no shards, no labels")
     args = parser.parse_args(argv)
     if args.layout == "coco_stuff":
         given = [flag for flag, value in (("--shard-size", args.shard_size), ("--size", args.size),
@@ -57,20 +60,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> list[str]:
-    args = parse_args(argv)
+def render(args: argparse.Namespace) -> list[str]:
+    """Write the world ``args`` describe; the paths (or shard URLs) written."""
     if args.layout == "coco_stuff":
-        paths = synthetic_coco_stuff.write_dataset(args.seed, args.num_images, args.out, args.split)
-        print(f"wrote {len(paths)} {args.split} scenes in COCO-Stuff's layout under {args.out}")
+        paths = synthetic_coco_stuff.write_dataset(args.seed, args.num_images, args.output, args.split)
+        print(f"wrote {len(paths)} {args.split} scenes in COCO-Stuff's layout under {args.output}")
         return [str(p) for p in paths]
     if args.images_only:
-        paths = write_images(args.seed, args.num_images, args.out, size=args.size)
-        print(f"wrote {len(paths)} scenes as JPEG files under {args.out}")
+        paths = write_images(args.seed, args.num_images, args.output, size=args.size)
+        print(f"wrote {len(paths)} scenes as JPEG files under {args.output}")
         return [str(p) for p in paths]
-    urls = write_shards(args.seed, args.num_images, args.out, shard_size=args.shard_size, size=args.size)
-    print(f"wrote {args.num_images} scenes in {len(urls)} shards under {args.out}")
+    urls = write_shards(args.seed, args.num_images, args.output, shard_size=args.shard_size, size=args.size)
+    print(f"wrote {args.num_images} scenes in {len(urls)} shards under {args.output}")
     return urls
 
 
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    render(parse_args(argv, prog))
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Train a shipped tiny CLIP on captions of a synthetic world, on CPU.
 
-    python pipelines/train_tiny_clip.py [--model denseclip-tiny-shapes-vit] [--steps 600 --seed 0]
-    python pipelines/train_tiny_clip.py --model denseclip-tiny-cocostuff --steps 1200
+    denseclip train-tiny-clip [--model denseclip-tiny-shapes-vit] [--steps 600 --seed 0]
+    denseclip train-tiny-clip --model denseclip-tiny-cocostuff --steps 1200
 
 ``--model`` is ``denseclip-tiny-shapes`` (ResNet, the default) or ``denseclip-tiny-shapes-vit`` (ViT, patch 8),
 trained on the shapes world's 128-pixel scenes, or ``denseclip-tiny-cocostuff`` (ResNet), trained on 128-pixel
@@ -9,7 +9,7 @@ crops of the COCO-Stuff world's 640x480 scenes (``denseclip/synthetic_coco_stuff
 names they show; ``--world`` picks another world than the model's own. Their open_clip configs live in
 ``denseclip/assets/``. Writes ``model.safetensors`` (fp16 state dict of the
 open_clip ``CLIP``, its token embedding packed: ``denseclip/packed_weights.py``), the model config and
-``training.json`` (command, seeds, steps, wall time, final loss) into ``--out`` (default
+``training.json`` (command, seeds, steps, wall time, final loss) into ``--output`` (default
 ``runs/tiny_clip/<model>``). Replacing the shipped weights in ``denseclip/assets/`` takes ``--overwrite-shipped``.
 """
 
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from denseclip import synthetic, synthetic_coco_stuff
+from denseclip.commands.options import Parser, renamed
 from denseclip.models import TINY_ASSETS
 from denseclip.names import TINY_COCO_STUFF_MODEL, TINY_MODEL, TINY_MODELS
 from denseclip.packed_weights import pack_token_embedding
@@ -46,16 +47,17 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 NORMALISATIONS = {"shapes": (CLIP_STATS,), "coco_stuff": (CLIP_STATS, IMAGENET_STATS)}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=TINY_MODEL, choices=TINY_MODELS, help="which tiny CLIP to train")
     parser.add_argument("--world", choices=WORLDS, default=None,
                         help="the captioned world (default: the model's own: coco_stuff for "
                         f"{TINY_COCO_STUFF_MODEL}, shapes otherwise)")
-    parser.add_argument("--out", default=None, help="output folder for model.safetensors, config and training.json "
+    parser.add_argument("--output", default=None, help="output folder for model.safetensors, config and training.json "
                         "(default: runs/tiny_clip/<model>)")
+    renamed(parser, "--out", "--output")
     parser.add_argument("--overwrite-shipped", action="store_true",
-                        help=f"allow --out inside {SHIPPED_ASSETS} (replaces the weights the package ships)")
+                        help=f"allow --output inside {SHIPPED_ASSETS} (replaces the weights the package ships)")
     parser.add_argument("--steps", type=int, default=600, help="optimisation steps")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear warm-up, cosine decay)")
@@ -71,9 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--lr must be > 0, got {args.lr}")
     args.world = args.world or ("coco_stuff" if args.model == TINY_COCO_STUFF_MODEL else "shapes")
     args.world_seed = WORLD_SEEDS[args.world] if args.world_seed is None else args.world_seed
-    args.out = Path(args.out or Path("runs") / "tiny_clip" / args.model)
-    if args.out.resolve().is_relative_to(SHIPPED_ASSETS.resolve()) and not args.overwrite_shipped:
-        parser.error(f"--out {args.out} would replace the shipped weights in {SHIPPED_ASSETS}; "
+    args.output = Path(args.output or Path("runs") / "tiny_clip" / args.model)
+    if args.output.resolve().is_relative_to(SHIPPED_ASSETS.resolve()) and not args.overwrite_shipped:
+        parser.error(f"--output {args.output} would replace the shipped weights in {SHIPPED_ASSETS}; "
                      "add --overwrite-shipped to mean it")
     return args
 
@@ -132,8 +134,8 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     torch.manual_seed(args.seed)
     config_path = TINY_ASSETS[args.model] / f"{args.model}.json"
     open_clip.add_model_config(config_path)
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{(step + 1) / elapsed:.3f} steps/s", flush=True)
     wall = time.time() - start_time
 
-    out = args.out
+    out = args.output
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
     state = pack_token_embedding(state, initial_embedding, args.seed)
@@ -185,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

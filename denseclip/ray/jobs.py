@@ -13,15 +13,16 @@ from denseclip.ray.auth import job_client
 _STATUS_POLL_S = 1.0
 
 
-def run_ray_job(address: str, entrypoint: str, submission_id: str, working_dir: str) -> None:
+def run_ray_job(address: str, entrypoint: str, submission_id: str, working_dir: str,
+                env_vars: dict[str, str] | None = None) -> None:
     """Submit ``entrypoint`` to the Ray cluster at ``address`` (its dashboard, ``http://127.0.0.1:8265`` through a
     tunnel, or a Ray address ``host:port``), with the cluster's token when it requires one, uploading
-    ``working_dir`` as the job's working directory, print its logs as they come, and return once it succeeded;
+    ``working_dir`` as the job's working directory (and setting ``env_vars`` in it), print its logs as they come, and return once it succeeded;
     RuntimeError naming the job when it failed or was stopped, ``auth.ClusterAccessError`` (one line) when the
     cluster cannot be reached or refuses us."""
     client = job_client(address)
     client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                      runtime_env={"working_dir": working_dir})
+                      runtime_env={"working_dir": working_dir, "env_vars": env_vars or {}})
     asyncio.run(_follow_logs(client, submission_id))
     status = client.get_job_status(submission_id)
     while not status.is_terminal():  # the log stream ended a moment before the job's status was updated
