@@ -190,9 +190,9 @@ def test_every_client_without_the_token_exits_with_one_line(token_head, tmp_path
     assert train == 2 and captured.out == "" and not (tmp_path / "runs").exists()
     assert _one_line_naming_the_fix(captured.err) == f"error: {expected}: {TOKEN_HELP}"
 
-    evaluate = load_pipeline("evaluate").main(["--gt", str(tmp_path / "shards"), "--dataset", "synthetic",
+    evaluate = load_pipeline("evaluate").main(["--input", str(tmp_path / "shards"), "--classes", "synthetic",
                                                "--model", "denseclip-tiny-shapes", "--ray", "--address", cluster.gcs,
-                                               "--out", str(tmp_path / "evaluation")])
+                                               "--output", str(tmp_path / "evaluation")])
     captured = capsys.readouterr()
     assert evaluate == 2 and captured.out == "" and not ray.is_initialized()
     assert not (tmp_path / "evaluation").exists()

@@ -75,8 +75,8 @@ def test_evaluation_page_in_a_browser(browser, tmp_path):
     evaluate = load_pipeline("evaluate")
     write_shards(seed=2022, n=4, out=str(tmp_path / "shards"), shard_size=4, size=64)
     out = tmp_path / "eval"
-    assert evaluate.main(["--model", "denseclip-tiny-shapes", "--gt", str(tmp_path / "shards"), "--dataset",
-                          "synthetic", "--num-overlays", "2", "--out", str(out)]) == 0
+    assert evaluate.main(["--model", "denseclip-tiny-shapes", "--input", str(tmp_path / "shards"), "--classes",
+                          "synthetic", "--num-overlays", "2", "--output", str(out)]) == 0
     page = check_page(browser, out / "index.html", min_tables=4)
     assert page["images"] == 3
     assert (out / "screenshot.png").stat().st_size > 0

@@ -131,8 +131,8 @@ def test_a_cuda_ordinal_that_does_not_exist_is_refused_elsewhere(tmp_path):
         with pytest.raises(ConfigError, match="labeler.device: must be cpu, cuda or cuda:N"):
             LabelerConfig.from_dict({"device": bad})
     evaluate = load_pipeline("evaluate")
-    args = ["--model", "denseclip-tiny-shapes", "--gt", str(tmp_path), "--dataset", "synthetic",
-            "--out", str(tmp_path / "out"), "--device", missing]
+    args = ["--model", "denseclip-tiny-shapes", "--input", str(tmp_path), "--classes", "synthetic",
+            "--output", str(tmp_path / "out"), "--device", missing]
     done = subprocess.run([sys.executable, evaluate.__file__, *args], capture_output=True, text=True, timeout=300,
                           cwd=ROOT, check=False)
     assert done.returncode == 2 and f"--device: {missing} does not exist" in done.stderr, done.stderr[-2000:]

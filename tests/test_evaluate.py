@@ -65,8 +65,8 @@ def run_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_cli_gives_the_hand_computed_numbers(inputs):
-    done = run_cli("--pred", inputs["pred"], "--gt", inputs["gt"], "--classes-file", inputs["classes"],
-                   "--unseen", "dog, Bird", "--out", inputs["out"])
+    done = run_cli("--pred", inputs["pred"], "--input", inputs["gt"], "--classes", inputs["classes"],
+                   "--unseen", "dog, Bird", "--output", inputs["out"])
     assert done.returncode == 0, done.stderr
     report = json.loads((inputs["out"] / "report.json").read_text())
     for key, value in EXPECTED.items():
@@ -82,8 +82,8 @@ def test_cli_gives_the_hand_computed_numbers(inputs):
 
 def test_cli_wrong_size_prediction_fails_naming_the_key(inputs):
     write_maps(inputs["pred"], {"y": [[0, 0, 0], [1, 1, 1]]})
-    done = run_cli("--pred", inputs["pred"], "--gt", inputs["gt"], "--classes-file", inputs["classes"],
-                   "--out", inputs["out"])
+    done = run_cli("--pred", inputs["pred"], "--input", inputs["gt"], "--classes", inputs["classes"],
+                   "--output", inputs["out"])
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: y: prediction is 2x3 but ground truth is 2x2 (height x width)"]
     assert not (inputs["out"] / "report.json").exists()
@@ -91,8 +91,8 @@ def test_cli_wrong_size_prediction_fails_naming_the_key(inputs):
 
 def test_missing_prediction_fails_naming_the_key(inputs, capsys):
     (inputs["pred"] / "set1" / "x.png").unlink()
-    code = evaluate.main(["--pred", str(inputs["pred"]), "--gt", str(inputs["gt"]),
-                          "--classes-file", str(inputs["classes"]), "--out", str(inputs["out"])])
+    code = evaluate.main(["--pred", str(inputs["pred"]), "--input", str(inputs["gt"]),
+                          "--classes", str(inputs["classes"]), "--output", str(inputs["out"])])
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: set1/x: no prediction") and "\n" not in err
@@ -101,9 +101,9 @@ def test_missing_prediction_fails_naming_the_key(inputs, capsys):
 def test_ignored_background_and_overrides(inputs):
     # VOC zero-shot convention via --ignore-classes. Without background rows, by hand:
     #   cat TP 2, GT 3, pred 2 -> 2/3;  dog TP 1, GT 2, pred 1 -> 1/2 (its pixel predicted background is a miss)
-    evaluate.main(["--pred", str(inputs["pred"]), "--gt", str(inputs["gt"]), "--classes-file",
+    evaluate.main(["--pred", str(inputs["pred"]), "--input", str(inputs["gt"]), "--classes",
                    str(inputs["classes"]), "--unseen", "dog, bird", "--ignore-classes", "background",
-                   "--method", "DenseCLIP", "--out", str(inputs["out"])])
+                   "--method", "DenseCLIP", "--output", str(inputs["out"])])
     report = json.loads((inputs["out"] / "report.json").read_text())
     assert report["per_class_iou"] == pytest.approx({"cat": 200 / 3, "dog": 50.0, "bird": 0.0, "cow": None})
     assert report["miou"] == pytest.approx((200 / 3 + 50 + 0) / 3)
@@ -111,8 +111,8 @@ def test_ignored_background_and_overrides(inputs):
 
 
 def test_unknown_unseen_class_is_an_error(inputs, capsys):
-    code = evaluate.main(["--pred", str(inputs["pred"]), "--gt", str(inputs["gt"]), "--classes-file",
-                          str(inputs["classes"]), "--unseen", "zebra", "--out", str(inputs["out"])])
+    code = evaluate.main(["--pred", str(inputs["pred"]), "--input", str(inputs["gt"]), "--classes",
+                          str(inputs["classes"]), "--unseen", "zebra", "--output", str(inputs["out"])])
     assert code == 2 and "'zebra' is not in the vocabulary" in capsys.readouterr().err
 
 
@@ -131,8 +131,8 @@ def test_shards_ground_truth_with_images_and_an_unmatched_prediction(tmp_path, i
     write_shard(str(tmp_path / "shards" / "val-000001.tar"), samples[3:])
     pred = tmp_path / "pred_perfect"
     write_maps(pred, {**labels, "extra": [[0]]})
-    code = evaluate.main(["--pred", str(pred), "--gt", str(tmp_path / "shards"), "--classes-file",
-                          str(inputs["classes"]), "--num-overlays", "2", "--out", str(inputs["out"])])
+    code = evaluate.main(["--pred", str(pred), "--input", str(tmp_path / "shards"), "--classes",
+                          str(inputs["classes"]), "--num-overlays", "2", "--output", str(inputs["out"])])
     assert code == 0
     assert "1 predictions have no ground truth" in capsys.readouterr().err
     report = json.loads((inputs["out"] / "report.json").read_text())
@@ -176,8 +176,8 @@ def test_synthetic_dataset_against_a_mask_store(tmp_path):
     provenance = {"model": "denseclip-tiny-shapes", "vocabulary": "synthetic"}
     MaskStoreWriter(store, provenance).write_part("0", [{"key": k, "mask": v} for k, v in gts.items()])
     out = tmp_path / "out"
-    assert evaluate.main(["--pred", store, "--gt", str(tmp_path / "shards"), "--dataset", "synthetic",
-                          "--out", str(out)]) == 0
+    assert evaluate.main(["--pred", store, "--input", str(tmp_path / "shards"), "--classes", "synthetic",
+                          "--output", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     names = get_dataset("synthetic").class_names
     present = {names[c] for gt in gts.values() for c in np.unique(gt) if c != 255}
@@ -203,9 +203,9 @@ def test_voc_zero_shot_ignores_background_on_a_real_pair(tmp_path, keep_backgrou
     write_maps(tmp_path / "pred", {"2007_000129": pred})
     out = tmp_path / "out"
     extra = ["--ignore-classes", ""] if keep_background else []
-    assert evaluate.main(["--pred", str(tmp_path / "pred"), "--gt", str(VOC / "SegmentationClass"),
-                          "--images", str(VOC / "JPEGImages"), "--dataset", "voc", *extra,
-                          "--out", str(out)]) == 0
+    assert evaluate.main(["--pred", str(tmp_path / "pred"), "--input", str(VOC / "SegmentationClass"),
+                          "--images", str(VOC / "JPEGImages"), "--classes", "voc", *extra,
+                          "--output", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     bicycle, missed = (gt == 2).sum(), ((gt == 2) & rows).sum()
     iou = report["per_class_iou"]
@@ -225,8 +225,8 @@ def test_voc_zero_shot_ignores_background_on_a_real_pair(tmp_path, keep_backgrou
 
 def _voc20_report(tmp_path, pred_source: list[str]) -> dict:
     out = tmp_path / "out"
-    assert evaluate.main([*pred_source, "--gt", str(VOC / "SegmentationClass"), "--dataset", "voc20",
-                          "--out", str(out)]) == 0
+    assert evaluate.main([*pred_source, "--input", str(VOC / "SegmentationClass"), "--classes", "voc20",
+                          "--output", str(out)]) == 0
     return json.loads((out / "report.json").read_text())
 
 
@@ -270,8 +270,8 @@ def test_voc20_scores_a_background_aware_mask_store(tmp_path):
 
 
 def test_offline_model_fails_in_one_line(inputs, offline_hub):
-    done = run_cli("--model", "RN50", "--gt", inputs["gt"], "--classes-file", inputs["classes"],
-                   "--out", inputs["out"], env=offline_hub)
+    done = run_cli("--model", "RN50", "--input", inputs["gt"], "--classes", inputs["classes"],
+                   "--output", inputs["out"], env=offline_hub)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "RN50/openai" in done.stderr and "--pretrained PATH_OR_URL" in done.stderr
@@ -296,13 +296,13 @@ def test_model_on_the_fly_scores_like_its_stored_predictions(tmp_path, capsys):
         write_maps(tmp_path / "gt", {t.key: t.labels})
         (tmp_path / "images" / f"{t.key}.jpg").parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "images" / f"{t.key}.jpg").write_bytes(t.image)
-    runs = {"stored": ["--pred", str(tmp_path / "pred"), "--gt", shards],
-            "model": ["--model", "denseclip-tiny-shapes", "--gt", shards],
-            "model_folder": ["--model", "denseclip-tiny-shapes", "--gt", str(tmp_path / "gt"),
+    runs = {"stored": ["--pred", str(tmp_path / "pred"), "--input", shards],
+            "model": ["--model", "denseclip-tiny-shapes", "--input", shards],
+            "model_folder": ["--model", "denseclip-tiny-shapes", "--input", str(tmp_path / "gt"),
                              "--images", str(tmp_path / "images")]}
     reports = {}
     for name, args in runs.items():
-        assert evaluate.main([*args, "--dataset", "synthetic", "--out", str(tmp_path / name)]) == 0
+        assert evaluate.main([*args, "--classes", "synthetic", "--output", str(tmp_path / name)]) == 0
         reports[name] = json.loads((tmp_path / name / "report.json").read_text())
     scores = [{k: v for k, v in r.items() if k not in ("inputs", "method", "protocol")} for r in reports.values()]
     assert scores[0]["num_images"] == 6 and 0 < scores[0]["miou"] < 100
@@ -312,8 +312,8 @@ def test_model_on_the_fly_scores_like_its_stored_predictions(tmp_path, capsys):
     assert reports["model"]["protocol"] == "paper" and reports["model"]["inputs"]["labeler"]["upsample_topk"] is None
     assert reports["model"]["inputs"]["labeler"]["activation"] == "gelu"
 
-    code = evaluate.main(["--model", "denseclip-tiny-shapes", "--gt", str(tmp_path / "gt"), "--dataset",
-                          "synthetic", "--out", str(tmp_path / "no_images")])
+    code = evaluate.main(["--model", "denseclip-tiny-shapes", "--input", str(tmp_path / "gt"), "--classes",
+                          "synthetic", "--output", str(tmp_path / "no_images")])
     assert code == 2 and "error: synthetic/s2022/000000: no image to label" in capsys.readouterr().err
 
 
@@ -327,8 +327,8 @@ def test_a_shard_key_never_reads_an_image_outside_the_images_folder(tmp_path, ca
         info = tarfile.TarInfo("../secret.seg.png")
         info.size = len(label_map)
         tar.addfile(info, io.BytesIO(label_map))
-    code = evaluate.main(["--model", "denseclip-tiny-shapes", "--gt", str(tmp_path / "escape.tar"), "--images",
-                          str(tmp_path / "images"), "--dataset", "synthetic", "--out", str(tmp_path / "out")])
+    code = evaluate.main(["--model", "denseclip-tiny-shapes", "--input", str(tmp_path / "escape.tar"), "--images",
+                          str(tmp_path / "images"), "--classes", "synthetic", "--output", str(tmp_path / "out")])
     assert code == 2
     assert "error: ../secret: unsafe sample key" in capsys.readouterr().err
     assert not (tmp_path / "out" / "report.json").exists()
@@ -337,8 +337,8 @@ def test_a_shard_key_never_reads_an_image_outside_the_images_folder(tmp_path, ca
 def test_exactly_one_prediction_source(inputs, capsys):
     for args in (["--pred", str(inputs["pred"]), "--model", "RN50"], ["--model", "RN50", "--checkpoint", "x"], []):
         with pytest.raises(SystemExit) as exit_info:
-            evaluate.main([*args, "--gt", str(inputs["gt"]), "--classes-file", str(inputs["classes"]),
-                           "--out", str(inputs["out"])])
+            evaluate.main([*args, "--input", str(inputs["gt"]), "--classes", str(inputs["classes"]),
+                           "--output", str(inputs["out"])])
         assert exit_info.value.code == 2
         assert "give exactly one of --pred (stored predictions), --model or --checkpoint" in capsys.readouterr().err
 
@@ -370,19 +370,19 @@ def test_denseclip_plus_checkpoint_on_the_fly(tmp_path, capsys):
     write_maps(tmp_path / "pred", {t.key: pred for t, (pred, _) in zip(truths, labels)})
     reports = {}
     for name, source in (("stored", ["--pred", str(tmp_path / "pred")]), ("plus", ["--checkpoint", str(checkpoint)])):
-        assert evaluate.main([*source, "--gt", shards, "--dataset", "synthetic", "--out", str(tmp_path / name)]) == 0
+        assert evaluate.main([*source, "--input", shards, "--classes", "synthetic", "--output", str(tmp_path / name)]) == 0
         reports[name] = json.loads((tmp_path / name / "report.json").read_text())
     assert reports["plus"]["per_class_iou"] == reports["stored"]["per_class_iou"]
     assert reports["plus"]["pixel_accuracy"] == reports["stored"]["pixel_accuracy"]
     assert reports["plus"]["method"] == "DenseCLIP+ checkpoint"
     # Scored at the training's keep-ratio resize (the 64-pixel scenes at 32), as the official test pipeline does.
     assert reports["plus"]["inputs"]["scored_at"] == [128, 32]
-    assert evaluate.main(["--checkpoint", str(checkpoint), "--gt", shards, "--dataset", "synthetic",
-                          "--resize-to", "native", "--out", str(tmp_path / "native")]) == 0
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--input", shards, "--classes", "synthetic",
+                          "--resize-to", "native", "--output", str(tmp_path / "native")]) == 0
     assert json.loads((tmp_path / "native" / "report.json").read_text())["inputs"]["scored_at"] is None
 
-    assert evaluate.main(["--checkpoint", str(checkpoint), "--gt", shards, "--dataset", "voc",
-                          "--out", str(tmp_path / "voc")]) == 2
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--input", shards, "--classes", "voc",
+                          "--output", str(tmp_path / "voc")]) == 2
     assert "trained on 17 classes (background, red circle" in capsys.readouterr().err
 
 
@@ -391,12 +391,12 @@ def test_report_records_the_head_and_the_protocol(tmp_path):
 
     shards = str(tmp_path / "shards")
     write_shards(seed=2022, n=2, out=shards, shard_size=2, size=64)
-    args = ["--model", "denseclip-tiny-shapes-vit", "--pretrained", "random", "--gt", shards, "--dataset",
+    args = ["--model", "denseclip-tiny-shapes-vit", "--pretrained", "random", "--input", shards, "--classes",
             "synthetic", "--num-overlays", "0"]
-    assert evaluate.main([*args, "--head", "clearclip", "--out", str(tmp_path / "clear")]) == 0
+    assert evaluate.main([*args, "--head", "clearclip", "--output", str(tmp_path / "clear")]) == 0
     report = json.loads((tmp_path / "clear" / "report.json").read_text())
     assert report["inputs"]["labeler"]["head"] == "clearclip" and report["method"].endswith("clearclip")
-    assert evaluate.main([*args, "--head", "naclip", "--protocol", "successors", "--out", str(tmp_path / "succ")]) == 0
+    assert evaluate.main([*args, "--head", "naclip", "--protocol", "successors", "--output", str(tmp_path / "succ")]) == 0
     labeler = json.loads((tmp_path / "succ" / "report.json").read_text())["inputs"]["labeler"]
     assert (labeler["head"], labeler["protocol"], labeler["synonyms"], labeler["temperature"]) == (
         "naclip", "successors", True, 40)

@@ -101,8 +101,8 @@ def test_cli_with_ray_gives_the_same_report(world, cluster, tmp_path):
     outs = {}
     for name, extra in (("local", []), ("ray", ["--ray", "--num-actors", "1"])):
         outs[name] = tmp_path / name
-        assert evaluate.main(["--pred", world["store"], "--gt", world["shards"], "--dataset", "synthetic",
-                              "--num-overlays", "4", "--out", str(outs[name]), *extra]) == 0
+        assert evaluate.main(["--pred", world["store"], "--input", world["shards"], "--classes", "synthetic",
+                              "--num-overlays", "4", "--output", str(outs[name]), *extra]) == 0
     reports = {name: json.loads((out / "report.json").read_text()) for name, out in outs.items()}
     assert reports["ray"] == reports["local"] and reports["ray"]["num_images"] == 10
     assert sorted(p.name for p in (outs["ray"] / "overlays").iterdir()) == \
@@ -116,8 +116,8 @@ def test_bad_inputs_name_the_key(world, cluster, tmp_path, capsys):
     for key in pred.keys() - {missing}:
         (partial_pred / f"{key}.png").parent.mkdir(parents=True, exist_ok=True)
         (partial_pred / f"{key}.png").write_bytes(encode_png(pred.get(key)))
-    code = evaluate.main(["--pred", str(partial_pred), "--gt", world["shards"], "--dataset", "synthetic", "--ray",
-                          "--out", str(tmp_path / "out")])
+    code = evaluate.main(["--pred", str(partial_pred), "--input", world["shards"], "--classes", "synthetic", "--ray",
+                          "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err  # Ray's own worker logs may come first
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"error: {missing}: no prediction for this ground-truth key in {partial_pred}"
@@ -129,6 +129,6 @@ def test_bad_inputs_name_the_key(world, cluster, tmp_path, capsys):
 
 
 def test_ray_needs_shards(world, tmp_path, capsys):
-    code = evaluate.main(["--pred", world["pred"], "--gt", world["pred"], "--dataset", "synthetic", "--ray",
-                          "--out", str(tmp_path / "out")])
+    code = evaluate.main(["--pred", world["pred"], "--input", world["pred"], "--classes", "synthetic", "--ray",
+                          "--output", str(tmp_path / "out")])
     assert code == 2 and "--ray reads ground truth from shards" in capsys.readouterr().err

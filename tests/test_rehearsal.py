@@ -74,7 +74,7 @@ def test_the_rehearsal_changes_only_data_model_schedule_device_and_precision():
     assert rehearsal.labeler["protocol"] == real.labeler["protocol"] == "paper"
     assert rehearsal.labeler["templates"] == real.labeler["templates"] == "denseclip85"
     assert rehearsal.dataset == "coco_stuff" and rehearsal.train_spec["training"]["setting"] == "zero_shot"
-    assert rehearsal.stages()[0].commands[0][:4] == ["python", "pipelines/prepare.py", "--dataset", "coco_stuff"]
+    assert rehearsal.stages()[0].commands[0][:6] == ["python", "-m", "denseclip", "prepare", "--dataset", "coco_stuff"]
 
 
 def test_the_tiny_cocostuff_clip_is_small_documented_and_trained_on_its_world():
@@ -117,7 +117,7 @@ def test_the_coco_stuff_rehearsal_runs_the_real_spec_end_to_end(tmp_path):
     start = time.perf_counter()
     for split, n in (("train", TRAIN_IMAGES), ("val", VAL_IMAGES)):
         subprocess.run([sys.executable, "pipelines/render_world.py", "--layout", "coco_stuff", "--split", split,
-                        "--seed", str(HELD_OUT_SEED), "--num-images", str(n), "--out", str(world)], cwd=ROOT,
+                        "--seed", str(HELD_OUT_SEED), "--num-images", str(n), "--output", str(world)], cwd=ROOT,
                        check=True, capture_output=True, timeout=600)
     command = [sys.executable, "pipelines/reproduce.py", "--config", str(REHEARSAL),
                "--set", f"prepare.dataset.root={world}", "--set", f"workdir={workdir}"]

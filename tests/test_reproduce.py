@@ -40,8 +40,8 @@ def test_every_reproduction_spec_loads_and_follows_its_train_spec():
         stages = reproduction.stages()
         assert [s.name for s in stages] == list(STAGES)
         label, training = stages[1].commands[0], stages[2].commands[0]
-        assert label[:2] == ["python", "pipelines/label.py"] and f"labeler.model={json.dumps(train['labeler']['model'])}" in label
-        assert training[:4] == ["python", "pipelines/train.py", "--config", reproduction.train_spec_path]
+        assert label[:4] == ["python", "-m", "denseclip", "label"] and f"labeler.model={json.dumps(train['labeler']['model'])}" in label
+        assert training[:6] == ["python", "-m", "denseclip", "train", "--config", reproduction.train_spec_path]
         assert 'training.pseudo_labels="precomputed"' in training
         assert f'data.mask_store="{reproduction.path_of("pseudo-labels")}"' in training
         checkpoint = stages[3].commands[0][stages[3].commands[0].index("--checkpoint") + 1]
@@ -59,7 +59,7 @@ def test_every_reproduction_spec_loads_and_follows_its_train_spec():
     label = coco.stages()[1].commands[0]
     for value in ("labeler.resize_to=[2048, 512]", 'labeler.normalisation="imagenet"', "labeler.size_bucket=null"):
         assert value in label
-    assert coco.stages()[0].commands[0][:4] == ["python", "pipelines/prepare.py", "--dataset", "coco_stuff"]
+    assert coco.stages()[0].commands[0][:6] == ["python", "-m", "denseclip", "prepare", "--dataset", "coco_stuff"]
 
 
 def test_set_changes_the_spec_by_dotted_keys_and_train_set_fields_merge(tmp_path):
@@ -91,11 +91,11 @@ def test_the_baseline_stage_labels_the_val_shards_with_the_teacher_and_scores_th
     assert label_val == [val if arg == reproduction.path_of("shards/train") else
                          masks if arg == reproduction.path_of("pseudo-labels") else arg for arg in label_train]
     evaluate = stages["evaluate"].commands[0]
-    assert score[score.index("--pred") + 1] == masks and score[score.index("--gt") + 1] == val
-    assert score[score.index("--gt"):score.index("--out") + 2] == [
-        "--gt", val, "--dataset", "synthetic", "--out", reproduction.path_of("baseline")]
-    scored = evaluate[evaluate.index("--gt"):evaluate.index("--out") + 1]
-    assert scored == score[score.index("--gt"):score.index("--out") + 1]
+    assert score[score.index("--pred") + 1] == masks and score[score.index("--input") + 1] == val
+    assert score[score.index("--input"):score.index("--output") + 2] == [
+        "--input", val, "--classes", "synthetic", "--output", reproduction.path_of("baseline")]
+    scored = evaluate[evaluate.index("--input"):evaluate.index("--output") + 1]
+    assert scored == score[score.index("--input"):score.index("--output") + 1]
     assert stages["baseline"].outputs == [reproduction.path_of("baseline/report.json")]
 
 

@@ -100,8 +100,8 @@ def test_results_do_not_depend_on_batching(world):
 
 
 def run_sweep(world: str, out: Path, corruptions: str, severities: str) -> tuple[dict, dict]:
-    assert evaluate.main(["--model", "denseclip-tiny-shapes", "--gt", world, "--dataset", "synthetic",
-                          "--corruptions", corruptions, "--severities", severities, "--out", str(out)]) == 0
+    assert evaluate.main(["--model", "denseclip-tiny-shapes", "--input", world, "--classes", "synthetic",
+                          "--corruptions", corruptions, "--severities", severities, "--output", str(out)]) == 0
     return json.loads((out / "report.json").read_text()), json.loads((out / "robustness.json").read_text())
 
 
@@ -116,8 +116,8 @@ def test_noise_lowers_miou_on_the_synthetic_world(world, tmp_path):
 
 def test_corruptions_need_a_model(world, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--pred", world, "--gt", world, "--dataset", "synthetic", "--corruptions", "all",
-                       "--out", str(tmp_path)])
+        evaluate.main(["--pred", world, "--input", world, "--classes", "synthetic", "--corruptions", "all",
+                       "--output", str(tmp_path)])
     assert exit_info.value.code == 2 and "--corruptions needs --model" in capsys.readouterr().err
 
 

@@ -244,7 +244,7 @@ def truncated(tmp_path, inputs, labeler) -> dict:
 
 def test_export_names_a_damaged_part_or_skips_it_when_asked(tmp_path, truncated, fresh, capsys):
     export = load_pipeline("export")
-    argv = ["--store", truncated["out"], "--format", "png", "--out", str(tmp_path / "png")]
+    argv = ["--input", truncated["out"], "--format", "png", "--output", str(tmp_path / "png")]
     assert export.main(argv) == 2
     assert truncated["url"] in capsys.readouterr().err
     assert export.main([*argv, "--skip-damaged"]) == 0
@@ -257,8 +257,8 @@ def test_export_names_a_damaged_part_or_skips_it_when_asked(tmp_path, truncated,
 
 def test_evaluate_names_a_damaged_part_or_skips_it_when_asked(tmp_path, inputs, truncated, capsys):
     evaluate = load_pipeline("evaluate")
-    argv = ["--pred", truncated["out"], "--gt", f"{inputs['folder']}/shard-*.tar", "--dataset", "synthetic",
-            "--out", str(tmp_path / "report")]
+    argv = ["--pred", truncated["out"], "--input", f"{inputs['folder']}/shard-*.tar", "--classes", "synthetic",
+            "--output", str(tmp_path / "report")]
     assert evaluate.main(argv) == 2
     assert truncated["url"] in capsys.readouterr().err.strip().splitlines()[-1]
     assert evaluate.main([*argv, "--skip-damaged"]) == 0

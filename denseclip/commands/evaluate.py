@@ -91,7 +91,7 @@ class Vocabulary:
     reduced_from: str | None = None  # the background-aware dataset the label_lut reads (voc for voc20)
 
 
-def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--pred", help="folder of <key>.png label maps, or a mask store root")
     parser.add_argument("--checkpoint", help="DenseCLIP+ checkpoint folder: label the images with it on the fly")
@@ -125,6 +125,11 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     add_verbose(parser)
     add_labeler_arguments(parser)
     parser.set_defaults(model=None)  # no default model: --pred, --model or --checkpoint says where labels come from
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     args.dataset = args.classes if args.classes in DATASET_NAMES else None
     if sum(source is not None for source in (args.pred, args.model, args.checkpoint)) != 1:

@@ -22,7 +22,7 @@ LAYOUTS = ("shards", "coco_stuff")
 SHAPES_DEFAULTS = {"shard_size": 1000, "size": 128}  # flags of the shapes world only
 
 
-def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", choices=LAYOUTS, default="shards",
                         help="shards: the shapes world as WebDataset shards (or JPEG files with --images-only); "
@@ -40,6 +40,11 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                         help=f"scene side in pixels (default {SHAPES_DEFAULTS['size']})")
     parser.add_argument("--images-only", action="store_true",
                         help="write scene-NNNNNN.jpg files into --output (a local folder), no shards, no labels")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.layout == "coco_stuff":
         given = [flag for flag, value in (("--shard-size", args.shard_size), ("--size", args.size),

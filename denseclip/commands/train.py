@@ -22,6 +22,7 @@ Exit codes: 0 done, 1 training failed, 2 a bad spec or input.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
@@ -47,6 +48,7 @@ HEADLINE = ("miou", "miou_seen", "miou_unseen", "hiou", "pixel_accuracy")
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
     add_config(parser, required=True, what="job spec (YAML), e.g. jobs/train_synthetic_zero_shot.yaml")
+    parser.add_argument("--input", help="the training shards (data.train: a folder, glob or s3:// URL)")
     parser.add_argument("--output", help="where the run's folder goes (run.storage_path: a folder or s3:// URL)")
     add_address(parser)
     add_verbose(parser, "the run's logs/")
@@ -110,7 +112,9 @@ def train(job: TrainJob, address: str | None, console: Console) -> int:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    overrides = args.set + ([f"run.storage_path={args.output}"] if args.output else [])
+    # Values as JSON, which the spec reads back as YAML: a path is never taken for a number or a mapping.
+    overrides = args.set + [f"{key}={json.dumps(value)}" for key, value in
+                            (("data.train", args.input), ("run.storage_path", args.output)) if value]
     try:
         job = TrainJob.from_dict(load_spec(args.config, overrides))
         check_inputs(job)

@@ -47,7 +47,7 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 NORMALISATIONS = {"shapes": (CLIP_STATS,), "coco_stuff": (CLIP_STATS, IMAGENET_STATS)}
 
 
-def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=TINY_MODEL, choices=TINY_MODELS, help="which tiny CLIP to train")
     parser.add_argument("--world", choices=WORLDS, default=None,
@@ -65,6 +65,11 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     parser.add_argument("--world-seed", type=int, default=None,
                         help=f"seed of the rendered scenes (default: the world's own, {WORLD_SEEDS})")
     parser.add_argument("--log-every", type=int, default=20)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "log_every"):
         if getattr(args, name) < 1:
