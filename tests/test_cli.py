@@ -31,7 +31,7 @@ def test_predict_odd_sized_jpeg_and_a_broken_one(tmp_path):
     out = tmp_path / "out"
     result = run_predict(str(broken), str(photo), "--classes", "red car, yellow car, road, tree", "--output", str(out))
     assert result.returncode == 1, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("denseclip: error:")]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("denseclip predict: error:")]
     assert len(errors) == 1 and "broken.jpg" in errors[0]
     assert "Traceback" not in result.stderr
     # One line per image with the files written, then a summary naming the folder.

@@ -68,7 +68,7 @@ def test_a_renamed_flag_sets_its_new_flag_and_says_so_once(command, capsys, monk
         dest = parser._option_string_actions[new].dest
         for value in ("first", "second"):  # said the first time only
             namespace, _ = parser.parse_known_args([old, value])
-            assert getattr(namespace, dest) == value
+            assert str(getattr(namespace, dest)) == value
         said = capsys.readouterr().err
         assert said.count(f"denseclip {command}: {old} is now {new}") == 1, said
 

@@ -128,7 +128,7 @@ def test_a_cuda_ordinal_that_does_not_exist_is_refused_elsewhere(tmp_path):
     with pytest.raises(ConfigError, match=f"device: {missing} does not exist"):
         DenseCLIP.from_config(LabelerConfig(device=missing), [["red circle"]])
     for bad in ("cuda:x", "gpu", "cuda:-1", "cuda:1:2"):
-        with pytest.raises(ConfigError, match="labeler.device: must be cpu, cuda or cuda:N"):
+        with pytest.raises(ConfigError, match="labeler.device: must be auto, cpu, cuda or cuda:N"):
             LabelerConfig.from_dict({"device": bad})
     evaluate = load_pipeline("evaluate")
     args = ["--model", "denseclip-tiny-shapes", "--input", str(tmp_path), "--classes", "synthetic",

@@ -289,7 +289,7 @@ def test_model_on_the_fly_scores_like_its_stored_predictions(tmp_path, capsys):
     truths = list(iter_ground_truth(shards))
     images = [decode_image(t.image) for t in truths]
     # --dataset labels under the paper's protocol preset (for the tiny CLIP: its own resolution, exact upsampling).
-    paper = LabelerConfig.from_dict({"protocol": "paper"}, dataset="synthetic")
+    paper = LabelerConfig.from_dict({"model": "denseclip-tiny-shapes", "protocol": "paper"}, dataset="synthetic")
     labeler = build_dense_clip(paper, get_dataset("synthetic").classes)
     write_maps(tmp_path / "pred", {t.key: labels for t, (labels, _) in zip(truths, labeler.label_images(images))})
     for t in truths:  # the same ground truth as a folder of label maps, the images beside it

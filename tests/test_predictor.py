@@ -40,7 +40,9 @@ def cache_dir(tmp_path_factory):
 
 
 def make(clip, **kw):
-    return DenseCLIP(clip, CLASSES, templates=["a photo of a {}."], **kw)
+    """A labeller at the images' own size (the mechanics under test; a real CLIP's default resizes to the paper's
+    scale)."""
+    return DenseCLIP(clip, CLASSES, templates=["a photo of a {}."], **{"resize_to": None, **kw})
 
 
 def test_label_maps_have_each_image_size(clip, images):

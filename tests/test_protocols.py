@@ -38,7 +38,7 @@ def test_paper_preset_is_the_official_code_in_normalisation_padding_and_precisio
 
 
 def test_normalisation_feeds_the_tower_clip_or_imagenet_statistics():
-    clip = load_clip()
+    clip = load_clip("denseclip-tiny-shapes")
     image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     pixels = torch.from_numpy(image).permute(2, 0, 1).float() / 255
     for normalisation, (mean, std) in (("clip", (clip.mean, clip.std)), ("imagenet", (IMAGENET_MEAN, IMAGENET_STD))):
@@ -67,7 +67,8 @@ def test_bad_resize_and_protocol_values_name_the_field():
 
 
 def test_auto_resize_keeps_tiny_models_native_and_fits_real_ones():
-    assert LabelerConfig().effective_resize_to is None
+    assert LabelerConfig(model="denseclip-tiny-shapes").effective_resize_to is None
+    assert LabelerConfig().effective_resize_to == (2048, 512)  # the default model is RN50, the paper's
     assert LabelerConfig(model="RN50").effective_resize_to == (2048, 512)
     assert LabelerConfig(model="RN50", resize_to="native").effective_resize_to is None
     assert LabelerConfig(model="RN50").resolved().resize_to == [2048, 512]
@@ -145,7 +146,7 @@ def test_every_paper_dataset_has_its_preset_and_tiny_models_keep_their_resolutio
     assert fits == {"voc": [2048, 512], "voc20": [2048, 512], "coco_stuff": [2048, 512], "context": [520, 520],
                     "context59": [520, 520], "synthetic": None}
     assert all(protocol_defaults("paper", d)["upsample_topk"] is None for d in fits)
-    tiny = LabelerConfig.from_dict({"protocol": "paper"}, dataset="voc")
+    tiny = LabelerConfig.from_dict({"model": "denseclip-tiny-shapes", "protocol": "paper"}, dataset="voc")
     assert (tiny.protocol, tiny.effective_resize_to, tiny.upsample_topk) == ("paper", None, None)
 
 

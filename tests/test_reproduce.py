@@ -87,9 +87,12 @@ def test_the_baseline_stage_labels_the_val_shards_with_the_teacher_and_scores_th
     stages = {stage.name: stage for stage in reproduction.stages()}
     label_train, (label_val, score) = stages["label"].commands[0], stages["baseline"].commands
     val, masks = reproduction.path_of("shards/val"), reproduction.path_of("baseline/masks")
-    # The teacher of the label stage, the same flags, on the validation shards.
-    assert label_val == [val if arg == reproduction.path_of("shards/train") else
-                         masks if arg == reproduction.path_of("pseudo-labels") else arg for arg in label_train]
+    # The teacher of the label stage, with the same settings, on the validation shards, over every class (the
+    # zero-shot label stage labels with the unseen classes alone).
+    assert label_val[:4] == label_train[:4] == ["python", "-m", "denseclip", "label"]
+    assert label_val[label_val.index("--input") + 1] == val and label_val[label_val.index("--output") + 1] == masks
+    assert label_val[label_val.index("--classes") + 1] == "synthetic" and "--classes" not in label_train
+    assert {a for a in label_val if a.startswith("labeler.")} <= {a for a in label_train if a.startswith("labeler.")}
     evaluate = stages["evaluate"].commands[0]
     assert score[score.index("--pred") + 1] == masks and score[score.index("--input") + 1] == val
     assert score[score.index("--input"):score.index("--output") + 2] == [

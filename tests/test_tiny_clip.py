@@ -84,8 +84,8 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path):
 
 def test_retraining_writes_elsewhere_unless_told_to_replace_the_shipped_weights(capsys):
     train = load_pipeline("train_tiny_clip")
-    assert train.parse_args([]).out == Path("runs/tiny_clip/denseclip-tiny-shapes")
-    assert train.parse_args(["--model", "denseclip-tiny-shapes-vit"]).out == Path(
+    assert train.parse_args([]).output == Path("runs/tiny_clip/denseclip-tiny-shapes")
+    assert train.parse_args(["--model", "denseclip-tiny-shapes-vit"]).output == Path(
         "runs/tiny_clip/denseclip-tiny-shapes-vit")
     shipped = str(ASSETS["denseclip-tiny-shapes"])
     with pytest.raises(SystemExit):

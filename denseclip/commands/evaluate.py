@@ -53,7 +53,12 @@ import numpy as np
 from tqdm import tqdm
 
 from denseclip.commands.options import Parser, add_address, add_classes, add_verbose, renamed
-from denseclip.config import add_labeler_arguments, labeler_config_from_args, resolve_vocabulary
+from denseclip.config import (
+    LabelerConfig,
+    add_labeler_arguments,
+    labeler_config_from_args,
+    resolve_vocabulary,
+)
 from denseclip.corruptions import CORRUPTIONS
 from denseclip.damage import DamagedPartError
 from denseclip.datasets import DATASET_NAMES, get_dataset, normalize_class_name
@@ -68,6 +73,7 @@ from denseclip.evaluation import (
     score_predictions,
 )
 from denseclip.metrics import EvaluationInputError, summarize
+from denseclip.names import AUTO
 from denseclip.report import write_report, write_robustness_report
 from denseclip.robustness import CLEAN, robustness_summary, sweep_conditions
 from denseclip.runlog import library_output
@@ -186,12 +192,26 @@ def conditions_from_args(args: argparse.Namespace) -> list:
     return sweep_conditions(corruptions, severities)
 
 
+def labelling_device(args: argparse.Namespace) -> str:
+    """--device, "auto" resolved: CUDA where the labelling runs has a GPU (with --ray, the cluster), else cpu."""
+    if args.device != AUTO:
+        return args.device
+    if args.ray:
+        from denseclip.ray.labeling import cluster_device
+
+        return cluster_device(LabelerConfig(device=AUTO), args.address).device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def labeler_source(args: argparse.Namespace, vocab: Vocabulary, inputs: dict
                    ) -> tuple[Callable[[str], ImageLabeler], str, str]:
     """The on-the-fly prediction source of --model or --checkpoint: a picklable factory of the labeler (called
     with the device to build it on), the device asked for and the method name; records what it is in
     ``inputs``. Without --ray a CUDA device this machine does not have is refused here (ConfigError); on Ray
     each actor uses the GPU Ray gave it."""
+    args.device = labelling_device(args)
     if not args.ray:
         from denseclip.models import check_device
 
