@@ -38,7 +38,7 @@ def test_predict_odd_sized_jpeg_and_a_broken_one(tmp_path):
     lines = result.stdout.splitlines()
     assert len(lines) == 2, result.stdout
     assert lines[0].startswith(f"{photo} -> street scene.png, street scene_overlay.jpg, street scene.json (")
-    assert lines[1] == f"denseclip: 1 of 2 images labelled into {out}/, 1 failed"
+    assert lines[1] == f"denseclip predict: 1 of 2 images labelled into {out}/, 1 failed"
     labels = Image.open(out / "street scene.png")
     assert labels.mode == "P" and labels.size == (500, 375)
     values = np.unique(np.array(labels))

@@ -82,7 +82,7 @@ def _job(shards: list[str], precision: str) -> TrainJob:
     """A zero-shot job exercising every on-device path of a step: the teacher on the fly with refinement,
     a guided step then a self-training step, a learnt background, mixed precision."""
     return TrainJob.from_dict({
-        "dataset": "synthetic", "data": {"train": shards, "val": shards}, "labeler": {},
+        "dataset": "synthetic", "data": {"train": shards, "val": shards}, "labeler": {"model": "denseclip-tiny-shapes"},
         "training": {"setting": "zero_shot", "pseudo_label_refinement": 2, "self_training": True, "iterations": 2,
                      "guided_iterations": 1, "batch_size": 2, "crop_size": 48, "precision": precision,
                      "target": {"backbone": "clip", "backbone_weights": "clip", "head": "deeplabv3plus",

@@ -71,7 +71,7 @@ def test_auto_resize_keeps_tiny_models_native_and_fits_real_ones():
     assert LabelerConfig().effective_resize_to == (2048, 512)  # the default model is RN50, the paper's
     assert LabelerConfig(model="RN50").effective_resize_to == (2048, 512)
     assert LabelerConfig(model="RN50", resize_to="native").effective_resize_to is None
-    assert LabelerConfig(model="RN50").resolved().resize_to == [2048, 512]
+    assert LabelerConfig(model="RN50", device="cpu").resolved().resize_to == [2048, 512]
 
 
 def test_cli_flags_left_at_default_give_way_to_the_protocol():
