@@ -68,7 +68,7 @@ def small_spec(root: Path, name: str, **sections) -> dict:
         "dataset": "synthetic",
         "data": {"train": str(root / "train"), "val": str(root / "val"), "mask_store": str(root / "masks"),
                  "materialize": True, "shuffle_buffer": 4},
-        "labeler": {},
+        "labeler": {"model": "denseclip-tiny-shapes"},
         "training": {"setting": "zero_shot", "pseudo_labels": "precomputed",
                      "confidence_threshold": THRESHOLD, "iterations": 6, "batch_size": 4, "crop_size": 48,
                      "scale_range": [0.75, 1.25],
