@@ -67,7 +67,7 @@ from denseclip.plus.training import (
     train_step,
 )
 from denseclip.predictor import DenseCLIP
-from denseclip.ray.train_data import read_samples
+from denseclip.ray.training.data import read_samples
 from denseclip.report import write_report
 from denseclip.robustness import CLEAN
 from denseclip.shards import expand_shards
