@@ -49,7 +49,8 @@ from denseclip.config import LabelerConfig, apply_override, read_job_spec
 from denseclip.evaluation import ImageLabeler
 from denseclip.metrics import ConfusionMatrix, summarize
 from denseclip.plus.amp import MixedPrecision
-from denseclip.plus.training import InMemoryBatches, make_targets, train
+from denseclip.plus.augmentation import InMemoryBatches
+from denseclip.plus.training import make_targets, train
 from denseclip.predictor import DenseCLIP
 from denseclip.ray.training import TrainJob, build_worker, read_samples
 from denseclip.reproduce import Reproduction

@@ -14,6 +14,7 @@ from torch import nn
 
 from denseclip.gpu import to_device
 from denseclip.plus.amp import MixedPrecision
+from denseclip.plus.augmentation import augment, collate
 from denseclip.plus.pseudo_labels import DenseCLIPTeacher, build_teacher
 from denseclip.plus.target import SegmentationTarget, build_target
 from denseclip.plus.training import (
@@ -21,9 +22,7 @@ from denseclip.plus.training import (
     PHASES,
     Batch,
     TrainingConfig,
-    augment,
     build_optimizer,
-    collate,
     make_targets,
     phase,
     set_learning_rate,
