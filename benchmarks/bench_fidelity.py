@@ -49,10 +49,10 @@ from denseclip.config import LabelerConfig, apply_override, read_job_spec
 from denseclip.evaluation import ImageLabeler
 from denseclip.metrics import ConfusionMatrix, summarize
 from denseclip.plus.amp import MixedPrecision
-from denseclip.plus.training import InMemoryBatches, make_targets, train
+from denseclip.plus.augmentation import InMemoryBatches
+from denseclip.plus.training import make_targets, train
 from denseclip.predictor import DenseCLIP
-from denseclip.ray.train import TrainJob, build_worker
-from denseclip.ray.train_data import read_samples
+from denseclip.ray.training import TrainJob, build_worker, read_samples
 from denseclip.reproduce import Reproduction
 from denseclip.shards import expand_shards
 

@@ -26,9 +26,10 @@ from denseclip.config import ConfigError, LabelerConfig
 from denseclip.datasets import DatasetInfo, get_dataset
 from denseclip.metrics import ConfusionMatrix, summarize
 from denseclip.models import TINY_MODEL, LoadedCLIP, load_clip
+from denseclip.plus.augmentation import InMemoryBatches
 from denseclip.plus.pseudo_labels import DenseCLIPTeacher, label_training_set
 from denseclip.plus.target import SegmentationTarget, TargetConfig, build_target
-from denseclip.plus.training import InMemoryBatches, TrainingConfig, build_optimizer, train
+from denseclip.plus.training import TrainingConfig, build_optimizer, train
 from denseclip.predictor import DenseCLIP
 from denseclip.report import write_comparison, write_report
 from denseclip.synthetic import TINY_CLIP_WORLD_SEED, Scene, render_dataset

@@ -45,8 +45,14 @@ from denseclip.plus.training import build_optimizer
 from denseclip.predictor import DenseCLIP
 from denseclip.ray import devices, labeling
 from denseclip.ray.labeling import Labeler, decode_batch, is_out_of_memory, measure_throughput
-from denseclip.ray.train import TrainJob, build_worker, load_target_checkpoint, save_checkpoint, train_on
-from denseclip.ray.train_data import read_samples
+from denseclip.ray.training import (
+    TrainJob,
+    build_worker,
+    load_target_checkpoint,
+    read_samples,
+    save_checkpoint,
+    train_on,
+)
 from denseclip.synthetic import render_scene, write_shards
 from denseclip.text import class_embeddings
 from denseclip.vocabulary import load_templates

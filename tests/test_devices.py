@@ -23,8 +23,7 @@ from denseclip.plus.amp import MixedPrecision, resolve_precision
 from denseclip.predictor import DenseCLIP
 from denseclip.ray.devices import assigned_device
 from denseclip.ray.labeling import Labeler, decode_batch, device_settings, read_shard_rows
-from denseclip.ray.train import TrainJob, build_worker, train_on
-from denseclip.ray.train_data import read_samples
+from denseclip.ray.training import TrainJob, build_worker, read_samples, train_on
 from denseclip.robustness import CLEAN
 from denseclip.synthetic import write_shards
 

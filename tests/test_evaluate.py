@@ -347,7 +347,7 @@ def test_denseclip_plus_checkpoint_on_the_fly(tmp_path, capsys):
     from denseclip.models import load_clip
     from denseclip.plus.target import build_target
     from denseclip.plus.training import build_optimizer
-    from denseclip.ray.train import TrainJob, load_target_checkpoint, save_checkpoint
+    from denseclip.ray.training import TrainJob, load_target_checkpoint, save_checkpoint
     from denseclip.synthetic import write_shards
     from denseclip.text import class_embeddings
     from denseclip.vocabulary import load_templates

@@ -30,7 +30,7 @@ from denseclip.ray.labeling import (
     read_shard_rows,
     run_provenance,
 )
-from denseclip.ray.train_data import read_samples
+from denseclip.ray.training import read_samples
 from denseclip.synthetic import write_shards
 
 OLD = Path(__file__).resolve().parent / "data" / "stores" / "format-1"

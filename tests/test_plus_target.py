@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from torchvision.models import resnet50
 
 from denseclip.models import TINY_MODEL, ModelLoadError, load_clip
-from denseclip.plus.target import ClipTrunk, DeepLabV2Head, TargetConfig, TextClassifier, build_target
+from denseclip.plus.heads import DeepLabV2Head
+from denseclip.plus.target import ClipTrunk, TargetConfig, TextClassifier, build_target
 
 torch.set_num_threads(1)
 K, D = 5, 128

@@ -14,17 +14,14 @@ import torch.nn.functional as F
 
 from denseclip.config import ConfigError
 from denseclip.models import TINY_MODEL, load_clip
+from denseclip.plus.augmentation import InMemoryBatches, augment, photometric_distortion, scale_saturation
 from denseclip.plus.losses import segmentation_loss
 from denseclip.plus.target import TargetConfig, build_target
 from denseclip.plus.training import (
     PAD_VALUE,
-    InMemoryBatches,
     TrainingConfig,
-    augment,
     build_optimizer,
-    photometric_distortion,
     poly_lr,
-    scale_saturation,
     set_learning_rate,
     target_counts,
     target_coverage,

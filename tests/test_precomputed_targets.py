@@ -20,8 +20,7 @@ from pipeline_scripts import load_pipeline
 from denseclip.plus.pseudo_labels import build_teacher, zero_shot_merge
 from denseclip.plus.training import make_targets, target_counts, target_coverage
 from denseclip.ray.labeling import Labeler, ShardCommitter, decode_batch, prepare_labeling, read_shard_rows
-from denseclip.ray.train import TrainJob, build_worker, check_inputs, training_batch
-from denseclip.ray.train_data import read_samples
+from denseclip.ray.training import TrainJob, build_worker, check_inputs, read_samples, training_batch
 from denseclip.reproduce import Reproduction
 from denseclip.synthetic import write_shards
 

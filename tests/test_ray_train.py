@@ -34,16 +34,16 @@ from denseclip.plus.target import build_target
 from denseclip.plus.training import TrainingConfig, build_optimizer
 from denseclip.predictor import DenseCLIP
 from denseclip.ray.auth import local_ray
-from denseclip.ray.train import (
+from denseclip.ray.training import (
     TrainJob,
     check_inputs,
     load_target_checkpoint,
     read_checkpoint_meta,
+    read_samples,
     restore_checkpoint,
     run_training,
     save_checkpoint,
 )
-from denseclip.ray.train_data import read_samples
 from denseclip.shards import read_shard, write_shard
 from denseclip.synthetic import COLOURS, SHAPES, render_dataset, write_images, write_shards
 from denseclip.text import class_embeddings

@@ -37,7 +37,7 @@ from denseclip.mask_store import (
 )
 from denseclip.ray.evaluation import read_ground_truth_rows
 from denseclip.ray.labeling import part_id, prepare_labeling, read_shard_rows
-from denseclip.ray.train_data import read_samples
+from denseclip.ray.training import read_samples
 from denseclip.shards import read_shard, write_shard
 from denseclip.synthetic import write_shards
 

@@ -228,7 +228,7 @@ def labeler_source(args: argparse.Namespace, vocab: Vocabulary, inputs: dict
         classes = vocab.synonyms if config.synonyms and vocab.synonyms else vocab.classes
         make = functools.partial(build_dense_clip, config, classes, background_index=vocab.background_index)
         return make, config.device, f"DenseCLIP {config.model}" + (f" {config.head}" if config.head != "maskclip" else "")
-    from denseclip.ray.train import load_target_checkpoint, read_checkpoint_meta, scoring_resize
+    from denseclip.ray.training import load_target_checkpoint, read_checkpoint_meta, scoring_resize
 
     meta = read_checkpoint_meta(args.checkpoint)
     trained = meta.get("class_names", [])

@@ -32,7 +32,7 @@ from denseclip.commands.options import Parser, add_address, add_config, add_verb
 from denseclip.config import ConfigError, apply_override, read_job_spec
 from denseclip.ray.auth import ClusterAccessError, check_access
 from denseclip.ray.labeling import ray_cluster
-from denseclip.ray.train import (
+from denseclip.ray.training import (
     REPORT_FILES,
     TrainingFailedError,
     TrainJob,

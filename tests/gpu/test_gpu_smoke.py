@@ -41,8 +41,14 @@ from denseclip.models import load_clip
 from denseclip.names import HEADS, TINY_MODEL, TINY_VIT_MODEL
 from denseclip.predictor import DenseCLIP
 from denseclip.ray.labeling import Labeler, decode_batch
-from denseclip.ray.train import TrainJob, build_worker, restore_checkpoint, save_checkpoint, train_on
-from denseclip.ray.train_data import read_samples
+from denseclip.ray.training import (
+    TrainJob,
+    build_worker,
+    read_samples,
+    restore_checkpoint,
+    save_checkpoint,
+    train_on,
+)
 from denseclip.shards import read_shard
 from denseclip.synthetic import render_scene, write_shards
 

@@ -1,6 +1,7 @@
-"""Training rows for DenseCLIP+ read from WebDataset shards (and the mask store's pseudo labels).
+"""Training rows for DenseCLIP+ read from WebDataset shards (and the mask store's pseudo labels), and the Ray
+datasets of them.
 
-These functions run inside Ray Data's read tasks; the module imports neither torch nor the training code, so a
+The read functions run inside Ray Data's read tasks; the module imports neither torch nor the training code, so a
 read task's process stays small (about 70 MB instead of about 1 GB).
 """
 
@@ -8,13 +9,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
+import ray
 
 from denseclip.damage import DamagedShardError
 from denseclip.images import ImageDecodeError, decode_label_map, decode_sample_image
 from denseclip.mask_store import MaskStore
-from denseclip.shards import read_shard
+from denseclip.shards import expand_shards, read_shard
+
+if TYPE_CHECKING:
+    from denseclip.ray.training.job import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +91,24 @@ def read_samples(item: dict, num_classes: int, with_label: bool, mask_store: str
                 log.warning("skipping a sample of %s: %s", shard, exc)
     except DamagedShardError as exc:
         log.warning("%s is damaged; its remaining samples are skipped: %s", shard, exc.reason)
+
+
+def build_datasets(job: TrainJob) -> dict[str, ray.data.Dataset]:
+    """The ``train`` and ``val`` Ray datasets of decoded rows (see :func:`decode_training_sample`)."""
+
+    def read(shards: str | list[str], with_label: bool, mask_store: str | None) -> ray.data.Dataset:
+        urls = expand_shards(shards)
+        items = ray.data.from_items([{"shard": url} for url in urls], override_num_blocks=len(urls))
+        return items.flat_map(read_samples, num_cpus=job.workers.data_cpus,
+                              fn_kwargs={"num_classes": job.info.num_classes, "with_label": with_label,
+                                         "mask_store": mask_store, "label_lut": job.info.label_lut,
+                                         "skip_damaged": job.data.skip_damaged,
+                                         "with_confidence": job.training.confidence_threshold is not None,
+                                         "pseudo_label_ids": job.teacher_class_ids})
+
+    training = job.training
+    precomputed = training.uses_pseudo_labels and training.pseudo_labels == "precomputed"
+    datasets = {"train": read(job.data.train, training.setting in ("zero_shot", "seen_only"),
+                              job.data.mask_store if precomputed else None),
+                "val": read(job.data.val, job.has_ground_truth, None)}
+    return {name: ds.materialize() for name, ds in datasets.items()} if job.data.materialize else datasets
