@@ -68,7 +68,7 @@ def check_inputs(job: TrainJob) -> None:
                 _fail("data", "mask_store", job.data.mask_store, f"holds each pixel's argmax over all the "
                       f"{job.dataset} classes; zero-shot targets take the teacher's argmax among the unseen classes "
                       "(a pixel annotated unseen whose argmax is a seen class would go unsupervised): label with the "
-                      "unseen classes' vocabulary, as pipelines/reproduce.py does")
+                      "unseen classes' vocabulary, as denseclip reproduce does")
             _fail("data", "mask_store", job.data.mask_store, f"was labelled with another vocabulary than the "
                   f"{'unseen ' if job.teacher_class_ids is not None else ''}{job.dataset} classes (its label ids "
                   "would mean other classes)")
