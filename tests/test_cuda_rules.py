@@ -43,8 +43,9 @@ from denseclip.plus.pseudo_labels import DenseCLIPTeacher
 from denseclip.plus.target import TargetConfig, build_target
 from denseclip.plus.training import build_optimizer
 from denseclip.predictor import DenseCLIP
-from denseclip.ray import devices, labeling
+from denseclip.ray import devices
 from denseclip.ray.labeling import Labeler, decode_batch, is_out_of_memory, measure_throughput
+from denseclip.ray.labeling import actor as labeling_actor
 from denseclip.ray.training import (
     TrainJob,
     build_worker,
@@ -408,7 +409,7 @@ def test_actors_make_the_gpu_ray_assigned_their_current_device(monkeypatch):
 
 def test_the_throughput_probe_builds_on_the_gpu_its_task_was_given(monkeypatch):
     asked: list[str] = []
-    monkeypatch.setattr(labeling, "actor_device", lambda requested: asked.append(requested) or "cpu")
+    monkeypatch.setattr(labeling_actor, "actor_device", lambda requested: asked.append(requested) or "cpu")
     measured = measure_throughput(LabelerConfig(model="denseclip-tiny-shapes", pretrained="random", device="cuda:1"), CLASSES,
                                   [_jpeg(image) for image in _images(2)], rounds=1)
     assert asked == ["cuda:1"] and measured.labels_per_s > 0

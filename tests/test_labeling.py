@@ -1,4 +1,4 @@
-"""Labeling on Ray Data (denseclip/ray/labeling.py, pipelines/label.py): stages without Ray, then the real
+"""Labeling on Ray Data (denseclip/ray/labeling/, pipelines/label.py): stages without Ray, then the real
 script on a local Ray with S3 (moto) input and output, a SIGKILL and a resume, and the fast config errors."""
 
 import collections
@@ -26,7 +26,6 @@ from pipeline_scripts import error_lines, load_pipeline
 from denseclip import storage
 from denseclip.config import ConfigError, LabelerConfig, resolve_vocabulary
 from denseclip.mask_store import MaskStore, MaskStoreWriter
-from denseclip.ray import labeling
 from denseclip.ray.labeling import (
     Labeler,
     LabelingError,
@@ -43,6 +42,8 @@ from denseclip.ray.labeling import (
     read_shard_rows,
     run_provenance,
 )
+from denseclip.ray.labeling import plan as labeling_plan
+from denseclip.ray.labeling import run as labeling_run
 from denseclip.shards import write_shard
 from denseclip.synthetic import CLASS_NAMES, render_scene, write_shards
 
@@ -574,10 +575,10 @@ def _calls(calls_dir: Path) -> dict[int, list[str]]:
 
 @pytest.mark.slow
 def test_model_faults_on_a_real_ray_retry_on_a_fresh_actor_and_never_become_error_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(labeling, "MAX_TASK_RETRIES", 1)  # one retry: enough to see it, half the actor starts
+    monkeypatch.setattr(labeling_run, "MAX_TASK_RETRIES", 1)  # one retry: enough to see it, half the actor starts
     # An actor that ends itself looks unreachable to its caller, like a lost node's; on one node nothing dies, and
     # the run must fail rather than resume (a short wait for a node to die keeps the test short).
-    monkeypatch.setattr(labeling, "NODE_DEATH_WAIT_S", 5.0)
+    monkeypatch.setattr(labeling_plan, "NODE_DEATH_WAIT_S", 5.0)
     shards = write_shards(seed=6, n=4, out=str(tmp_path / "in"), shard_size=2, size=64)
     poisoned = write_shards(seed=7, n=2, out=str(tmp_path / "poisoned"), shard_size=2, size=48)
     out = str(tmp_path / "out")
