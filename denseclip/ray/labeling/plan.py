@@ -33,6 +33,7 @@ from denseclip.mask_store import (
     mask_format,
     provenance_differences,
 )
+from denseclip.names import AUTO
 from denseclip.shards import expand_shards
 from denseclip.vocabulary import load_templates
 
@@ -135,12 +136,25 @@ def device_settings(config: LabelerConfig) -> dict:
     return {"type": "cuda" if cuda else "cpu", "precision": config.effective_precision, "tf32": cuda and ALLOW_TF32}
 
 
+def resolve_device(config: LabelerConfig) -> LabelerConfig:
+    """``config`` with device "auto" resolved: ``cuda`` when the Ray cluster this process is connected to has
+    GPUs, or, before any Ray is started, when this machine has one (what a private local Ray would find); else
+    ``cpu``. The plan's provenance and the actors use the same answer."""
+    if config.device != AUTO:
+        return config
+    if ray.is_initialized():
+        return config.with_gpus(ray.cluster_resources().get("GPU", 0) > 0)
+    import torch  # the driver only
+
+    return config.with_gpus(torch.cuda.device_count() > 0)
+
+
 def run_provenance(config: LabelerConfig, classes: list[list[str]]) -> dict:
     """Everything that determines the labels, except the weights' fingerprint (added by the actors)."""
     from denseclip.models import weights_activation  # torch: the driver only, never the read/encode tasks
 
     names = RESULT_OPTIONS + (SLIDE_OPTIONS if config.mode == "slide" else ())
-    config = config.resolved()
+    config = resolve_device(config).resolved()
     return {"model": config.model, "pretrained": config.pretrained,
             "activation": weights_activation(config.model, config.pretrained),
             "vocabulary": [list(c) for c in classes], "templates": load_templates(config.template_set),

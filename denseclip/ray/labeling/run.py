@@ -26,6 +26,7 @@ from denseclip.ray.labeling.plan import (
     alive_nodes,
     lost_a_node,
     plan_actors,
+    resolve_device,
     write_summary,
 )
 from denseclip.ray.labeling.read import decode_batch, read_shards
@@ -55,16 +56,10 @@ def cluster_device(config: LabelerConfig, address: str | None = None) -> Labeler
     """``config`` with device "auto" resolved for the cluster the run will use (``address``, ``$RAY_ADDRESS``, or a
     private local Ray on this machine): ``cuda`` when it has GPUs now, else ``cpu`` (an autoscaling cluster that
     starts without GPU nodes needs ``device: cuda`` to ask for them)."""
-    if config.device != AUTO:
-        return config
-    if address or os.environ.get("RAY_ADDRESS"):
-        with ray_cluster(address):
-            gpus = ray.cluster_resources().get("GPU", 0)
-    else:
-        import torch
-
-        gpus = torch.cuda.device_count()  # what a private local Ray finds on this machine
-    return config.with_gpus(gpus > 0)
+    if config.device != AUTO or not (address or os.environ.get("RAY_ADDRESS")):
+        return resolve_device(config)
+    with ray_cluster(address):
+        return resolve_device(config)
 
 
 def build_dataset(plan: LabelingPlan, config: LabelerConfig, classes: list[list[str]], actors: ActorPlan,
@@ -138,6 +133,7 @@ def label_shards(
     actors, resumes = None, 0
     if plan.todo or plan.retry:
         with ray_cluster(address):
+            config = resolve_device(config)  # as the plan's provenance resolved it
             throughput = None
             if config.on_cuda:
                 throughput = probe_throughput(plan, config.resolved(), classes, ray.cluster_resources().get("GPU", 0))
