@@ -96,14 +96,14 @@ def test_the_private_local_ray_listens_on_loopback_only_and_wants_its_own_token(
     assert not (no_token / ".ray").exists()  # nothing written to the home folder
 
 
-def test_the_documented_cron_line_submits_label_py_through_submit_py():
+def test_the_documented_cron_line_submits_the_label_command_through_denseclip_submit():
     cron = next(line.strip() for line in (ROOT / "docs" / "cluster.md").read_text().splitlines()
                 if line.strip().startswith("0 2 * * * "))
     argv = shlex.split(cron.replace("\\%", "%").split(">>")[0])[5:]  # what cron runs, its % unescaped
-    assert argv[:5] == ["docker", "exec", "denseclip", "python", "pipelines/submit.py"]
+    assert argv[:5] == ["docker", "exec", "denseclip", "denseclip", "submit"]  # the image installs the package
     args = load_pipeline("submit").parse_args(argv[5:])
     assert args.address == "http://127.0.0.1:8265"  # the head's dashboard, on its loopback only
-    assert args.command == ["python", "pipelines/label.py", "--config", "jobs/label_bulk.yaml"]
+    assert args.command == ["denseclip", "label", "--config", "jobs/label_bulk.yaml"]
     assert (ROOT / args.command[-1]).is_file()
 
 
@@ -175,7 +175,7 @@ def test_every_client_without_the_token_exits_with_one_line(token_head, tmp_path
     expected = f"the Ray cluster at {cluster.gcs} requires a token and none was found"
 
     label = load_pipeline("label").main(["--input", str(tmp_path / "shards"), "--output", str(tmp_path / "masks"),
-                                         "--vocabulary", "synthetic", "--pretrained", "random",
+                                         "--classes", "synthetic", "--model", "denseclip-tiny-shapes", "--pretrained", "random",
                                          "--address", cluster.gcs])
     captured = capsys.readouterr()
     assert label == 2 and captured.out == "" and not (tmp_path / "masks").exists()
@@ -228,7 +228,7 @@ def test_with_the_token_reproduce_runs_a_stage_and_label_drives_the_cluster(toke
     # A driver outside the cluster (the client is not in Ray's token mode: label.py switches it on).
     write_shards(seed=6, n=8, out=str(tmp_path / "shards"), shard_size=4, size=64)
     label = _run(["pipelines/label.py", "--input", str(tmp_path / "shards"), "--output", str(tmp_path / "masks"),
-                  "--vocabulary", "synthetic", "--pretrained", "random", "--batch-size", "4", "--address",
+                  "--classes", "synthetic", "--model", "denseclip-tiny-shapes", "--pretrained", "random", "--batch-size", "4", "--address",
                   cluster.gcs], _client_env(tmp_path, RAY_AUTH_TOKEN=token, OMP_NUM_THREADS="1"))
     assert label.returncode == 0, label.stdout[-3000:] + label.stderr[-3000:]
     summary = json.loads((tmp_path / "masks" / "summary.json").read_text())

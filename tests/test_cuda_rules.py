@@ -262,7 +262,8 @@ def test_denseclip_plus_steps_keep_to_one_device(model, shards, empty_text_cache
     target = worker.model.to(META)
     teacher = DenseCLIP.from_config(job.labeler, job.info.classes, _on_meta(worker.teacher.predictor.clip))  # prompts cached
     worker = dataclasses.replace(worker, device=META, model=target, trained=target, optimizer=build_optimizer(
-        target, job.training), teacher=DenseCLIPTeacher(teacher, job.training.pseudo_label_refinement))
+        target, job.training), teacher=DenseCLIPTeacher(teacher, job.training.pseudo_label_refinement),
+        coverage=worker.coverage.to(META))  # build_worker makes each of these on the worker's device
     rows = _rows(shards, job)
     with CudaRules():
         losses = [train_on(worker, ray_batch(rows[2 * step:2 * step + 2]), step)[0] for step in range(2)]

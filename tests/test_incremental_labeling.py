@@ -125,7 +125,7 @@ def test_label_py_rerun_after_a_rewrite_and_a_new_shard_equals_a_fresh_run(tmp_p
     shards = write_shards(seed=31, n=9, out=str(tmp_path / "in"), shard_size=3, size=48)
     # The shipped tiny CLIP, one image per batch: labels that do not depend on which images share a batch, so
     # the stores can be compared byte for byte.
-    common = ["--vocabulary", "synthetic", "--batch-size", "1", "--num-actors", "1"]
+    common = ["--classes", "synthetic", "--model", "denseclip-tiny-shapes", "--batch-size", "1", "--num-actors", "1"]
     out, fresh = tmp_path / "out", tmp_path / "fresh"
     done = run_label("--input", tmp_path / "in", "--output", out, *common)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -151,7 +151,7 @@ def test_two_overlapping_runs_one_labels_the_other_exits_then_a_waiting_run_foll
     write_shards(seed=34, n=60, out=str(tmp_path / "in"), shard_size=10, size=48)
     out = tmp_path / "out"
     argv = [sys.executable, str(ROOT / "pipelines" / "label.py"), "--input", str(tmp_path / "in"), "--output",
-            str(out), "--vocabulary", "synthetic", "--pretrained", "random", "--batch-size", "2",
+            str(out), "--classes", "synthetic", "--model", "denseclip-tiny-shapes", "--pretrained", "random", "--batch-size", "2",
             "--lease-ttl", "10"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     runs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

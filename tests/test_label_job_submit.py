@@ -25,7 +25,7 @@ def test_ray_job_submit_labels_the_shards(tmp_path):
         submit = subprocess.run(
             [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", ".", "--",
              "python", "pipelines/label.py", "--input", str(tmp_path / "shards"), "--output", str(out),
-             "--vocabulary", "synthetic", "--pretrained", "random", "--batch-size", "4"],
+             "--classes", "synthetic", "--model", "denseclip-tiny-shapes", "--pretrained", "random", "--batch-size", "4"],
             cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
         status = JobSubmissionClient(address).get_job_status(job_id)
     assert status == JobStatus.SUCCEEDED, submit.stdout[-4000:] + submit.stderr[-2000:]

@@ -363,18 +363,18 @@ def test_job_file_and_flags_merge_and_bad_values_name_their_field(tmp_path):
     overridden = label_cli.load_job(parse(["--config", str(job), "--set", "labeler.mode=whole", "--set",
                                            "num_actors=5", "--set", "labeler.key_smoothing=0.5"]))
     assert (overridden.labeler.mode, overridden.num_actors, overridden.labeler.key_smoothing) == ("whole", 5, 0.5)
-    preset = label_cli.load_job(parse([*flags, "--vocabulary", "context", "--model", "RN50", "--set",
+    preset = label_cli.load_job(parse([*flags, "--classes", "context", "--model", "RN50", "--set",
                                        "labeler.protocol=paper"]))
     assert preset.labeler.resize_to == (520, 520)  # the paper preset's value for the dataset named as vocabulary
     with pytest.raises(ConfigError, match="labeler.sideways: unknown field"):
-        label_cli.load_job(parse([*flags, "--vocabulary", "synthetic", "--set", "labeler.sideways=1"]))
+        label_cli.load_job(parse([*flags, "--classes", "synthetic", "--set", "labeler.sideways=1"]))
     many = tmp_path / "many.txt"
     many.write_text("".join(f"class {i}\n" for i in range(300)))
-    assert len(label_cli.load_job(parse([*flags, "--vocabulary", str(many)])).classes) == 300  # 16-bit maps
+    assert len(label_cli.load_job(parse([*flags, "--classes", str(many)])).classes) == 300  # 16-bit maps
     for argv, field in [(["--config", str(job), "--cpus-per-actor", "-1"], "cpus_per_actor"),
-                        ([*flags, "--vocabulary", "synthetic", "--wait-for-lease", "-1"], "--wait-for-lease"),
-                        ([*flags, "--vocabulary", "synthetic", "--precision", "fp8"], "labeler.precision"),
-                        ([*flags], "vocabulary: required")]:
+                        ([*flags, "--classes", "synthetic", "--wait-for-lease", "-1"], "--wait-for-lease"),
+                        ([*flags, "--classes", "synthetic", "--precision", "fp8"], "labeler.precision"),
+                        ([*flags], "classes: required")]:
         with pytest.raises(ConfigError, match=field):
             label_cli.load_job(parse(argv))
     job.write_text("input: a\noutput: b\nvocabulary: synthetic\nlabeler: {mode: sideways}\n")
@@ -389,7 +389,7 @@ def test_head_flag_reaches_the_labels_and_the_stored_provenance(tmp_path):
     shards = write_shards(seed=3, n=2, out=str(tmp_path / "in"), shard_size=2, size=64)
     assert len(shards) == 1
     args = label_cli.build_parser().parse_args(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                                                "--vocabulary", "synthetic", "--model", "denseclip-tiny-shapes-vit",
+                                                "--classes", "synthetic", "--model", "denseclip-tiny-shapes-vit",
                                                 "--pretrained", "random", "--head", "naclip"])
     job = label_cli.load_job(args)
     plan = prepare_labeling(job.input, job.output, job.labeler, job.classes)
@@ -425,7 +425,7 @@ def test_a_bad_value_fails_fast_before_torch_or_ray_are_imported(tmp_path):
 def test_offline_without_weights_fails_in_one_line_before_ray_starts(tmp_path, offline_hub):
     write_shards(seed=2, n=2, out=str(tmp_path / "in"), size=32)
     done = subprocess.run([sys.executable, str(ROOT / "pipelines" / "label.py"), "--input", str(tmp_path / "in"),
-                           "--output", str(tmp_path / "out"), "--vocabulary", "red car, road", "--model", "RN50"],
+                           "--output", str(tmp_path / "out"), "--classes", "red car, road", "--model", "RN50"],
                           cwd=ROOT, env={**os.environ, **offline_hub, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, check=False, timeout=300)
     assert done.returncode == 2 and done.stdout == ""
@@ -439,8 +439,8 @@ def test_label_end_to_end_s3_in_s3_out(make_bucket):
     bucket = make_bucket("label")
     good, bad = make_inputs(f"{bucket}/shards")
     out = f"{bucket}/masks/"
-    args = ["--input", f"{bucket}/shards/*.tar", "--output", out, "--pretrained", "random", "--batch-size", "4"]
-    done = run_label(*args, "--vocabulary", "synthetic")
+    args = ["--input", f"{bucket}/shards/*.tar", "--output", out, "--model", "denseclip-tiny-shapes", "--pretrained", "random", "--batch-size", "4"]
+    done = run_label(*args, "--classes", "synthetic")
     assert done.returncode == 0, done.stderr[-4000:]
 
     assert collections.Counter(all_keys(out)) == collections.Counter(list(good))  # every good key exactly once
@@ -468,11 +468,11 @@ def test_label_end_to_end_s3_in_s3_out(make_bucket):
 
     fs, path = fsspec.core.url_to_fs(f"{bucket}/masks/masks")
     before = {p: fs.info(p)["ETag"] for p in fs.ls(path, refresh=True)}
-    again = run_label(*args, "--vocabulary", "synthetic")  # nothing left: no Ray, nothing rewritten
+    again = run_label(*args, "--classes", "synthetic")  # nothing left: no Ray, nothing rewritten
     assert again.returncode == 0 and "4 already committed" in again.stdout, again.stderr[-2000:]
     assert {p: fs.info(p)["ETag"] for p in fs.ls(path, refresh=True)} == before
 
-    other = run_label(*args, "--vocabulary", "red circle, blue star")
+    other = run_label(*args, "--classes", "red circle, blue star")
     assert other.returncode == 2 and "differs in vocabulary" in other.stderr and "--overwrite" in other.stderr
 
 
@@ -501,7 +501,7 @@ def test_sigkill_of_the_job_and_of_an_actor_then_every_image_exactly_once(tmp_pa
     shards = write_shards(seed=4, n=240, out=str(tmp_path / "in"), shard_size=20, size=64)
     out = str(tmp_path / "out")
     args = [sys.executable, str(ROOT / "pipelines" / "label.py"), "--input", str(tmp_path / "in"), "--output", out,
-            "--vocabulary", "synthetic", "--pretrained", "random", "--batch-size", "2"]
+            "--classes", "synthetic", "--model", "denseclip-tiny-shapes", "--pretrained", "random", "--batch-size", "2"]
 
     def start(log: str) -> subprocess.Popen:
         with open(tmp_path / log, "w") as out:

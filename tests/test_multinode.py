@@ -49,8 +49,8 @@ def test_labelling_across_two_nodes_survives_losing_one(tmp_path):
         cluster.add_node(num_cpus=1)
         head = next(n["NodeID"] for n in cluster.alive_nodes() if is_head(n))
         second = cluster.worker_node()
-        argv = ["pipelines/label.py", "--input", str(tmp_path / "in"), "--output", str(out), "--vocabulary",
-                "synthetic", "--pretrained", "random", "--batch-size", "2", "--num-actors", "2",
+        argv = ["pipelines/label.py", "--input", str(tmp_path / "in"), "--output", str(out), "--classes",
+                "synthetic", "--model", "denseclip-tiny-shapes", "--pretrained", "random", "--batch-size", "2", "--num-actors", "2",
                 "--cpus-per-actor", "0.6", "--address", cluster.gcs]
         job = _start(argv, log)
 

@@ -47,7 +47,7 @@ def reproduction(tmp_path_factory) -> Reproduction:
 def _label_stage(reproduction: Reproduction) -> None:
     """The label stage's command, run by the labelling actor's code into the mask store."""
     (command,) = reproduction.stages()[1].commands
-    job = label_cli.load_job(label_cli.build_parser().parse_args(command[2:]))
+    job = label_cli.load_job(label_cli.build_parser().parse_args(command[command.index("label") + 1:]))
     plan = prepare_labeling(job.input, job.output, job.labeler, job.classes)
     labeler, committer = Labeler(job.labeler, job.classes, encode=True), ShardCommitter(plan)
     for shard in plan.todo:
@@ -76,7 +76,7 @@ def test_precomputed_zero_shot_targets_equal_the_teachers_on_the_fly(reproductio
     info = job.info
     rows = [row for shard in sorted(Path(reproduction.path_of("shards/train")).glob("*.tar"))
             for row in read_samples({"shard": str(shard)}, info.num_classes, True, job.data.mask_store,
-                                    info.label_lut, job.teacher_class_ids)]
+                                    info.label_lut, pseudo_label_ids=job.teacher_class_ids)]
     batch = training_batch({name: [row[name] for row in rows] for name in rows[0]}, np.random.default_rng(0),
                            job.training)
     assert batch["valid"].all() and batch["image"].shape == (8, 3, SIZE, SIZE)  # the crop is the image

@@ -386,7 +386,7 @@ def test_local_commits_reach_the_disk_before_and_after_the_rename(tmp_path, monk
 def test_a_run_refused_at_validation_writes_nothing_into_the_output(tmp_path, inputs, capsys):
     label = load_pipeline("label")
     out = tmp_path / "out"
-    common = ["--vocabulary", "synthetic", "--pretrained", "random", "--output", str(out)]
+    common = ["--classes", "synthetic", "--model", "denseclip-tiny-shapes", "--pretrained", "random", "--output", str(out)]
     assert label.main(["--input", str(tmp_path / "none-*.tar"), *common]) == 2
     assert "no shards match" in capsys.readouterr().err and not out.exists()
 
@@ -411,8 +411,8 @@ def test_label_py_heals_a_damaged_store_and_denseclip_verify_agrees(tmp_path):
     bad = str(tmp_path / "in" / "zz-bad.tar")
     write_shard(bad, [{"__key__": "bad/broken", "jpg": b"not a jpeg"}])
     out = tmp_path / "out"
-    label = [ROOT / "pipelines" / "label.py", "--input", tmp_path / "in", "--output", out, "--vocabulary",
-             "synthetic", "--batch-size", "1", "--num-actors", "1"]
+    label = [ROOT / "pipelines" / "label.py", "--input", tmp_path / "in", "--output", out, "--classes",
+             "synthetic", "--model", "denseclip-tiny-shapes", "--batch-size", "1", "--num-actors", "1"]
     done = run(*label)
     assert done.returncode == 0, done.stderr[-3000:]
     masks, errors = store_contents(str(out)), store_errors(str(out))  # what a fresh run makes

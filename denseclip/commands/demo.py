@@ -25,7 +25,7 @@ from denseclip.runlog import library_output
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = Parser(prog=prog, description=__doc__,
+    parser = Parser(prog=prog or "denseclip demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults, training = DemoConfig(), default_training()
     parser.add_argument("--seed", type=int, required=True,

@@ -98,7 +98,7 @@ class Vocabulary:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=prog or "denseclip evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pred", help="folder of <key>.png label maps, or a mask store root")
     parser.add_argument("--checkpoint", help="DenseCLIP+ checkpoint folder: label the images with it on the fly")
     parser.add_argument("--input", required=True, help="the ground truth: a folder of <key>.png label maps, or "

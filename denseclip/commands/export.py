@@ -27,7 +27,7 @@ from denseclip.runlog import library_output
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=prog or "denseclip export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="mask store root (path or s3:// URL)")
     renamed(parser, "--store", "--input")
     parser.add_argument("--format", required=True, choices=("png", "coco"))

@@ -79,7 +79,7 @@ class LabelJob:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=prog or "denseclip label", description=__doc__.split("\n\n")[0])
     add_config(parser, what="job file (YAML)")
     parser.add_argument("--input", help="shards: a path, glob, folder or URL (s3://bucket/shards/*.tar)")
     parser.add_argument("--output", help="mask store root (a folder or URL)")

@@ -91,7 +91,7 @@ def predict(args: argparse.Namespace, prog: str) -> int:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=prog or "denseclip predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="*", help="image files (JPEG, PNG, WebP, BMP, TIFF)")
     parser.add_argument("--input", action="append", default=[], help="an image file (repeatable; or give them "
                         "as arguments)")

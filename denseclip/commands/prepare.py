@@ -23,7 +23,7 @@ from denseclip.sources import ERRORS, LAYOUTS, convert_record, list_records, pre
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=prog or "denseclip prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, choices=LAYOUTS, help="the layout of the dataset on disk")
     parser.add_argument("--input", required=True, type=Path, help="dataset root in the MMSegmentation layout")
     renamed(parser, "--root", "--input")

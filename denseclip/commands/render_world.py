@@ -23,7 +23,7 @@ SHAPES_DEFAULTS = {"shard_size": 1000, "size": 128}  # flags of the shapes world
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog=prog or "denseclip render-world", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", choices=LAYOUTS, default="shards",
                         help="shards: the shapes world as WebDataset shards (or JPEG files with --images-only); "
                         "coco_stuff: the COCO-Stuff world as COCO-Stuff 164k lays it out on disk")

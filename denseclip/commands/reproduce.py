@@ -37,7 +37,7 @@ HEADLINE = ("miou", "miou_seen", "miou_unseen", "hiou", "pixel_accuracy")
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=prog or "denseclip reproduce", description=__doc__.split("\n\n")[0])
     add_config(parser, required=True, what="reproduction spec, e.g. jobs/reproduce_coco_stuff_zero_shot.yaml "
                "(--set prepare.dataset.root=/data/coco_stuff164k)")
     add_address(parser, "submit each stage as a Ray job to this cluster (default: run them here, one after "

@@ -22,7 +22,7 @@ from denseclip.commands.options import Parser, add_address
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=prog or "denseclip submit", description=__doc__.split("\n\n")[0])
     add_address(parser)
     parser.set_defaults(address=os.environ.get("RAY_ADDRESS"))
     parser.add_argument("--working-dir", default=".", help="the folder the job runs in, uploaded (default: .)")

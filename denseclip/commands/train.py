@@ -46,7 +46,7 @@ HEADLINE = ("miou", "miou_seen", "miou_unseen", "hiou", "pixel_accuracy")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=prog or "denseclip train", description=__doc__.split("\n\n")[0])
     add_config(parser, required=True, what="job spec (YAML), e.g. jobs/train_synthetic_zero_shot.yaml")
     parser.add_argument("--input", help="the training shards (data.train: a folder, glob or s3:// URL)")
     parser.add_argument("--output", help="where the run's folder goes (run.storage_path: a folder or s3:// URL)")

@@ -48,7 +48,7 @@ NORMALISATIONS = {"shapes": (CLIP_STATS,), "coco_stuff": (CLIP_STATS, IMAGENET_S
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog=prog or "denseclip train-tiny-clip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=TINY_MODEL, choices=TINY_MODELS, help="which tiny CLIP to train")
     parser.add_argument("--world", choices=WORLDS, default=None,
                         help="the captioned world (default: the model's own: coco_stuff for "

@@ -16,7 +16,7 @@ from denseclip.commands.options import Parser
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=prog or "denseclip verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", "--input", dest="store", required=True, help="mask store root (a folder or URL)")
     parser.add_argument("--deep", action="store_true", help="also compare every part's SHA-256 with its manifest "
                         "(reads the whole store)")

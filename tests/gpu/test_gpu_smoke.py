@@ -192,7 +192,7 @@ def test_running_out_of_device_memory_halves_the_batch(device, images, on_ray_gp
 def test_label_py_on_a_cuda_ordinal(device, world, ordinal, tmp_path):
     out = tmp_path / "masks"
     requested = f"{device}:{ordinal}" if device == "cuda" else device
-    args = ["--input", world / "train", "--output", out, "--vocabulary", "synthetic", "--batch-size", "4"]
+    args = ["--input", world / "train", "--output", out, "--classes", "synthetic", "--model", "denseclip-tiny-shapes", "--batch-size", "4"]
     done = run("pipelines/label.py", *args, "--device", requested, "--precision", "fp16")
     assert done.returncode == 0, done.stderr[-4000:]
     store = MaskStore(str(out))
@@ -291,12 +291,12 @@ def test_two_workers_train_a_vit_with_ddp_over_nccl(device, world):
 
 
 def test_evaluate_checkpoint_on_the_device_locally_and_on_ray(device, world, trained, tmp_path):
-    common = ["--checkpoint", trained, "--gt", world / "val", "--dataset", "synthetic"]
-    local = run("pipelines/evaluate.py", *common, "--device", device, "--out", tmp_path / "local")
+    common = ["--checkpoint", trained, "--input", world / "val", "--classes", "synthetic"]
+    local = run("pipelines/evaluate.py", *common, "--device", device, "--output", tmp_path / "local")
     assert local.returncode == 0, local.stderr[-4000:]
     # On Ray, cuda:1 means "the actor's GPU", whatever GPUs the node has.
     on_ray = run("pipelines/evaluate.py", *common, "--ray", "--device", "cuda:1" if device == "cuda" else device,
-                 "--out", tmp_path / "ray")
+                 "--output", tmp_path / "ray")
     assert on_ray.returncode == 0, on_ray.stderr[-4000:]
     reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("local", "ray")]
     assert reports[0]["num_images"] == reports[1]["num_images"] == 6

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def decode_training_sample(sample: dict, num_classes: int, with_label: bool, store: MaskStore | None,
-                           label_lut: np.ndarray | None = None, with_confidence: bool = True,
+                           label_lut: np.ndarray | None = None, *, with_confidence: bool = True,
                            pseudo_label_ids: list[int] | None = None) -> dict:
     """One shard sample -> a row: ``key``, ``image`` uint8 (H, W, 3), and as asked ``label`` uint8 (H, W)
     (ground truth, mapped through ``label_lut`` (256,) when given: ``voc`` shards read as ``voc20``),
@@ -74,7 +74,7 @@ def _id_lut(class_ids: list[int]) -> np.ndarray:
 
 
 def read_samples(item: dict, num_classes: int, with_label: bool, mask_store: str | None,
-                 label_lut: np.ndarray | None = None, skip_damaged: bool = False,
+                 label_lut: np.ndarray | None = None, *, skip_damaged: bool = False,
                  with_confidence: bool = True, pseudo_label_ids: list[int] | None = None) -> Iterator[dict]:
     """Ray Data ``flat_map``: the rows of the shard ``item["shard"]`` (see :func:`decode_training_sample`).
     A sample that cannot be used is logged and skipped, so every worker's split holds only usable rows; a
@@ -85,8 +85,8 @@ def read_samples(item: dict, num_classes: int, with_label: bool, mask_store: str
     try:
         for sample in read_shard(shard):
             try:
-                yield decode_training_sample(sample, num_classes, with_label, store, label_lut, with_confidence,
-                                             pseudo_label_ids)
+                yield decode_training_sample(sample, num_classes, with_label, store, label_lut,
+                                             with_confidence=with_confidence, pseudo_label_ids=pseudo_label_ids)
             except (ImageDecodeError, ValueError, KeyError) as exc:
                 log.warning("skipping a sample of %s: %s", shard, exc)
     except DamagedShardError as exc:
