@@ -68,6 +68,34 @@ def test_clip_dense_head_starts_from_denseclips_features(clip, embeddings):
     assert any(p is model.backbone.dense[0].weight for p in backbone)  # pretrained: the backbone's rate
 
 
+def test_clip_trunk_at_stride_32_gives_the_teachers_own_dense_embeddings(clip):
+    from denseclip.dense import dense_features
+
+    trunk = ClipTrunk(clip.model.visual, 32, dense=True).eval()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        ours, teachers = trunk(x)["dense"], dense_features(clip.model.visual, x)
+    assert ours.shape[-2:] == (2, 3)
+    torch.testing.assert_close(ours, teachers.reshape(ours.shape), rtol=1e-4, atol=1e-4)
+
+
+def test_dense_norm_rescales_denseclips_embeddings_and_keeps_their_labels(clip, embeddings):
+    raw = build_target(tiny(head="clip_dense"), embeddings, clip=clip).eval()
+    scaled = build_target(tiny(head="clip_dense", dense_norm=10.0), embeddings, clip=clip).eval()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        features = scaled.backbone((x - scaled.mean) / scaled.std)
+        unit = F.interpolate(F.normalize(features["dense"], dim=1), size=(16, 16), mode="bilinear",
+                             align_corners=False)
+        torch.testing.assert_close(scaled.head(features), 10.0 * unit)  # the refinement starts at zero
+        dense = raw.backbone((x - raw.mean) / raw.std)["dense"]
+        raw_cells, scaled_cells = raw.classifier(dense), scaled.classifier(10.0 * F.normalize(dense, dim=1))
+    # A positive rescaling per location: each feature cell keeps DenseCLIP's label, its logits 10 x cosines.
+    assert torch.equal(raw_cells.argmax(dim=1), scaled_cells.argmax(dim=1))
+    torch.testing.assert_close(scaled_cells, 10.0 * raw_cells / dense.norm(dim=1, keepdim=True))
+    assert scaled(x).abs().max() <= 10.0 + 1e-4
+
+
 def test_classifier_is_a_dot_product_or_temperature_times_cosine_max_over_names():
     torch.manual_seed(2)
     names = torch.randn(4, 8)

@@ -68,10 +68,18 @@ class ClipDenseHead(nn.Module):
     """DenseCLIP's dense features (from ``ClipTrunk(dense=True)``), upsampled and refined from the stride-4
     features by layers whose last one starts at zero: the target starts out predicting what DenseCLIP predicts
     and learns detail from there.
+
+    ``dense_norm``: each location's embedding rescaled to this length first (None: as long as the tower makes
+    it). Under the dot-product classifier the logits then start as ``dense_norm`` x DenseCLIP's cosine scores,
+    and the refinement, learnt from zero, changes labels at the rate the schedule's learning rate allows: CLIP's
+    raw embeddings are long (about 90 for ``denseclip-tiny-cocostuff``), and a refinement trained at lr 0.01
+    barely moves a label in a short schedule.
     ``{"low": (B, C_l, H/4, W/4), "dense": (B, D, h, w)}`` -> ``(B, D, H/4, W/4)``."""
 
-    def __init__(self, low_channels: int, embed_dim: int, channels: int = 64) -> None:
+    def __init__(self, low_channels: int, embed_dim: int, channels: int = 64,
+                 dense_norm: float | None = None) -> None:
         super().__init__()
+        self.dense_norm = dense_norm
         self.reduce = _low_level_reduction(low_channels)
         self.refine = nn.Sequential(
             nn.Conv2d(embed_dim + _LOW_LEVEL_CHANNELS, channels, 3, padding=1, bias=False),
@@ -81,5 +89,8 @@ class ClipDenseHead(nn.Module):
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         low = self.reduce(features["low"])
-        dense = F.interpolate(features["dense"], size=low.shape[-2:], mode="bilinear", align_corners=False)
+        dense = features["dense"]
+        if self.dense_norm is not None:
+            dense = F.normalize(dense, dim=1) * self.dense_norm
+        dense = F.interpolate(dense, size=low.shape[-2:], mode="bilinear", align_corners=False)
         return dense + self.refine(torch.cat([dense, low], dim=1))

@@ -51,10 +51,12 @@ class TargetConfig:
         backbone_weights: ``None`` random init; ``"clip"`` copy the given CLIP's tower (backbone ``clip``);
             otherwise a local path / URL of a state dict (safetensors or weights-only torch), e.g. ImageNet
             ResNet weights; nothing is downloaded.
-        output_stride: 8 or 16, stride of the backbone's last features (dilation instead of striding; a ViT
-            tower keeps its patch size).
+        output_stride: 8, 16 or 32, stride of the backbone's last features (dilation instead of striding; 32:
+            the tower undilated, as CLIP runs it; a ViT tower keeps its patch size).
         aspp_rates: dilation rates of the ASPP branches (None: DeepLab's defaults for the head and stride).
         head_channels: width of the v3+ ASPP and decoder, and of the ``clip_dense`` refinement.
+        dense_norm: ``clip_dense`` only: the length DenseCLIP's embeddings are rescaled to before the refinement
+            (None: as the tower makes them; see ``ClipDenseHead``).
         classifier: ``dot_product`` (the official head: features . text embeddings, no normalisation, no
             temperature) or ``cosine`` (``temperature`` x cosine similarity).
         temperature: logit scale of the ``cosine`` classifier.
@@ -72,6 +74,7 @@ class TargetConfig:
     output_stride: int = 8
     aspp_rates: tuple[int, ...] | None = None
     head_channels: int = 256
+    dense_norm: float | None = None
     classifier: str = "dot_product"
     temperature: float = 50.0
     freeze_backbone: bool = False
@@ -149,7 +152,7 @@ class TextClassifier(nn.Module):
 
 class ClipTrunk(nn.Module):
     """The CLIP ResNet tower (stem, layers 1-4) as a segmentation backbone, dilated to ``output_stride`` 8 or
-    16.
+    16 (32: as it is).
 
     open_clip's blocks convolve first and pool after, so dropping a block's pooling keeps its own receptive
     field; every later 3x3 convolution is dilated by the resolution kept, and the pretrained weights still
@@ -171,7 +174,7 @@ class ClipTrunk(nn.Module):
                                   visual.act2, visual.conv3, visual.bn3, visual.act3, visual.avgpool)
         self.layer1, self.layer2 = visual.layer1, visual.layer2
         self.layer3, self.layer4 = visual.layer3, visual.layer4
-        unpooled = {8: (self.layer3, self.layer4), 16: (self.layer4,)}[output_stride]
+        unpooled = {8: (self.layer3, self.layer4), 16: (self.layer4,), 32: ()}[output_stride]
         dilation = 1
         for layer in (self.layer3, self.layer4):
             for block in layer:
@@ -245,7 +248,7 @@ class ResNetTrunk(nn.Module):
     def __init__(self, name: str, output_stride: int = 8) -> None:
         super().__init__()
         depth = name.removesuffix("_v1c")
-        dilation = [False, output_stride == 8, True]
+        dilation = [False, output_stride == 8, output_stride <= 16]
         net = {"resnet50": resnet50, "resnet101": resnet101}[depth](weights=None,
                                                                      replace_stride_with_dilation=dilation)
         if name.endswith("_v1c"):
@@ -434,7 +437,7 @@ def build_target(config: TargetConfig, class_embeddings: torch.Tensor,
         _load_backbone_weights(backbone, config.backbone_weights)
     embed_dim = class_embeddings.shape[1]
     if config.head == "clip_dense":
-        head = ClipDenseHead(backbone.low_channels, embed_dim, config.head_channels)
+        head = ClipDenseHead(backbone.low_channels, embed_dim, config.head_channels, config.dense_norm)
     elif config.head == "deeplabv2":
         head = DeepLabV2Head(backbone.high_channels, embed_dim, config.rates())
     else:

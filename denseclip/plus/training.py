@@ -183,12 +183,16 @@ class TrainingConfig:
             fail_target("head", f"must be one of {', '.join(HEADS)}")
         if target.classifier not in CLASSIFIERS:
             fail_target("classifier", f"must be one of {', '.join(CLASSIFIERS)}")
-        if target.output_stride not in (8, 16):
-            fail_target("output_stride", "must be 8 or 16")
+        if target.output_stride not in (8, 16, 32):
+            fail_target("output_stride", "must be 8, 16 or 32")
         if target.head == "clip_dense" and target.backbone != "clip":
             fail_target("head", "'clip_dense' needs backbone 'clip'")
         if target.backbone_weights == "clip" and target.backbone != "clip":
             fail_target("backbone_weights", "'clip' needs backbone 'clip'")
+        if target.dense_norm is not None and not (number(target.dense_norm) and target.dense_norm > 0):
+            fail_target("dense_norm", "must be a number > 0 or null")
+        if target.dense_norm is not None and target.head != "clip_dense":
+            fail_target("dense_norm", "applies to head 'clip_dense' only")
         if not (number(target.temperature) and target.temperature > 0):
             fail_target("temperature", "must be a number > 0")
         if target.learn_background and target.background_index is None:
