@@ -65,9 +65,9 @@ def score(job: TrainJob, val: list[dict], label_images) -> dict:
     among = matrix[np.ix_(unseen, unseen)]
     total = matrix[unseen].sum()
     out = {k: round(summary[k], 2) for k in ("miou", "miou_seen", "miou_unseen", "pixel_accuracy")}
-    out.update(unseen_right=round(np.trace(among) / total, 3),
-               unseen_as_other_unseen=round((among.sum() - np.trace(among)) / total, 3),
-               unseen_as_seen=round(matrix[np.ix_(unseen, seen)].sum() / total, 3))
+    out.update(unseen_right=round(float(np.trace(among) / total), 3),
+               unseen_as_other_unseen=round(float((among.sum() - np.trace(among)) / total), 3),
+               unseen_as_seen=round(float(matrix[np.ix_(unseen, seen)].sum() / total), 3))
     return out
 
 
