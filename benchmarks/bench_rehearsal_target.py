@@ -25,10 +25,10 @@ import torch
 
 from denseclip.commands.train import load_spec
 from denseclip.metrics import ConfusionMatrix, summarize
-from denseclip.plus.training import make_targets, phase, set_learning_rate, train_step
+from denseclip.plus.training import phase
 from denseclip.ray.training.data import read_samples
 from denseclip.ray.training.job import TrainJob
-from denseclip.ray.training.worker import build_worker, training_batch
+from denseclip.ray.training.worker import build_worker, train_on
 from denseclip.reproduce import Reproduction
 from denseclip.shards import expand_shards
 
@@ -101,13 +101,9 @@ def main(argv: list[str] | None = None) -> None:
         if step == training.iterations:
             break
         picked = [train[order[(step * training.batch_size + i) % len(train)]] for i in range(training.batch_size)]
-        batch_rows = {k: [row[k] for row in picked] for k in ("image", "label", "pseudo_label")}
-        batch = training_batch(batch_rows, np.random.default_rng([training.seed, 0, step]), training, worker.device)
-        set_learning_rate(worker.optimizer, step, training)
-        targets = make_targets(batch, step, training, worker.model, worker.teacher, job.info.unseen_ids,
-                               worker.precision)
-        losses.append(float(train_step(worker.model, worker.optimizer, batch, targets, worker.precision,
-                                       training.loss_average)))
+        loss, _, _ = train_on(worker, {k: [row[k] for row in picked] for k in ("image", "label", "pseudo_label")},
+                              step)
+        losses.append(float(loss))
 
 
 if __name__ == "__main__":
