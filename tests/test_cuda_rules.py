@@ -213,12 +213,13 @@ def shards(tmp_path_factory) -> list[str]:
     return write_shards(seed=8, n=4, out=str(tmp_path_factory.mktemp("rules")), shard_size=4, size=64)
 
 
-def _job(shards: list[str], model: str, precision: str, training_precision: str | None = None, **labeler) -> TrainJob:
+def _job(shards: list[str], model: str, precision: str, training_precision: str | None = None,
+         target: dict | None = None, **labeler) -> TrainJob:
     """A zero-shot job whose two steps are a guided one (the teacher's pseudo labels on the fly, refined) and a
     self-training one, teacher and training in ``precision``; a ViT model trains its own tower with the
-    ClearCLIP head (which leaves the last block's MLP unused)."""
-    target = ({"head": "clip_dense", "head_channels": 16} if model == TINY_VIT_MODEL else
-              {"head": "deeplabv3plus", "output_stride": 16, "aspp_rates": [1, 2], "head_channels": 16})
+    ClearCLIP head (which leaves the last block's MLP unused); ``target`` replaces the target's fields."""
+    target = target or ({"head": "clip_dense", "head_channels": 16} if model == TINY_VIT_MODEL else
+                        {"head": "deeplabv3plus", "output_stride": 16, "aspp_rates": [1, 2], "head_channels": 16})
     head = {"head": "clearclip"} if model == TINY_VIT_MODEL else {}
     return TrainJob.from_dict({
         "dataset": "synthetic", "data": {"train": shards, "val": shards},
@@ -234,13 +235,20 @@ def _rows(shards: list[str], job: TrainJob) -> list[dict]:
     return [row for shard in shards for row in read_samples({"shard": shard}, job.info.num_classes, True, None)]
 
 
-@pytest.mark.parametrize("model, precision, training_precision", [
-    *((model, precision, precision) for model in TINY for precision in LOW_PRECISIONS),
-    (TINY_VIT_MODEL, "fp32", "bf16"),  # the trunk copied from an fp32 tower: its norms under autocast
+# The COCO-Stuff rehearsal's target: the tower undilated, its dense embeddings rescaled before the refinement.
+REHEARSAL_TARGET = {"head": "clip_dense", "output_stride": 32, "dense_norm": 15.73, "head_channels": 16,
+                    "freeze_backbone": True}
+
+
+@pytest.mark.parametrize("model, precision, training_precision, target", [
+    *((model, precision, precision, None) for model in TINY for precision in LOW_PRECISIONS),
+    (TINY_VIT_MODEL, "fp32", "bf16", None),  # the trunk copied from an fp32 tower: its norms under autocast
+    *((TINY_MODEL, precision, precision, REHEARSAL_TARGET) for precision in LOW_PRECISIONS),
 ])
 def test_denseclip_plus_steps_and_checkpoint_forward_keep_cudas_dtype_rules(model, precision, training_precision,
-                                                                             shards, tmp_path, empty_text_cache):
-    job = _job(shards, model, precision, training_precision)
+                                                                             target, shards, tmp_path,
+                                                                             empty_text_cache):
+    job = _job(shards, model, precision, training_precision, target)
     rows = _rows(shards, job)
     with CudaRules() as rules:
         worker = build_worker(job, 0, 1, torch.device("cpu"))
